@@ -1,0 +1,28 @@
+"""deathstar: run a Python function over a list of inputs on many machines at once.
+
+The public API::
+
+    deathstar.map(fn, items, cluster=None, **common)  -> MapResult (ordered, with .report)
+    deathstar.Cluster(nodes)                           connect once; map / imap / imap_unordered
+    deathstar.node_summary(report)                     per-node jobs completed, failed, busy s
+    deathstar.RemoteError                              an exception raised by the user's function
+"""
+
+__version__ = "0.1.0"
+
+from deathstar.client import Cluster, MapResult, NoNodesError, map  # noqa: E402
+from deathstar.errors import RemoteError, TaskFailed, WorkerCrashed  # noqa: E402
+from deathstar.report import TaskRecord, node_summary  # noqa: E402
+
+__all__ = [
+    "Cluster",
+    "MapResult",
+    "NoNodesError",
+    "RemoteError",
+    "TaskFailed",
+    "TaskRecord",
+    "WorkerCrashed",
+    "__version__",
+    "map",
+    "node_summary",
+]

@@ -1,0 +1,3 @@
+from deathstar.cli import main
+
+main()

@@ -1,0 +1,552 @@
+"""The daemon: one per node. Routes task messages from clients to idle workers and their
+results back, and answers status queries. It reads envelopes only: payload frames pass
+through untouched and are never unpickled here.
+
+Sockets (all ROUTER; the identity frame comes first on every message received):
+
+    exec    clients' DEALERs: hello, blob, task, cancel, heartbeat, bye
+    workers the workers' DEALERs, over ipc for local ones and tcp for hand-started ones
+    status  anyone: a status request gets the status map back
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from deathstar import config, protocol
+from deathstar.protocol import Message
+from deathstar.supervisor import Exited, Supervisor
+
+log = logging.getLogger("deathstar.daemon")
+
+#: Messages read from one socket before the loop looks at the others (fairness).
+DRAIN_BATCH = 256
+
+#: Seconds a stopping daemon lets running tasks finish before it kills them.
+DRAIN_TIMEOUT_S = config._env_float("DRAIN_TIMEOUT", 30.0)
+
+
+@dataclass
+class ClientConn:
+    """A client that said hello: its queued task messages and its liveness."""
+
+    ident: bytes
+    heartbeat_s: float
+    last_seen: float
+    last_sent: float = 0.0
+    queue: deque[Message] = field(default_factory=deque)
+    blobs: set[str] = field(default_factory=set)
+
+
+@dataclass
+class WorkerConn:
+    """A worker that said ready, and the task messages it holds (oldest first)."""
+
+    ident: bytes
+    name: str
+    pid: int
+    heartbeat_s: float
+    last_seen: float
+    assigned: deque[tuple[bytes, int, int]] = field(default_factory=deque)  # client, id, n
+
+
+@dataclass
+class Counters:
+    tasks_done: int = 0
+    tasks_lost: int = 0
+    bad_messages: int = 0
+
+
+class _RateLimitedLog:
+    """At most one log line per ``interval_s``; says how many were suppressed."""
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            msg += f" ({self.suppressed} similar lines suppressed)"
+        log.warning(msg, *args)
+        self.suppressed = 0
+        self.next_at = now + self.interval_s
+
+
+class Broker:
+    """A node's daemon. ``bind`` opens the ports, ``serve`` blocks until stopped."""
+
+    def __init__(self, *, host: str = "0.0.0.0", port: int = config.DEFAULT_PORT,
+                 workers: int | None = None, worker_port: int | None = None,
+                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, parent_pid: int | None = None):
+        self.host = host
+        self.port = port
+        self.worker_port = worker_port
+        self.heartbeat_s = heartbeat_s
+        self.parent_pid = parent_pid
+        self.node_name = socket.gethostname()
+        self.versions = protocol.local_versions()
+        self.started = time.monotonic()
+        self.ctx = zmq.Context.instance()
+        self.ipc_dir = tempfile.mkdtemp(prefix="deathstar-")
+        self.supervisor = Supervisor(os.cpu_count() or 1 if workers is None else workers,
+                                     f"ipc://{self.ipc_dir}/workers")
+        self.clients: dict[bytes, ClientConn] = {}
+        self.workers: dict[bytes, WorkerConn] = {}
+        self.idle: deque[bytes] = deque()
+        self.ready_clients: deque[bytes] = deque()  # clients with queued tasks, round robin
+        self.blobs: dict[str, list[Any]] = {}
+        self.counters = Counters()
+        self.bad_log = _RateLimitedLog()
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.next_supervise = 0.0
+        self.next_heartbeat = 0.0
+        self.client_handlers: dict[str, Callable[[bytes, Message], None]] = {
+            protocol.BLOB: self.on_blob,
+            protocol.TASK: self.on_task,
+            protocol.CANCEL: self.on_cancel,
+            protocol.HEARTBEAT: lambda ident, msg: None,
+            protocol.BYE: lambda ident, msg: self.drop_client(ident),
+        }
+        self.worker_handlers: dict[str, Callable[[WorkerConn, list[Any], Message], None]] = {
+            protocol.RESULT: self.on_result,
+            protocol.LOST: self.on_worker_lost,
+            protocol.FETCH: self.on_fetch,
+            protocol.HEARTBEAT: lambda w, frames, msg: None,
+        }
+
+    # ------------------------------------------------------------------ setup
+
+    def _router(self, max_bytes: int) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer keeps its identity
+        # Cut TCP sessions to peers that vanished without a FIN; liveness is ours to judge.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * config.LIVENESS * 1000))
+        return sock
+
+    def _bind_all(self) -> None:
+        """Bind exec P, status P+1 and workers (default P+2). With port 0, find a free
+        P for which P+1 (and P+2) are free too, so the port convention always holds."""
+        for _ in range(50):
+            port = self.port
+            if port == 0:
+                port = self.front.bind_to_random_port(f"tcp://{self.host}", 20000, 60000)
+            else:
+                self.front.bind(f"tcp://{self.host}:{port}")
+            worker_port = port + 2 if self.worker_port is None else self.worker_port
+            try:
+                self.status.bind(f"tcp://{self.host}:{port + 1}")
+            except zmq.ZMQError:
+                if self.port != 0:
+                    raise
+                self.front.unbind(self.front.last_endpoint)
+                continue
+            try:
+                self.back.bind(f"tcp://{self.host}:{worker_port}")
+            except zmq.ZMQError:
+                if self.port != 0:
+                    raise
+                self.front.unbind(self.front.last_endpoint)
+                self.status.unbind(self.status.last_endpoint)
+                continue
+            self.port, self.worker_port = port, worker_port
+            return
+        raise zmq.ZMQError(msg="no three free consecutive ports found")
+
+    def bind(self) -> dict[str, int]:
+        """Open the exec, status and worker ports. Port 0 picks free ports. Returns them."""
+        self.front = self._router(config.MAX_MESSAGE_BYTES)
+        self.status = self._router(config.MAX_STATUS_MESSAGE_BYTES)
+        self.back = self._router(config.MAX_MESSAGE_BYTES)
+        self._bind_all()
+        status_port = self.port + 1
+        self.back.bind(self.supervisor.connect)
+        self.poller = zmq.Poller()
+        for sock in (self.front, self.back, self.status):
+            self.poller.register(sock, zmq.POLLIN)
+        return {"exec": self.port, "status": status_port, "workers": self.worker_port}
+
+    # ------------------------------------------------------------------ main loop
+
+    def serve(self) -> None:
+        """Start the local workers and route messages until stopped (SIGTERM drains)."""
+        self.supervisor.start()
+        try:
+            while not self.finished():
+                timeout_ms = max(0, int((self.next_deadline() - time.monotonic()) * 1000))
+                ready = dict(self.poller.poll(timeout_ms))
+                if self.front in ready:
+                    self.drain(self.front, self.on_client_message)
+                if self.back in ready:
+                    self.drain(self.back, self.on_worker_message)
+                if self.status in ready:
+                    self.drain(self.status, self.on_status_request)
+                self.housekeeping(time.monotonic())
+                self.dispatch()
+        finally:
+            self.close()
+
+    def next_deadline(self) -> float:
+        return min(self.next_supervise, self.next_heartbeat)
+
+    def drain(self, sock: zmq.Socket[bytes], handler: Callable[[list[Any]], None]) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def housekeeping(self, now: float) -> None:
+        """Supervise processes, expire silent peers, send heartbeats: each on its clock."""
+        if now >= self.next_supervise:
+            self.next_supervise = now + config.SUPERVISE_INTERVAL_S
+            for exited in self.supervisor.poll(now):
+                self.on_process_exit(exited)
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("parent process %d is gone; stopping", self.parent_pid)
+                self.stop()
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.heartbeat_s
+            self.expire_clients(now)
+            self.heartbeat_clients(now)
+
+    def stop(self, *_: Any) -> None:
+        """Drain: accept no new tasks, let running ones finish (up to DRAIN_TIMEOUT_S)."""
+        if not self.stopping:
+            log.info("stopping: draining %d running task message(s)", self.running_count())
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            for client in self.clients.values():
+                self.return_queued(client, "the daemon is stopping")
+
+    def finished(self) -> bool:
+        if not self.stopping:
+            return False
+        return self.running_count() == 0 or time.monotonic() >= self.stop_deadline
+
+    def running_count(self) -> int:
+        return sum(len(w.assigned) for w in self.workers.values())
+
+    def close(self) -> None:
+        self.supervisor.stop()
+        for sock in (self.front, self.back, self.status):
+            sock.close(linger=0)
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ clients
+
+    def send_client(self, ident: bytes, frames: list[Any]) -> None:
+        self.front.send_multipart([ident, *frames], copy=False)
+        client = self.clients.get(ident)
+        if client is not None:
+            client.last_sent = time.monotonic()
+
+    def capacity(self) -> int:
+        """Workers this node has or is starting: what a client may keep busy here."""
+        return max(len(self.workers), self.supervisor.count)
+
+    def on_client_message(self, frames: list[Any]) -> None:
+        try:
+            ident, rest = protocol.split_identity(frames)
+            msg = protocol.decode(rest)
+        except protocol.VersionMismatch as exc:
+            self.refuse(frames, str(exc))
+            return
+        except protocol.ProtocolError as exc:
+            self.bad_message("exec", exc)
+            return
+        client = self.clients.get(ident)
+        if msg.type == protocol.HELLO:
+            self.on_hello(ident, msg)
+            return
+        if client is None:
+            # A client we do not know (we restarted, or it never said hello): ask it to.
+            self.send_client(ident, protocol.pack(protocol.REFUSED, reason="say hello first",
+                                                  code="hello"))
+            return
+        client.last_seen = time.monotonic()
+        handler = self.client_handlers.get(msg.type)
+        if handler is None:
+            self.bad_message("exec", f"unexpected {msg.type} message from a client")
+            return
+        handler(ident, msg)
+
+    def refuse(self, frames: list[Any], reason: str) -> None:
+        log.warning("refused a peer: %s", reason)
+        if len(frames) >= 2:
+            self.front.send_multipart([protocol.frame_bytes(frames[0]),
+                                       *protocol.pack(protocol.REFUSED, reason=reason)])
+
+    def on_hello(self, ident: bytes, msg: Message) -> None:
+        try:
+            warnings = protocol.compare_versions(self.versions, msg.env["versions"], "client")
+        except protocol.VersionMismatch as exc:
+            self.send_client(ident, protocol.pack(protocol.REFUSED, reason=str(exc)))
+            return
+        for warning in warnings:
+            log.warning("%s", warning)
+        if self.stopping:
+            self.send_client(ident, protocol.pack(protocol.REFUSED,
+                                                  reason="the daemon is stopping"))
+            return
+        if ident in self.clients:
+            self.drop_client(ident)  # a client that reconnected starts afresh
+        hb = max(0.01, float(msg.env["hb"]))
+        self.clients[ident] = ClientConn(ident, hb, time.monotonic())
+        self.send_client(ident, protocol.pack(
+            protocol.WELCOME, versions=self.versions, hb=self.heartbeat_s,
+            node=self.node_name, workers=self.capacity()))
+
+    def on_blob(self, ident: bytes, msg: Message) -> None:
+        self.blobs[msg.env["h"]] = msg.payload
+        self.clients[ident].blobs.add(msg.env["h"])
+
+    def on_task(self, ident: bytes, msg: Message) -> None:
+        client = self.clients[ident]
+        if self.stopping:
+            self.send_lost(ident, [msg.env["id"]], "the daemon is stopping", "", code="stopping")
+        elif msg.env["fn"] not in self.blobs:
+            self.send_lost(ident, [msg.env["id"]], "function not cached here", "", code="blob")
+        else:
+            if not client.queue:
+                self.ready_clients.append(ident)
+            client.queue.append(msg)
+
+    def on_cancel(self, ident: bytes, msg: Message) -> None:
+        client = self.clients[ident]
+        ids = set(msg.env["ids"])
+        client.queue = deque(m for m in client.queue if ids and m.env["id"] not in ids)
+        self.unready(client)
+
+    def return_queued(self, client: ClientConn, reason: str) -> None:
+        """Hand a client's queued tasks back as lost, so it sends them elsewhere."""
+        ids = [m.env["id"] for m in client.queue]
+        client.queue.clear()
+        self.unready(client)
+        if ids:
+            self.send_lost(client.ident, ids, reason, "", code="stopping")
+
+    def unready(self, client: ClientConn) -> None:
+        """Take a client whose queue emptied out of the round robin."""
+        if not client.queue and client.ident in self.ready_clients:
+            self.ready_clients.remove(client.ident)
+
+    def send_lost(self, ident: bytes, ids: list[int], reason: str, worker: str,
+                  code: str = "crash") -> None:
+        self.send_client(ident, protocol.pack(protocol.LOST, ids=ids, reason=reason,
+                                              worker=worker, code=code))
+
+    def drop_client(self, ident: bytes) -> None:
+        """Forget a client: its queued tasks and its cached blobs no other client uses."""
+        client = self.clients.pop(ident, None)
+        if client is None:
+            return
+        client.queue.clear()
+        self.unready(client)
+        in_use = set().union(*(c.blobs for c in self.clients.values()))
+        for h in client.blobs - in_use:
+            self.blobs.pop(h, None)
+
+    def expire_clients(self, now: float) -> None:
+        for ident, client in list(self.clients.items()):
+            if now - client.last_seen > client.heartbeat_s * config.LIVENESS:
+                log.warning("client silent for %.1f s; dropping its queued work",
+                            now - client.last_seen)
+                self.drop_client(ident)
+
+    def heartbeat_clients(self, now: float) -> None:
+        beat = protocol.pack(protocol.HEARTBEAT, workers=self.capacity())
+        for ident, client in self.clients.items():
+            if now - client.last_sent >= self.heartbeat_s * 0.9:
+                self.send_client(ident, beat)
+
+    # ------------------------------------------------------------------ workers
+
+    def on_worker_message(self, frames: list[Any]) -> None:
+        try:
+            ident, rest = protocol.split_identity(frames)
+            msg = protocol.decode(rest)
+        except protocol.VersionMismatch as exc:
+            log.warning("refused a worker: %s", exc)
+            if len(frames) >= 2:
+                self.back.send_multipart([protocol.frame_bytes(frames[0]),
+                                          *protocol.pack(protocol.REFUSED, reason=str(exc))])
+            return
+        except protocol.ProtocolError as exc:
+            self.bad_message("workers", exc)
+            return
+        if msg.type == protocol.READY:
+            self.on_ready(ident, msg)
+            return
+        worker = self.workers.get(ident)
+        if worker is None:
+            self.bad_message("workers", f"{msg.type} from a worker that never said ready")
+            return
+        worker.last_seen = time.monotonic()
+        handler = self.worker_handlers.get(msg.type)
+        if handler is None:
+            self.bad_message("workers", f"unexpected {msg.type} message from a worker")
+            return
+        handler(worker, rest, msg)
+
+    def on_ready(self, ident: bytes, msg: Message) -> None:
+        try:
+            for warning in protocol.compare_versions(self.versions, msg.env["versions"],
+                                                     f"worker {msg.env['worker']}"):
+                log.warning("%s", warning)
+        except protocol.VersionMismatch as exc:
+            log.warning("refused worker %s: %s", msg.env["worker"], exc)
+            self.back.send_multipart([ident, *protocol.pack(protocol.REFUSED, reason=str(exc))])
+            return
+        if ident in self.workers:
+            self.forget_worker(self.workers[ident], "it said ready again")
+        self.workers[ident] = WorkerConn(ident, msg.env["worker"], msg.env["pid"],
+                                         float(msg.env["hb"]), time.monotonic())
+        self.idle.append(ident)
+        self.back.send_multipart([ident, *protocol.pack(
+            protocol.WELCOME, versions=self.versions, hb=self.heartbeat_s,
+            node=self.node_name, workers=self.capacity())])
+
+    def on_result(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
+        if not worker.assigned or worker.assigned[0][1] != msg.env["id"]:
+            self.bad_message("workers", f"result for a task worker {worker.name} does not hold")
+            return
+        client_ident, _, n = worker.assigned.popleft()
+        self.counters.tasks_done += n
+        if not worker.assigned:
+            self.idle.append(worker.ident)
+        if client_ident in self.clients:
+            self.send_client(client_ident, frames)
+
+    def on_worker_lost(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
+        if worker.assigned and worker.assigned[0][1] in msg.env["ids"]:
+            client_ident, task_id, _ = worker.assigned.popleft()
+            if not worker.assigned:
+                self.idle.append(worker.ident)
+            if client_ident in self.clients:
+                self.send_lost(client_ident, [task_id], msg.env["reason"], worker.name,
+                               code="blob")
+
+    def on_fetch(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
+        payload = self.blobs.get(msg.env["h"])
+        if payload is None:
+            reply = protocol.pack(protocol.MISSING, h=msg.env["h"])
+        else:
+            reply = protocol.pack(protocol.BLOB, payload, h=msg.env["h"])
+        self.back.send_multipart([worker.ident, *reply], copy=False)
+
+    def on_process_exit(self, exited: Exited) -> None:
+        for worker in list(self.workers.values()):
+            if worker.pid == exited.pid:
+                self.forget_worker(worker, f"worker {worker.name} died: {exited.reason}")
+
+    def forget_worker(self, worker: WorkerConn, reason: str) -> None:
+        """Drop a worker; the tasks it held are reported lost to their clients."""
+        self.workers.pop(worker.ident, None)
+        try:
+            self.idle.remove(worker.ident)
+        except ValueError:
+            pass
+        for client_ident, task_id, _ in worker.assigned:
+            self.counters.tasks_lost += 1
+            if client_ident in self.clients:
+                self.send_lost(client_ident, [task_id], reason, worker.name)
+        worker.assigned.clear()
+
+    # ------------------------------------------------------------------ scheduling
+
+    def dispatch(self) -> None:
+        """Give queued task messages to idle workers, one client after another."""
+        while self.idle and self.ready_clients:
+            client_ident = self.ready_clients[0]
+            client = self.clients.get(client_ident)
+            if client is None or not client.queue:
+                self.ready_clients.popleft()
+                continue
+            msg = client.queue.popleft()
+            if client.queue:
+                self.ready_clients.rotate(-1)
+            else:
+                self.ready_clients.popleft()
+            worker = self.workers[self.idle.popleft()]
+            worker.assigned.append((client_ident, msg.env["id"], msg.env["n"]))
+            self.back.send_multipart([worker.ident, msg.raw, *msg.payload], copy=False)
+
+    # ------------------------------------------------------------------ status
+
+    def status_map(self) -> dict[str, Any]:
+        busy = sum(1 for w in self.workers.values() if w.assigned)
+        try:
+            load1 = os.getloadavg()[0]
+        except OSError:
+            load1 = -1.0
+        return {
+            "hostname": self.node_name,
+            "versions": self.versions,
+            "workers": len(self.workers),
+            "idle": len(self.workers) - busy,
+            "busy": busy,
+            "queued": sum(len(c.queue) for c in self.clients.values()),
+            "clients": len(self.clients),
+            "tasks_done": self.counters.tasks_done,
+            "tasks_lost": self.counters.tasks_lost,
+            "worker_restarts": self.supervisor.restarts,
+            "bad_messages": self.counters.bad_messages,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "load1": load1,
+            "stopping": self.stopping,
+        }
+
+    def on_status_request(self, frames: list[Any]) -> None:
+        try:
+            ident, rest = protocol.split_identity(frames)
+            if len(rest) != 1:
+                raise protocol.ProtocolError(f"status request of {len(rest)} frames")
+            msg = protocol.decode(rest)
+        except protocol.VersionMismatch:
+            msg = None  # still answer: the reply names our version, the peer compares
+        except protocol.ProtocolError as exc:
+            self.bad_message("status", exc)
+            return
+        if msg is not None and msg.type != protocol.STATUS:
+            self.bad_message("status", f"unexpected {msg.type} message")
+            return
+        self.status.send_multipart([ident, *protocol.pack(protocol.STATUS, **self.status_map())])
+
+    def bad_message(self, port: str, why: object) -> None:
+        self.counters.bad_messages += 1
+        self.bad_log.warning("dropped a bad message on the %s port: %s", port, why)
+
+
+def run_daemon(*, host: str, port: int, workers: int | None, worker_port: int | None,
+               heartbeat_s: float, parent_pid: int | None = None,
+               on_ready: Callable[[dict[str, int]], None] | None = None) -> None:
+    """Bind, report the ports through ``on_ready``, serve until SIGTERM/SIGINT drains."""
+    broker = Broker(host=host, port=port, workers=workers, worker_port=worker_port,
+                    heartbeat_s=heartbeat_s, parent_pid=parent_pid)
+    ports = broker.bind()
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, broker.stop)
+    if on_ready is not None:
+        on_ready(ports)
+    broker.serve()

@@ -1,0 +1,326 @@
+"""The library a user calls: ``deathstar.map`` and ``Cluster``.
+
+A ``Cluster`` connects to every node once (or starts the embedded local daemon when no
+node is named) and runs any number of maps over them. The sockets live in an I/O thread
+(``engine.Engine``); the methods here feed it inputs and read results back.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import logging
+import time
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import zmq
+
+from deathstar import config, protocol, serialize
+from deathstar.engine import FINISHED, Engine, Job, NoNodesError, Outcome
+from deathstar.errors import TaskFailed
+from deathstar.local import LocalDaemon
+from deathstar.nodes import NodeAddress, parse_cluster
+from deathstar.report import TaskRecord
+
+log = logging.getLogger("deathstar.client")
+
+OnError = Literal["raise", "return"]
+ProgressFn = Callable[[int, "int | None"], None]
+
+__all__ = ["Cluster", "MapResult", "NoNodesError", "map", "ordered", "query_status"]
+
+
+class MapResult(list[Any]):
+    """The results of a map, in input order (a list), with the execution ``report`` (one
+    ``TaskRecord`` per input, in input order) and the ``errors`` (failed inputs'
+    exceptions, in input order)."""
+
+    report: list[TaskRecord]
+    errors: list[TaskFailed]
+
+    def __init__(self, values: Iterable[Any], report: list[TaskRecord],
+                 errors: list[TaskFailed]):
+        super().__init__(values)
+        self.report = report
+        self.errors = errors
+
+
+class Cluster:
+    """A connection to a set of nodes, reused across maps.
+
+    ``nodes``: node names (``"host"``, ``"host:port"``), a comma-separated string,
+    ``"@file"``, or None for ``DEATHSTAR_CLUSTER`` or, when that is unset, an embedded
+    local daemon with ``workers`` workers (default one per core) that stops on ``close``.
+
+    The constructor blocks until every node has answered or ``connect_timeout`` passed.
+    Unreachable nodes are logged, named in ``unreachable``, and retried in the background;
+    if no node can be used it raises ``NoNodesError`` naming each node and why.
+    Thread-safe: several threads may run maps on one Cluster at once.
+    """
+
+    def __init__(self, nodes: str | Sequence[str] | None = None, *,
+                 connect_timeout: float = config.CONNECT_TIMEOUT_S,
+                 workers: int | None = None,
+                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S):
+        addresses = parse_cluster(nodes)
+        self.local: LocalDaemon | None = None
+        if addresses is None:
+            self.local = LocalDaemon(workers)
+            addresses = [self.local.address]
+        self.addresses: list[NodeAddress] = addresses
+        self._job_ids = itertools.count(1)
+        self.engine = Engine(addresses, connect_timeout=connect_timeout,
+                             heartbeat_s=heartbeat_s)
+        self.engine.start()
+        self.engine.connected.wait()
+        if self.engine.crashed is not None:
+            self.close()
+            raise self.engine.crashed
+        if not self.engine.ready_nodes():
+            message = self.engine.no_nodes_message()
+            self.close()
+            raise NoNodesError(message)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Disconnect from every node (and stop the embedded daemon). Idempotent."""
+        self.engine.close()
+        if self.local is not None:
+            self.local.stop()
+            self.local = None
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ information
+
+    @property
+    def capacity(self) -> int:
+        """Workers across the nodes that are ready now."""
+        return sum(n.capacity for n in self.engine.ready_nodes())
+
+    @property
+    def unreachable(self) -> list[str]:
+        """Nodes that cannot be used now, each with the reason."""
+        return [f"{n.name}: {n.error}" for n in self.engine.nodes if n.state != "ready"]
+
+    def node_stats(self) -> list[dict[str, Any]]:
+        """Per node: state, workers, inputs in flight, done, failed, tasks/s (refreshed
+        four times a second; safe to call from any thread)."""
+        return list(self.engine.snapshot)
+
+    # ------------------------------------------------------------------ maps
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], *,
+            chunksize: int | None = None, on_error: OnError = "raise",
+            progress: ProgressFn | None = None, **common: Any) -> MapResult:
+        """Run ``fn(item, **common)`` for every item; block until all are done.
+
+        Returns the results in input order with the execution report. An input whose
+        function raised gives a ``RemoteError``; with ``on_error="raise"`` (default) the
+        first one (by input order) is raised once the whole map has finished, carrying
+        the complete ``MapResult`` as ``.result``; with ``on_error="return"`` errors
+        stand in place of results.
+        """
+        return self.starmap(fn, ((item,) for item in items), chunksize=chunksize,
+                            on_error=on_error, progress=progress,
+                            total=_length(items), **common)
+
+    def starmap(self, fn: Callable[..., Any], arg_tuples: Iterable[tuple[Any, ...]], *,
+                chunksize: int | None = None, on_error: OnError = "raise",
+                progress: ProgressFn | None = None, total: int | None = None,
+                **common: Any) -> MapResult:
+        """Like ``map`` but each item is a tuple of positional arguments."""
+        calls = ((args, None) for args in arg_tuples)
+        return self.map_calls(fn, calls, chunksize=chunksize, on_error=on_error,
+                              progress=progress, total=total, **common)
+
+    def map_calls(self, fn: Callable[..., Any],
+                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
+                  chunksize: int | None = None, on_error: OnError = "raise",
+                  progress: ProgressFn | None = None, total: int | None = None,
+                  **common: Any) -> MapResult:
+        """The general map: each call is ``(args, kwargs)``; ``fn(*args, **common,
+        **kwargs)`` runs for each (a call's own keywords win over common ones)."""
+        _check_on_error(on_error)
+        values: list[Any] = []
+        records: list[TaskRecord | None] = []
+        for index, ok, value, record in self._outcomes(fn, calls, chunksize, total, progress,
+                                                      **common):
+            if index >= len(values):
+                grow = index + 1 - len(values)
+                values.extend([None] * grow)
+                records.extend([None] * grow)
+            values[index] = value
+            records[index] = record
+        errors = [v for v in values if isinstance(v, TaskFailed)]
+        result = MapResult(values, [r for r in records if r is not None], errors)
+        if errors and on_error == "raise":
+            first = errors[0]
+            first.result = result  # type: ignore[attr-defined]
+            raise first
+        return result
+
+    def imap(self, fn: Callable[..., Any], items: Iterable[Any], *,
+             chunksize: int | None = None, on_error: OnError = "raise",
+             **common: Any) -> Iterator[Any]:
+        """Yield ``fn(item, **common)`` in input order as results arrive (inputs are read
+        lazily, results held back only until their predecessors are in). With
+        ``on_error="raise"`` a failed input raises when its turn comes."""
+        _check_on_error(on_error)
+        calls = (((item,), None) for item in items)
+        stream = self._outcomes(fn, calls, chunksize, _length(items), None, **common)
+        for _, ok, value, _ in ordered(stream):
+            yield _deliver(ok, value, on_error)
+
+    def imap_unordered(self, fn: Callable[..., Any], items: Iterable[Any], *,
+                       chunksize: int | None = None, on_error: OnError = "raise",
+                       **common: Any) -> Iterator[Any]:
+        """Yield ``fn(item, **common)`` as each finishes, in completion order."""
+        _check_on_error(on_error)
+        calls = (((item,), None) for item in items)
+        for _, ok, value, _ in self._outcomes(fn, calls, chunksize, _length(items), None,
+                                              **common):
+            yield _deliver(ok, value, on_error)
+
+    def outcomes(self, fn: Callable[..., Any],
+                 calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
+                 chunksize: int | None = None, total: int | None = None,
+                 **common: Any) -> Iterator[Outcome]:
+        """The raw stream: ``(index, ok, value_or_exception, record)`` per input, in
+        completion order, each input exactly once. Closing the iterator early cancels
+        the inputs not yet run."""
+        return self._outcomes(fn, calls, chunksize, total, None, **common)
+
+    def _outcomes(self, fn: Callable[..., Any],
+                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]],
+                  chunksize: int | None, total: int | None, progress: ProgressFn | None,
+                  **common: Any) -> Iterator[Outcome]:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be at least 1")
+        serialize.ship_local_modules()
+        blob = serialize.dumps_function(fn, common)
+        job = Job(next(self._job_ids), serialize.content_hash(blob), blob,
+                  ((i, args, kwargs) for i, (args, kwargs) in enumerate(calls)),
+                  total, chunksize, config.MAX_ATTEMPTS)
+        if self.engine.crashed is not None or not self.engine.is_alive():
+            raise RuntimeError("this Cluster is closed")
+        self.engine.submit(job)
+        done = 0
+        finished = False
+        try:
+            while True:
+                item = job.out.get()
+                if item is FINISHED:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                done += len(item)
+                if progress is not None:
+                    progress(done, total)
+                yield from item
+        finally:
+            if not finished:
+                self.engine.cancel(job)
+
+
+def map(fn: Callable[..., Any], items: Iterable[Any], *,
+        cluster: str | Sequence[str] | None = None, chunksize: int | None = None,
+        on_error: OnError = "raise", connect_timeout: float = config.CONNECT_TIMEOUT_S,
+        progress: ProgressFn | None = None, **common: Any) -> MapResult:
+    """Run ``fn(item, **common)`` for every item on ``cluster`` and return the results in
+    input order, with ``.report`` (one record per input) and ``.errors``.
+
+    ``cluster``: node names, ``"a,b:7000"``, ``"@nodes.txt"``; None means
+    ``DEATHSTAR_CLUSTER`` or else an embedded local daemon started for this call.
+    Blocks until every input has a result. See ``Cluster.map`` for ``on_error``.
+    """
+    with Cluster(cluster, connect_timeout=connect_timeout) as c:
+        return c.map(fn, items, chunksize=chunksize, on_error=on_error, progress=progress,
+                     **common)
+
+
+def ordered(outcomes: Iterable[Outcome]) -> Iterator[Outcome]:
+    """Put a completion-order stream of outcomes (indices 0, 1, 2, ... each once) back
+    into input order, holding an outcome only until its predecessors have arrived."""
+    pending: dict[int, Outcome] = {}
+    next_index = 0
+    for outcome in outcomes:
+        pending[outcome[0]] = outcome
+        while next_index in pending:
+            yield pending.pop(next_index)
+            next_index += 1
+
+
+def query_status(nodes: str | Sequence[str], timeout: float = config.CONNECT_TIMEOUT_S
+                 ) -> list[dict[str, Any]]:
+    """Ask every node's status port at once. Returns one map per node, in the order
+    given: the node's status fields plus ``node`` (as named) and ``error`` (empty when
+    it answered, else why not). Blocks at most ``timeout`` seconds."""
+    addresses = parse_cluster(nodes) or []
+    ctx = zmq.Context.instance()
+    socks: dict[zmq.Socket[bytes], NodeAddress] = {}
+    answers: dict[str, dict[str, Any]] = {}
+    poller = zmq.Poller()
+    try:
+        for address in addresses:
+            sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+            sock.connect(address.status_endpoint)
+            sock.send_multipart(protocol.pack(protocol.STATUS))
+            socks[sock] = address
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while len(answers) < len(addresses):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for sock, _ in poller.poll(int(remaining * 1000)):
+                address = socks[sock]
+                frames = sock.recv_multipart()
+                try:
+                    env = protocol.decode_envelope(frames[0])
+                except protocol.VersionMismatch as exc:
+                    answers[address.name] = {"error": str(exc)}
+                except protocol.ProtocolError as exc:
+                    answers[address.name] = {"error": f"bad status reply: {exc}"}
+                else:
+                    answers[address.name] = {k: v for k, v in env.items() if k not in "vt"}
+                poller.unregister(sock)
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+    rows = []
+    for address in addresses:
+        row = {"node": address.name, "error": ""}
+        row.update(answers.get(address.name) or {
+            "error": f"no answer from {address.status_endpoint} within {timeout:g} s"})
+        rows.append(row)
+    return rows
+
+
+def _deliver(ok: bool, value: Any, on_error: OnError) -> Any:
+    if not ok and on_error == "raise":
+        raise value
+    return value
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "return"):
+        raise ValueError(f"on_error must be 'raise' or 'return', not {on_error!r}")
+
+
+def _length(items: Iterable[Any]) -> int | None:
+    try:
+        return builtins.len(items)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -1,0 +1,641 @@
+"""The client's I/O thread: it owns every socket to every node, keeps each node supplied
+with task messages in proportion to its capacity, and hands results to the threads that
+consume them. User threads talk to it only through ``Engine.submit`` / ``cancel`` /
+``close`` (a command queue plus a wake-up pipe); it answers through each job's queue.
+
+Loop: poll until the next deadline -> handle node messages -> handle commands ->
+housekeeping (handshake deadlines, heartbeats, liveness, reconnects) -> top nodes up ->
+finish jobs. One map is one ``Job``; one message to a node is one ``Task`` (a batch of
+inputs). A task is matched to its result by a send id that is new at every send, so a late
+result of a task that was sent again elsewhere is recognised and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Callable, Iterator
+
+import cloudpickle
+import zmq
+
+from deathstar import config, protocol, serialize
+from deathstar.errors import RemoteError, TaskFailed, WorkerCrashed
+from deathstar.nodes import NodeAddress
+from deathstar.protocol import Message
+from deathstar.report import CRASHED, ERROR, OK, TaskRecord
+
+log = logging.getLogger("deathstar.client")
+
+#: One delivered input: (index, succeeded, value or exception, record).
+Outcome = tuple[int, bool, Any, TaskRecord]
+
+#: Put on a job's queue after its last outcome.
+FINISHED = object()
+
+#: Node states.
+CONNECTING = "connecting"
+READY = "ready"
+UNREACHABLE = "unreachable"
+REFUSED = "refused"
+DOWN = "down"  # was ready, went silent or restarted; reconnecting with backoff
+
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 32.0
+
+
+class NoNodesError(ConnectionError):
+    """No node of the cluster could be used; the message names each and why."""
+
+
+@dataclass(eq=False)
+class Task:
+    """One message's worth of inputs of a job, kept until its result is in."""
+
+    job: Job
+    indices: list[int]
+    payload: list[Any]
+    attempts: int = 1  # the attempt this send is
+    last_reason: str = ""
+
+
+@dataclass(eq=False)
+class Job:
+    """One map: its function blob, its inputs (read lazily), and its output queue."""
+
+    id: int
+    fn_hash: str
+    blob: list[Any]
+    items: Iterator[tuple[int, tuple[Any, ...], dict[str, Any] | None]]
+    total: int | None
+    chunksize: int | None
+    max_attempts: int
+    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    retry: deque[Task] = field(default_factory=deque)
+    exhausted: bool = False
+    outstanding: int = 0  # tasks sent and not yet answered
+    read: int = 0  # inputs taken from ``items``
+    per_item_s: float | None = None
+    cancelled: bool = False
+
+    def done(self) -> bool:
+        return self.exhausted and not self.retry and self.outstanding == 0
+
+    def batch_size(self, capacity: int) -> int:
+        """Inputs for the next message: fixed by ``chunksize``, else sized so a batch keeps
+        a worker busy about BATCH_TARGET_S, shrinking near the end so workers finish
+        together."""
+        if self.chunksize:
+            return self.chunksize
+        if self.per_item_s is None:
+            return 1
+        size = int(config.BATCH_TARGET_S / max(self.per_item_s, 1e-7))
+        if self.total is not None:
+            remaining = self.total - self.read
+            size = min(size, -(-remaining // (2 * max(capacity, 1))))
+        return max(1, min(size, config.BATCH_MAX_ITEMS))
+
+
+@dataclass(eq=False)
+class Node:
+    """The client's view of one node: its socket, state, and tasks in flight there."""
+
+    address: NodeAddress
+    sock: zmq.Socket[bytes] | None = None
+    state: str = CONNECTING
+    error: str = ""
+    capacity: int = 0
+    heartbeat_s: float = config.HEARTBEAT_INTERVAL_S
+    hostname: str = ""
+    versions: dict[str, Any] = field(default_factory=dict)
+    inflight: dict[int, Task] = field(default_factory=dict)
+    blobs_sent: set[str] = field(default_factory=set)
+    deadline: float = 0.0  # handshake deadline, or next reconnect when down
+    backoff_s: float = RECONNECT_MIN_S
+    last_seen: float = 0.0
+    last_sent: float = 0.0
+    done: int = 0
+    failed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.address.name
+
+    def window(self) -> int:
+        return self.capacity + config.PREFETCH_PER_NODE
+
+    def items_in_flight(self) -> int:
+        return sum(len(t.indices) for t in self.inflight.values())
+
+
+class Engine(threading.Thread):
+    """The I/O thread. Construct, ``start()``, wait on ``connected``, submit jobs."""
+
+    def __init__(self, addresses: list[NodeAddress], *, connect_timeout: float,
+                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S):
+        super().__init__(name="deathstar-client", daemon=True)
+        self.ctx = zmq.Context.instance()
+        self.nodes = [Node(a) for a in addresses]
+        self.connect_timeout = connect_timeout
+        self.heartbeat_s = heartbeat_s
+        self.versions = protocol.local_versions()
+        self.jobs: dict[int, Job] = {}
+        self.commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        self.connected = threading.Event()  # every node answered or timed out
+        self.closing = False
+        self.crashed: BaseException | None = None
+        self.next_send_id = 1
+        self.late_results = 0
+        self.snapshot: list[dict[str, Any]] = []
+        self.rates: dict[str, tuple[float, int, float]] = {}
+        self.next_snapshot = 0.0
+        self.poller_stale = True
+        self.handlers: dict[str, Callable[[Node, Message], None]] = {
+            protocol.WELCOME: self.on_welcome,
+            protocol.REFUSED: self.on_refused,
+            protocol.RESULT: self.on_result,
+            protocol.LOST: self.on_lost,
+            protocol.HEARTBEAT: self.on_heartbeat,
+        }
+
+    # ------------------------------------------------------------------ user side
+
+    def submit(self, job: Job) -> None:
+        self._command("job", job)
+
+    def cancel(self, job: Job) -> None:
+        self._command("cancel", job)
+
+    def close(self) -> None:
+        """Say goodbye to every node and end the thread; returns when it has ended."""
+        if self.is_alive():
+            self._command("close", None)
+            self.join()
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _command(self, what: str, arg: Any) -> None:
+        self.commands.put((what, arg))
+        try:
+            os.write(self.wake_w, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    def ready_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.state == READY]
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        try:
+            for node in self.nodes:
+                self.connect(node, time.monotonic())
+            while not self.closing:
+                self.poll_once()
+        except BaseException as exc:  # a bug here must reach the user, not hang them
+            log.exception("the client's I/O thread failed")
+            self.crashed = exc
+            for job in self.jobs.values():
+                job.out.put(exc)
+            self.connected.set()
+        finally:
+            for node in self.nodes:
+                self.disconnect(node, say_bye=True)
+
+    def build_poller(self) -> None:
+        """Poll the wake-up pipe and every node socket (rebuilt when sockets change)."""
+        self.poller = zmq.Poller()
+        self.poller.register(self.wake_r, zmq.POLLIN)
+        self.by_sock = {}
+        for node in self.nodes:
+            if node.sock is not None:
+                self.poller.register(node.sock, zmq.POLLIN)
+                self.by_sock[node.sock] = node
+        self.poller_stale = False
+
+    def poll_once(self) -> None:
+        if self.poller_stale:
+            self.build_poller()
+        now = time.monotonic()
+        timeout_ms = max(0, int((self.next_deadline(now) - now) * 1000))
+        for sock, _ in self.poller.poll(timeout_ms):
+            if sock == self.wake_r:
+                self.drain_wakeups()
+            else:
+                node = self.by_sock.get(sock)
+                if node is not None:
+                    self.drain(node)
+        self.run_commands()
+        self.housekeeping(time.monotonic())
+        self.fill()
+        self.finish_jobs()
+
+    def next_deadline(self, now: float) -> float:
+        deadlines = [now + self.heartbeat_s, self.next_snapshot]
+        deadlines += [n.deadline for n in self.nodes if n.state in (CONNECTING, DOWN)]
+        return min(deadlines)
+
+    def drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def drain(self, node: Node) -> None:
+        while node.sock is not None:
+            try:
+                frames = node.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames)
+            except protocol.ProtocolError as exc:
+                log.warning("dropped a bad message from node %s: %s", node.name, exc)
+                if isinstance(exc, protocol.VersionMismatch):
+                    self.mark_failed(node, REFUSED, f"node {node.name}: {exc}")
+                continue
+            node.last_seen = time.monotonic()
+            handler = self.handlers.get(msg.type)
+            if handler is None:
+                log.warning("dropped an unexpected %s message from node %s", msg.type,
+                            node.name)
+            else:
+                handler(node, msg)
+
+    def run_commands(self) -> None:
+        while True:
+            try:
+                what, arg = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if what == "job":
+                self.jobs[arg.id] = arg
+                self.fail_if_no_nodes()
+            elif what == "cancel":
+                self.cancel_job(arg)
+            elif what == "close":
+                self.closing = True
+
+    # ------------------------------------------------------------------ connections
+
+    def connect(self, node: Node, now: float) -> None:
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * config.LIVENESS * 1000))
+        sock.connect(node.address.exec_endpoint)
+        node.sock = sock
+        self.poller_stale = True
+        if node.state != DOWN:
+            node.state = CONNECTING
+            node.deadline = now + self.connect_timeout
+        self.send(node, protocol.pack(protocol.HELLO, versions=self.versions,
+                                      hb=self.heartbeat_s))
+
+    def disconnect(self, node: Node, say_bye: bool = False) -> None:
+        if node.sock is None:
+            return
+        if say_bye and node.state == READY:
+            try:
+                node.sock.send_multipart(protocol.pack(protocol.BYE), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            node.sock.close(linger=200)
+        else:
+            node.sock.close(linger=0)
+        node.sock = None
+        self.poller_stale = True
+
+    def send(self, node: Node, frames: list[Any]) -> None:
+        assert node.sock is not None
+        node.sock.send_multipart(frames, copy=False)
+        node.last_sent = time.monotonic()
+
+    def mark_failed(self, node: Node, state: str, error: str) -> None:
+        """A node that cannot be used now: unreachable, refused, or gone down."""
+        log.warning("%s", error)
+        node.state, node.error = state, error
+        self.requeue_inflight(node)
+        node.blobs_sent.clear()
+        self.check_connected()
+        self.fail_if_no_nodes()
+
+    def check_connected(self) -> None:
+        if all(n.state != CONNECTING for n in self.nodes):
+            self.connected.set()
+
+    def fail_if_no_nodes(self) -> None:
+        """With no node ready or still connecting, every job fails with NoNodesError."""
+        if any(n.state in (READY, CONNECTING) for n in self.nodes):
+            return
+        if not self.jobs:
+            return
+        error = NoNodesError(self.no_nodes_message())
+        for job in list(self.jobs.values()):
+            job.out.put(error)
+            self.jobs.pop(job.id, None)
+
+    def no_nodes_message(self) -> str:
+        lines = [f"  {n.name}: {n.error or n.state}" for n in self.nodes]
+        return "no node of the cluster can be used:\n" + "\n".join(lines)
+
+    # ------------------------------------------------------------------ node messages
+
+    def on_welcome(self, node: Node, msg: Message) -> None:
+        try:
+            for warning in protocol.compare_versions(self.versions, msg.env["versions"],
+                                                     f"node {node.name}"):
+                log.warning("%s", warning)
+        except protocol.VersionMismatch as exc:
+            self.mark_failed(node, REFUSED, str(exc))
+            self.disconnect(node)
+            return
+        node.state, node.error = READY, ""
+        node.capacity = max(0, int(msg.env["workers"]))
+        node.heartbeat_s = float(msg.env["hb"])
+        node.hostname = str(msg.env["node"])
+        node.versions = dict(msg.env["versions"])
+        node.backoff_s = RECONNECT_MIN_S
+        self.check_connected()
+
+    def on_refused(self, node: Node, msg: Message) -> None:
+        if msg.env.get("code") == "hello" and node.state == READY:
+            # The daemon does not know us (it restarted): our tasks there are gone.
+            self.requeue_inflight(node)
+            node.blobs_sent.clear()
+            node.state = CONNECTING
+            node.deadline = time.monotonic() + self.connect_timeout
+            self.send(node, protocol.pack(protocol.HELLO, versions=self.versions,
+                                          hb=self.heartbeat_s))
+            return
+        self.mark_failed(node, REFUSED, f"node {node.name} refused us: {msg.env['reason']}")
+        self.disconnect(node)
+
+    def on_heartbeat(self, node: Node, msg: Message) -> None:
+        workers = msg.env.get("workers")
+        if isinstance(workers, int) and workers >= 0:
+            node.capacity = workers
+
+    def on_result(self, node: Node, msg: Message) -> None:
+        task = node.inflight.pop(msg.env["id"], None)
+        if task is None:
+            self.late_results += 1  # its task was already re-run elsewhere
+            return
+        job = task.job
+        job.outstanding -= 1
+        if job.cancelled:
+            return
+        worker = msg.env["worker"]
+        oks, stamps = msg.env["ok"], msg.env["ts"]
+        n = len(task.indices)
+        try:
+            if len(oks) != n:
+                raise ValueError(f"{len(oks)} outcomes for {n} inputs")
+            values = serialize.loads(msg.payload)
+            if not isinstance(values, list) or len(values) != n:
+                raise ValueError("result list of the wrong shape")
+        except Exception as exc:
+            reason = f"the result could not be unpickled here: {exc!r}"
+            values = [{"type": "deathstar.ResultError", "message": reason, "traceback": ""}] * n
+            oks = [False] * n
+            stamps = [[0.0, 0.0]] * n if len(stamps) != n else stamps
+        outcomes: list[Outcome] = []
+        busy = 0.0
+        for index, ok, value, stamp in zip(task.indices, oks, values, stamps):
+            start, end = float(stamp[0]), float(stamp[1])
+            busy += end - start
+            if ok:
+                record = TaskRecord(index, node.name, worker, start, end, task.attempts, OK)
+                outcomes.append((index, True, value, record))
+                node.done += 1
+            else:
+                error = self.remote_error(value, index, node.name, worker)
+                record = TaskRecord(index, node.name, worker, start, end, task.attempts, ERROR,
+                                    f"{error.type_name}: {error.message}")
+                outcomes.append((index, False, error, record))
+                node.failed += 1
+        per_item = busy / max(n, 1)
+        job.per_item_s = per_item if job.per_item_s is None else 0.5 * (job.per_item_s + per_item)
+        job.out.put(outcomes)
+
+    @staticmethod
+    def remote_error(info: Any, index: int, node: str, worker: str) -> RemoteError:
+        if not isinstance(info, dict):
+            info = {"type": "deathstar.ResultError", "message": repr(info), "traceback": ""}
+        exception = None
+        if info.get("pickled"):
+            try:
+                exception = cloudpickle.loads(info["pickled"])
+            except Exception:
+                exception = None  # its class does not exist here; the text remains
+        return RemoteError(str(info.get("type")), str(info.get("message")),
+                           str(info.get("traceback", "")), index=index, node=node,
+                           worker=worker, exception=exception)
+
+    def on_lost(self, node: Node, msg: Message) -> None:
+        code = msg.env.get("code")
+        for send_id in msg.env["ids"]:
+            task = node.inflight.pop(send_id, None) if isinstance(send_id, int) else None
+            if task is None:
+                continue
+            task.job.outstanding -= 1
+            if code == "blob":
+                node.blobs_sent.discard(task.job.fn_hash)
+                self.requeue(task, charge=False)
+            elif code == "stopping":
+                self.requeue(task, charge=False)
+            else:
+                task.last_reason = f"{msg.env['reason']} (node {node.name})"
+                self.requeue(task, charge=True, node=node.name, worker=msg.env["worker"])
+
+    # ------------------------------------------------------------------ retries
+
+    def requeue_inflight(self, node: Node) -> None:
+        """A node was lost: its tasks go to other nodes at no cost to their attempts."""
+        for task in node.inflight.values():
+            task.job.outstanding -= 1
+            self.requeue(task, charge=False)
+        node.inflight.clear()
+
+    def requeue(self, task: Task, *, charge: bool, node: str = "", worker: str = "") -> None:
+        """Send a task again. A worker crash costs an attempt; a crashed batch is split so
+        an input that kills its worker is isolated. Out of attempts: WorkerCrashed."""
+        job = task.job
+        if job.cancelled:
+            return
+        if not charge:
+            job.retry.append(task)
+            return
+        if task.attempts >= job.max_attempts:
+            outcomes: list[Outcome] = []
+            for index in task.indices:
+                error = WorkerCrashed(task.last_reason, task.attempts, index=index, node=node,
+                                      worker=worker)
+                now = time.time()
+                record = TaskRecord(index, node, worker, now, now, task.attempts, CRASHED,
+                                    task.last_reason)
+                outcomes.append((index, False, error, record))
+            job.out.put(outcomes)
+            return
+        if len(task.indices) == 1:
+            job.retry.append(Task(job, task.indices, task.payload, task.attempts + 1,
+                                  task.last_reason))
+            return
+        items = serialize.loads(task.payload)
+        for index, item in zip(task.indices, items):
+            job.retry.append(Task(job, [index], serialize.dumps([item]), task.attempts + 1,
+                                  task.last_reason))
+
+    def cancel_job(self, job: Job) -> None:
+        """Stop a job: what is queued at the nodes is dropped there; then FINISHED."""
+        self.abort_job(job)
+        job.out.put(FINISHED)
+
+    def fail_job(self, job: Job, exc: BaseException) -> None:
+        """Stop a job whose inputs cannot be sent; its consumer raises ``exc``."""
+        self.abort_job(job)
+        job.out.put(exc)
+
+    def abort_job(self, job: Job) -> None:
+        job.cancelled = True
+        self.jobs.pop(job.id, None)
+        for node in self.nodes:
+            ids = [sid for sid, t in node.inflight.items() if t.job is job]
+            for sid in ids:
+                del node.inflight[sid]
+            if ids and node.sock is not None and node.state == READY:
+                self.send(node, protocol.pack(protocol.CANCEL, ids=ids))
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def housekeeping(self, now: float) -> None:
+        for node in self.nodes:
+            if node.state == CONNECTING and now >= node.deadline:
+                self.disconnect(node)
+                self.mark_failed(node, UNREACHABLE,
+                                 f"node {node.name} ({node.address.exec_endpoint}) did not "
+                                 f"answer within {self.connect_timeout:g} s")
+            elif node.state == READY:
+                if now - node.last_seen > node.heartbeat_s * config.LIVENESS:
+                    self.node_down(node, now, f"node {node.name} silent for "
+                                              f"{now - node.last_seen:.1f} s")
+                elif now - node.last_sent >= self.heartbeat_s * 0.9:
+                    self.send(node, protocol.pack(protocol.HEARTBEAT))
+            elif node.state == DOWN and now >= node.deadline:
+                self.disconnect(node)
+                self.connect(node, now)
+                node.deadline = now + node.backoff_s
+                node.backoff_s = min(node.backoff_s * 2, RECONNECT_MAX_S)
+        if now >= self.next_snapshot:
+            self.next_snapshot = now + 0.25
+            self.take_snapshot(now)
+
+    def node_down(self, node: Node, now: float, reason: str) -> None:
+        self.disconnect(node)
+        self.mark_failed(node, DOWN, reason + "; its tasks go to other nodes")
+        node.deadline = now + node.backoff_s
+
+    def take_snapshot(self, now: float) -> None:
+        rows = []
+        for node in self.nodes:
+            t0, done0, rate = self.rates.get(node.name, (now, node.done, 0.0))
+            if now - t0 >= 1.0:
+                rate = (node.done - done0) / (now - t0)
+                self.rates[node.name] = (now, node.done, rate)
+            elif node.name not in self.rates:
+                self.rates[node.name] = (t0, done0, rate)
+            rows.append({"node": node.name, "state": node.state, "workers": node.capacity,
+                         "in_flight": node.items_in_flight(), "done": node.done,
+                         "failed": node.failed, "rate": rate, "error": node.error})
+        self.snapshot = rows
+
+    # ------------------------------------------------------------------ sending work
+
+    def fill(self) -> None:
+        """Top every ready node up to its window, taking jobs in turn."""
+        if not self.jobs:
+            return
+        capacity = sum(n.capacity for n in self.ready_nodes())
+        for node in self.ready_nodes():
+            while len(node.inflight) < node.window():
+                task = self.next_task(capacity)
+                if task is None:
+                    return
+                self.send_task(node, task)
+
+    def next_task(self, capacity: int) -> Task | None:
+        for job in list(self.jobs.values()):
+            if job.cancelled:
+                continue
+            if job.retry:
+                task = job.retry.popleft()
+            elif not job.exhausted:
+                task = self.read_batch(job, capacity)
+                if task is None:
+                    continue
+            else:
+                continue
+            # rotate jobs so concurrent maps share the nodes
+            self.jobs.pop(job.id)
+            self.jobs[job.id] = job
+            return task
+        return None
+
+    def read_batch(self, job: Job, capacity: int) -> Task | None:
+        size = job.batch_size(capacity)
+        try:
+            chunk = list(islice(job.items, size))
+        except Exception as exc:  # the user's input iterator failed (a malformed line...)
+            self.fail_job(job, exc)
+            return None
+        if len(chunk) < size:
+            job.exhausted = True
+        if not chunk:
+            return None
+        job.read += len(chunk)
+        items = [(args, kwargs) for _, args, kwargs in chunk]
+        try:
+            payload = serialize.dumps(items)
+        except Exception:
+            for index, args, kwargs in chunk:
+                try:
+                    serialize.dumps((args, kwargs))
+                except Exception as exc:
+                    self.fail_job(job, serialize.SerializationError(
+                        f"input {index} cannot be pickled: {type(exc).__name__}: {exc}"))
+                    return None
+            raise
+        return Task(job, [index for index, _, _ in chunk], payload)
+
+    def send_task(self, node: Node, task: Task) -> None:
+        job = task.job
+        if job.fn_hash not in node.blobs_sent:
+            self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
+            node.blobs_sent.add(job.fn_hash)
+        send_id = self.next_send_id
+        self.next_send_id += 1
+        node.inflight[send_id] = task
+        job.outstanding += 1
+        self.send(node, protocol.pack(protocol.TASK, task.payload, id=send_id, fn=job.fn_hash,
+                                      n=len(task.indices), timeout=None))
+
+    def finish_jobs(self) -> None:
+        for job in [j for j in self.jobs.values() if j.done()]:
+            del self.jobs[job.id]
+            job.out.put(FINISHED)
+
+
+__all__ = ["Engine", "Job", "NoNodesError", "Outcome", "FINISHED", "TaskFailed"]

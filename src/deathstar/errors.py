@@ -1,0 +1,68 @@
+"""Exceptions a map can hand back for one input. Each names the input, node and worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaskFailed(Exception):
+    """One input did not produce a result. The map goes on with the others."""
+
+    def __init__(self, message: str, *, index: int = -1, node: str = "", worker: str = ""):
+        super().__init__(message)
+        self.index = index
+        self.node = node
+        self.worker = worker
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self), self.__dict__.copy(), self.args))
+
+
+def _rebuild(cls: type, state: dict[str, Any], args: tuple[Any, ...]) -> TaskFailed:
+    obj = cls.__new__(cls)
+    Exception.__init__(obj, *args)
+    obj.__dict__.update(state)
+    return obj  # type: ignore[no-any-return]
+
+
+class RemoteError(TaskFailed):
+    """The user's function raised. Carries the remote exception's type, message and
+    formatted traceback, and the original exception as ``exception`` when it could be
+    unpickled."""
+
+    def __init__(
+        self,
+        type_name: str,
+        message: str,
+        remote_traceback: str,
+        *,
+        index: int = -1,
+        node: str = "",
+        worker: str = "",
+        exception: BaseException | None = None,
+    ):
+        where = f" (input {index}, node {node}, worker {worker})" if node else ""
+        super().__init__(f"{type_name}: {message}{where}", index=index, node=node, worker=worker)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        self.exception = exception
+
+    def __str__(self) -> str:
+        head = super().__str__()
+        if not self.remote_traceback:
+            return head
+        return f"{head}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+
+
+class WorkerCrashed(TaskFailed):
+    """The worker running this input died (signal, kill, out of memory) on every attempt."""
+
+    def __init__(self, reason: str, attempts: int, *, index: int = -1, node: str = "",
+                 worker: str = ""):
+        super().__init__(
+            f"worker died running input {index} on all {attempts} attempt(s); last: {reason}",
+            index=index, node=node, worker=worker,
+        )
+        self.reason = reason
+        self.attempts = attempts

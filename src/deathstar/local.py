@@ -1,0 +1,71 @@
+"""The embedded local cluster: a real daemon process on loopback, started for one client
+and stopped after it. It runs the same ``deathstar daemon`` a remote node runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+
+from deathstar import config
+from deathstar.nodes import NodeAddress
+
+
+class LocalDaemonError(RuntimeError):
+    """The embedded daemon did not start; the message carries what it printed."""
+
+
+class LocalDaemon:
+    """A ``deathstar daemon`` child on 127.0.0.1 with free ports and ``workers`` workers.
+
+    The constructor blocks until the daemon has bound its ports (not until its workers
+    are up: tasks queue there meanwhile). The daemon exits if this process dies.
+    """
+
+    def __init__(self, workers: int | None = None):
+        cmd = [sys.executable, "-m", "deathstar", "daemon", "--host", "127.0.0.1",
+               "--port", "0", "--parent-pid", str(os.getpid()), "--ready-json", "--log-level", "warning"]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     close_fds=True)
+        assert self.proc.stdout is not None
+        line = self._read_line(config.EMBEDDED_START_TIMEOUT_S)
+        try:
+            ports = json.loads(line)
+            self.address = NodeAddress("local", "127.0.0.1", int(ports["exec"]))
+        except (ValueError, KeyError, TypeError):
+            self.stop()
+            raise LocalDaemonError(
+                f"the embedded daemon did not start (exit {self.proc.returncode}); "
+                f"it printed {line!r}") from None
+
+    def _read_line(self, timeout_s: float) -> str:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+        data = b""
+        while b"\n" not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode(errors="replace").strip()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the daemon (it drains, then ends its workers); kill it if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()

@@ -1,0 +1,109 @@
+"""Node addresses: how a user names nodes, and where their ports are.
+
+``node`` means exec port 6000 and status port 6001; ``node:P`` means exec P, status P+1.
+A cluster is a comma list, ``@file`` (one node a line, ``#`` comments), or, when none is
+given, the ``DEATHSTAR_CLUSTER`` variable. No cluster at all means the embedded local one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from deathstar import config
+
+
+class ClusterSpecError(ValueError):
+    """A node or cluster specification that cannot be understood; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddress:
+    """A node as the user named it, with the endpoints of its exec and status ports."""
+
+    name: str
+    host: str
+    port: int
+
+    @property
+    def exec_endpoint(self) -> str:
+        return f"tcp://{self._host()}:{self.port}"
+
+    @property
+    def status_endpoint(self) -> str:
+        return f"tcp://{self._host()}:{self.port + 1}"
+
+    def _host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+
+def parse_node(spec: str) -> NodeAddress:
+    """Parse ``host``, ``host:port``, ``[v6addr]`` or ``[v6addr]:port``."""
+    text = spec.strip()
+    if not text:
+        raise ClusterSpecError("empty node name")
+    if text.startswith("tcp://"):
+        text = text[len("tcp://"):]
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ClusterSpecError(f"node {spec!r}: unclosed '['")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ClusterSpecError(f"node {spec!r}: expected ':port' after ']'")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not host:
+        raise ClusterSpecError(f"node {spec!r}: no host")
+    port = config.DEFAULT_PORT
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65535:
+            raise ClusterSpecError(f"node {spec!r}: port must be a number from 1 to 65534")
+        port = int(port_text)
+    return NodeAddress(spec.strip(), host, port)
+
+
+def parse_cluster(spec: str | Sequence[str] | None) -> list[NodeAddress] | None:
+    """Turn a cluster given by the user into node addresses; None means embedded local.
+
+    Accepts a list of node names, a comma-separated string, or ``@path`` to a file of
+    node names. ``None`` falls back to ``DEATHSTAR_CLUSTER``, and to None when unset.
+    """
+    if spec is None:
+        spec = os.environ.get("DEATHSTAR_CLUSTER") or None
+        if spec is None:
+            return None
+    names: list[str] = []
+    for part in ([spec] if isinstance(spec, str) else list(spec)):
+        for piece in str(part).split(","):
+            piece = piece.strip()
+            if piece.startswith("@"):
+                names.extend(_read_node_file(piece[1:]))
+            elif piece:
+                names.append(piece)
+    if not names:
+        raise ClusterSpecError("the cluster names no node")
+    nodes = [parse_node(n) for n in names]
+    seen: set[tuple[str, int]] = set()
+    for node in nodes:
+        if (node.host, node.port) in seen:
+            raise ClusterSpecError(f"node {node.name!r} is named twice")
+        seen.add((node.host, node.port))
+    return nodes
+
+
+def _read_node_file(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ClusterSpecError(f"cannot read node file {path}: {exc.strerror}") from None
+    names = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        names.extend(p.strip() for p in line.split(",") if p.strip())
+    return names

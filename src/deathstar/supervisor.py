@@ -1,0 +1,111 @@
+"""The daemon's local worker processes: start them, notice when one exits, replace it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger("deathstar.daemon")
+
+#: A worker that dies this soon after its start counts as a crash loop; its replacement
+#: waits RESPAWN_BACKOFF_S (doubling, capped at RESPAWN_BACKOFF_MAX_S).
+EARLY_DEATH_S = 2.0
+RESPAWN_BACKOFF_S = 0.25
+RESPAWN_BACKOFF_MAX_S = 10.0
+
+
+def describe_exit(returncode: int) -> str:
+    """'signal 9 (SIGKILL)' or 'exit code 1'."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown"
+        return f"signal {-returncode} ({name})"
+    return f"exit code {returncode}"
+
+
+@dataclass
+class Exited:
+    """A worker process that has exited, as the supervisor reports it."""
+
+    pid: int
+    returncode: int
+
+    @property
+    def reason(self) -> str:
+        return describe_exit(self.returncode)
+
+
+@dataclass
+class Supervisor:
+    """Keeps ``count`` worker processes alive, each connected to ``connect``.
+
+    ``poll`` reaps exited workers, starts replacements (with backoff on crash loops) and
+    returns the exits so the broker can report their tasks lost. ``stop`` ends them all.
+    """
+
+    count: int
+    connect: str
+    procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
+    restarts: int = 0
+    _backoff_s: float = RESPAWN_BACKOFF_S
+    _next_spawn: float = 0.0
+
+    def start(self) -> None:
+        while len(self.procs) < self.count:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        cmd = [sys.executable, "-m", "deathstar.worker", "--connect", self.connect,
+               "--parent-pid", str(os.getpid())]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        self.procs[proc.pid] = (proc, time.monotonic())
+
+    def poll(self, now: float) -> list[Exited]:
+        """Reap exited workers and start replacements; returns what exited."""
+        exited = []
+        for pid, (proc, started) in list(self.procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.procs[pid]
+            exited.append(Exited(pid, code))
+            if now - started < EARLY_DEATH_S:
+                self._next_spawn = now + self._backoff_s
+                self._backoff_s = min(self._backoff_s * 2, RESPAWN_BACKOFF_MAX_S)
+            else:
+                self._backoff_s = RESPAWN_BACKOFF_S
+        for ex in exited:
+            log.warning("worker %d exited with %s; starting a replacement", ex.pid, ex.reason)
+        if len(self.procs) < self.count and now >= self._next_spawn:
+            missing = self.count - len(self.procs)
+            self.restarts += missing
+            for _ in range(missing):
+                self._spawn()
+        return exited
+
+    def kill(self, pid: int) -> None:
+        """Kill one worker now (a hung task); ``poll`` then replaces it."""
+        entry = self.procs.get(pid)
+        if entry is not None and entry[0].poll() is None:
+            entry[0].kill()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Terminate every worker, killing those still alive after ``timeout_s``."""
+        for proc, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc, _ in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
