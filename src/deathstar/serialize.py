@@ -49,10 +49,8 @@ def loads(frames: list[Any]) -> Any:
     """
     if not frames:
         raise SerializationError("empty payload")
-    first = frames[0]
-    stream = first if isinstance(first, bytes) else first.buffer
-    buffers = [bytearray(f if isinstance(f, bytes) else f.buffer) for f in frames[1:]]
-    return pickle.loads(stream, buffers=buffers)
+    buffers = [bytearray(f) for f in frames[1:]]
+    return pickle.loads(memoryview(frames[0]), buffers=buffers)
 
 
 def payload_size(frames: Iterable[Any]) -> int:

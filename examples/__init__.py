@@ -1,0 +1,1 @@
+"""The three workloads of the original deathstar talk, in Python."""

@@ -1,0 +1,135 @@
+"""Fixtures that run real daemons: each is a ``deathstar daemon`` subprocess on loopback
+with free ports, waited on until its status port answers, and always reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Fast heartbeats so liveness tests finish quickly.
+FAST_HEARTBEAT = "0.2"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def status(self) -> dict[str, Any]:
+        from deathstar.client import query_status
+
+        return query_status([self.address], timeout=2.0)[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def daemon_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "deathstar", "daemon", *args]
+
+
+def start_daemon(workers: int = 2, *extra: str, host: str = "127.0.0.1",
+                 port: int = 0, wrap: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> Daemon:
+    """Start a daemon, wait until its status port answers, and return it."""
+    cmd = daemon_command("--host", host, "--port", str(port), "--workers", str(workers),
+                         "--ready-json", "--heartbeat", FAST_HEARTBEAT, *extra)
+    proc = subprocess.Popen((wrap or []) + cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    assert proc.stdout is not None
+    line = b""
+    deadline = time.monotonic() + 20
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
+            proc.kill()
+            raise AssertionError("daemon did not report its ports in time")
+        chunk = os.read(proc.stdout.fileno(), 1024)
+        if not chunk:
+            raise AssertionError(f"daemon exited with {proc.wait()} before it was ready")
+        line += chunk
+    daemon = Daemon(proc, int(json.loads(line)["exec"]), host)
+    wait_for(lambda: not daemon.status()["error"], 20, "the status port")
+    return daemon
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Daemon]]:
+    """Factory fixture: ``daemons(workers=2)`` starts a daemon; all are reaped after."""
+    started: list[Daemon] = []
+
+    def factory(workers: int = 2, *extra: str, **kw: Any) -> Daemon:
+        d = start_daemon(workers, *extra, **kw)
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        d.stop()
+        try:
+            os.killpg(d.proc.pid, signal.SIGKILL)  # anything it left behind
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def daemon(daemons: Callable[..., Daemon]) -> Daemon:
+    """One running daemon with two workers."""
+    return daemons(2)
+
+
+def descendants(pid: int) -> list[int]:
+    """Live descendant pids of ``pid`` (via /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from deathstar import protocol
+
+
+def test_envelope_round_trip_keeps_fields_and_payload() -> None:
+    frames = protocol.pack(protocol.TASK, [b"pickle", b"buffer"], id=7, fn="abc", n=2,
+                           timeout=None)
+    msg = protocol.decode(frames)
+    assert msg.type == protocol.TASK
+    assert (msg.env["id"], msg.env["fn"], msg.env["n"], msg.env["nb"]) == (7, "abc", 2, 2)
+    assert msg.payload == [b"pickle", b"buffer"]
+    assert msg.raw == frames[0]
+
+
+def test_other_protocol_version_names_both_versions() -> None:
+    raw = msgpack.packb({"v": protocol.PROTOCOL_VERSION + 1, "t": "hello"})
+    with pytest.raises(protocol.VersionMismatch) as info:
+        protocol.decode([raw])
+    text = str(info.value)
+    assert f"peer speaks {protocol.PROTOCOL_VERSION + 1}" in text
+    assert f"we speak {protocol.PROTOCOL_VERSION}" in text
+
+
+@pytest.mark.parametrize("frames, fragment", [
+    ([], "empty"),
+    ([b"\xc1garbage"], "undecodable"),
+    ([msgpack.packb([1, 2, 3])], "not a map"),
+    ([msgpack.packb({"t": "hb"})], "no protocol version"),
+    ([msgpack.packb({"v": 1, "t": "launch-missiles"})], "unknown message type"),
+    ([msgpack.packb({"v": 1, "t": "task", "id": "x", "fn": "h", "n": 1, "nb": 0,
+                     "timeout": None})], "field 'id'"),
+    ([msgpack.packb({"v": 1, "t": "task", "id": 1, "fn": "h", "n": 1, "nb": 2,
+                     "timeout": None}), b"only-one"], "declares 2 payload"),
+    ([msgpack.packb({"v": 1, "t": "hb"}), b"stray"], "declares 0 payload"),
+    ([msgpack.packb({"v": True, "t": "hb"})], "no protocol version"),
+])
+def test_malformed_messages_raise_protocol_error(frames: list[bytes], fragment: str) -> None:
+    with pytest.raises(protocol.ProtocolError, match=fragment):
+        protocol.decode(frames)
+
+
+def test_oversized_envelope_is_refused_before_decoding() -> None:
+    big = msgpack.packb({"v": 1, "t": "hb", "pad": "x" * (protocol.MAX_ENVELOPE_BYTES + 1)})
+    with pytest.raises(protocol.ProtocolError, match="exceeds"):
+        protocol.decode([big])
+
+
+def test_python_minor_mismatch_is_refused_naming_both() -> None:
+    ours = protocol.local_versions()
+    theirs = dict(ours, python="3.1.4")
+    with pytest.raises(protocol.VersionMismatch) as info:
+        protocol.compare_versions(ours, theirs, "node n1")
+    assert "node n1 runs Python 3.1.4" in str(info.value)
+    assert f"we run {ours['python']}" in str(info.value)
+
+
+def test_python_patch_difference_is_a_warning() -> None:
+    ours = protocol.local_versions()
+    major, minor, _ = ours["python"].split(".")[:3]
+    theirs = dict(ours, python=f"{major}.{minor}.999")
+    warnings = protocol.compare_versions(ours, theirs, "node n1")
+    assert any("python" in w and "999" in w for w in warnings)
