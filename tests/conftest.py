@@ -84,7 +84,8 @@ def start_daemon(workers: int = 2, *extra: str, host: str = "127.0.0.1",
             raise AssertionError(f"daemon exited with {proc.wait()} before it was ready")
         line += chunk
     daemon = Daemon(proc, int(json.loads(line)["exec"]), host)
-    wait_for(lambda: not daemon.status()["error"], 20, "the status port")
+    wait_for(lambda: daemon.status().get("workers") == workers, 20,
+             f"the status port to report {workers} worker(s)")
     return daemon
 
 

@@ -129,6 +129,8 @@ class Broker:
             protocol.LOST: self.on_worker_lost,
             protocol.FETCH: self.on_fetch,
             protocol.HEARTBEAT: lambda w, frames, msg: None,
+            protocol.BYE: lambda w, frames, msg: self.forget_worker(
+                w, f"worker {w.name} stopped", code="stopping"),
         }
 
     # ------------------------------------------------------------------ setup
@@ -228,6 +230,7 @@ class Broker:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.heartbeat_s
             self.expire_clients(now)
+            self.expire_workers(now)
             self.heartbeat_clients(now)
 
     def stop(self, *_: Any) -> None:
@@ -400,7 +403,9 @@ class Broker:
             return
         worker = self.workers.get(ident)
         if worker is None:
-            self.bad_message("workers", f"{msg.type} from a worker that never said ready")
+            # A worker we do not know (we restarted, or expired it): ask it to say ready.
+            self.back.send_multipart([ident, *protocol.pack(
+                protocol.REFUSED, reason="say ready first", code="hello")])
             return
         worker.last_seen = time.monotonic()
         handler = self.worker_handlers.get(msg.type)
@@ -460,7 +465,18 @@ class Broker:
             if worker.pid == exited.pid:
                 self.forget_worker(worker, f"worker {worker.name} died: {exited.reason}")
 
-    def forget_worker(self, worker: WorkerConn, reason: str) -> None:
+    def expire_workers(self, now: float) -> None:
+        """Drop workers silent past the liveness window (a hung process cannot beat);
+        a local one is killed so the supervisor starts a fresh one."""
+        for worker in list(self.workers.values()):
+            window = max(worker.heartbeat_s, self.heartbeat_s) * config.LIVENESS
+            if now - worker.last_seen > window:
+                reason = f"worker {worker.name} hung: silent for {now - worker.last_seen:.1f} s"
+                log.warning("%s", reason)
+                self.supervisor.kill(worker.pid)
+                self.forget_worker(worker, reason)
+
+    def forget_worker(self, worker: WorkerConn, reason: str, code: str = "crash") -> None:
         """Drop a worker; the tasks it held are reported lost to their clients."""
         self.workers.pop(worker.ident, None)
         try:
@@ -470,7 +486,7 @@ class Broker:
         for client_ident, task_id, _ in worker.assigned:
             self.counters.tasks_lost += 1
             if client_ident in self.clients:
-                self.send_lost(client_ident, [task_id], reason, worker.name)
+                self.send_lost(client_ident, [task_id], reason, worker.name, code=code)
         worker.assigned.clear()
 
     # ------------------------------------------------------------------ scheduling

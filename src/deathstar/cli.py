@@ -44,7 +44,9 @@ EXIT_INTERRUPTED = 130
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a Python function over a list of inputs on many machines at once.")
-err = Console(stderr=True)
+#: Piped output gets wide tables instead of rich's default 80 columns.
+_PIPE_WIDTH = 160
+err = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
 
 def _version(value: bool) -> None:
@@ -197,7 +199,7 @@ def status(
                           str(row.get("tasks_done")), str(row.get("tasks_lost")),
                           str(row.get("clients")), _fmt_uptime(row.get("uptime_s", 0)),
                           f"{row.get('load1', 0):.2f}", text)
-        Console().print(table)
+        Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH).print(table)
     if all(r["error"] for r in rows):
         raise typer.Exit(EXIT_NO_NODES)
 

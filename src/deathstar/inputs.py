@@ -53,25 +53,29 @@ def read_calls(path: str | Path) -> tuple[Iterator[Call], int]:
 
 
 def _count_lines(path: Path) -> int:
-    """Inputs in a JSONL file: its non-blank lines."""
+    """Inputs in a JSONL file (its non-blank lines), checking that each is JSON, so a bad
+    line stops the map before anything runs rather than half-way through."""
     count = 0
     with path.open("rb") as fh:
-        for line in fh:
+        for lineno, line in enumerate(fh, 1):
             if line.strip():
+                _parse_line(path, lineno, line)
                 count += 1
     return count
+
+
+def _parse_line(path: Path, lineno: int, line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise InputError(f"{path}, line {lineno}: not valid JSON ({exc})") from None
 
 
 def _jsonl_calls(path: Path) -> Iterator[Call]:
     with path.open("rb") as fh:
         for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except ValueError as exc:
-                raise InputError(f"{path}, line {lineno}: not valid JSON ({exc})") from None
-            yield to_call(value)
+            if line.strip():
+                yield to_call(_parse_line(path, lineno, line))
 
 
 def load_function(spec: str) -> Callable[..., Any]:
@@ -98,7 +102,8 @@ def load_function(spec: str) -> Callable[..., Any]:
         try:
             fn = getattr(fn, part)
         except AttributeError:
-            raise InputError(f"module {module_name!r} has no {attr!r}") from None
+            hint = "" if ":" in spec else " (give the function as MODULE:FUNCTION)"
+            raise InputError(f"module {module_name!r} has no {attr!r}{hint}") from None
     if not callable(fn):
         raise InputError(f"{spec!r} is a {type(fn).__name__}, not a function")
     return fn  # type: ignore[no-any-return]

@@ -13,9 +13,11 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections import OrderedDict, deque
+from types import TracebackType
 from typing import Any, Callable
 
 import cloudpickle
@@ -47,13 +49,41 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def format_user_traceback(exc: BaseException) -> str:
+    """The traceback the user needs: without this module's own frame, and with the real
+    file names of functions shipped by value (cloudpickle names their code
+    ``<dynamic-code>``; their globals still carry ``__file__``)."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    rendered = traceback.TracebackException(type(exc), exc, tb)
+    _restore_file_names(rendered, exc, tb)
+    return "".join(rendered.format())
+
+
+def _restore_file_names(rendered: traceback.TracebackException, exc: BaseException | None,
+                        tb: TracebackType | None, depth: int = 0) -> None:
+    frames = [frame for frame, _ in traceback.walk_tb(tb)]
+    for summary, frame in zip(rendered.stack, frames):
+        if summary.filename == "<dynamic-code>":
+            summary.filename = str(frame.f_globals.get("__file__", summary.filename))
+            if hasattr(summary, "_line"):
+                summary._line = None  # look the source line up again, by the real name
+    if exc is None or depth > 20:
+        return
+    for chained, cause in ((rendered.__cause__, exc.__cause__),
+                           (rendered.__context__, exc.__context__)):
+        if chained is not None and cause is not None:
+            _restore_file_names(chained, cause, cause.__traceback__, depth + 1)
+
+
 def _error_info(exc: BaseException) -> dict[str, Any]:
     """What travels back for an exception: plain fields, plus the exception pickled when
     it can be (so the client can re-raise the original type)."""
     info: dict[str, Any] = {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "traceback": format_user_traceback(exc),
     }
     try:
         info["pickled"] = cloudpickle.dumps(exc, protocol=5)
@@ -62,8 +92,18 @@ def _error_info(exc: BaseException) -> dict[str, Any]:
     return info
 
 
+class _Terminate(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT: say goodbye and exit."""
+
+
 class Worker:
-    """One worker process's state and loop. ``run`` blocks until told to stop."""
+    """One worker process's state and loop. ``run`` blocks until told to stop.
+
+    The main thread owns the socket and runs tasks. While user code runs, a pulse thread
+    sends the heartbeats instead: the daemon then sees a hung process (one whose thread
+    cannot get the GIL) go silent, but not a merely busy one. The two threads share the
+    socket under ``socket_lock``, which the main thread gives up only while a task runs.
+    """
 
     def __init__(self, connect: str, *, parent_pid: int | None = None,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S):
@@ -80,6 +120,8 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
         self.running = True
+        self.socket_lock = threading.Lock()
+        self.pulse_stop = threading.Event()
         self.handlers: dict[str, Callable[[Message], None]] = {
             protocol.TASK: self.on_task,
             protocol.BLOB: self.on_blob,
@@ -92,12 +134,14 @@ class Worker:
 
     def run(self) -> int:
         """Connect, handshake, then serve tasks until stopped. Returns an exit code."""
+        self.socket_lock.acquire()
+        previous = {sig: signal.signal(sig, self._terminate)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        pulse = threading.Thread(target=self._pulse, name="deathstar-pulse", daemon=True)
         self.sock.connect(self.connect)
-        self.send(protocol.pack(
-            protocol.READY, versions=protocol.local_versions(), hb=self.heartbeat_s,
-            worker=self.name, pid=os.getpid(),
-        ))
         try:
+            self.say_ready()
+            pulse.start()
             while self.running:
                 if self.parent_gone():
                     return EXIT_PARENT_GONE
@@ -107,8 +151,36 @@ class Worker:
                         return code
                 self.heartbeat()
             return EXIT_OK
+        except _Terminate:
+            self.send(protocol.pack(protocol.BYE))
+            return EXIT_OK
         finally:
+            self.pulse_stop.set()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.sock.close(linger=1000)
+
+    def say_ready(self) -> None:
+        self.send(protocol.pack(
+            protocol.READY, versions=protocol.local_versions(), hb=self.heartbeat_s,
+            worker=self.name, pid=os.getpid(),
+        ))
+
+    def _terminate(self, signum: int, frame: Any) -> None:
+        self.running = False
+        raise _Terminate()
+
+    def _pulse(self) -> None:
+        """Heartbeats while user code holds the main thread (see the class docstring)."""
+        while not self.pulse_stop.wait(self.heartbeat_s / 2):
+            if self.parent_gone():
+                os._exit(EXIT_PARENT_GONE)
+            if self.socket_lock.acquire(blocking=False):
+                try:
+                    if not self.pulse_stop.is_set():
+                        self.heartbeat()
+                finally:
+                    self.socket_lock.release()
 
     def handle(self, frames: list[Any]) -> int | None:
         """Dispatch one message from the daemon; bad messages are logged and dropped."""
@@ -116,6 +188,10 @@ class Worker:
             msg = protocol.decode(frames)
         except protocol.ProtocolError as exc:
             log.warning("dropped a message from the daemon: %s", exc)
+            return None
+        if msg.type == protocol.REFUSED and msg.env.get("code") == "hello":
+            log.info("the daemon does not know this worker (it restarted?): saying ready")
+            self.say_ready()
             return None
         if msg.type == protocol.REFUSED:
             log.error("daemon refused this worker: %s", msg.env["reason"])
@@ -204,6 +280,20 @@ class Worker:
         """Run every input of a task message and send one result message back."""
         fn, common = self.functions[msg.env["fn"]]
         self.functions.move_to_end(msg.env["fn"])
+        self.socket_lock.release()  # the pulse thread beats while user code runs
+        try:
+            values, oks, stamps = self.execute(fn, common, msg)
+        finally:
+            self.socket_lock.acquire()
+        payload = self._dump_results(values, oks)
+        self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
+                                ok=oks, ts=stamps))
+
+    @staticmethod
+    def execute(fn: Callable[..., Any], common: dict[str, Any], msg: Message
+                ) -> tuple[list[Any], list[bool], list[list[float]]]:
+        """Call ``fn`` on each input of the message: values (or error info), whether each
+        succeeded, and each one's start and end time."""
         values: list[Any] = []
         oks: list[bool] = []
         stamps: list[list[float]] = []
@@ -214,23 +304,20 @@ class Worker:
             info["message"] = f"the task's arguments could not be unpickled here: {exc}"
             now = time.time()
             n = msg.env["n"]
-            values, oks, stamps = [info] * n, [False] * n, [[now, now]] * n
-        else:
-            for args, kwargs in items:
-                start = time.time()
-                try:
-                    if kwargs:
-                        values.append(fn(*args, **{**common, **kwargs}))
-                    else:
-                        values.append(fn(*args, **common))
-                    oks.append(True)
-                except (Exception, SystemExit) as exc:
-                    values.append(_error_info(exc))
-                    oks.append(False)
-                stamps.append([start, time.time()])
-        payload = self._dump_results(values, oks)
-        self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
-                                ok=oks, ts=stamps))
+            return [info] * n, [False] * n, [[now, now]] * n
+        for args, kwargs in items:
+            start = time.time()
+            try:
+                if kwargs:
+                    values.append(fn(*args, **{**common, **kwargs}))
+                else:
+                    values.append(fn(*args, **common))
+                oks.append(True)
+            except (Exception, SystemExit) as exc:
+                values.append(_error_info(exc))
+                oks.append(False)
+            stamps.append([start, time.time()])
+        return values, oks, stamps
 
     @staticmethod
     def _dump_results(values: list[Any], oks: list[bool]) -> list[Any]:

@@ -20,9 +20,9 @@ def test_jsonl_shapes_become_calls(tmp_path: Path) -> None:
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text("1\n2\n{not json\n4\n")
-    calls, _ = read_calls(path)
+    # Checked when the file is opened, before any input is sent anywhere.
     with pytest.raises(InputError) as info:
-        list(calls)
+        read_calls(path)
     assert str(path) in str(info.value) and "line 3" in str(info.value)
 
 
