@@ -11,7 +11,7 @@ The public API::
 __version__ = "0.1.0"
 
 from deathstar.client import Cluster, MapResult, NoNodesError, map  # noqa: E402
-from deathstar.errors import RemoteError, TaskFailed, WorkerCrashed  # noqa: E402
+from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed  # noqa: E402
 from deathstar.report import TaskRecord, node_summary  # noqa: E402
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "RemoteError",
     "TaskFailed",
     "TaskRecord",
+    "TaskTimeout",
     "WorkerCrashed",
     "__version__",
     "map",

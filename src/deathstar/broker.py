@@ -50,6 +50,17 @@ class ClientConn:
 
 
 @dataclass
+class Assignment:
+    """A task message a worker holds: whose, its id, its inputs, and when it times out."""
+
+    client: bytes
+    id: int
+    n: int
+    deadline: float | None  # monotonic; None: no timeout
+    timeout_s: float | None
+
+
+@dataclass
 class WorkerConn:
     """A worker that said ready, and the task messages it holds (oldest first)."""
 
@@ -58,13 +69,15 @@ class WorkerConn:
     pid: int
     heartbeat_s: float
     last_seen: float
-    assigned: deque[tuple[bytes, int, int]] = field(default_factory=deque)  # client, id, n
+    assigned: deque[Assignment] = field(default_factory=deque)
 
 
 @dataclass
 class Counters:
     tasks_done: int = 0
     tasks_lost: int = 0
+    tasks_timed_out: int = 0
+    tasks_killed: int = 0  # running tasks of clients that cancelled or vanished
     bad_messages: int = 0
 
 
@@ -93,7 +106,9 @@ class Broker:
 
     def __init__(self, *, host: str = "0.0.0.0", port: int = config.DEFAULT_PORT,
                  workers: int | None = None, worker_port: int | None = None,
-                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, parent_pid: int | None = None):
+                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, parent_pid: int | None = None,
+                 max_tasks_per_worker: int | None = None,
+                 max_worker_memory: int | None = None):
         self.host = host
         self.port = port
         self.worker_port = worker_port
@@ -105,7 +120,9 @@ class Broker:
         self.ctx = zmq.Context.instance()
         self.ipc_dir = tempfile.mkdtemp(prefix="deathstar-")
         self.supervisor = Supervisor(os.cpu_count() or 1 if workers is None else workers,
-                                     f"ipc://{self.ipc_dir}/workers")
+                                     f"ipc://{self.ipc_dir}/workers",
+                                     max_tasks=max_tasks_per_worker,
+                                     max_memory=max_worker_memory, heartbeat_s=heartbeat_s)
         self.clients: dict[bytes, ClientConn] = {}
         self.workers: dict[bytes, WorkerConn] = {}
         self.idle: deque[bytes] = deque()
@@ -117,6 +134,7 @@ class Broker:
         self.stop_deadline = 0.0
         self.next_supervise = 0.0
         self.next_heartbeat = 0.0
+        self.last_housekeeping = time.monotonic()
         self.client_handlers: dict[str, Callable[[bytes, Message], None]] = {
             protocol.BLOB: self.on_blob,
             protocol.TASK: self.on_task,
@@ -219,11 +237,20 @@ class Broker:
             handler(frames)
 
     def housekeeping(self, now: float) -> None:
-        """Supervise processes, expire silent peers, send heartbeats: each on its clock."""
+        """Supervise processes, enforce timeouts, expire silent peers, send heartbeats:
+        each on its clock."""
+        if now - self.last_housekeeping > max(2 * self.heartbeat_s, 1.0):
+            # We were frozen (SIGSTOP, swap): our peers were not silent, we were deaf.
+            log.warning("this daemon stalled for %.1f s; not judging peers by it",
+                        now - self.last_housekeeping)
+            for peer in [*self.clients.values(), *self.workers.values()]:
+                peer.last_seen = now
+        self.last_housekeeping = now
         if now >= self.next_supervise:
             self.next_supervise = now + config.SUPERVISE_INTERVAL_S
             for exited in self.supervisor.poll(now):
                 self.on_process_exit(exited)
+            self.enforce_timeouts(now)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent process %d is gone; stopping", self.parent_pid)
                 self.stop()
@@ -336,10 +363,40 @@ class Broker:
             client.queue.append(msg)
 
     def on_cancel(self, ident: bytes, msg: Message) -> None:
+        """Drop the named task messages (all of the client's when ``ids`` is empty) from
+        the queue, and kill the workers running any of them."""
         client = self.clients[ident]
         ids = set(msg.env["ids"])
         client.queue = deque(m for m in client.queue if ids and m.env["id"] not in ids)
         self.unready(client)
+        self.kill_running(lambda a: a.client == ident and (not ids or a.id in ids),
+                          "its client cancelled it")
+
+    def kill_running(self, match: Callable[[Assignment], bool], why: str) -> None:
+        """Stop running task messages that ``match``: a local worker is killed (and
+        replaced); a hand-started one cannot be, so its result will be dropped."""
+        for worker in list(self.workers.values()):
+            if worker.assigned and match(worker.assigned[0]) and \
+                    self.supervisor.owns(worker.pid):
+                log.info("killing worker %s: %s", worker.name, why)
+                self.counters.tasks_killed += 1
+                self.supervisor.kill(worker.pid)
+                self.forget_worker(worker, f"worker {worker.name} killed: {why}")
+
+    def enforce_timeouts(self, now: float) -> None:
+        """Kill the workers whose task message ran past its deadline; the client is told
+        ``timeout``, and a fresh worker replaces a local one."""
+        for worker in list(self.workers.values()):
+            if not worker.assigned:
+                continue
+            job = worker.assigned[0]
+            if job.deadline is None or now < job.deadline:
+                continue
+            reason = f"input ran past its timeout of {job.timeout_s:g} s"
+            log.warning("worker %s: %s; killing it", worker.name, reason)
+            self.counters.tasks_timed_out += 1
+            self.supervisor.kill(worker.pid)
+            self.forget_worker(worker, reason, code="timeout")
 
     def return_queued(self, client: ClientConn, reason: str) -> None:
         """Hand a client's queued tasks back as lost, so it sends them elsewhere."""
@@ -355,9 +412,11 @@ class Broker:
             self.ready_clients.remove(client.ident)
 
     def send_lost(self, ident: bytes, ids: list[int], reason: str, worker: str,
-                  code: str = "crash") -> None:
+                  code: str = "crash", sig: int = 0) -> None:
+        """Tell a client its task messages will not be answered, and why (``code``:
+        crash, timeout, blob, stopping; ``sig`` the signal that killed the worker)."""
         self.send_client(ident, protocol.pack(protocol.LOST, ids=ids, reason=reason,
-                                              worker=worker, code=code))
+                                              worker=worker, code=code, sig=sig))
 
     def drop_client(self, ident: bytes) -> None:
         """Forget a client: its queued tasks and its cached blobs no other client uses."""
@@ -366,14 +425,15 @@ class Broker:
             return
         client.queue.clear()
         self.unready(client)
+        self.kill_running(lambda a: a.client == ident, "its client is gone")
         in_use = set().union(*(c.blobs for c in self.clients.values()))
         for h in client.blobs - in_use:
             self.blobs.pop(h, None)
 
     def expire_clients(self, now: float) -> None:
         for ident, client in list(self.clients.items()):
-            if now - client.last_seen > client.heartbeat_s * config.LIVENESS:
-                log.warning("client silent for %.1f s; dropping its queued work",
+            if now - client.last_seen > max(client.heartbeat_s, self.heartbeat_s) * config.LIVENESS:
+                log.warning("client silent for %.1f s; dropping its work",
                             now - client.last_seen)
                 self.drop_client(ident)
 
@@ -433,23 +493,23 @@ class Broker:
             node=self.node_name, workers=self.capacity())])
 
     def on_result(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
-        if not worker.assigned or worker.assigned[0][1] != msg.env["id"]:
+        if not worker.assigned or worker.assigned[0].id != msg.env["id"]:
             self.bad_message("workers", f"result for a task worker {worker.name} does not hold")
             return
-        client_ident, _, n = worker.assigned.popleft()
-        self.counters.tasks_done += n
+        job = worker.assigned.popleft()
+        self.counters.tasks_done += job.n
         if not worker.assigned:
             self.idle.append(worker.ident)
-        if client_ident in self.clients:
-            self.send_client(client_ident, frames)
+        if job.client in self.clients:
+            self.send_client(job.client, frames)
 
     def on_worker_lost(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
-        if worker.assigned and worker.assigned[0][1] in msg.env["ids"]:
-            client_ident, task_id, _ = worker.assigned.popleft()
+        if worker.assigned and worker.assigned[0].id in msg.env["ids"]:
+            job = worker.assigned.popleft()
             if not worker.assigned:
                 self.idle.append(worker.ident)
-            if client_ident in self.clients:
-                self.send_lost(client_ident, [task_id], msg.env["reason"], worker.name,
+            if job.client in self.clients:
+                self.send_lost(job.client, [job.id], msg.env["reason"], worker.name,
                                code="blob")
 
     def on_fetch(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
@@ -463,7 +523,8 @@ class Broker:
     def on_process_exit(self, exited: Exited) -> None:
         for worker in list(self.workers.values()):
             if worker.pid == exited.pid:
-                self.forget_worker(worker, f"worker {worker.name} died: {exited.reason}")
+                self.forget_worker(worker, f"worker {worker.name} died: {exited.reason}",
+                                   sig=max(0, -exited.returncode))
 
     def expire_workers(self, now: float) -> None:
         """Drop workers silent past the liveness window (a hung process cannot beat);
@@ -473,20 +534,22 @@ class Broker:
             if now - worker.last_seen > window:
                 reason = f"worker {worker.name} hung: silent for {now - worker.last_seen:.1f} s"
                 log.warning("%s", reason)
-                self.supervisor.kill(worker.pid)
+                if self.supervisor.owns(worker.pid):
+                    self.supervisor.kill(worker.pid)
                 self.forget_worker(worker, reason)
 
-    def forget_worker(self, worker: WorkerConn, reason: str, code: str = "crash") -> None:
+    def forget_worker(self, worker: WorkerConn, reason: str, code: str = "crash",
+                      sig: int = 0) -> None:
         """Drop a worker; the tasks it held are reported lost to their clients."""
         self.workers.pop(worker.ident, None)
         try:
             self.idle.remove(worker.ident)
         except ValueError:
             pass
-        for client_ident, task_id, _ in worker.assigned:
+        for job in worker.assigned:
             self.counters.tasks_lost += 1
-            if client_ident in self.clients:
-                self.send_lost(client_ident, [task_id], reason, worker.name, code=code)
+            if job.client in self.clients:
+                self.send_lost(job.client, [job.id], reason, worker.name, code=code, sig=sig)
         worker.assigned.clear()
 
     # ------------------------------------------------------------------ scheduling
@@ -505,7 +568,10 @@ class Broker:
             else:
                 self.ready_clients.popleft()
             worker = self.workers[self.idle.popleft()]
-            worker.assigned.append((client_ident, msg.env["id"], msg.env["n"]))
+            timeout = msg.env["timeout"]
+            deadline = None if not timeout else time.monotonic() + timeout * msg.env["n"]
+            worker.assigned.append(Assignment(client_ident, msg.env["id"], msg.env["n"],
+                                              deadline, timeout))
             self.back.send_multipart([worker.ident, msg.raw, *msg.payload], copy=False)
 
     # ------------------------------------------------------------------ status
@@ -526,7 +592,10 @@ class Broker:
             "clients": len(self.clients),
             "tasks_done": self.counters.tasks_done,
             "tasks_lost": self.counters.tasks_lost,
+            "tasks_timed_out": self.counters.tasks_timed_out,
+            "tasks_killed": self.counters.tasks_killed,
             "worker_restarts": self.supervisor.restarts,
+            "workers_recycled": self.supervisor.recycled,
             "bad_messages": self.counters.bad_messages,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "load1": load1,
@@ -554,12 +623,11 @@ class Broker:
         self.bad_log.warning("dropped a bad message on the %s port: %s", port, why)
 
 
-def run_daemon(*, host: str, port: int, workers: int | None, worker_port: int | None,
-               heartbeat_s: float, parent_pid: int | None = None,
-               on_ready: Callable[[dict[str, int]], None] | None = None) -> None:
-    """Bind, report the ports through ``on_ready``, serve until SIGTERM/SIGINT drains."""
-    broker = Broker(host=host, port=port, workers=workers, worker_port=worker_port,
-                    heartbeat_s=heartbeat_s, parent_pid=parent_pid)
+def run_daemon(*, on_ready: Callable[[dict[str, int]], None] | None = None,
+               **options: Any) -> None:
+    """Bind, report the ports through ``on_ready``, serve until SIGTERM/SIGINT drains.
+    ``options`` are ``Broker``'s."""
+    broker = Broker(**options)
     ports = broker.bind()
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)

@@ -10,10 +10,10 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
 import os
-import pickle
 import socket
 import sys
 import time
@@ -32,7 +32,8 @@ from deathstar.client import Cluster, NoNodesError, ordered, query_status
 from deathstar.errors import TaskFailed
 from deathstar.inputs import InputError, load_function, parse_kwargs, read_calls
 from deathstar.nodes import ClusterSpecError
-from deathstar.report import NodeSummary, TaskRecord, node_summary, write_report
+from deathstar.output import OutputError, ResultWriter, read_previous
+from deathstar.report import NodeSummary, ReportWriter, Tally, TaskRecord
 from deathstar.serialize import SerializationError
 
 EXIT_OK = 0
@@ -87,6 +88,22 @@ def _is_loopback(host: str) -> bool:
             return False
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'2G', '500M', '1.5g', '4096' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(t[:-1] if unit else t) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size like 2G or 500M") from None
+    if value <= 0:
+        raise ValueError(f"{text!r}: must be more than 0")
+    return int(value)
+
+
 @app.command()
 def daemon(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
@@ -101,6 +118,11 @@ def daemon(
     insecure: Annotated[bool, typer.Option(
         help="Listen beyond loopback with no authentication: anyone who can reach the "
              "ports can run code as this user.")] = False,
+    max_tasks_per_worker: Annotated[Optional[int], typer.Option(
+        help="Replace a worker after it has run this many inputs.")] = None,
+    max_worker_memory: Annotated[Optional[str], typer.Option(
+        help="Replace a worker, between tasks, once it holds this much memory "
+             "(e.g. 2G, 500M).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     parent_pid: Annotated[Optional[int], typer.Option(hidden=True)] = None,
     ready_json: Annotated[bool, typer.Option(hidden=True)] = False,
@@ -113,6 +135,14 @@ def daemon(
     _setup_logging("daemon", log_level)
     if workers is not None and workers < 0:
         raise _fail("--workers must be 0 or more", EXIT_USAGE)
+    if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
+        raise _fail("--max-tasks-per-worker must be 1 or more", EXIT_USAGE)
+    if heartbeat <= 0:
+        raise _fail("--heartbeat must be more than 0 seconds", EXIT_USAGE)
+    try:
+        memory = None if max_worker_memory is None else parse_size(max_worker_memory)
+    except ValueError as exc:
+        raise _fail(f"--max-worker-memory: {exc}", EXIT_USAGE) from None
     if not _is_loopback(host) and not insecure:
         raise _fail(
             f"refusing to listen on {host} without authentication: anyone who can reach "
@@ -132,7 +162,8 @@ def daemon(
 
     try:
         run_daemon(host=host, port=port, workers=workers, worker_port=worker_port,
-                   heartbeat_s=heartbeat, parent_pid=parent_pid, on_ready=on_ready)
+                   heartbeat_s=heartbeat, parent_pid=parent_pid, on_ready=on_ready,
+                   max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=memory)
     except OSError as exc:  # zmq.ZMQError is an OSError: port in use, bad address
         raise _fail(f"cannot listen on {host}:{port}: {exc}", EXIT_USAGE) from None
 
@@ -182,12 +213,12 @@ def status(
     else:
         table = Table(title="deathstar nodes")
         for col in ("node", "host", "workers", "idle", "busy", "queued", "done", "lost",
-                    "clients", "uptime", "load", "versions"):
+                    "restarts", "clients", "uptime", "load", "versions"):
             table.add_column(col, justify="right" if col not in ("node", "host", "versions")
                              else "left")
         for row in rows:
             if row["error"]:
-                table.add_row(row["node"], f"[red]{row['error']}[/]", *[""] * 10)
+                table.add_row(row["node"], f"[red]{row['error']}[/]", *[""] * 11)
                 continue
             v = row.get("versions", {})
             text = f"deathstar {v.get('deathstar')}, py {v.get('python')}, " \
@@ -197,7 +228,7 @@ def status(
             table.add_row(row["node"], str(row.get("hostname")), str(row.get("workers")),
                           str(row.get("idle")), str(row.get("busy")), str(row.get("queued")),
                           str(row.get("tasks_done")), str(row.get("tasks_lost")),
-                          str(row.get("clients")), _fmt_uptime(row.get("uptime_s", 0)),
+                          str(row.get("worker_restarts")), str(row.get("clients")), _fmt_uptime(row.get("uptime_s", 0)),
                           f"{row.get('load1', 0):.2f}", text)
         Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH).print(table)
     if all(r["error"] for r in rows):
@@ -205,52 +236,6 @@ def status(
 
 
 # ---------------------------------------------------------------------- map
-
-
-class _Output:
-    """Where results go: JSONL lines in input order to stdout or a file, or a pickle."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.pickled = path is not None and path.suffix.lower() in (".pkl", ".pickle")
-        self.values: list[Any] = []
-        self.fh = sys.stdout if path is None else (None if self.pickled else path.open("w"))
-
-    def write(self, index: int, ok: bool, value: Any, record: TaskRecord) -> None:
-        if self.pickled:
-            self.values.append(value)
-            return
-        if ok:
-            line = {"index": index, "result": value}
-        else:
-            line = {"index": index, "error": {"type": getattr(value, "type_name",
-                                                                type(value).__name__),
-                                              "message": getattr(value, "message", str(value)),
-                                              "node": record.node, "worker": record.worker,
-                                              "attempts": record.attempts}}
-        try:
-            text = json.dumps(line, default=_json_default)
-        except (TypeError, ValueError) as exc:
-            raise InputError(
-                f"the result of input {index} ({type(value).__name__}) cannot be written as "
-                f"JSON ({exc}); write a pickle instead: --out results.pkl") from None
-        assert self.fh is not None
-        self.fh.write(text + "\n")
-
-    def close(self) -> None:
-        if self.pickled and self.path is not None:
-            with self.path.open("wb") as fh:
-                pickle.dump(self.values, fh, protocol=5)
-        elif self.fh is not None and self.fh is not sys.stdout:
-            self.fh.close()
-        elif self.fh is sys.stdout:
-            sys.stdout.flush()
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):  # numpy scalars and arrays
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 class _Display:
@@ -329,10 +314,18 @@ def map_command(
     cluster: Annotated[Optional[str], typer.Option(
         help="Nodes: a,b:7000 or @nodes.txt [default: $DEATHSTAR_CLUSTER, else an "
              "embedded local cluster].")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Results: .jsonl (default: stdout) "
-                                                "or .pkl.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results: .jsonl (default: stdout), "
+                                                "written as they arrive, or .pkl.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write the execution report "
                                                    "(.json or .csv).")] = None,
+    resume: Annotated[bool, typer.Option(help="Run only the inputs missing from --out "
+                                         "(a .jsonl an interrupted run left).")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="With --resume, also re-run the inputs "
+                                               "that failed.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(
+        help="Seconds an input may run; past it its worker is killed and it fails.")] = None,
+    max_attempts: Annotated[int, typer.Option(
+        help="Runs an input gets when its worker dies under it.")] = config.MAX_ATTEMPTS,
     chunksize: Annotated[Optional[int], typer.Option(help="Inputs per message "
                                                      "[default: adaptive].")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Workers of the embedded local "
@@ -348,13 +341,13 @@ def map_command(
         fn = load_function(function)
         common = parse_kwargs(kwargs)
         calls, total = read_calls(args)
-        if chunksize is not None and chunksize < 1:
-            raise InputError("--chunksize must be at least 1")
-        if out is not None and out.suffix.lower() not in (".jsonl", ".json", ".pkl", ".pickle"):
-            raise InputError(f"--out {out}: use a .jsonl or a .pkl file")
-        if report is not None and report.suffix.lower() not in (".json", ".csv"):
-            raise InputError(f"--report {report}: use a .json or a .csv file")
-    except InputError as exc:
+        _check_map_options(out, report, resume, retry_failed, timeout, max_attempts,
+                           chunksize)
+        skip: set[int] = set()
+        if resume and out is not None:
+            previous = read_previous(out, retry_failed)
+            skip = previous.succeeded | previous.failed
+    except (InputError, OutputError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     try:
         cl = Cluster(cluster, connect_timeout=connect_timeout, workers=workers)
@@ -364,55 +357,115 @@ def map_command(
         raise _fail(str(exc), EXIT_NO_NODES) from None
     for problem in cl.unreachable:
         err.print(f"[yellow]warning:[/] going on without {problem}", highlight=False)
-    code = _run_map(cl, fn, common, calls, total, out, report, chunksize, quiet)
-    raise typer.Exit(code)
+    if skip:
+        err.print(f"resuming: {len(skip)} input(s) already in {out}", highlight=False)
+    run = _MapRun(cl, ResultWriter(out, append=resume),
+                  ReportWriter(report) if report is not None else None,
+                  _Display(cl, total - len(skip), enabled=not quiet), quiet)
+    options = dict(chunksize=chunksize, timeout=timeout, max_attempts=max_attempts)
+    raise typer.Exit(run.run(fn, common, calls, skip, total - len(skip), options))
 
 
-def _run_map(cl: Cluster, fn: Any, common: dict[str, Any], calls: Iterator[Any],
-             total: int, out: Path | None, report_path: Path | None,
-             chunksize: int | None, quiet: bool) -> int:
-    started = time.monotonic()
-    records: list[TaskRecord] = []
-    failed: list[TaskFailed] = []
-    output = _Output(out)
-    display = _Display(cl, total, enabled=not quiet)
-    code = EXIT_OK
-    try:
-        stream = cl.outcomes(fn, calls, chunksize=chunksize, total=total, **common)
-        for index, ok, value, record in ordered(stream):
-            output.write(index, ok, value, record)
-            records.append(record)
-            if not ok:
-                failed.append(value)
-            display.update(ok)
-    except (InputError, SerializationError) as exc:
-        code = EXIT_BAD_INPUT
-        display.close()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    except NoNodesError as exc:
-        code = EXIT_NO_NODES
-        display.close()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
-        display.close()
-        err.print("interrupted: the inputs not yet run were cancelled")
-    finally:
-        display.close()
-        output.close()
-        cl.close()
-    if report_path is not None:
-        write_report(records, report_path)
-    if not quiet:
-        if records:
-            err.print(summary_table(node_summary(records), time.monotonic() - started))
-        for exc in failed[:3]:
+def _check_map_options(out: Path | None, report: Path | None, resume: bool,
+                       retry_failed: bool, timeout: float | None, max_attempts: int,
+                       chunksize: int | None) -> None:
+    if chunksize is not None and chunksize < 1:
+        raise InputError("--chunksize must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise InputError("--timeout must be more than 0 seconds")
+    if max_attempts < 1:
+        raise InputError("--max-attempts must be at least 1")
+    if out is not None and out.suffix.lower() not in (".jsonl", ".json", ".pkl", ".pickle"):
+        raise InputError(f"--out {out}: use a .jsonl or a .pkl file")
+    if report is not None and report.suffix.lower() not in (".json", ".csv"):
+        raise InputError(f"--report {report}: use a .json or a .csv file")
+    if (resume or retry_failed) and out is None:
+        raise InputError("--resume and --retry-failed need the --out file of the earlier run")
+    if retry_failed and not resume:
+        raise InputError("--retry-failed goes with --resume")
+
+
+class _MapRun:
+    """One ``deathstar map``: streams outcomes in input order to the output, the report,
+    the display and the node tally; returns the exit code."""
+
+    def __init__(self, cluster: Cluster, output: ResultWriter, report: ReportWriter | None,
+                 display: _Display, quiet: bool):
+        self.cluster = cluster
+        self.output = output
+        self.report = report
+        self.display = display
+        self.quiet = quiet
+        self.tally = Tally()
+        self.failed: list[TaskFailed] = []
+        self.failed_count = 0
+
+    def run(self, fn: Any, common: dict[str, Any], calls: Iterator[Any], skip: set[int],
+            total: int, options: dict[str, Any]) -> int:
+        started = time.monotonic()
+        kept: list[int] = []  # with --resume: the original index of each input sent
+
+        def remaining() -> Iterator[Any]:
+            for index, call in enumerate(calls):
+                if index not in skip:
+                    kept.append(index)
+                    yield call
+
+        code = EXIT_OK
+        try:
+            if skip:
+                stream = self.cluster.outcomes(fn, remaining(),
+                                               indices=(kept[i] for i in itertools.count()),
+                                               total=total, **options, **common)
+            else:
+                stream = self.cluster.outcomes(fn, calls, total=total, **options, **common)
+            for index, ok, value, record in ordered(stream, kept if skip else None):
+                self.deliver(index, ok, value, record)
+        except (InputError, SerializationError, OutputError) as exc:
+            code = self.stop(EXIT_BAD_INPUT, f"[bold red]error:[/] {exc}")
+        except NoNodesError as exc:
+            code = self.stop(EXIT_NO_NODES, f"[bold red]error:[/] {exc}")
+        except KeyboardInterrupt:
+            code = self.stop(EXIT_INTERRUPTED, "interrupted: queued inputs were cancelled and "
+                             "running ones stopped; finished results are in the output")
+        finally:
+            self.display.close()
+            self.output.close()
+            if self.report is not None:
+                self.report.close()
+            self.cluster.close()
+        self.print_summary(time.monotonic() - started)
+        if code == EXIT_OK and self.failed_count:
+            code = EXIT_TASKS_FAILED
+        return code
+
+    def deliver(self, index: int, ok: bool, value: Any, record: TaskRecord) -> None:
+        self.output.write(index, ok, value, record)
+        if self.report is not None:
+            self.report.add(record)
+        self.tally.add(record)
+        if not ok:
+            self.failed_count += 1
+            if len(self.failed) < 3:
+                self.failed.append(value)
+        self.display.update(ok)
+
+    def stop(self, code: int, message: str) -> int:
+        self.display.close()
+        err.print(message, highlight=False)
+        return code
+
+    def print_summary(self, wall_s: float) -> None:
+        if self.quiet:
+            return
+        rows = self.tally.summary()
+        if rows:
+            err.print(summary_table(rows, wall_s))
+        for exc in self.failed:
             err.print(f"[red]input {exc.index} failed:[/] {exc}", highlight=False)
-        if len(failed) > 3:
-            err.print(f"[red]... and {len(failed) - 3} more failed inputs[/]")
-    if code == EXIT_OK and failed:
-        code = EXIT_TASKS_FAILED
-    return code
+        if self.failed_count > len(self.failed):
+            err.print(f"[red]... and {self.failed_count - len(self.failed)} more failed "
+                      "inputs[/]", highlight=False)
 
 
 def main() -> None:

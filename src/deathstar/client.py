@@ -116,8 +116,10 @@ class Cluster:
     # ------------------------------------------------------------------ maps
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *,
-            chunksize: int | None = None, on_error: OnError = "raise",
-            progress: ProgressFn | None = None, **common: Any) -> MapResult:
+            chunksize: int | None = None, timeout: float | None = None,
+            max_attempts: int = config.MAX_ATTEMPTS, timeout_retries: int = 0,
+            on_error: OnError = "raise", progress: ProgressFn | None = None,
+            **common: Any) -> MapResult:
         """Run ``fn(item, **common)`` for every item; block until all are done.
 
         Returns the results in input order with the execution report. An input whose
@@ -125,32 +127,44 @@ class Cluster:
         first one (by input order) is raised once the whole map has finished, carrying
         the complete ``MapResult`` as ``.result``; with ``on_error="return"`` errors
         stand in place of results.
+
+        ``chunksize``: inputs per message (default adaptive). ``timeout``: seconds an
+        input may run before its worker is killed and it fails with ``TaskTimeout``
+        (retried ``timeout_retries`` times). ``max_attempts``: runs an input gets when its
+        worker dies under it before it fails with ``WorkerCrashed``. ``progress(done,
+        total)`` is called in this thread as results arrive.
         """
         return self.starmap(fn, ((item,) for item in items), chunksize=chunksize,
-                            on_error=on_error, progress=progress,
-                            total=_length(items), **common)
+                            timeout=timeout, max_attempts=max_attempts,
+                            timeout_retries=timeout_retries, on_error=on_error,
+                            progress=progress, total=_length(items), **common)
 
     def starmap(self, fn: Callable[..., Any], arg_tuples: Iterable[tuple[Any, ...]], *,
-                chunksize: int | None = None, on_error: OnError = "raise",
-                progress: ProgressFn | None = None, total: int | None = None,
-                **common: Any) -> MapResult:
+                chunksize: int | None = None, timeout: float | None = None,
+                max_attempts: int = config.MAX_ATTEMPTS, timeout_retries: int = 0,
+                on_error: OnError = "raise", progress: ProgressFn | None = None,
+                total: int | None = None, **common: Any) -> MapResult:
         """Like ``map`` but each item is a tuple of positional arguments."""
         calls = ((args, None) for args in arg_tuples)
-        return self.map_calls(fn, calls, chunksize=chunksize, on_error=on_error,
-                              progress=progress, total=total, **common)
+        return self.map_calls(fn, calls, chunksize=chunksize, timeout=timeout,
+                              max_attempts=max_attempts, timeout_retries=timeout_retries,
+                              on_error=on_error, progress=progress, total=total, **common)
 
     def map_calls(self, fn: Callable[..., Any],
                   calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
-                  chunksize: int | None = None, on_error: OnError = "raise",
-                  progress: ProgressFn | None = None, total: int | None = None,
-                  **common: Any) -> MapResult:
+                  chunksize: int | None = None, timeout: float | None = None,
+                  max_attempts: int = config.MAX_ATTEMPTS, timeout_retries: int = 0,
+                  on_error: OnError = "raise", progress: ProgressFn | None = None,
+                  total: int | None = None, **common: Any) -> MapResult:
         """The general map: each call is ``(args, kwargs)``; ``fn(*args, **common,
         **kwargs)`` runs for each (a call's own keywords win over common ones)."""
         _check_on_error(on_error)
         values: list[Any] = []
         records: list[TaskRecord | None] = []
-        for index, ok, value, record in self._outcomes(fn, calls, chunksize, total, progress,
-                                                      **common):
+        stream = self.outcomes(fn, calls, chunksize=chunksize, timeout=timeout,
+                               max_attempts=max_attempts, timeout_retries=timeout_retries,
+                               total=total, progress=progress, **common)
+        for index, ok, value, record in stream:
             if index >= len(values):
                 grow = index + 1 - len(values)
                 values.extend([None] * grow)
@@ -166,51 +180,61 @@ class Cluster:
         return result
 
     def imap(self, fn: Callable[..., Any], items: Iterable[Any], *,
-             chunksize: int | None = None, on_error: OnError = "raise",
-             **common: Any) -> Iterator[Any]:
+             on_error: OnError = "raise", **options_and_common: Any) -> Iterator[Any]:
         """Yield ``fn(item, **common)`` in input order as results arrive (inputs are read
         lazily, results held back only until their predecessors are in). With
-        ``on_error="raise"`` a failed input raises when its turn comes."""
+        ``on_error="raise"`` a failed input raises when its turn comes. Takes ``map``'s
+        options. Closing the iterator early cancels the inputs not yet run."""
         _check_on_error(on_error)
         calls = (((item,), None) for item in items)
-        stream = self._outcomes(fn, calls, chunksize, _length(items), None, **common)
+        stream = self.outcomes(fn, calls, total=_length(items), **options_and_common)
         for _, ok, value, _ in ordered(stream):
             yield _deliver(ok, value, on_error)
 
     def imap_unordered(self, fn: Callable[..., Any], items: Iterable[Any], *,
-                       chunksize: int | None = None, on_error: OnError = "raise",
-                       **common: Any) -> Iterator[Any]:
-        """Yield ``fn(item, **common)`` as each finishes, in completion order."""
+                       on_error: OnError = "raise", **options_and_common: Any
+                       ) -> Iterator[Any]:
+        """Yield ``fn(item, **common)`` as each finishes, in completion order. Takes
+        ``map``'s options."""
         _check_on_error(on_error)
         calls = (((item,), None) for item in items)
-        for _, ok, value, _ in self._outcomes(fn, calls, chunksize, _length(items), None,
-                                              **common):
+        for _, ok, value, _ in self.outcomes(fn, calls, total=_length(items),
+                                             **options_and_common):
             yield _deliver(ok, value, on_error)
 
     def outcomes(self, fn: Callable[..., Any],
                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
-                 chunksize: int | None = None, total: int | None = None,
-                 **common: Any) -> Iterator[Outcome]:
+                 chunksize: int | None = None, timeout: float | None = None,
+                 max_attempts: int = config.MAX_ATTEMPTS, timeout_retries: int = 0,
+                 total: int | None = None, progress: ProgressFn | None = None,
+                 indices: Iterable[int] | None = None, **common: Any) -> Iterator[Outcome]:
         """The raw stream: ``(index, ok, value_or_exception, record)`` per input, in
         completion order, each input exactly once. Closing the iterator early cancels
-        the inputs not yet run."""
-        return self._outcomes(fn, calls, chunksize, total, None, **common)
+        the inputs not yet run (queued ones are dropped, running ones killed).
+        ``indices``: the index each call is known by (default 0, 1, 2, ...).
 
-    def _outcomes(self, fn: Callable[..., Any],
-                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]],
-                  chunksize: int | None, total: int | None, progress: ProgressFn | None,
-                  **common: Any) -> Iterator[Outcome]:
+        Raises ``SerializationError`` (before anything is sent) when the function or a
+        common argument cannot be pickled, ``NoNodesError`` when no node is left."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be at least 1")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be more than 0 seconds")
+        if max_attempts < 1 or timeout_retries < 0:
+            raise ValueError("max_attempts must be at least 1 and timeout_retries at least 0")
         serialize.ship_local_modules()
         blob = serialize.dumps_function(fn, common)
+        # calls before indices: an index may be known only once its call has been read
+        numbered = zip(calls, itertools.count() if indices is None else indices)
         job = Job(next(self._job_ids), serialize.content_hash(blob), blob,
-                  ((i, args, kwargs) for i, (args, kwargs) in enumerate(calls)),
-                  total, chunksize, config.MAX_ATTEMPTS)
+                  ((i, args, kwargs) for (args, kwargs), i in numbered),
+                  total, chunksize, max_attempts, timeout, timeout_retries)
         if self.engine.crashed is not None or not self.engine.is_alive():
             raise RuntimeError("this Cluster is closed")
+        return self._stream(job, progress)
+
+    def _stream(self, job: Job, progress: ProgressFn | None) -> Iterator[Outcome]:
         self.engine.submit(job)
         done = 0
         finished = False
@@ -225,7 +249,7 @@ class Cluster:
                     raise item
                 done += len(item)
                 if progress is not None:
-                    progress(done, total)
+                    progress(done, job.total)
                 yield from item
         finally:
             if not finished:
@@ -233,31 +257,38 @@ class Cluster:
 
 
 def map(fn: Callable[..., Any], items: Iterable[Any], *,
-        cluster: str | Sequence[str] | None = None, chunksize: int | None = None,
-        on_error: OnError = "raise", connect_timeout: float = config.CONNECT_TIMEOUT_S,
-        progress: ProgressFn | None = None, **common: Any) -> MapResult:
+        cluster: str | Sequence[str] | None = None,
+        connect_timeout: float = config.CONNECT_TIMEOUT_S, **options_and_common: Any
+        ) -> MapResult:
     """Run ``fn(item, **common)`` for every item on ``cluster`` and return the results in
     input order, with ``.report`` (one record per input) and ``.errors``.
 
     ``cluster``: node names, ``"a,b:7000"``, ``"@nodes.txt"``; None means
     ``DEATHSTAR_CLUSTER`` or else an embedded local daemon started for this call.
-    Blocks until every input has a result. See ``Cluster.map`` for ``on_error``.
+    Blocks until every input has a result. Takes ``Cluster.map``'s options (chunksize,
+    timeout, max_attempts, timeout_retries, on_error, progress); every other keyword is
+    a common argument of ``fn``.
     """
     with Cluster(cluster, connect_timeout=connect_timeout) as c:
-        return c.map(fn, items, chunksize=chunksize, on_error=on_error, progress=progress,
-                     **common)
+        return c.map(fn, items, **options_and_common)
 
 
-def ordered(outcomes: Iterable[Outcome]) -> Iterator[Outcome]:
-    """Put a completion-order stream of outcomes (indices 0, 1, 2, ... each once) back
-    into input order, holding an outcome only until its predecessors have arrived."""
+def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
+            ) -> Iterator[Outcome]:
+    """Put a completion-order stream of outcomes back into input order, holding an outcome
+    only until its predecessors have arrived. The indices are 0, 1, 2, ... or, when given,
+    ``order`` (which may grow while this runs, as inputs are read)."""
     pending: dict[int, Outcome] = {}
-    next_index = 0
+    position = 0
     for outcome in outcomes:
         pending[outcome[0]] = outcome
-        while next_index in pending:
-            yield pending.pop(next_index)
-            next_index += 1
+        while True:
+            expected = position if order is None else (
+                order[position] if position < len(order) else None)
+            if expected is None or expected not in pending:
+                break
+            yield pending.pop(expected)
+            position += 1
 
 
 def query_status(nodes: str | Sequence[str], timeout: float = config.CONNECT_TIMEOUT_S

@@ -41,6 +41,11 @@ CONNECT_TIMEOUT_S = _env_float("CONNECT_TIMEOUT", 5.0)
 #: fails with WorkerCrashed.
 MAX_ATTEMPTS = _env_int("MAX_ATTEMPTS", 3)
 
+#: Times a task may be re-sent because its node was lost (silent, restarted, stopping)
+#: before the input fails: a lost node is not the task's fault, so this budget is apart
+#: from MAX_ATTEMPTS, but it is bounded so a task that takes its node down cannot loop.
+MAX_NODE_LOSSES = _env_int("MAX_NODE_LOSSES", 10)
+
 #: Messages a client keeps in flight per node beyond its worker count, so that a worker
 #: finds its next task already queued at its broker when it finishes one.
 PREFETCH_PER_NODE = _env_int("PREFETCH", 2)

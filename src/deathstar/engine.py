@@ -26,10 +26,10 @@ import cloudpickle
 import zmq
 
 from deathstar import config, protocol, serialize
-from deathstar.errors import RemoteError, TaskFailed, WorkerCrashed
+from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
-from deathstar.report import CRASHED, ERROR, OK, TaskRecord
+from deathstar.report import CRASHED, ERROR, OK, TIMEOUT, TaskRecord
 
 log = logging.getLogger("deathstar.client")
 
@@ -61,8 +61,10 @@ class Task:
     job: Job
     indices: list[int]
     payload: list[Any]
-    attempts: int = 1  # the attempt this send is
+    attempts: int = 1  # the attempt this send is (worker crashes and timeouts count)
     last_reason: str = ""
+    node_losses: int = 0  # re-sends because a node was lost (a budget of its own)
+    avoid: str = ""  # the node where it last failed: another is preferred
 
 
 @dataclass(eq=False)
@@ -76,6 +78,8 @@ class Job:
     total: int | None
     chunksize: int | None
     max_attempts: int
+    timeout_s: float | None = None
+    timeout_retries: int = 0
     out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     retry: deque[Task] = field(default_factory=deque)
     exhausted: bool = False
@@ -93,7 +97,7 @@ class Job:
         together."""
         if self.chunksize:
             return self.chunksize
-        if self.per_item_s is None:
+        if self.timeout_s or self.per_item_s is None:  # a timeout is per input: one each
             return 1
         size = int(config.BATCH_TARGET_S / max(self.per_item_s, 1e-7))
         if self.total is not None:
@@ -158,6 +162,7 @@ class Engine(threading.Thread):
         self.rates: dict[str, tuple[float, int, float]] = {}
         self.next_snapshot = 0.0
         self.poller_stale = True
+        self.last_housekeeping = time.monotonic()
         self.handlers: dict[str, Callable[[Node, Message], None]] = {
             protocol.WELCOME: self.on_welcome,
             protocol.REFUSED: self.on_refused,
@@ -446,7 +451,12 @@ class Engine(threading.Thread):
                            worker=worker, exception=exception)
 
     def on_lost(self, node: Node, msg: Message) -> None:
+        """The node will not answer these tasks. ``code`` says why: ``blob`` (send the
+        function again), ``stopping`` (the node is draining: no one's fault), ``timeout``
+        (the input ran too long), else ``crash`` (the worker died: costs an attempt)."""
         code = msg.env.get("code")
+        sig = msg.env.get("sig")
+        worker = msg.env["worker"]
         for send_id in msg.env["ids"]:
             task = node.inflight.pop(send_id, None) if isinstance(send_id, int) else None
             if task is None:
@@ -456,21 +466,63 @@ class Engine(threading.Thread):
                 node.blobs_sent.discard(task.job.fn_hash)
                 self.requeue(task, charge=False)
             elif code == "stopping":
+                task.avoid = node.name
                 self.requeue(task, charge=False)
+            elif code == "timeout":
+                self.timed_out(task, node.name, worker)
             else:
                 task.last_reason = f"{msg.env['reason']} (node {node.name})"
-                self.requeue(task, charge=True, node=node.name, worker=msg.env["worker"])
+                task.avoid = node.name
+                self.requeue(task, charge=True, node=node.name, worker=worker,
+                             sig=sig if isinstance(sig, int) else 0)
 
     # ------------------------------------------------------------------ retries
 
     def requeue_inflight(self, node: Node) -> None:
-        """A node was lost: its tasks go to other nodes at no cost to their attempts."""
+        """A node was lost: its tasks go to other nodes, charged to their node-loss
+        budget, not to their attempts."""
         for task in node.inflight.values():
             task.job.outstanding -= 1
-            self.requeue(task, charge=False)
+            task.node_losses += 1
+            task.avoid = node.name
+            if task.node_losses > config.MAX_NODE_LOSSES:
+                task.last_reason = f"node {node.name} lost ({node.error or 'silent'})"
+                self.fail_task(task, node.name, "", lambda i: WorkerCrashed(
+                    f"its node was lost {task.node_losses} times; last: {task.last_reason}",
+                    task.attempts, index=i, node=node.name), CRASHED)
+            else:
+                self.requeue(task, charge=False)
         node.inflight.clear()
 
-    def requeue(self, task: Task, *, charge: bool, node: str = "", worker: str = "") -> None:
+    def timed_out(self, task: Task, node: str, worker: str) -> None:
+        """The daemon killed the worker running ``task`` at its timeout: the input fails
+        with TaskTimeout, unless the user allowed retries of timeouts."""
+        job = task.job
+        timeout = job.timeout_s or 0.0
+        if task.attempts <= job.timeout_retries:
+            task.avoid = node
+            job.retry.append(Task(job, task.indices, task.payload, task.attempts + 1,
+                                  f"timed out on {node}", task.node_losses, node))
+            return
+        self.fail_task(task, node, worker, lambda i: TaskTimeout(
+            timeout, task.attempts, index=i, node=node, worker=worker), TIMEOUT)
+
+    def fail_task(self, task: Task, node: str, worker: str,
+                  make_error: Callable[[int], TaskFailed], outcome: str) -> None:
+        """Deliver every input of ``task`` as failed with ``make_error(index)``."""
+        if task.job.cancelled:
+            return
+        now = time.time()
+        outcomes: list[Outcome] = []
+        for index in task.indices:
+            error = make_error(index)
+            record = TaskRecord(index, node, worker, now, now, task.attempts, outcome,
+                                str(error))
+            outcomes.append((index, False, error, record))
+        task.job.out.put(outcomes)
+
+    def requeue(self, task: Task, *, charge: bool, node: str = "", worker: str = "",
+                sig: int = 0) -> None:
         """Send a task again. A worker crash costs an attempt; a crashed batch is split so
         an input that kills its worker is isolated. Out of attempts: WorkerCrashed."""
         job = task.job
@@ -480,24 +532,18 @@ class Engine(threading.Thread):
             job.retry.append(task)
             return
         if task.attempts >= job.max_attempts:
-            outcomes: list[Outcome] = []
-            for index in task.indices:
-                error = WorkerCrashed(task.last_reason, task.attempts, index=index, node=node,
-                                      worker=worker)
-                now = time.time()
-                record = TaskRecord(index, node, worker, now, now, task.attempts, CRASHED,
-                                    task.last_reason)
-                outcomes.append((index, False, error, record))
-            job.out.put(outcomes)
+            self.fail_task(task, node, worker, lambda i: WorkerCrashed(
+                task.last_reason, task.attempts, signal=sig, index=i, node=node,
+                worker=worker), CRASHED)
             return
         if len(task.indices) == 1:
             job.retry.append(Task(job, task.indices, task.payload, task.attempts + 1,
-                                  task.last_reason))
+                                  task.last_reason, task.node_losses, task.avoid))
             return
         items = serialize.loads(task.payload)
         for index, item in zip(task.indices, items):
             job.retry.append(Task(job, [index], serialize.dumps([item]), task.attempts + 1,
-                                  task.last_reason))
+                                  task.last_reason, task.node_losses, task.avoid))
 
     def cancel_job(self, job: Job) -> None:
         """Stop a job: what is queued at the nodes is dropped there; then FINISHED."""
@@ -522,6 +568,12 @@ class Engine(threading.Thread):
     # ------------------------------------------------------------------ housekeeping
 
     def housekeeping(self, now: float) -> None:
+        if now - self.last_housekeeping > max(2 * self.heartbeat_s, 1.0):
+            # This process was frozen (a debugger, swap, a suspended laptop): the nodes
+            # were not silent, we were deaf. Judge them from now on.
+            for node in self.nodes:
+                node.last_seen = max(node.last_seen, now)
+        self.last_housekeeping = now
         for node in self.nodes:
             if node.state == CONNECTING and now >= node.deadline:
                 self.disconnect(node)
@@ -529,7 +581,8 @@ class Engine(threading.Thread):
                                  f"node {node.name} ({node.address.exec_endpoint}) did not "
                                  f"answer within {self.connect_timeout:g} s")
             elif node.state == READY:
-                if now - node.last_seen > node.heartbeat_s * config.LIVENESS:
+                window = max(node.heartbeat_s, self.heartbeat_s) * config.LIVENESS
+                if now - node.last_seen > window:
                     self.node_down(node, now, f"node {node.name} silent for "
                                               f"{now - node.last_seen:.1f} s")
                 elif now - node.last_sent >= self.heartbeat_s * 0.9:
@@ -568,30 +621,38 @@ class Engine(threading.Thread):
         """Top every ready node up to its window, taking jobs in turn."""
         if not self.jobs:
             return
-        capacity = sum(n.capacity for n in self.ready_nodes())
-        for node in self.ready_nodes():
+        ready = self.ready_nodes()
+        capacity = sum(n.capacity for n in ready)
+        for node in ready:
             while len(node.inflight) < node.window():
-                task = self.next_task(capacity)
+                task = self.next_task(node, capacity, alone=len(ready) == 1)
                 if task is None:
-                    return
+                    break
                 self.send_task(node, task)
 
-    def next_task(self, capacity: int) -> Task | None:
+    def next_task(self, node: Node, capacity: int, alone: bool) -> Task | None:
+        """The next task for ``node``: a retry first (unless it failed on this node and
+        another node could take it), else a fresh batch; jobs take turns."""
         for job in list(self.jobs.values()):
             if job.cancelled:
                 continue
-            if job.retry:
-                task = job.retry.popleft()
-            elif not job.exhausted:
+            task = self.pick_retry(job, node.name, alone)
+            if task is None and not job.exhausted:
                 task = self.read_batch(job, capacity)
-                if task is None:
-                    continue
-            else:
+            if task is None:
                 continue
             # rotate jobs so concurrent maps share the nodes
             self.jobs.pop(job.id)
             self.jobs[job.id] = job
             return task
+        return None
+
+    @staticmethod
+    def pick_retry(job: Job, node: str, alone: bool) -> Task | None:
+        for i, task in enumerate(job.retry):
+            if alone or task.avoid != node:
+                del job.retry[i]
+                return task
         return None
 
     def read_batch(self, job: Job, capacity: int) -> Task | None:
@@ -630,7 +691,7 @@ class Engine(threading.Thread):
         node.inflight[send_id] = task
         job.outstanding += 1
         self.send(node, protocol.pack(protocol.TASK, task.payload, id=send_id, fn=job.fn_hash,
-                                      n=len(task.indices), timeout=None))
+                                      n=len(task.indices), timeout=job.timeout_s))
 
     def finish_jobs(self) -> None:
         for job in [j for j in self.jobs.values() if j.done()]:

@@ -56,13 +56,31 @@ class RemoteError(TaskFailed):
 
 
 class WorkerCrashed(TaskFailed):
-    """The worker running this input died (signal, kill, out of memory) on every attempt."""
+    """The worker running this input died (signal, kill, out of memory) on every attempt,
+    or its node was lost more often than the node-loss budget allows. ``signal`` is the
+    signal that killed the worker on the last attempt (0 when none did)."""
 
-    def __init__(self, reason: str, attempts: int, *, index: int = -1, node: str = "",
-                 worker: str = ""):
+    def __init__(self, reason: str, attempts: int, *, signal: int = 0, index: int = -1,
+                 node: str = "", worker: str = ""):
         super().__init__(
             f"worker died running input {index} on all {attempts} attempt(s); last: {reason}",
             index=index, node=node, worker=worker,
         )
         self.reason = reason
+        self.attempts = attempts
+        self.signal = signal
+
+
+class TaskTimeout(TaskFailed):
+    """The input ran longer than its ``timeout``; its worker process was killed and
+    replaced."""
+
+    def __init__(self, timeout_s: float, attempts: int, *, index: int = -1, node: str = "",
+                 worker: str = ""):
+        super().__init__(
+            f"input {index} ran past its timeout of {timeout_s:g} s "
+            f"(attempt {attempts}); its worker was killed",
+            index=index, node=node, worker=worker,
+        )
+        self.timeout_s = timeout_s
         self.attempts = attempts

@@ -6,13 +6,14 @@ import csv
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import IO, Iterable
 
 #: Outcomes a record can have.
 OK = "ok"
 ERROR = "error"  # the user's function raised
 CRASHED = "crashed"  # the worker died on every attempt
-FAILED_OUTCOMES = (ERROR, CRASHED)
+TIMEOUT = "timeout"  # the input ran past its timeout
+FAILED_OUTCOMES = (ERROR, CRASHED, TIMEOUT)
 
 
 @dataclass(slots=True)
@@ -45,38 +46,80 @@ class NodeSummary:
     workers: int
 
 
-def node_summary(report: Iterable[TaskRecord]) -> list[NodeSummary]:
-    """Per node: jobs completed, jobs failed, seconds spent in the user's function, and
-    distinct workers used; sorted by jobs completed, most first."""
-    rows: dict[str, NodeSummary] = {}
-    workers: dict[str, set[str]] = {}
-    for rec in report:
-        row = rows.setdefault(rec.node, NodeSummary(rec.node, 0, 0, 0.0, 0))
+class Tally:
+    """The node summary built up one record at a time (memory per node, not per input)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, NodeSummary] = {}
+        self.workers: dict[str, set[str]] = {}
+
+    def add(self, rec: TaskRecord) -> None:
+        row = self.rows.get(rec.node)
+        if row is None:
+            row = self.rows[rec.node] = NodeSummary(rec.node, 0, 0, 0.0, 0)
+            self.workers[rec.node] = set()
         if rec.outcome == OK:
             row.jobs_completed += 1
         else:
             row.failed += 1
         row.busy_s += rec.seconds
         if rec.worker:
-            workers.setdefault(rec.node, set()).add(rec.worker)
-    for node, row in rows.items():
-        row.workers = len(workers.get(node, ()))
-    return sorted(rows.values(), key=lambda r: (-r.jobs_completed, r.node))
+            self.workers[rec.node].add(rec.worker)
+
+    def summary(self) -> list[NodeSummary]:
+        for node, row in self.rows.items():
+            row.workers = len(self.workers[node])
+        return sorted(self.rows.values(), key=lambda r: (-r.jobs_completed, r.node))
 
 
-def write_report(report: Sequence[TaskRecord], path: str | Path) -> None:
+def node_summary(report: Iterable[TaskRecord]) -> list[NodeSummary]:
+    """Per node: jobs completed, jobs failed, seconds spent in the user's function, and
+    distinct workers used; sorted by jobs completed, most first."""
+    tally = Tally()
+    for rec in report:
+        tally.add(rec)
+    return tally.summary()
+
+
+_COLUMNS = [f.name for f in fields(TaskRecord)]
+
+
+class ReportWriter:
+    """Writes the report as records arrive: CSV for ``.csv``, else a JSON array.
+    ``close`` completes the file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.csv = self.path.suffix.lower() == ".csv"
+        self.fh: IO[str] = self.path.open("w", newline="" if self.csv else None)
+        self.count = 0
+        if self.csv:
+            self.writer = csv.writer(self.fh)
+            self.writer.writerow(_COLUMNS)
+        else:
+            self.fh.write("[")
+
+    def add(self, rec: TaskRecord) -> None:
+        if self.csv:
+            self.writer.writerow([getattr(rec, c) for c in _COLUMNS])
+        else:
+            self.fh.write(("\n " if self.count == 0 else ",\n ") + json.dumps(asdict(rec)))
+        self.count += 1
+
+    def close(self) -> None:
+        if not self.csv:
+            self.fh.write("\n]\n")
+        self.fh.close()
+
+
+def write_report(report: Iterable[TaskRecord], path: str | Path) -> None:
     """Write the report as CSV (``.csv``) or JSON (anything else), one record per input."""
-    path = Path(path)
-    if path.suffix.lower() == ".csv":
-        with path.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow([f.name for f in fields(TaskRecord)])
-            for rec in report:
-                writer.writerow([getattr(rec, f.name) for f in fields(TaskRecord)])
-    else:
-        with path.open("w") as fh:
-            json.dump([asdict(rec) for rec in report], fh, indent=1)
-            fh.write("\n")
+    writer = ReportWriter(path)
+    try:
+        for rec in report:
+            writer.add(rec)
+    finally:
+        writer.close()
 
 
 def read_report(path: str | Path) -> list[TaskRecord]:

@@ -10,6 +10,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from deathstar.worker import EXIT_RECYCLED
+
 log = logging.getLogger("deathstar.daemon")
 
 #: A worker that dies this soon after its start counts as a crash loop; its replacement
@@ -52,8 +54,12 @@ class Supervisor:
 
     count: int
     connect: str
+    max_tasks: int | None = None
+    max_memory: int | None = None
+    heartbeat_s: float | None = None
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
     restarts: int = 0
+    recycled: int = 0
     _backoff_s: float = RESPAWN_BACKOFF_S
     _next_spawn: float = 0.0
 
@@ -64,6 +70,10 @@ class Supervisor:
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "deathstar.worker", "--connect", self.connect,
                "--parent-pid", str(os.getpid())]
+        for flag, value in (("--max-tasks", self.max_tasks), ("--max-memory", self.max_memory),
+                            ("--heartbeat", self.heartbeat_s)):
+            if value is not None:
+                cmd += [flag, str(value)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
         self.procs[proc.pid] = (proc, time.monotonic())
 
@@ -75,6 +85,11 @@ class Supervisor:
             if code is None:
                 continue
             del self.procs[pid]
+            if code == EXIT_RECYCLED:
+                self.recycled += 1
+                log.info("worker %d reached its task or memory limit; replacing it", pid)
+                continue
+            self.restarts += 1
             exited.append(Exited(pid, code))
             if now - started < EARLY_DEATH_S:
                 self._next_spawn = now + self._backoff_s
@@ -84,11 +99,13 @@ class Supervisor:
         for ex in exited:
             log.warning("worker %d exited with %s; starting a replacement", ex.pid, ex.reason)
         if len(self.procs) < self.count and now >= self._next_spawn:
-            missing = self.count - len(self.procs)
-            self.restarts += missing
-            for _ in range(missing):
+            for _ in range(self.count - len(self.procs)):
                 self._spawn()
         return exited
+
+    def owns(self, pid: int) -> bool:
+        """Whether ``pid`` is one of our worker processes (not a hand-started one)."""
+        return pid in self.procs
 
     def kill(self, pid: int) -> None:
         """Kill one worker now (a hung task); ``poll`` then replaces it."""

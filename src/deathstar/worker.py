@@ -35,6 +35,18 @@ FUNCTION_CACHE_ENTRIES = 16
 EXIT_OK = 0
 EXIT_REFUSED = 3  # the daemon refused us (version mismatch)
 EXIT_PARENT_GONE = 4
+EXIT_RECYCLED = 5  # reached --max-tasks/--max-memory: the supervisor replaces it, no crash
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc; else the peak, from rusage)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -106,8 +118,12 @@ class Worker:
     """
 
     def __init__(self, connect: str, *, parent_pid: int | None = None,
-                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S):
+                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
+                 max_tasks: int | None = None, max_memory: int | None = None):
         self.connect = connect
+        self.max_tasks = max_tasks
+        self.max_memory = max_memory
+        self.inputs_done = 0
         self.parent_pid = parent_pid
         self.heartbeat_s = heartbeat_s
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -149,6 +165,9 @@ class Worker:
                     code = self.handle(self.sock.recv_multipart(copy=False))
                     if code is not None:
                         return code
+                if self.worn_out():
+                    self.send(protocol.pack(protocol.BYE))
+                    return EXIT_RECYCLED
                 self.heartbeat()
             return EXIT_OK
         except _Terminate:
@@ -159,6 +178,20 @@ class Worker:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.sock.close(linger=1000)
+
+    def worn_out(self) -> bool:
+        """Reached ``max_tasks`` inputs or ``max_memory`` bytes resident, between tasks."""
+        if self.waiting:
+            return False
+        if self.max_tasks is not None and self.inputs_done >= self.max_tasks:
+            log.info("ran %d inputs (limit %d): leaving to be replaced", self.inputs_done,
+                     self.max_tasks)
+            return True
+        if self.max_memory is not None and resident_bytes() >= self.max_memory:
+            log.info("resident memory %d bytes (limit %d): leaving to be replaced",
+                     resident_bytes(), self.max_memory)
+            return True
+        return False
 
     def say_ready(self) -> None:
         self.send(protocol.pack(
@@ -285,6 +318,7 @@ class Worker:
             values, oks, stamps = self.execute(fn, common, msg)
         finally:
             self.socket_lock.acquire()
+        self.inputs_done += len(oks)
         payload = self._dump_results(values, oks)
         self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
                                 ok=oks, ts=stamps))
@@ -337,7 +371,9 @@ class Worker:
         return serialize.dumps(values)
 
 
-def main(connect: str, parent_pid: int | None = None) -> int:
+def main(connect: str, parent_pid: int | None = None, *,
+         heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, max_tasks: int | None = None,
+         max_memory: int | None = None) -> int:
     """Entry point of a worker process (``deathstar worker`` and the daemon's children)."""
     logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO,
                         format=f"%(asctime)s worker {os.getpid()} %(levelname)s %(message)s")
@@ -345,7 +381,8 @@ def main(connect: str, parent_pid: int | None = None) -> int:
         set_parent_death_signal()
         # The user's prints must never mix into the daemon's (or embedded client's) stdout.
         os.dup2(2, 1)
-    return Worker(connect, parent_pid=parent_pid).run()
+    return Worker(connect, parent_pid=parent_pid, heartbeat_s=heartbeat_s,
+                  max_tasks=max_tasks, max_memory=max_memory).run()
 
 
 if __name__ == "__main__":
@@ -354,5 +391,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m deathstar.worker")
     parser.add_argument("--connect", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--heartbeat", type=float, default=config.HEARTBEAT_INTERVAL_S)
+    parser.add_argument("--max-tasks", type=int, default=None)
+    parser.add_argument("--max-memory", type=int, default=None)
     ns = parser.parse_args()
-    sys.exit(main(ns.connect, ns.parent_pid))
+    sys.exit(main(ns.connect, ns.parent_pid, heartbeat_s=ns.heartbeat, max_tasks=ns.max_tasks,
+                  max_memory=ns.max_memory))

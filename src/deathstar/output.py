@@ -1,0 +1,153 @@
+"""Where ``deathstar map`` puts results: JSONL lines written as results arrive (fsync'd in
+batches, so a crash of the client loses at most the last batch), or one pickle at the end;
+and what a previous, interrupted run already wrote, for ``--resume``.
+
+A JSONL line is ``{"index": i, "result": value}`` or ``{"index": i, "error": {...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from deathstar.report import TaskRecord
+
+#: A JSONL output file is flushed and fsync'd at least this often, and every this many
+#: lines, whichever comes first.
+FSYNC_INTERVAL_S = 1.0
+FSYNC_LINES = 10_000
+
+
+class OutputError(Exception):
+    """A result that the output format cannot hold, or an output file that can't be used."""
+
+
+def is_pickle(path: Path | None) -> bool:
+    return path is not None and path.suffix.lower() in (".pkl", ".pickle")
+
+
+class ResultWriter:
+    """Writes one line (or pickle entry) per input. ``append`` continues a previous
+    file (``--resume``). Not thread-safe."""
+
+    def __init__(self, path: Path | None, append: bool = False):
+        self.path = path
+        self.pickled = is_pickle(path)
+        self.values: list[Any] = []
+        self.fh: IO[str] | None = None
+        if path is None:
+            self.fh = sys.stdout
+        elif not self.pickled:
+            self.fh = path.open("a" if append else "w")
+        self.unsynced = 0
+        self.next_sync = time.monotonic() + FSYNC_INTERVAL_S
+
+    def write(self, index: int, ok: bool, value: Any, record: TaskRecord) -> None:
+        if self.pickled:
+            self.values.append(value)
+            return
+        assert self.fh is not None
+        self.fh.write(result_line(index, ok, value, record) + "\n")
+        self.unsynced += 1
+        if self.unsynced >= FSYNC_LINES or time.monotonic() >= self.next_sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """Make what was written durable (a no-op for stdout and pickles)."""
+        if self.fh is None:
+            return
+        self.fh.flush()
+        if self.fh is not sys.stdout:
+            os.fsync(self.fh.fileno())
+        self.unsynced = 0
+        self.next_sync = time.monotonic() + FSYNC_INTERVAL_S
+
+    def close(self) -> None:
+        if self.pickled and self.path is not None:
+            with self.path.open("wb") as fh:
+                pickle.dump(self.values, fh, protocol=5)
+        elif self.fh is not None:
+            self.sync()
+            if self.fh is not sys.stdout:
+                self.fh.close()
+
+
+def result_line(index: int, ok: bool, value: Any, record: TaskRecord) -> str:
+    """One JSONL line; raises OutputError (pointing at .pkl) when JSON can't hold it."""
+    if ok:
+        line: dict[str, Any] = {"index": index, "result": value}
+    else:
+        line = {"index": index, "error": {
+            "type": getattr(value, "type_name", type(value).__name__),
+            "message": getattr(value, "message", str(value)),
+            "node": record.node, "worker": record.worker, "attempts": record.attempts,
+            "outcome": record.outcome}}
+    try:
+        return json.dumps(line, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise OutputError(
+            f"the result of input {index} ({type(value).__name__}) cannot be written as "
+            f"JSON ({exc}); write a pickle instead: --out results.pkl") from None
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+@dataclass
+class Previous:
+    """What an earlier run wrote: the inputs that succeeded and those that failed."""
+
+    succeeded: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+
+
+def read_previous(path: Path, retry_failed: bool) -> Previous:
+    """Scan a JSONL output of an interrupted run. A torn last line (the crash cut it) is
+    dropped from the file. With ``retry_failed`` the failed inputs' lines are removed from
+    the file too, so that they can be run again and appear once. The file is rewritten
+    (atomically) only when something has to go."""
+    if is_pickle(path):
+        raise OutputError(f"--resume needs a .jsonl --out; {path} is a pickle, written only "
+                          "at the end of a run")
+    previous = Previous()
+    if not path.exists():
+        return previous
+    keep: list[bytes] = []
+    dropped = False
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = json.loads(raw)
+                index = int(line["index"])
+                failed = "error" in line
+            except (ValueError, KeyError, TypeError):
+                if raw.endswith(b"\n"):
+                    raise OutputError(f"{path}, line {lineno}: not a deathstar result line; "
+                                      "is this the right --out file?") from None
+                dropped = True  # the torn last line of a crash
+                continue
+            if index in previous.succeeded or index in previous.failed:
+                dropped = True  # written twice by a crash between write and fsync: keep one
+                continue
+            if failed and retry_failed:
+                dropped = True
+                continue
+            (previous.failed if failed else previous.succeeded).add(index)
+            keep.append(raw)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as fh:
+            fh.writelines(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return previous
