@@ -134,3 +134,39 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             stack.append(child)
     return out
+
+
+def free_ports(count: int = 3) -> int:
+    """A port P with P .. P+count-1 free on loopback now (for restarting a daemon on the
+    same port)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no free consecutive ports")
+
+
+def worker_pids(daemon: Daemon) -> list[int]:
+    """The daemon's local worker processes."""
+    return descendants(daemon.proc.pid)
+
+
+def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to a process's whole group (it was started with a new session)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -53,3 +53,42 @@ def touch(path: str) -> str:
     with open(path, "w") as fh:
         fh.write("ran")
     return path
+
+
+def segfault_on(x: int, bad: int = -1) -> int:
+    """Kill this worker with SIGSEGV when ``x == bad``; else return ``x``."""
+    if x == bad:
+        import ctypes
+
+        ctypes.string_at(0)
+    return x
+
+
+def hold_the_gil(x: int, chars: int = 30) -> int:
+    """Catastrophic regex backtracking: C code that holds the GIL for a long time
+    (about a minute at 30 chars); no Python thread of this process can run meanwhile."""
+    import re
+
+    re.match(r"(a+)+$", "a" * chars + "b")
+    return x
+
+
+def sleep_square(x: int, seconds: float = 0.01) -> int:
+    time.sleep(seconds)
+    return x * x
+
+
+def slow_on(x: int, slow: int = -1, seconds: float = 30.0) -> int:
+    """Sleep ``seconds`` when ``x == slow``; else return ``x`` at once."""
+    if x == slow:
+        time.sleep(seconds)
+    return x
+
+
+def rss_grow(x: int, megabytes: int = 0) -> int:
+    """Keep ``megabytes`` more allocated in this worker (a leak), return ``x``."""
+    _LEAK.append(bytearray(megabytes << 20))
+    return x
+
+
+_LEAK: list[bytearray] = []

@@ -344,9 +344,11 @@ def map_command(
         _check_map_options(out, report, resume, retry_failed, timeout, max_attempts,
                            chunksize)
         skip: set[int] = set()
+        earlier_failures = 0
         if resume and out is not None:
             previous = read_previous(out, retry_failed)
             skip = previous.succeeded | previous.failed
+            earlier_failures = len(previous.failed)
     except (InputError, OutputError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     try:
@@ -358,10 +360,12 @@ def map_command(
     for problem in cl.unreachable:
         err.print(f"[yellow]warning:[/] going on without {problem}", highlight=False)
     if skip:
-        err.print(f"resuming: {len(skip)} input(s) already in {out}", highlight=False)
+        err.print(f"resuming: {len(skip)} input(s) already in {out} "
+                  f"({earlier_failures} of them failed)", highlight=False)
     run = _MapRun(cl, ResultWriter(out, append=resume),
                   ReportWriter(report) if report is not None else None,
                   _Display(cl, total - len(skip), enabled=not quiet), quiet)
+    run.failed_count = earlier_failures  # the exit code speaks for the whole output
     options = dict(chunksize=chunksize, timeout=timeout, max_attempts=max_attempts)
     raise typer.Exit(run.run(fn, common, calls, skip, total - len(skip), options))
 
