@@ -17,6 +17,11 @@ from typing import Any, Callable, Iterator
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Hermetic: no key folder or cluster of the developer's leaks into the tests (subprocesses
+# inherit this). Tests that use keys name their folder explicitly.
+os.environ["DEATHSTAR_KEYS"] = "none"
+os.environ.pop("DEATHSTAR_CLUSTER", None)
 #: Fast heartbeats so liveness tests finish quickly.
 FAST_HEARTBEAT = "0.2"
 
@@ -39,6 +44,7 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     port: int
     host: str = "127.0.0.1"
+    keys: str = "none"  # the key folder a client needs to talk to it
 
     @property
     def address(self) -> str:
@@ -47,7 +53,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         from deathstar.client import query_status
 
-        return query_status([self.address], timeout=2.0)[0]
+        return query_status([self.address], timeout=2.0, keys=self.keys)[0]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -65,12 +71,14 @@ def daemon_command(*args: str) -> list[str]:
 
 def start_daemon(workers: int = 2, *extra: str, host: str = "127.0.0.1",
                  port: int = 0, wrap: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> Daemon:
-    """Start a daemon, wait until its status port answers, and return it."""
+                 env: dict[str, str] | None = None, keys: str = "none",
+                 stderr: int | None = None, wait_workers: bool = True) -> Daemon:
+    """Start a daemon, wait until its status port reports its workers, and return it.
+    ``keys``: its key folder, or "none"."""
     cmd = daemon_command("--host", host, "--port", str(port), "--workers", str(workers),
-                         "--ready-json", "--heartbeat", FAST_HEARTBEAT, *extra)
+                         "--ready-json", "--heartbeat", FAST_HEARTBEAT, "--keys", keys, *extra)
     proc = subprocess.Popen((wrap or []) + cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, stderr=stderr)
     assert proc.stdout is not None
     line = b""
     deadline = time.monotonic() + 20
@@ -83,9 +91,10 @@ def start_daemon(workers: int = 2, *extra: str, host: str = "127.0.0.1",
         if not chunk:
             raise AssertionError(f"daemon exited with {proc.wait()} before it was ready")
         line += chunk
-    daemon = Daemon(proc, int(json.loads(line)["exec"]), host)
-    wait_for(lambda: daemon.status().get("workers") == workers, 20,
-             f"the status port to report {workers} worker(s)")
+    daemon = Daemon(proc, int(json.loads(line)["exec"]), host, keys)
+    if wait_workers:
+        wait_for(lambda: daemon.status().get("workers") == workers, 20,
+                 f"the status port to report {workers} worker(s)")
     return daemon
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import zmq
 
 from deathstar import config, protocol
+from deathstar.keys import Gatekeeper, ServerKeys
 from deathstar.protocol import Message
 from deathstar.supervisor import Exited, Supervisor
 
@@ -108,7 +109,8 @@ class Broker:
                  workers: int | None = None, worker_port: int | None = None,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, parent_pid: int | None = None,
                  max_tasks_per_worker: int | None = None,
-                 max_worker_memory: int | None = None):
+                 max_worker_memory: int | None = None,
+                 keys: ServerKeys | None = None, zap: bool = True):
         self.host = host
         self.port = port
         self.worker_port = worker_port
@@ -118,11 +120,13 @@ class Broker:
         self.versions = protocol.local_versions()
         self.started = time.monotonic()
         self.ctx = zmq.Context.instance()
+        self.gate = Gatekeeper(self.ctx, keys, zap)
         self.ipc_dir = tempfile.mkdtemp(prefix="deathstar-")
         self.supervisor = Supervisor(os.cpu_count() or 1 if workers is None else workers,
                                      f"ipc://{self.ipc_dir}/workers",
                                      max_tasks=max_tasks_per_worker,
-                                     max_memory=max_worker_memory, heartbeat_s=heartbeat_s)
+                                     max_memory=max_worker_memory, heartbeat_s=heartbeat_s,
+                                     env=self.gate.worker_env())
         self.clients: dict[bytes, ClientConn] = {}
         self.workers: dict[bytes, WorkerConn] = {}
         self.idle: deque[bytes] = deque()
@@ -161,6 +165,7 @@ class Broker:
         # Cut TCP sessions to peers that vanished without a FIN; liveness is ours to judge.
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * config.LIVENESS * 1000))
+        self.gate.secure(sock)
         return sock
 
     def _bind_all(self) -> None:
@@ -194,6 +199,7 @@ class Broker:
 
     def bind(self) -> dict[str, int]:
         """Open the exec, status and worker ports. Port 0 picks free ports. Returns them."""
+        self.gate.start()
         self.front = self._router(config.MAX_MESSAGE_BYTES)
         self.status = self._router(config.MAX_STATUS_MESSAGE_BYTES)
         self.back = self._router(config.MAX_MESSAGE_BYTES)
@@ -203,6 +209,8 @@ class Broker:
         self.poller = zmq.Poller()
         for sock in (self.front, self.back, self.status):
             self.poller.register(sock, zmq.POLLIN)
+        if self.gate.zap_socket is not None:
+            self.poller.register(self.gate.zap_socket, zmq.POLLIN)
         return {"exec": self.port, "status": status_port, "workers": self.worker_port}
 
     # ------------------------------------------------------------------ main loop
@@ -214,6 +222,8 @@ class Broker:
             while not self.finished():
                 timeout_ms = max(0, int((self.next_deadline() - time.monotonic()) * 1000))
                 ready = dict(self.poller.poll(timeout_ms))
+                if self.gate.zap_socket in ready:
+                    self.gate.handle_zap()  # handshakes wait on this: first
                 if self.front in ready:
                     self.drain(self.front, self.on_client_message)
                 if self.back in ready:
@@ -278,9 +288,14 @@ class Broker:
         return sum(len(w.assigned) for w in self.workers.values())
 
     def close(self) -> None:
+        c = self.counters
+        log.info("stopped: %d tasks done, %d lost, %d timed out, %d bad messages dropped, "
+                 "%d handshakes refused", c.tasks_done, c.tasks_lost, c.tasks_timed_out,
+                 c.bad_messages, self.gate.refused)
         self.supervisor.stop()
         for sock in (self.front, self.back, self.status):
             sock.close(linger=0)
+        self.gate.stop()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ clients
@@ -296,6 +311,9 @@ class Broker:
         return max(len(self.workers), self.supervisor.count)
 
     def on_client_message(self, frames: list[Any]) -> None:
+        if not self.gate.admits(frames):
+            self.bad_message("exec", "a message from an unauthenticated peer")
+            return
         try:
             ident, rest = protocol.split_identity(frames)
             msg = protocol.decode(rest)
@@ -446,6 +464,9 @@ class Broker:
     # ------------------------------------------------------------------ workers
 
     def on_worker_message(self, frames: list[Any]) -> None:
+        if not self.gate.admits(frames):
+            self.bad_message("workers", "a message from an unauthenticated peer")
+            return
         try:
             ident, rest = protocol.split_identity(frames)
             msg = protocol.decode(rest)
@@ -597,12 +618,16 @@ class Broker:
             "worker_restarts": self.supervisor.restarts,
             "workers_recycled": self.supervisor.recycled,
             "bad_messages": self.counters.bad_messages,
+            "refused_handshakes": self.gate.refused,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "load1": load1,
             "stopping": self.stopping,
         }
 
     def on_status_request(self, frames: list[Any]) -> None:
+        if not self.gate.admits(frames):
+            self.bad_message("status", "a request from an unauthenticated peer")
+            return
         try:
             ident, rest = protocol.split_identity(frames)
             if len(rest) != 1:

@@ -31,7 +31,10 @@ from deathstar import config
 from deathstar.client import Cluster, NoNodesError, ordered, query_status
 from deathstar.errors import TaskFailed
 from deathstar.inputs import InputError, load_function, parse_kwargs, read_calls
-from deathstar.nodes import ClusterSpecError
+from deathstar.keys import (CLIENT, NODE, KeyFileError, default_dir, load_client_keys,
+                            load_server_keys, resolve_dir)
+from deathstar.keys import keygen as keygen_keys
+from deathstar.nodes import ClusterSpecError, NodeAddress
 from deathstar.output import OutputError, ResultWriter, read_previous
 from deathstar.report import NodeSummary, ReportWriter, Tally, TaskRecord
 from deathstar.serialize import SerializationError
@@ -45,6 +48,10 @@ EXIT_INTERRUPTED = 130
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a Python function over a list of inputs on many machines at once.")
+KeysOption = Annotated[Optional[str], typer.Option(
+    "--keys", help="Key folder (deathstar keygen) [default: $DEATHSTAR_KEYS, else the "
+                   "config folder's keys when present]; 'none' for no keys.")]
+
 #: Piped output gets wide tables instead of rich's default 80 columns.
 _PIPE_WIDTH = 160
 err = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
@@ -115,6 +122,7 @@ def daemon(
         help="Port for workers started by hand [default: PORT+2].")] = None,
     heartbeat: Annotated[float, typer.Option(help="Heartbeat interval, seconds.")]
     = config.HEARTBEAT_INTERVAL_S,
+    keys: KeysOption = None,
     insecure: Annotated[bool, typer.Option(
         help="Listen beyond loopback with no authentication: anyone who can reach the "
              "ports can run code as this user.")] = False,
@@ -126,8 +134,13 @@ def daemon(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     parent_pid: Annotated[Optional[int], typer.Option(hidden=True)] = None,
     ready_json: Annotated[bool, typer.Option(hidden=True)] = False,
+    zap: Annotated[bool, typer.Option(hidden=True, help="Tests only: without the ZAP "
+                                      "authenticator, as if its thread had died.")] = True,
 ) -> None:
-    """Run a node: exec port for work, status port for queries, a worker per core."""
+    """Run a node: exec port for work, status port for queries, a worker per core.
+
+    With keys (deathstar keygen) it serves only the clients whose public keys are in the
+    key folder's authorized/; without, it listens only on loopback unless --insecure."""
     from deathstar.broker import run_daemon
 
     if log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -143,14 +156,23 @@ def daemon(
         memory = None if max_worker_memory is None else parse_size(max_worker_memory)
     except ValueError as exc:
         raise _fail(f"--max-worker-memory: {exc}", EXIT_USAGE) from None
-    if not _is_loopback(host) and not insecure:
+    try:
+        folder = resolve_dir(keys, NODE)
+        server_keys = load_server_keys(folder) if folder is not None else None
+    except KeyFileError as exc:
+        raise _fail(f"{exc}", EXIT_USAGE) from None
+    if server_keys is None and not _is_loopback(host) and not insecure:
         raise _fail(
-            f"refusing to listen on {host} without authentication: anyone who can reach "
-            "it could run code here. Listen on 127.0.0.1, or pass --insecure on a network "
-            "you trust.", EXIT_USAGE)
-    if not _is_loopback(host):
+            f"refusing to listen on {host} without keys: anyone who can reach it could run "
+            "code here. Make keys with 'deathstar keygen' (then --keys DIR), listen on "
+            "127.0.0.1, or pass --insecure on a network you trust.", EXIT_USAGE)
+    if server_keys is None and not _is_loopback(host):
         err.print(f"[bold yellow]WARNING:[/] listening on {host} with no authentication "
                   "(--insecure): anyone who can reach these ports can run code as this user.")
+    elif server_keys is not None:
+        logging.getLogger("deathstar.daemon").info(
+            "CurveZMQ on: serving the %d key(s) in %s", len(server_keys.authorized),
+            server_keys.folder / "authorized")
 
     def on_ready(ports: dict[str, int]) -> None:
         if ready_json:
@@ -163,7 +185,8 @@ def daemon(
     try:
         run_daemon(host=host, port=port, workers=workers, worker_port=worker_port,
                    heartbeat_s=heartbeat, parent_pid=parent_pid, on_ready=on_ready,
-                   max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=memory)
+                   max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=memory,
+                   keys=server_keys, zap=zap)
     except OSError as exc:  # zmq.ZMQError is an OSError: port in use, bad address
         raise _fail(f"cannot listen on {host}:{port}: {exc}", EXIT_USAGE) from None
 
@@ -172,11 +195,46 @@ def daemon(
 def worker(
     connect: Annotated[str, typer.Option(help="The daemon's worker endpoint, "
                                          "e.g. tcp://node1:6002.")],
+    keys: KeysOption = None,
+    heartbeat: Annotated[float, typer.Option(help="Heartbeat interval, seconds.")]
+    = config.HEARTBEAT_INTERVAL_S,
 ) -> None:
-    """Run one worker for a daemon, from any machine that can reach it."""
+    """Run one worker for a daemon, from any machine that can reach it. With keys, it
+    uses the client keypair (which the daemon must authorize) and the node's public key."""
     from deathstar.worker import main as worker_main
 
-    raise typer.Exit(worker_main(connect))
+    curve = None
+    try:
+        folder = resolve_dir(keys, CLIENT)
+        if folder is not None:
+            client_keys = load_client_keys(folder)
+            host, _, port = connect.removeprefix("tcp://").rpartition(":")
+            node = NodeAddress(connect, host, int(port) - 2 if port.isdigit() else 0)
+            curve = (client_keys.public, client_keys.secret, client_keys.server_key(node))
+    except KeyFileError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    _setup_logging("worker")
+    raise typer.Exit(worker_main(connect, heartbeat_s=heartbeat, curve=curve))
+
+
+@app.command()
+def keygen(
+    folder: Annotated[Optional[Path], typer.Argument(
+        help="Where to put the keys [default: the config folder's keys/].")] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing keys.")] = False,
+) -> None:
+    """Make a node keypair and a client keypair, and authorize the client.
+
+    Copy the folder to each node (or just node.key_secret, node.key and authorized/),
+    and keep client.key_secret to yourself. To let another user in, put their client.key
+    in the node's authorized/ folder."""
+    target = folder if folder is not None else default_dir()
+    try:
+        written = keygen_keys(target, force=force)
+    except KeyFileError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    for path in written:
+        typer.echo(str(path))
 
 
 # ---------------------------------------------------------------------- status
@@ -195,13 +253,14 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each node.")]
     = config.CONNECT_TIMEOUT_S,
+    keys: KeysOption = None,
 ) -> None:
     """Capacity, load, and versions of each node."""
     from deathstar.protocol import local_versions
 
     try:
-        rows = query_status(nodes, timeout)
-    except ClusterSpecError as exc:
+        rows = query_status(nodes, timeout, keys=keys)
+    except (ClusterSpecError, KeyFileError) as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     ours = local_versions()
     for row in rows:
@@ -332,6 +391,7 @@ def map_command(
                                                    "cluster [default: one per core].")] = None,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for each node.")]
     = config.CONNECT_TIMEOUT_S,
+    keys: KeysOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")]
     = False,
 ) -> None:
@@ -352,8 +412,8 @@ def map_command(
     except (InputError, OutputError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     try:
-        cl = Cluster(cluster, connect_timeout=connect_timeout, workers=workers)
-    except ClusterSpecError as exc:
+        cl = Cluster(cluster, connect_timeout=connect_timeout, workers=workers, keys=keys)
+    except (ClusterSpecError, KeyFileError) as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     except NoNodesError as exc:
         raise _fail(str(exc), EXIT_NO_NODES) from None

@@ -11,6 +11,7 @@ import builtins
 import itertools
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import zmq
@@ -18,6 +19,7 @@ import zmq
 from deathstar import config, protocol, serialize
 from deathstar.engine import FINISHED, Engine, Job, NoNodesError, Outcome
 from deathstar.errors import TaskFailed
+from deathstar.keys import CLIENT, ClientKeys, connect_with, load_client_keys, resolve_dir
 from deathstar.local import LocalDaemon
 from deathstar.nodes import NodeAddress, parse_cluster
 from deathstar.report import TaskRecord
@@ -53,6 +55,11 @@ class Cluster:
     local daemon with ``workers`` workers (default one per core) that stops on ``close``.
 
     The constructor blocks until every node has answered or ``connect_timeout`` passed.
+    ``keys``: a key folder (``deathstar keygen``) to talk CurveZMQ with the nodes; default
+    ``$DEATHSTAR_KEYS``, else the default key folder when it has a client key; ``"none"``
+    for plain connections (nodes started with ``--insecure``). Raises ``KeyFileError``
+    for missing or loosely permitted key files. The embedded local daemon needs no keys.
+
     Unreachable nodes are logged, named in ``unreachable``, and retried in the background;
     if no node can be used it raises ``NoNodesError`` naming each node and why.
     Thread-safe: several threads may run maps on one Cluster at once.
@@ -61,16 +68,20 @@ class Cluster:
     def __init__(self, nodes: str | Sequence[str] | None = None, *,
                  connect_timeout: float = config.CONNECT_TIMEOUT_S,
                  workers: int | None = None,
-                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S):
+                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
+                 keys: str | Path | None = None):
         addresses = parse_cluster(nodes)
         self.local: LocalDaemon | None = None
+        client_keys = None
         if addresses is None:
             self.local = LocalDaemon(workers)
             addresses = [self.local.address]
+        else:
+            client_keys = load_keys(keys, addresses)
         self.addresses: list[NodeAddress] = addresses
         self._job_ids = itertools.count(1)
         self.engine = Engine(addresses, connect_timeout=connect_timeout,
-                             heartbeat_s=heartbeat_s)
+                             heartbeat_s=heartbeat_s, keys=client_keys)
         self.engine.start()
         self.engine.connected.wait()
         if self.engine.crashed is not None:
@@ -258,8 +269,8 @@ class Cluster:
 
 def map(fn: Callable[..., Any], items: Iterable[Any], *,
         cluster: str | Sequence[str] | None = None,
-        connect_timeout: float = config.CONNECT_TIMEOUT_S, **options_and_common: Any
-        ) -> MapResult:
+        connect_timeout: float = config.CONNECT_TIMEOUT_S, keys: str | Path | None = None,
+        **options_and_common: Any) -> MapResult:
     """Run ``fn(item, **common)`` for every item on ``cluster`` and return the results in
     input order, with ``.report`` (one record per input) and ``.errors``.
 
@@ -269,7 +280,7 @@ def map(fn: Callable[..., Any], items: Iterable[Any], *,
     timeout, max_attempts, timeout_retries, on_error, progress); every other keyword is
     a common argument of ``fn``.
     """
-    with Cluster(cluster, connect_timeout=connect_timeout) as c:
+    with Cluster(cluster, connect_timeout=connect_timeout, keys=keys) as c:
         return c.map(fn, items, **options_and_common)
 
 
@@ -291,12 +302,27 @@ def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
             position += 1
 
 
-def query_status(nodes: str | Sequence[str], timeout: float = config.CONNECT_TIMEOUT_S
-                 ) -> list[dict[str, Any]]:
+def load_keys(keys: str | Path | None, addresses: list[NodeAddress]) -> ClientKeys | None:
+    """The client keys to use (``keys``, ``$DEATHSTAR_KEYS``, or the default folder when it
+    has a client key; ``"none"`` for none), checked to hold every node's public key.
+    Raises ``KeyFileError`` naming the file that is missing or too open."""
+    folder = resolve_dir(keys, CLIENT)
+    if folder is None:
+        return None
+    client_keys = load_client_keys(folder)
+    for address in addresses:
+        client_keys.server_key(address)
+    return client_keys
+
+
+def query_status(nodes: str | Sequence[str], timeout: float = config.CONNECT_TIMEOUT_S,
+                 keys: str | Path | None = None) -> list[dict[str, Any]]:
     """Ask every node's status port at once. Returns one map per node, in the order
     given: the node's status fields plus ``node`` (as named) and ``error`` (empty when
-    it answered, else why not). Blocks at most ``timeout`` seconds."""
+    it answered, else why not). Blocks at most ``timeout`` seconds. ``keys`` as for
+    ``Cluster``."""
     addresses = parse_cluster(nodes) or []
+    client_keys = load_keys(keys, addresses)
     ctx = zmq.Context.instance()
     socks: dict[zmq.Socket[bytes], NodeAddress] = {}
     answers: dict[str, dict[str, Any]] = {}
@@ -306,6 +332,9 @@ def query_status(nodes: str | Sequence[str], timeout: float = config.CONNECT_TIM
             sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+            if client_keys is not None:
+                connect_with(sock, client_keys.public, client_keys.secret,
+                             client_keys.server_key(address))
             sock.connect(address.status_endpoint)
             sock.send_multipart(protocol.pack(protocol.STATUS))
             socks[sock] = address

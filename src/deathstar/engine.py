@@ -27,6 +27,7 @@ import zmq
 
 from deathstar import config, protocol, serialize
 from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed
+from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
 from deathstar.report import CRASHED, ERROR, OK, TIMEOUT, TaskRecord
@@ -142,12 +143,14 @@ class Engine(threading.Thread):
     """The I/O thread. Construct, ``start()``, wait on ``connected``, submit jobs."""
 
     def __init__(self, addresses: list[NodeAddress], *, connect_timeout: float,
-                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S):
+                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
+                 keys: ClientKeys | None = None):
         super().__init__(name="deathstar-client", daemon=True)
         self.ctx = zmq.Context.instance()
         self.nodes = [Node(a) for a in addresses]
         self.connect_timeout = connect_timeout
         self.heartbeat_s = heartbeat_s
+        self.keys = keys
         self.versions = protocol.local_versions()
         self.jobs: dict[int, Job] = {}
         self.commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -301,6 +304,9 @@ class Engine(threading.Thread):
         sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * config.LIVENESS * 1000))
+        if self.keys is not None:
+            connect_with(sock, self.keys.public, self.keys.secret,
+                         self.keys.server_key(node.address))
         sock.connect(node.address.exec_endpoint)
         node.sock = sock
         self.poller_stale = True
@@ -577,9 +583,12 @@ class Engine(threading.Thread):
         for node in self.nodes:
             if node.state == CONNECTING and now >= node.deadline:
                 self.disconnect(node)
+                hint = "" if self.keys is None else (
+                    f" (connecting with the keys in {self.keys.folder}: a node without "
+                    "keys, or with other keys, does not answer either)")
                 self.mark_failed(node, UNREACHABLE,
                                  f"node {node.name} ({node.address.exec_endpoint}) did not "
-                                 f"answer within {self.connect_timeout:g} s")
+                                 f"answer within {self.connect_timeout:g} s{hint}")
             elif node.state == READY:
                 window = max(node.heartbeat_s, self.heartbeat_s) * config.LIVENESS
                 if now - node.last_seen > window:

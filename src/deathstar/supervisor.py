@@ -57,6 +57,7 @@ class Supervisor:
     max_tasks: int | None = None
     max_memory: int | None = None
     heartbeat_s: float | None = None
+    env: dict[str, str] = field(default_factory=dict)  # added to the workers' environment
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
     restarts: int = 0
     recycled: int = 0
@@ -74,7 +75,8 @@ class Supervisor:
                             ("--heartbeat", self.heartbeat_s)):
             if value is not None:
                 cmd += [flag, str(value)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
+                                env={**os.environ, **self.env} if self.env else None)
         self.procs[proc.pid] = (proc, time.monotonic())
 
     def poll(self, now: float) -> list[Exited]:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import cloudpickle
 import zmq
 
-from deathstar import config, protocol, serialize
+from deathstar import config, keys, protocol, serialize
 from deathstar.protocol import Message
 
 log = logging.getLogger("deathstar.worker")
@@ -119,8 +119,10 @@ class Worker:
 
     def __init__(self, connect: str, *, parent_pid: int | None = None,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
-                 max_tasks: int | None = None, max_memory: int | None = None):
+                 max_tasks: int | None = None, max_memory: int | None = None,
+                 curve: tuple[bytes, bytes, bytes] | None = None):
         self.connect = connect
+        self.curve = curve  # (our public, our secret, the daemon's public key)
         self.max_tasks = max_tasks
         self.max_memory = max_memory
         self.inputs_done = 0
@@ -154,6 +156,8 @@ class Worker:
         previous = {sig: signal.signal(sig, self._terminate)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         pulse = threading.Thread(target=self._pulse, name="deathstar-pulse", daemon=True)
+        if self.curve is not None:
+            keys.connect_with(self.sock, *self.curve)
         self.sock.connect(self.connect)
         try:
             self.say_ready()
@@ -171,7 +175,10 @@ class Worker:
                 self.heartbeat()
             return EXIT_OK
         except _Terminate:
-            self.send(protocol.pack(protocol.BYE))
+            try:  # goodbye if it can go now; never block on a daemon that isn't there
+                self.sock.send_multipart(protocol.pack(protocol.BYE), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
             return EXIT_OK
         finally:
             self.pulse_stop.set()
@@ -200,6 +207,8 @@ class Worker:
         ))
 
     def _terminate(self, signum: int, frame: Any) -> None:
+        if not self.running:
+            return  # already on the way out (a second signal while saying goodbye)
         self.running = False
         raise _Terminate()
 
@@ -373,16 +382,21 @@ class Worker:
 
 def main(connect: str, parent_pid: int | None = None, *,
          heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, max_tasks: int | None = None,
-         max_memory: int | None = None) -> int:
-    """Entry point of a worker process (``deathstar worker`` and the daemon's children)."""
+         max_memory: int | None = None,
+         curve: tuple[bytes, bytes, bytes] | None = None) -> int:
+    """Entry point of a worker process (``deathstar worker`` and the daemon's children).
+    ``curve``: (public, secret, daemon public) keys; a daemon's own workers get theirs
+    from the environment."""
     logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO,
                         format=f"%(asctime)s worker {os.getpid()} %(levelname)s %(message)s")
     if parent_pid is not None:
         set_parent_death_signal()
         # The user's prints must never mix into the daemon's (or embedded client's) stdout.
         os.dup2(2, 1)
+    if curve is None:
+        curve = keys.worker_curve_from_env()
     return Worker(connect, parent_pid=parent_pid, heartbeat_s=heartbeat_s,
-                  max_tasks=max_tasks, max_memory=max_memory).run()
+                  max_tasks=max_tasks, max_memory=max_memory, curve=curve).run()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import deathstar
 from deathstar.client import Cluster
 from deathstar.errors import TaskTimeout, WorkerCrashed
 from tests import jobs
-from tests.conftest import (ROOT, Daemon, descendants, free_ports, start_daemon, wait_for,
+from tests.conftest import (ROOT, Daemon, free_ports, start_daemon, wait_for,
                             worker_pids)
 
 pytestmark = pytest.mark.timeout(120)
