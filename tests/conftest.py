@@ -85,16 +85,20 @@ def start_daemon(workers: int = 2, *extra: str, host: str = "127.0.0.1",
     while not line.endswith(b"\n"):
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
-            proc.kill()
+            kill_tree(proc)
             raise AssertionError("daemon did not report its ports in time")
         chunk = os.read(proc.stdout.fileno(), 1024)
         if not chunk:
             raise AssertionError(f"daemon exited with {proc.wait()} before it was ready")
         line += chunk
     daemon = Daemon(proc, int(json.loads(line)["exec"]), host, keys)
-    if wait_workers:
-        wait_for(lambda: daemon.status().get("workers") == workers, 20,
-                 f"the status port to report {workers} worker(s)")
+    try:
+        if wait_workers:
+            wait_for(lambda: daemon.status().get("workers") == workers, 20,
+                     f"the status port to report {workers} worker(s)")
+    except BaseException:
+        kill_tree(proc)  # never leave a half-started daemon behind
+        raise
     return daemon
 
 

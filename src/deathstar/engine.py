@@ -127,6 +127,7 @@ class Node:
     last_sent: float = 0.0
     done: int = 0
     failed: int = 0
+    downs: int = 0  # times it was declared lost (silent, restarted) while in use
 
     @property
     def name(self) -> str:
@@ -385,6 +386,7 @@ class Engine(threading.Thread):
     def on_refused(self, node: Node, msg: Message) -> None:
         if msg.env.get("code") == "hello" and node.state == READY:
             # The daemon does not know us (it restarted): our tasks there are gone.
+            node.downs += 1
             self.requeue_inflight(node)
             node.blobs_sent.clear()
             node.state = CONNECTING
@@ -606,6 +608,7 @@ class Engine(threading.Thread):
             self.take_snapshot(now)
 
     def node_down(self, node: Node, now: float, reason: str) -> None:
+        node.downs += 1
         self.disconnect(node)
         self.mark_failed(node, DOWN, reason + "; its tasks go to other nodes")
         node.deadline = now + node.backoff_s
@@ -621,7 +624,8 @@ class Engine(threading.Thread):
                 self.rates[node.name] = (t0, done0, rate)
             rows.append({"node": node.name, "state": node.state, "workers": node.capacity,
                          "in_flight": node.items_in_flight(), "done": node.done,
-                         "failed": node.failed, "rate": rate, "error": node.error})
+                         "failed": node.failed, "rate": rate, "error": node.error,
+                         "downs": node.downs, "late_results": self.late_results})
         self.snapshot = rows
 
     # ------------------------------------------------------------------ sending work
