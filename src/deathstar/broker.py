@@ -178,20 +178,16 @@ class Broker:
             else:
                 self.front.bind(f"tcp://{self.host}:{port}")
             worker_port = port + 2 if self.worker_port is None else self.worker_port
+            bound = [self.front]
             try:
-                self.status.bind(f"tcp://{self.host}:{port + 1}")
+                for sock, p in ((self.status, port + 1), (self.back, worker_port)):
+                    sock.bind(f"tcp://{self.host}:{p}")
+                    bound.append(sock)
             except zmq.ZMQError:
                 if self.port != 0:
                     raise
-                self.front.unbind(self.front.last_endpoint)
-                continue
-            try:
-                self.back.bind(f"tcp://{self.host}:{worker_port}")
-            except zmq.ZMQError:
-                if self.port != 0:
-                    raise
-                self.front.unbind(self.front.last_endpoint)
-                self.status.unbind(self.status.last_endpoint)
+                for sock in bound:  # taken: try another P
+                    sock.unbind(sock.last_endpoint)
                 continue
             self.port, self.worker_port = port, worker_port
             return
@@ -310,19 +306,30 @@ class Broker:
         """Workers this node has or is starting: what a client may keep busy here."""
         return max(len(self.workers), self.supervisor.count)
 
-    def on_client_message(self, frames: list[Any]) -> None:
+    def receive(self, port: str, sock: zmq.Socket[bytes], frames: list[Any]
+                ) -> tuple[bytes, Message] | None:
+        """Admit and decode a message from a ROUTER: (identity, message), or None when it
+        was dropped (unauthenticated, malformed: counted) or refused (another protocol
+        version: the peer is told, naming both)."""
         if not self.gate.admits(frames):
-            self.bad_message("exec", "a message from an unauthenticated peer")
-            return
+            self.bad_message(port, "a message from an unauthenticated peer")
+            return None
         try:
             ident, rest = protocol.split_identity(frames)
-            msg = protocol.decode(rest)
+            return ident, protocol.decode(rest)
         except protocol.VersionMismatch as exc:
-            self.refuse(frames, str(exc))
-            return
+            log.warning("refused a peer on the %s port: %s", port, exc)
+            sock.send_multipart([protocol.frame_bytes(frames[0]),
+                                 *protocol.pack(protocol.REFUSED, reason=str(exc))])
         except protocol.ProtocolError as exc:
-            self.bad_message("exec", exc)
+            self.bad_message(port, exc)
+        return None
+
+    def on_client_message(self, frames: list[Any]) -> None:
+        received = self.receive("exec", self.front, frames)
+        if received is None:
             return
+        ident, msg = received
         client = self.clients.get(ident)
         if msg.type == protocol.HELLO:
             self.on_hello(ident, msg)
@@ -338,12 +345,6 @@ class Broker:
             self.bad_message("exec", f"unexpected {msg.type} message from a client")
             return
         handler(ident, msg)
-
-    def refuse(self, frames: list[Any], reason: str) -> None:
-        log.warning("refused a peer: %s", reason)
-        if len(frames) >= 2:
-            self.front.send_multipart([protocol.frame_bytes(frames[0]),
-                                       *protocol.pack(protocol.REFUSED, reason=reason)])
 
     def on_hello(self, ident: bytes, msg: Message) -> None:
         try:
@@ -464,21 +465,10 @@ class Broker:
     # ------------------------------------------------------------------ workers
 
     def on_worker_message(self, frames: list[Any]) -> None:
-        if not self.gate.admits(frames):
-            self.bad_message("workers", "a message from an unauthenticated peer")
+        received = self.receive("workers", self.back, frames)
+        if received is None:
             return
-        try:
-            ident, rest = protocol.split_identity(frames)
-            msg = protocol.decode(rest)
-        except protocol.VersionMismatch as exc:
-            log.warning("refused a worker: %s", exc)
-            if len(frames) >= 2:
-                self.back.send_multipart([protocol.frame_bytes(frames[0]),
-                                          *protocol.pack(protocol.REFUSED, reason=str(exc))])
-            return
-        except protocol.ProtocolError as exc:
-            self.bad_message("workers", exc)
-            return
+        ident, msg = received
         if msg.type == protocol.READY:
             self.on_ready(ident, msg)
             return
@@ -493,7 +483,7 @@ class Broker:
         if handler is None:
             self.bad_message("workers", f"unexpected {msg.type} message from a worker")
             return
-        handler(worker, rest, msg)
+        handler(worker, frames[1:], msg)
 
     def on_ready(self, ident: bytes, msg: Message) -> None:
         try:
