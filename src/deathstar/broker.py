@@ -79,6 +79,8 @@ class Counters:
     tasks_lost: int = 0
     tasks_timed_out: int = 0
     tasks_killed: int = 0  # running tasks of clients that cancelled or vanished
+    blobs_received: int = 0  # functions + common arguments, each sent once per client
+    blob_bytes_received: int = 0
     bad_messages: int = 0
 
 
@@ -367,6 +369,8 @@ class Broker:
             node=self.node_name, workers=self.capacity()))
 
     def on_blob(self, ident: bytes, msg: Message) -> None:
+        self.counters.blobs_received += 1
+        self.counters.blob_bytes_received += sum(len(f) for f in msg.payload)
         self.blobs[msg.env["h"]] = msg.payload
         self.clients[ident].blobs.add(msg.env["h"])
 
@@ -607,6 +611,8 @@ class Broker:
             "tasks_killed": self.counters.tasks_killed,
             "worker_restarts": self.supervisor.restarts,
             "workers_recycled": self.supervisor.recycled,
+            "blobs_received": self.counters.blobs_received,
+            "blob_bytes_received": self.counters.blob_bytes_received,
             "bad_messages": self.counters.bad_messages,
             "refused_handshakes": self.gate.refused,
             "uptime_s": round(time.monotonic() - self.started, 3),

@@ -89,6 +89,10 @@ class Job:
     per_item_s: float | None = None
     cancelled: bool = False
 
+    @property
+    def blob_bytes(self) -> int:
+        return serialize.payload_size(self.blob)
+
     def done(self) -> bool:
         return self.exhausted and not self.retry and self.outstanding == 0
 
@@ -128,6 +132,7 @@ class Node:
     done: int = 0
     failed: int = 0
     downs: int = 0  # times it was declared lost (silent, restarted) while in use
+    bytes_sent: int = 0  # payload bytes: function blobs and inputs
 
     @property
     def name(self) -> str:
@@ -625,7 +630,8 @@ class Engine(threading.Thread):
             rows.append({"node": node.name, "state": node.state, "workers": node.capacity,
                          "in_flight": node.items_in_flight(), "done": node.done,
                          "failed": node.failed, "rate": rate, "error": node.error,
-                         "downs": node.downs, "late_results": self.late_results})
+                         "downs": node.downs, "late_results": self.late_results,
+                         "bytes_sent": node.bytes_sent})
         self.snapshot = rows
 
     # ------------------------------------------------------------------ sending work
@@ -699,12 +705,14 @@ class Engine(threading.Thread):
         if job.fn_hash not in node.blobs_sent:
             self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
             node.blobs_sent.add(job.fn_hash)
+            node.bytes_sent += job.blob_bytes
         send_id = self.next_send_id
         self.next_send_id += 1
         node.inflight[send_id] = task
         job.outstanding += 1
         self.send(node, protocol.pack(protocol.TASK, task.payload, id=send_id, fn=job.fn_hash,
                                       n=len(task.indices), timeout=job.timeout_s))
+        node.bytes_sent += serialize.payload_size(task.payload)
 
     def finish_jobs(self) -> None:
         for job in [j for j in self.jobs.values() if j.done()]:

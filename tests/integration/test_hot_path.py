@@ -1,0 +1,123 @@
+"""Correctness of the fast paths: adaptive batching, blobs cached by hash, zero-copy
+arrays, and the bounded-memory path of a large CLI map."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import psutil
+import pytest
+
+import deathstar
+from deathstar.client import Cluster
+from deathstar.errors import RemoteError, WorkerCrashed
+from tests import jobs
+from tests.conftest import ROOT, Daemon, wait_for, worker_pids
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_tiny_tasks_are_batched_and_stay_ordered(daemon: Daemon) -> None:
+    with Cluster([daemon.address]) as c:
+        res = c.map(jobs.square, range(5000))
+        batched = next(iter(c.node_stats()))["bytes_sent"]
+    assert list(res) == [x * x for x in range(5000)]
+    with Cluster([daemon.address]) as c:
+        c.map(jobs.square, range(5000), chunksize=1)
+        single = next(iter(c.node_stats()))["bytes_sent"]
+    # one pickle header per message instead of one per input
+    assert batched < single / 3, (batched, single)
+
+
+def test_errors_inside_a_batch_belong_to_their_inputs(daemon: Daemon) -> None:
+    res = deathstar.map(jobs.fail_on_multiples_of, range(3000), cluster=[daemon.address],
+                        chunksize=100, on_error="return", k=7)
+    for i, v in enumerate(res):
+        if i % 7 == 0:
+            assert isinstance(v, RemoteError) and v.index == i and f"input {i} " in v.message
+        else:
+            assert v == i
+    assert [r.index for r in res.report if r.outcome == "error"] == list(range(0, 3000, 7))
+
+
+def test_a_crash_inside_a_batch_retries_only_that_input(daemon: Daemon) -> None:
+    res = deathstar.map(jobs.segfault_on, range(400), cluster=[daemon.address],
+                        chunksize=50, on_error="return", bad=123)
+    assert isinstance(res[123], WorkerCrashed) and res[123].attempts == 3
+    assert all(v == i for i, v in enumerate(res) if i != 123)
+    # the batch was split after the first crash: its other inputs needed one more run
+    # at most, and only input 123 went to three
+    attempts = {r.index: r.attempts for r in res.report}
+    assert max(a for i, a in attempts.items() if i != 123) <= 2
+    assert attempts[123] == 3
+
+
+def test_common_argument_travels_once_per_node(daemons: Callable[..., Daemon]) -> None:
+    a, b = daemons(2), daemons(2)
+    big = np.random.default_rng(0).random(1_000_000)  # 8 MB
+    with Cluster([a.address, b.address]) as c:
+        res = c.map(_scaled_sum, range(200), data=big)
+        sent = {row["node"]: row["bytes_sent"] for row in c.node_stats()}
+    assert list(res) == [float(big.sum()) * i for i in range(200)]
+    for d in (a, b):
+        status = d.status()
+        assert status["blobs_received"] == 1
+        assert 8_000_000 <= status["blob_bytes_received"] < 8_200_000
+        assert sent[d.address] < 8_400_000  # the blob once + 200 small inputs
+
+
+def _scaled_sum(i: int, data: np.ndarray) -> float:
+    return float(data.sum()) * i
+
+
+def test_a_changed_common_argument_is_sent_again(daemon: Daemon) -> None:
+    with Cluster([daemon.address]) as c:
+        assert c.map(jobs.add, [1, 2], y=10) == [11, 12]
+        assert c.map(jobs.add, [1, 2], y=20) == [21, 22]
+        assert c.map(jobs.add, [1, 2], y=10) == [11, 12]
+    # y=20 made a new blob; the third map's blob is the first's, already at the node
+    assert daemon.status()["blobs_received"] == 2
+
+
+def test_a_new_worker_fetches_the_function_on_a_miss(daemon: Daemon) -> None:
+    big = np.arange(300_000, dtype=np.float64)
+    with Cluster([daemon.address]) as c:
+        first = c.map(_scaled_sum, range(20), data=big)
+        for pid in worker_pids(daemon):
+            os.kill(pid, signal.SIGKILL)  # fresh workers know no function
+        wait_for(lambda: daemon.status()["worker_restarts"] >= 2, 20, "fresh workers")
+        wait_for(lambda: daemon.status()["workers"] == 2, 20, "two workers")
+        second = c.map(_scaled_sum, range(20), data=big)  # same blob: cached at the node
+    assert list(first) == list(second)
+    assert daemon.status()["blobs_received"] == 1  # the client did not send it again
+
+
+def test_large_cli_map_keeps_client_memory_bounded(daemon: Daemon, tmp_path: Path) -> None:
+    n = 200_000
+    args = tmp_path / "in.jsonl"
+    args.write_text("".join(f"{i}\n" for i in range(n)))
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("deathstar")), "map",
+                             "tests.jobs:square", "--args", str(args), "--cluster",
+                             daemon.address, "--out", str(out), "-q"], cwd=ROOT)
+    watched = psutil.Process(proc.pid)
+    peak = 0
+    deadline = time.monotonic() + 100
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)  # sampling interval of the memory probe
+    assert proc.wait(10) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == n and lines[-1] == f'{{"index": {n - 1}, "result": {(n - 1) ** 2}}}'
+    assert peak < 150 * 2**20, f"client peak RSS {peak / 2**20:.0f} MiB"
+    print(f"client peak RSS {peak / 2**20:.0f} MiB for {n} inputs")
