@@ -112,7 +112,8 @@ class Broker:
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, parent_pid: int | None = None,
                  max_tasks_per_worker: int | None = None,
                  max_worker_memory: int | None = None,
-                 keys: ServerKeys | None = None, zap: bool = True):
+                 keys: ServerKeys | None = None, zap: bool = True,
+                 idle_shutdown_s: float | None = None, max_lifetime_s: float | None = None):
         self.host = host
         self.port = port
         self.worker_port = worker_port
@@ -141,6 +142,10 @@ class Broker:
         self.next_supervise = 0.0
         self.next_heartbeat = 0.0
         self.last_housekeeping = time.monotonic()
+        # The dead-man's switch: stop after this long without work, or this long in all.
+        self.idle_shutdown_s = idle_shutdown_s
+        self.max_lifetime_s = max_lifetime_s
+        self.last_work = time.monotonic()
         self.client_handlers: dict[str, Callable[[bytes, Message], None]] = {
             protocol.BLOB: self.on_blob,
             protocol.TASK: self.on_task,
@@ -259,6 +264,7 @@ class Broker:
             for exited in self.supervisor.poll(now):
                 self.on_process_exit(exited)
             self.enforce_timeouts(now)
+            self.dead_mans_switch(now)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent process %d is gone; stopping", self.parent_pid)
                 self.stop()
@@ -267,6 +273,20 @@ class Broker:
             self.expire_clients(now)
             self.expire_workers(now)
             self.heartbeat_clients(now)
+
+    def dead_mans_switch(self, now: float) -> None:
+        """Stop (draining) after ``idle_shutdown_s`` without work or ``max_lifetime_s`` in
+        all, so a forgotten cloud node does not run up a bill."""
+        if self.stopping:
+            return
+        if self.running_count() or any(c.queue for c in self.clients.values()):
+            self.last_work = now
+        elif self.idle_shutdown_s is not None and now - self.last_work > self.idle_shutdown_s:
+            log.warning("no work for %.0f s (--idle-shutdown): stopping", now - self.last_work)
+            self.stop()
+        if self.max_lifetime_s is not None and now - self.started > self.max_lifetime_s:
+            log.warning("up for %.0f s (--max-lifetime): stopping", now - self.started)
+            self.stop()
 
     def stop(self, *_: Any) -> None:
         """Drain: accept no new tasks, let running ones finish (up to DRAIN_TIMEOUT_S)."""

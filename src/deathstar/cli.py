@@ -95,20 +95,29 @@ def _is_loopback(host: str) -> bool:
             return False
 
 
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+def _scaled(text: str, units: dict[str, float], example: str) -> float:
+    """A number with an optional unit suffix from ``units`` ("" is the bare unit)."""
+    t = text.strip().upper()
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = float(t[:-1] if unit else t) * units[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not like {example}") from None
+    if value <= 0:
+        raise ValueError(f"{text!r}: must be more than 0")
+    return value
 
 
 def parse_size(text: str) -> int:
     """'2G', '500M', '1.5g', '4096' -> bytes."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
-    try:
-        value = float(t[:-1] if unit else t) * _SIZE_UNITS[unit]
-    except ValueError:
-        raise ValueError(f"{text!r} is not a size like 2G or 500M") from None
-    if value <= 0:
-        raise ValueError(f"{text!r}: must be more than 0")
-    return int(value)
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(_scaled(text.strip().upper().removesuffix("B").removesuffix("I"), units,
+                       "2G or 500M"))
+
+
+def parse_duration(text: str) -> float:
+    """'30m', '12h', '90s', '45' (seconds) -> seconds."""
+    return _scaled(text, {"": 1, "S": 1, "M": 60, "H": 3600, "D": 86400}, "30m, 12h or 90s")
 
 
 @app.command()
@@ -131,6 +140,10 @@ def daemon(
     max_worker_memory: Annotated[Optional[str], typer.Option(
         help="Replace a worker, between tasks, once it holds this much memory "
              "(e.g. 2G, 500M).")] = None,
+    idle_shutdown: Annotated[Optional[str], typer.Option(
+        help="Stop after this long without work (e.g. 30m); for cloud nodes.")] = None,
+    max_lifetime: Annotated[Optional[str], typer.Option(
+        help="Stop after this long in all (e.g. 12h); for cloud nodes.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     parent_pid: Annotated[Optional[int], typer.Option(hidden=True)] = None,
     ready_json: Annotated[bool, typer.Option(hidden=True)] = False,
@@ -154,8 +167,10 @@ def daemon(
         raise _fail("--heartbeat must be more than 0 seconds", EXIT_USAGE)
     try:
         memory = None if max_worker_memory is None else parse_size(max_worker_memory)
+        idle_s = None if idle_shutdown is None else parse_duration(idle_shutdown)
+        lifetime_s = None if max_lifetime is None else parse_duration(max_lifetime)
     except ValueError as exc:
-        raise _fail(f"--max-worker-memory: {exc}", EXIT_USAGE) from None
+        raise _fail(f"{exc}", EXIT_USAGE) from None
     try:
         folder = resolve_dir(keys, NODE)
         server_keys = load_server_keys(folder) if folder is not None else None
@@ -186,7 +201,8 @@ def daemon(
         run_daemon(host=host, port=port, workers=workers, worker_port=worker_port,
                    heartbeat_s=heartbeat, parent_pid=parent_pid, on_ready=on_ready,
                    max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=memory,
-                   keys=server_keys, zap=zap)
+                   keys=server_keys, zap=zap, idle_shutdown_s=idle_s,
+                   max_lifetime_s=lifetime_s)
     except OSError as exc:  # zmq.ZMQError is an OSError: port in use, bad address
         raise _fail(f"cannot listen on {host}:{port}: {exc}", EXIT_USAGE) from None
 

@@ -152,8 +152,10 @@ class ClientKeys:
     folder: Path
 
     def server_key(self, node: NodeAddress) -> bytes:
-        """The node's public key: ``nodes/HOST_PORT.key``, ``nodes/HOST.key``, else
-        ``node.key``."""
+        """The node's public key: the one it came with (ec2 nodes), else
+        ``nodes/HOST_PORT.key``, ``nodes/HOST.key``, else ``node.key``."""
+        if node.server_key is not None:
+            return node.server_key
         for name in (f"{node.host}_{node.port}.key", f"{node.host}.key"):
             path = self.folder / NODES / name
             if path.exists():

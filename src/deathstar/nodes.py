@@ -1,8 +1,9 @@
 """Node addresses: how a user names nodes, and where their ports are.
 
 ``node`` means exec port 6000 and status port 6001; ``node:P`` means exec P, status P+1.
-A cluster is a comma list, ``@file`` (one node a line, ``#`` comments), or, when none is
-given, the ``DEATHSTAR_CLUSTER`` variable. No cluster at all means the embedded local one.
+A cluster is a comma list, ``@file`` (one node a line, ``#`` comments), ``ec2:NAME`` (the
+running instances of an ``ec2 up`` cluster, found by tag), or, when none is given, the
+``DEATHSTAR_CLUSTER`` variable. No cluster at all means the embedded local one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class NodeAddress:
     name: str
     host: str
     port: int
+    server_key: bytes | None = None  # its CurveZMQ public key, when known (ec2 nodes)
 
     @property
     def exec_endpoint(self) -> str:
@@ -78,17 +80,20 @@ def parse_cluster(spec: str | Sequence[str] | None) -> list[NodeAddress] | None:
         spec = os.environ.get("DEATHSTAR_CLUSTER") or None
         if spec is None:
             return None
-    names: list[str] = []
+    nodes: list[NodeAddress] = []
     for part in ([spec] if isinstance(spec, str) else list(spec)):
         for piece in str(part).split(","):
             piece = piece.strip()
             if piece.startswith("@"):
-                names.extend(_read_node_file(piece[1:]))
+                nodes.extend(parse_node(n) for n in _read_node_file(piece[1:]))
+            elif piece.startswith("ec2:"):
+                from deathstar.ec2 import cluster_nodes
+
+                nodes.extend(cluster_nodes(piece[4:]))
             elif piece:
-                names.append(piece)
-    if not names:
+                nodes.append(parse_node(piece))
+    if not nodes:
         raise ClusterSpecError("the cluster names no node")
-    nodes = [parse_node(n) for n in names]
     seen: set[tuple[str, int]] = set()
     for node in nodes:
         if (node.host, node.port) in seen:
