@@ -550,6 +550,9 @@ class _MapRun:
 
 def main() -> None:
     """Console-script entry point."""
+    from deathstar.cli_ec2 import ec2_app
+
+    app.add_typer(ec2_app, name="ec2")
     app()
 
 

@@ -1,0 +1,168 @@
+"""The ``deathstar ec2`` commands (part of the CLI: parsing and rendering only; the work is
+in ``deathstar.ec2``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from deathstar import ec2
+from deathstar.cli import err, parse_duration
+
+ec2_app = typer.Typer(help="Clusters on EC2: up, list, nodes, down (needs deathstar[ec2]).",
+                      no_args_is_help=True)
+
+Region = Annotated[Optional[str], typer.Option(help="AWS region [default: AWS config].")]
+
+
+def _fail(exc: ec2.Ec2Error) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return typer.Exit(exc.code)
+
+
+@ec2_app.command("up")
+def up_command(
+    count: Annotated[int, typer.Option(help="Instances to launch.")] = 1,
+    instance_type: Annotated[str, typer.Option("--type", help="Instance type.")] = "c5.xlarge",
+    name: Annotated[str, typer.Option(help="Cluster name (the tag).")] = "deathstar",
+    spot: Annotated[bool, typer.Option(help="Spot, one-time, terminate on interruption.")]
+    = False,
+    region: Region = None,
+    image_parameter: Annotated[str, typer.Option(help="SSM public parameter of the image.")]
+    = ec2.DEFAULT_IMAGE_PARAMETER,
+    allow_cidr: Annotated[Optional[str], typer.Option(
+        help="Who may reach the nodes' ports [default: your public address/32].")] = None,
+    ssh: Annotated[bool, typer.Option(help="Open SSH (port 22) to --allow-cidr.")] = False,
+    key_name: Annotated[Optional[str], typer.Option(help="EC2 key pair for SSH.")] = None,
+    idle_shutdown: Annotated[str, typer.Option(help="Nodes power off after this long "
+                                               "without work.")] = "30m",
+    max_lifetime: Annotated[str, typer.Option(help="Nodes power off after this long.")]
+    = "12h",
+    install: Annotated[str, typer.Option(help="What the nodes pip-install.")]
+    = ec2.UpOptions.install,
+    keys: Annotated[Optional[str], typer.Option(help="Your key folder [default: "
+                                                "$DEATHSTAR_KEYS or the config folder].")]
+    = None,
+    wait: Annotated[bool, typer.Option(help="Wait until every daemon answers.")] = True,
+    wait_timeout: Annotated[str, typer.Option(help="How long to wait.")] = "15m",
+) -> None:
+    """Launch a keyed deathstar cluster; nodes serve only your client key."""
+    if count < 1:
+        raise _fail(ec2.Ec2Error("--count must be at least 1", 2))
+    try:
+        opts = ec2.UpOptions(name=name, count=count, instance_type=instance_type, spot=spot,
+                             region=region, image_parameter=image_parameter,
+                             allow_cidr=allow_cidr or ec2.find_caller_cidr(), ssh=ssh,
+                             idle_shutdown_s=parse_duration(idle_shutdown),
+                             max_lifetime_s=parse_duration(max_lifetime), install=install,
+                             key_name=key_name)
+        deadline_s = parse_duration(wait_timeout)
+    except ValueError as exc:
+        raise _fail(ec2.Ec2Error(str(exc), 2)) from None
+    try:
+        instances = ec2.up(opts, keys)
+        err.print(f"cluster {name}: {len(instances)} instance(s) "
+                  f"({', '.join(i.id for i in instances)})", highlight=False)
+        rows: list[dict[str, Any]] = []
+        with Live(console=err, refresh_per_second=2, transient=False) as live:
+            for rows in ec2.watch(opts, deadline_s, probe=wait):
+                live.update(_rows_table(rows))
+    except ec2.Ec2Error as exc:
+        raise _fail(exc) from None
+    for row in rows:
+        typer.echo(f"{row['address']}:{opts.port}")
+    err.print(f"use it: deathstar map ... --cluster ec2:{name}   "
+              f"(then: deathstar ec2 down --name {name})", highlight=False)
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="instances")
+    for col in ("instance", "state", "address", "daemon"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], r["state"], r["address"] or "-", r["daemon"] or "-")
+    return table
+
+
+@ec2_app.command("list")
+def list_command(
+    name: Annotated[Optional[str], typer.Option(help="Only this cluster.")] = None,
+    region: Region = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    probe: Annotated[bool, typer.Option(help="Ask each running daemon for its status.")]
+    = True,
+) -> None:
+    """Every deathstar instance (found by tag): cluster, id, type, state, spot, address,
+    uptime, daemon status."""
+    from deathstar.client import query_status
+    from deathstar.nodes import NodeAddress
+
+    try:
+        instances = ec2.find_instances(ec2.Aws(region), name)
+    except ec2.Ec2Error as exc:
+        raise _fail(exc) from None
+    now = time.time()
+    rows = [{"cluster": i.cluster, "id": i.id, "type": i.type, "state": i.state,
+             "spot": i.spot, "address": i.address,
+             "uptime_s": round(now - i.launched) if i.launched else 0, "daemon": ""}
+            for i in instances]
+    running = [(r, i) for r, i in zip(rows, instances) if i.state == "running" and i.address]
+    if probe and running:
+        nodes = []
+        for _, inst in running:
+            port = int(inst.tags.get("deathstar:port", 6000))
+            key_file = ec2.cluster_dir(inst.cluster) / "node.key"
+            server_key = ec2.zmq.auth.load_certificate(str(key_file))[0] \
+                if key_file.exists() else None
+            nodes.append(NodeAddress(f"{inst.address}:{port}", inst.address, port, server_key))
+        for (row, _), status in zip(running, query_status(nodes, timeout=2.0)):
+            row["daemon"] = f"{status['workers']} workers" if not status["error"] else "no answer"
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    table = Table(title="deathstar on EC2")
+    for col in ("cluster", "instance", "type", "state", "spot", "address", "uptime", "daemon"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["cluster"], r["id"], r["type"], r["state"], "yes" if r["spot"] else "",
+                      r["address"], f"{r['uptime_s'] // 60}m", r["daemon"])
+    Console().print(table)
+
+
+@ec2_app.command("nodes")
+def nodes_command(
+    name: Annotated[str, typer.Argument(help="The cluster.")],
+    region: Region = None,
+) -> None:
+    """Print the running nodes of a cluster, one a line (what --cluster ec2:NAME uses)."""
+    from deathstar.nodes import ClusterSpecError
+
+    try:
+        nodes = ec2.cluster_nodes(f"{name}@{region}" if region else name)
+    except ClusterSpecError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(ec2.EXIT_AWS) from None
+    for node in nodes:
+        typer.echo(node.name)
+
+
+@ec2_app.command("down")
+def down_command(
+    name: Annotated[str, typer.Option(help="The cluster.")] = "deathstar",
+    region: Region = None,
+    wait_timeout: Annotated[str, typer.Option(help="How long to wait.")] = "10m",
+) -> None:
+    """Terminate every instance of the cluster (any state) and delete its security
+    group. Idempotent."""
+    try:
+        result = ec2.down(name, region, wait_s=parse_duration(wait_timeout))
+    except ec2.Ec2Error as exc:
+        raise _fail(exc) from None
+    err.print(f"cluster {name}: terminated {len(result['terminated'])} instance(s), deleted "
+              f"{len(result['security_groups'])} security group(s)", highlight=False)
