@@ -17,28 +17,22 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import cloudpickle
 import zmq
 
 from deathstar import config, protocol, serialize
-from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed
+from deathstar.errors import RemoteError, TaskFailed, WorkerCrashed
 from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
-from deathstar.report import CRASHED, ERROR, OK, TIMEOUT, TaskRecord
+from deathstar.job import FINISHED, Job, Outcome, Task
+from deathstar.report import CRASHED, ERROR, OK, TaskRecord
 
 log = logging.getLogger("deathstar.client")
-
-#: One delivered input: (index, succeeded, value or exception, record).
-Outcome = tuple[int, bool, Any, TaskRecord]
-
-#: Put on a job's queue after its last outcome.
-FINISHED = object()
 
 #: Node states.
 CONNECTING = "connecting"
@@ -53,62 +47,6 @@ RECONNECT_MAX_S = 32.0
 
 class NoNodesError(ConnectionError):
     """No node of the cluster could be used; the message names each and why."""
-
-
-@dataclass(eq=False)
-class Task:
-    """One message's worth of inputs of a job, kept until its result is in."""
-
-    job: Job
-    indices: list[int]
-    payload: list[Any]
-    attempts: int = 1  # the attempt this send is (worker crashes and timeouts count)
-    last_reason: str = ""
-    node_losses: int = 0  # re-sends because a node was lost (a budget of its own)
-    avoid: str = ""  # the node where it last failed: another is preferred
-
-
-@dataclass(eq=False)
-class Job:
-    """One map: its function blob, its inputs (read lazily), and its output queue."""
-
-    id: int
-    fn_hash: str
-    blob: list[Any]
-    items: Iterator[tuple[int, tuple[Any, ...], dict[str, Any] | None]]
-    total: int | None
-    chunksize: int | None
-    max_attempts: int
-    timeout_s: float | None = None
-    timeout_retries: int = 0
-    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
-    retry: deque[Task] = field(default_factory=deque)
-    exhausted: bool = False
-    outstanding: int = 0  # tasks sent and not yet answered
-    read: int = 0  # inputs taken from ``items``
-    per_item_s: float | None = None
-    cancelled: bool = False
-
-    @property
-    def blob_bytes(self) -> int:
-        return serialize.payload_size(self.blob)
-
-    def done(self) -> bool:
-        return self.exhausted and not self.retry and self.outstanding == 0
-
-    def batch_size(self, capacity: int) -> int:
-        """Inputs for the next message: fixed by ``chunksize``, else sized so a batch keeps
-        a worker busy about BATCH_TARGET_S, shrinking near the end so workers finish
-        together."""
-        if self.chunksize:
-            return self.chunksize
-        if self.timeout_s or self.per_item_s is None:  # a timeout is per input: one each
-            return 1
-        size = int(config.BATCH_TARGET_S / max(self.per_item_s, 1e-7))
-        if self.total is not None:
-            remaining = self.total - self.read
-            size = min(size, -(-remaining // (2 * max(capacity, 1))))
-        return max(1, min(size, config.BATCH_MAX_ITEMS))
 
 
 @dataclass(eq=False)
@@ -477,16 +415,16 @@ class Engine(threading.Thread):
             task.job.outstanding -= 1
             if code == "blob":
                 node.blobs_sent.discard(task.job.fn_hash)
-                self.requeue(task, charge=False)
+                task.job.requeue(task, charge=False)
             elif code == "stopping":
                 task.avoid = node.name
-                self.requeue(task, charge=False)
+                task.job.requeue(task, charge=False)
             elif code == "timeout":
-                self.timed_out(task, node.name, worker)
+                task.job.timed_out(task, node.name, worker)
             else:
                 task.last_reason = f"{msg.env['reason']} (node {node.name})"
                 task.avoid = node.name
-                self.requeue(task, charge=True, node=node.name, worker=worker,
+                task.job.requeue(task, charge=True, node=node.name, worker=worker,
                              sig=sig if isinstance(sig, int) else 0)
 
     # ------------------------------------------------------------------ retries
@@ -500,63 +438,12 @@ class Engine(threading.Thread):
             task.avoid = node.name
             if task.node_losses > config.MAX_NODE_LOSSES:
                 task.last_reason = f"node {node.name} lost ({node.error or 'silent'})"
-                self.fail_task(task, node.name, "", lambda i: WorkerCrashed(
+                task.job.fail_task(task, node.name, "", lambda i: WorkerCrashed(
                     f"its node was lost {task.node_losses} times; last: {task.last_reason}",
                     task.attempts, index=i, node=node.name), CRASHED)
             else:
-                self.requeue(task, charge=False)
+                task.job.requeue(task, charge=False)
         node.inflight.clear()
-
-    def timed_out(self, task: Task, node: str, worker: str) -> None:
-        """The daemon killed the worker running ``task`` at its timeout: the input fails
-        with TaskTimeout, unless the user allowed retries of timeouts."""
-        job = task.job
-        timeout = job.timeout_s or 0.0
-        if task.attempts <= job.timeout_retries:
-            task.avoid = node
-            job.retry.append(Task(job, task.indices, task.payload, task.attempts + 1,
-                                  f"timed out on {node}", task.node_losses, node))
-            return
-        self.fail_task(task, node, worker, lambda i: TaskTimeout(
-            timeout, task.attempts, index=i, node=node, worker=worker), TIMEOUT)
-
-    def fail_task(self, task: Task, node: str, worker: str,
-                  make_error: Callable[[int], TaskFailed], outcome: str) -> None:
-        """Deliver every input of ``task`` as failed with ``make_error(index)``."""
-        if task.job.cancelled:
-            return
-        now = time.time()
-        outcomes: list[Outcome] = []
-        for index in task.indices:
-            error = make_error(index)
-            record = TaskRecord(index, node, worker, now, now, task.attempts, outcome,
-                                str(error))
-            outcomes.append((index, False, error, record))
-        task.job.out.put(outcomes)
-
-    def requeue(self, task: Task, *, charge: bool, node: str = "", worker: str = "",
-                sig: int = 0) -> None:
-        """Send a task again. A worker crash costs an attempt; a crashed batch is split so
-        an input that kills its worker is isolated. Out of attempts: WorkerCrashed."""
-        job = task.job
-        if job.cancelled:
-            return
-        if not charge:
-            job.retry.append(task)
-            return
-        if task.attempts >= job.max_attempts:
-            self.fail_task(task, node, worker, lambda i: WorkerCrashed(
-                task.last_reason, task.attempts, signal=sig, index=i, node=node,
-                worker=worker), CRASHED)
-            return
-        if len(task.indices) == 1:
-            job.retry.append(Task(job, task.indices, task.payload, task.attempts + 1,
-                                  task.last_reason, task.node_losses, task.avoid))
-            return
-        items = serialize.loads(task.payload)
-        for index, item in zip(task.indices, items):
-            job.retry.append(Task(job, [index], serialize.dumps([item]), task.attempts + 1,
-                                  task.last_reason, task.node_losses, task.avoid))
 
     def cancel_job(self, job: Job) -> None:
         """Stop a job: what is queued at the nodes is dropped there; then FINISHED."""
@@ -655,7 +542,7 @@ class Engine(threading.Thread):
         for job in list(self.jobs.values()):
             if job.cancelled:
                 continue
-            task = self.pick_retry(job, node.name, alone)
+            task = job.pick_retry(node.name, alone)
             if task is None and not job.exhausted:
                 task = self.read_batch(job, capacity)
             if task is None:
@@ -664,14 +551,6 @@ class Engine(threading.Thread):
             self.jobs.pop(job.id)
             self.jobs[job.id] = job
             return task
-        return None
-
-    @staticmethod
-    def pick_retry(job: Job, node: str, alone: bool) -> Task | None:
-        for i, task in enumerate(job.retry):
-            if alone or task.avoid != node:
-                del job.retry[i]
-                return task
         return None
 
     def read_batch(self, job: Job, capacity: int) -> Task | None:

@@ -1,0 +1,136 @@
+"""A map as the client's I/O thread sees it: a ``Job`` (the function blob, the inputs read
+lazily, the output queue, the retry queue, the batch size policy) and its ``Task``s (one
+message's worth of inputs each)."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from deathstar import config, serialize
+from deathstar.errors import TaskFailed, TaskTimeout, WorkerCrashed
+from deathstar.report import CRASHED, TIMEOUT, TaskRecord
+
+#: One delivered input: (index, succeeded, value or exception, record).
+Outcome = tuple[int, bool, Any, TaskRecord]
+
+#: Put on a job's queue after its last outcome.
+FINISHED = object()
+
+@dataclass(eq=False)
+class Task:
+    """One message's worth of inputs of a job, kept until its result is in."""
+
+    job: Job
+    indices: list[int]
+    payload: list[Any]
+    attempts: int = 1  # the attempt this send is (worker crashes and timeouts count)
+    last_reason: str = ""
+    node_losses: int = 0  # re-sends because a node was lost (a budget of its own)
+    avoid: str = ""  # the node where it last failed: another is preferred
+
+
+@dataclass(eq=False)
+class Job:
+    """One map: its function blob, its inputs (read lazily), and its output queue."""
+
+    id: int
+    fn_hash: str
+    blob: list[Any]
+    items: Iterator[tuple[int, tuple[Any, ...], dict[str, Any] | None]]
+    total: int | None
+    chunksize: int | None
+    max_attempts: int
+    timeout_s: float | None = None
+    timeout_retries: int = 0
+    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    retry: deque[Task] = field(default_factory=deque)
+    exhausted: bool = False
+    outstanding: int = 0  # tasks sent and not yet answered
+    read: int = 0  # inputs taken from ``items``
+    per_item_s: float | None = None
+    cancelled: bool = False
+
+    @property
+    def blob_bytes(self) -> int:
+        return serialize.payload_size(self.blob)
+
+    def done(self) -> bool:
+        return self.exhausted and not self.retry and self.outstanding == 0
+
+    def batch_size(self, capacity: int) -> int:
+        """Inputs for the next message: fixed by ``chunksize``, else sized so a batch keeps
+        a worker busy about BATCH_TARGET_S, shrinking near the end so workers finish
+        together."""
+        if self.chunksize:
+            return self.chunksize
+        if self.timeout_s or self.per_item_s is None:  # a timeout is per input: one each
+            return 1
+        size = int(config.BATCH_TARGET_S / max(self.per_item_s, 1e-7))
+        if self.total is not None:
+            remaining = self.total - self.read
+            size = min(size, -(-remaining // (2 * max(capacity, 1))))
+        return max(1, min(size, config.BATCH_MAX_ITEMS))
+
+    # ------------------------------------------------------------------ retries
+
+    def pick_retry(self, node: str, alone: bool) -> Task | None:
+        """The first task waiting to be re-sent that may go to ``node``: one that failed
+        there waits for another node, unless ``node`` is the only one."""
+        for i, task in enumerate(self.retry):
+            if alone or task.avoid != node:
+                del self.retry[i]
+                return task
+        return None
+
+    def requeue(self, task: Task, *, charge: bool, node: str = "", worker: str = "",
+                sig: int = 0) -> None:
+        """Send a task again. A worker crash (``charge``) costs an attempt; a crashed batch
+        is split so an input that kills its worker is isolated. Out of attempts: each of
+        its inputs fails with WorkerCrashed."""
+        if self.cancelled:
+            return
+        if not charge:
+            self.retry.append(task)
+            return
+        if task.attempts >= self.max_attempts:
+            self.fail_task(task, node, worker, lambda i: WorkerCrashed(
+                task.last_reason, task.attempts, signal=sig, index=i, node=node,
+                worker=worker), CRASHED)
+            return
+        if len(task.indices) == 1:
+            self.retry.append(Task(self, task.indices, task.payload, task.attempts + 1,
+                                   task.last_reason, task.node_losses, task.avoid))
+            return
+        items = serialize.loads(task.payload)
+        for index, item in zip(task.indices, items):
+            self.retry.append(Task(self, [index], serialize.dumps([item]), task.attempts + 1,
+                                   task.last_reason, task.node_losses, task.avoid))
+
+    def timed_out(self, task: Task, node: str, worker: str) -> None:
+        """The daemon killed the worker running ``task`` at its timeout: the input fails
+        with TaskTimeout, unless the user allowed retries of timeouts."""
+        if task.attempts <= self.timeout_retries:
+            self.retry.append(Task(self, task.indices, task.payload, task.attempts + 1,
+                                   f"timed out on {node}", task.node_losses, node))
+            return
+        timeout = self.timeout_s or 0.0
+        self.fail_task(task, node, worker, lambda i: TaskTimeout(
+            timeout, task.attempts, index=i, node=node, worker=worker), TIMEOUT)
+
+    def fail_task(self, task: Task, node: str, worker: str,
+                  make_error: Callable[[int], TaskFailed], outcome: str) -> None:
+        """Deliver every input of ``task`` as failed with ``make_error(index)``."""
+        if self.cancelled:
+            return
+        now = time.time()
+        outcomes: list[Outcome] = []
+        for index in task.indices:
+            error = make_error(index)
+            record = TaskRecord(index, node, worker, now, now, task.attempts, outcome,
+                                str(error))
+            outcomes.append((index, False, error, record))
+        self.out.put(outcomes)
