@@ -253,6 +253,38 @@ def keygen(
         typer.echo(str(path))
 
 
+# ---------------------------------------------------------------------- config
+
+config_app = typer.Typer(help="The config file (config.toml in the config folder).",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+                ) -> None:
+    """Every setting's value and where it came from (env > config file > default), the
+    named clusters, and the key folder in use."""
+    keys_dir = resolve_dir(None, CLIENT)
+    data = {"config_file": str(config.config_path()),
+            "settings": {k.lower(): {"value": v, "from": src}
+                         for k, (v, src) in sorted(config.SOURCES.items())},
+            "clusters": config.named_clusters(),
+            "keys": str(keys_dir) if keys_dir else None}
+    if as_json:
+        typer.echo(json.dumps(data, indent=1))
+        return
+    table = Table(title=f"deathstar settings ({data['config_file']})")
+    for col in ("setting", "value", "from"):
+        table.add_column(col)
+    for name, row in data["settings"].items():
+        table.add_row(name, str(row["value"]), row["from"])
+    for name, nodes in data["clusters"].items():
+        table.add_row(f"cluster {name}", ", ".join(nodes), "config file")
+    table.add_row("keys", str(data["keys"] or "none"), "")
+    Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH).print(table)
+
+
 # ---------------------------------------------------------------------- status
 
 
@@ -552,6 +584,9 @@ def main() -> None:
     """Console-script entry point."""
     from deathstar.cli_ec2 import ec2_app
 
+    if config.FILE_ERROR:
+        err.print(f"[bold red]error:[/] {config.FILE_ERROR}", highlight=False)
+        raise SystemExit(EXIT_USAGE)
     app.add_typer(ec2_app, name="ec2")
     app()
 

@@ -1,28 +1,105 @@
-"""Every tunable of deathstar, documented once.
+"""Every tunable of deathstar, documented once, and where its value came from.
 
-Each constant can be overridden by an environment variable named ``DEATHSTAR_`` plus the
-constant's name without its unit suffix (``DEATHSTAR_HEARTBEAT_INTERVAL=0.2``). The values
-are read once, at import.
+Each constant is, in order of precedence: a command-line flag (where one exists, applied
+by the CLI), the environment variable ``DEATHSTAR_`` plus the constant's name without its
+unit suffix (``DEATHSTAR_HEARTBEAT_INTERVAL=0.2``), the ``[defaults]`` table of the config
+file (``heartbeat_interval = 0.2``), else the default here. The config file is
+``config.toml`` in the config folder (``~/.config/deathstar`` on Linux), or
+``$DEATHSTAR_CONFIG``; its ``[clusters]`` table names clusters (``lab = ["krypton",
+"xenon:7000"]``) that ``--cluster lab`` then means. Values are read once, at import.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or variable that cannot be used; the message names it."""
+
+
+def config_path() -> Path:
+    """Where the config file is (it need not exist)."""
+    explicit = os.environ.get("DEATHSTAR_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    from click import get_app_dir  # typer's own helper: XDG on Linux
+
+    return Path(get_app_dir("deathstar")) / "config.toml"
+
+
+def _load_file() -> dict[str, Any]:
+    path = config_path()
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for table in ("defaults", "clusters"):
+        if not isinstance(data.get(table, {}), dict):
+            raise ConfigError(f"{path}: [{table}] must be a table")
+    return data
+
+
+try:
+    FILE = _load_file()
+    FILE_ERROR = ""
+except ConfigError as _exc:  # the CLI reports it and stops; the library goes on without
+    FILE, FILE_ERROR = {}, str(_exc)
+#: Each setting's value and where it came from ("env DEATHSTAR_X", "config.toml", "default").
+SOURCES: dict[str, tuple[Any, str]] = {}
+
+
+def _setting(name: str, default: Any, kind: type) -> Any:
+    raw = os.environ.get("DEATHSTAR_" + name)
+    if raw not in (None, ""):
+        source = f"env DEATHSTAR_{name}"
+    elif name.lower() in FILE.get("defaults", {}):
+        raw = FILE["defaults"][name.lower()]
+        source = str(config_path())
+    else:
+        SOURCES[name] = (default, "default")
+        return default
+    try:
+        value = kind(float(raw)) if kind is int else kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name.lower()}={raw!r} is not a {kind.__name__}") \
+            from None
+    SOURCES[name] = (value, source)
+    return value
 
 
 def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get("DEATHSTAR_" + name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"DEATHSTAR_{name}={raw!r} is not a number") from None
+    return float(_setting(name, default, float))
 
 
 def _env_int(name: str, default: int) -> int:
-    return int(_env_float(name, default))
+    return int(_setting(name, default, int))
 
+
+def named_clusters() -> dict[str, list[str]]:
+    """The config file's ``[clusters]``: name -> node specs."""
+    out: dict[str, list[str]] = {}
+    for name, nodes in FILE.get("clusters", {}).items():
+        out[name] = [nodes] if isinstance(nodes, str) else [str(n) for n in nodes]
+    return out
+
+
+def file_keys_dir() -> str | None:
+    """The config file's ``keys = "DIR"`` (used when neither --keys nor DEATHSTAR_KEYS
+    says)."""
+    value = FILE.get("defaults", {}).get("keys")
+    return str(value) if value else None
 
 #: Exec port of a node named without a port; its status port is the next one and the
 #: port for hand-started workers the one after.

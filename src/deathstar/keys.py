@@ -51,9 +51,13 @@ def default_dir() -> Path:
 
 
 def resolve_dir(explicit: str | Path | None, role: str) -> Path | None:
-    """The key folder to use: ``explicit``, else ``$DEATHSTAR_KEYS``, else the default
-    folder when it holds ``role``'s secret key; None means no keys (``none`` too)."""
-    chosen = explicit if explicit is not None else os.environ.get("DEATHSTAR_KEYS") or None
+    """The key folder to use: ``explicit``, else ``$DEATHSTAR_KEYS``, else the config
+    file's ``keys``, else the default folder when it holds ``role``'s secret key; None
+    means no keys (``none`` too)."""
+    from deathstar import config
+
+    chosen = explicit if explicit is not None else (
+        os.environ.get("DEATHSTAR_KEYS") or config.file_keys_dir())
     if chosen is not None:
         return None if str(chosen) == NO_KEYS else Path(chosen).expanduser()
     default = default_dir()

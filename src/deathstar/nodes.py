@@ -70,11 +70,13 @@ def parse_node(spec: str) -> NodeAddress:
     return NodeAddress(spec.strip(), host, port)
 
 
-def parse_cluster(spec: str | Sequence[str] | None) -> list[NodeAddress] | None:
+def parse_cluster(spec: str | Sequence[str] | None,
+                  _named: frozenset[str] = frozenset()) -> list[NodeAddress] | None:
     """Turn a cluster given by the user into node addresses; None means embedded local.
 
-    Accepts a list of node names, a comma-separated string, or ``@path`` to a file of
-    node names. ``None`` falls back to ``DEATHSTAR_CLUSTER``, and to None when unset.
+    Accepts a list of node names, a comma-separated string, ``@path`` to a file of node
+    names, ``ec2:NAME``, and names of clusters in the config file's ``[clusters]``.
+    ``None`` falls back to ``DEATHSTAR_CLUSTER``, and to None when unset.
     """
     if spec is None:
         spec = os.environ.get("DEATHSTAR_CLUSTER") or None
@@ -86,6 +88,11 @@ def parse_cluster(spec: str | Sequence[str] | None) -> list[NodeAddress] | None:
             piece = piece.strip()
             if piece.startswith("@"):
                 nodes.extend(parse_node(n) for n in _read_node_file(piece[1:]))
+            elif piece in config.named_clusters():  # a cluster named in config.toml
+                if piece in _named:
+                    raise ClusterSpecError(f"cluster {piece!r} names itself")
+                nodes.extend(parse_cluster(config.named_clusters()[piece],
+                                           _named | {piece}) or [])
             elif piece.startswith("ec2:"):
                 from deathstar.ec2 import cluster_nodes
 
