@@ -36,7 +36,8 @@ from deathstar.keys import (CLIENT, NODE, KeyFileError, default_dir, load_client
 from deathstar.keys import keygen as keygen_keys
 from deathstar.nodes import ClusterSpecError, NodeAddress
 from deathstar.output import OutputError, ResultWriter, read_previous
-from deathstar.report import NodeSummary, ReportWriter, Tally, TaskRecord
+from deathstar.report import (NodeSummary, ReportWriter, Tally, TaskRecord, node_figures,
+                              node_summary, plot_report, read_report)
 from deathstar.serialize import SerializationError
 
 EXIT_OK = 0
@@ -253,6 +254,43 @@ def keygen(
         typer.echo(str(path))
 
 
+# ---------------------------------------------------------------------- report
+
+
+@app.command("report")
+def report_command(
+    path: Annotated[Path, typer.Argument(help="A report written by map --report.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw a timeline and a per-node "
+                                                 "chart into this image (.png).")] = None,
+) -> None:
+    """The node summary and per-node figures of a report; --plot draws it."""
+    try:
+        records = read_report(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _fail(f"{path}: not a readable report ({exc})", EXIT_BAD_INPUT) from None
+    err_out = Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+    err_out.print(summary_table(node_summary(records)))
+    table = Table(title="per node")
+    for col in ("node", "tasks", "failed", "mean s", "p50 s", "p95 s", "busy share",
+                "retries"):
+        table.add_column(col, justify="left" if col == "node" else "right")
+    for f in node_figures(records):
+        table.add_row(f.node, str(f.tasks), str(f.failed), f"{f.mean_s:.4f}",
+                      f"{f.p50_s:.4f}", f"{f.p95_s:.4f}", f"{f.busy_share:.0%}",
+                      str(f.retries))
+    err_out.print(table)
+    if plot is not None:
+        _plot(records, plot)
+
+
+def _plot(records: list[TaskRecord], path: Path) -> None:
+    try:
+        plot_report(records, path)
+    except ImportError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    err.print(f"plot written to {path}", highlight=False)
+
+
 # ---------------------------------------------------------------------- config
 
 config_app = typer.Typer(help="The config file (config.toml in the config folder).",
@@ -425,6 +463,8 @@ def map_command(
                                                 "written as they arrive, or .pkl.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write the execution report "
                                                    "(.json or .csv).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="At the end, draw the run's timeline "
+                                                 "and per-node chart into this .png.")] = None,
     resume: Annotated[bool, typer.Option(help="Run only the inputs missing from --out "
                                          "(a .jsonl an interrupted run left).")] = False,
     retry_failed: Annotated[bool, typer.Option(help="With --resume, also re-run the inputs "
@@ -475,7 +515,11 @@ def map_command(
                   _Display(cl, total - len(skip), enabled=not quiet), quiet)
     run.failed_count = earlier_failures  # the exit code speaks for the whole output
     options = dict(chunksize=chunksize, timeout=timeout, max_attempts=max_attempts)
-    raise typer.Exit(run.run(fn, common, calls, skip, total - len(skip), options))
+    run.records = [] if plot is not None else None
+    code = run.run(fn, common, calls, skip, total - len(skip), options)
+    if plot is not None and run.records:
+        _plot(run.records, plot)
+    raise typer.Exit(code)
 
 
 def _check_map_options(out: Path | None, report: Path | None, resume: bool,
@@ -509,6 +553,7 @@ class _MapRun:
         self.display = display
         self.quiet = quiet
         self.tally = Tally()
+        self.records: list[TaskRecord] | None = None  # kept only for --plot
         self.failed: list[TaskFailed] = []
         self.failed_count = 0
 
@@ -556,6 +601,8 @@ class _MapRun:
         if self.report is not None:
             self.report.add(record)
         self.tally.add(record)
+        if self.records is not None:
+            self.records.append(record)
         if not ok:
             self.failed_count += 1
             if len(self.failed) < 3:

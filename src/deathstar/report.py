@@ -136,3 +136,79 @@ def read_report(path: str | Path) -> list[TaskRecord]:
         ]
     with path.open() as fh:
         return [TaskRecord(**{k: d[k] for k in names if k in d}) for d in json.load(fh)]
+
+
+@dataclass(slots=True)
+class NodeFigures:
+    """Per-node figures of a report: tasks, failures, task-time statistics, share of the
+    total busy time, and retries (extra attempts)."""
+
+    node: str
+    tasks: int
+    failed: int
+    mean_s: float
+    p50_s: float
+    p95_s: float
+    busy_share: float
+    retries: int
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def node_figures(report: Iterable[TaskRecord]) -> list[NodeFigures]:
+    """``NodeFigures`` per node, most tasks first."""
+    by_node: dict[str, list[TaskRecord]] = {}
+    for rec in report:
+        by_node.setdefault(rec.node, []).append(rec)
+    total_busy = sum(r.seconds for recs in by_node.values() for r in recs) or 1.0
+    rows = []
+    for node, recs in by_node.items():
+        times = sorted(r.seconds for r in recs)
+        rows.append(NodeFigures(
+            node, len(recs), sum(1 for r in recs if r.outcome != OK),
+            sum(times) / len(times), _quantile(times, 0.5), _quantile(times, 0.95),
+            sum(times) / total_busy, sum(max(0, r.attempts - 1) for r in recs)))
+    return sorted(rows, key=lambda r: (-r.tasks, r.node))
+
+
+def plot_report(report: list[TaskRecord], path: str | Path) -> None:
+    """Draw a timeline (a lane per worker, a bar per task coloured by node, failures
+    marked) above a per-node bar chart of jobs completed, into an image file. Needs
+    matplotlib (the ``plot`` extra); raises ImportError naming it otherwise."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'deathstar[plot]'") from None
+    nodes = sorted({r.node for r in report})
+    workers = sorted({(r.node, r.worker) for r in report})
+    lane = {w: i for i, w in enumerate(workers)}
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(nodes)}
+    t0 = min((r.start for r in report if r.start > 0), default=0.0)
+    fig, (timeline, bars) = plt.subplots(2, 1, figsize=(11, 3 + 0.3 * len(workers) + 3),
+                                         gridspec_kw={"height_ratios": [3, 1]})
+    for r in report:
+        y = lane[(r.node, r.worker)]
+        timeline.barh(y, max(r.seconds, 1e-4), left=r.start - t0, height=0.8,
+                      color=colours[r.node], edgecolor="none")
+        if r.outcome != OK:
+            timeline.plot(r.end - t0, y, marker="x", color="red", markersize=6)
+    timeline.set_yticks(range(len(workers)), [w for _, w in workers], fontsize=7)
+    timeline.set_xlabel("seconds since the first task started")
+    timeline.set_title("tasks per worker (colour: node; x: failed)")
+    summary = node_summary(report)
+    bars.bar([s.node for s in summary], [s.jobs_completed for s in summary],
+             color=[colours[s.node] for s in summary])
+    bars.set_ylabel("jobs completed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -186,3 +186,23 @@ def _env_without_cluster() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "DEATHSTAR_CLUSTER"}
+
+
+def test_report_command_and_plots(daemon: Daemon, tmp_path: Path) -> None:
+    args = write_jsonl(tmp_path / "in.jsonl", list(range(1, 41)))
+    report, png, png2 = tmp_path / "r.json", tmp_path / "map.png", tmp_path / "report.png"
+    res = run("map", "tests.jobs:fail_on_multiples_of", "--args", str(args), "--cluster",
+              daemon.address, "--kwargs", '{"k": 10}', "--report", str(report), "--plot",
+              str(png), "-q")
+    assert res.returncode == 3, res.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = run("report", str(report), "--plot", str(png2))
+    assert shown.returncode == 0, shown.stderr
+    assert daemon.address in shown.stdout and "p95 s" in shown.stdout
+    row = next(line for line in shown.stdout.splitlines()
+               if daemon.address in line and "│" in line and "%" in line)
+    cells = [c.strip() for c in row.split("│") if c.strip()]
+    assert cells[1:3] == ["40", "4"]  # 40 tasks, 4 failed (10, 20, 30, 40)
+    assert png2.stat().st_size > 10_000
+    bad = run("report", str(args))
+    assert bad.returncode == 5
