@@ -233,10 +233,17 @@ def test_workers_are_recycled_by_memory(daemons: Callable[..., Daemon]) -> None:
 
 
 def _cli_map(daemon: Daemon, args: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    # A shell without job control starts background jobs with SIGINT ignored, and that
+    # is inherited: give the CLI the default disposition, as a terminal would.
     return subprocess.Popen([EXE, "map", "tests.jobs:sleep_square", "--args", str(args),
                              "--cluster", daemon.address, "--out", str(out), *extra],
                             cwd=ROOT, env={**os.environ, **FAST}, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
