@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # inherit this). Tests that use keys name their folder explicitly.
 os.environ["DEATHSTAR_KEYS"] = "none"
 os.environ.pop("DEATHSTAR_CLUSTER", None)
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="deathstar-test-state-")  # worker logs
 #: Fast heartbeats so liveness tests finish quickly.
 FAST_HEARTBEAT = "0.2"
 

@@ -92,3 +92,21 @@ def rss_grow(x: int, megabytes: int = 0) -> int:
 
 
 _LEAK: list[bytearray] = []
+
+
+def shout(x: int) -> int:
+    """Print a line naming the input (to stdout and stderr), return it."""
+    import sys
+
+    print(f"input {x} on stdout")
+    print(f"input {x} on stderr", file=sys.stderr)
+    return x
+
+
+def draw(_: Any = None) -> tuple[float, float]:
+    """One number from Python's generator and one from numpy's."""
+    import random
+
+    import numpy
+
+    return random.random(), float(numpy.random.random())

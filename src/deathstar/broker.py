@@ -47,7 +47,8 @@ class Broker:
                  max_tasks_per_worker: int | None = None,
                  max_worker_memory: int | None = None,
                  keys: ServerKeys | None = None, zap: bool = True,
-                 idle_shutdown_s: float | None = None, max_lifetime_s: float | None = None):
+                 idle_shutdown_s: float | None = None, max_lifetime_s: float | None = None,
+                 log_dir: str | None = None):
         self.host = host
         self.port = port
         self.worker_port = worker_port
@@ -63,7 +64,7 @@ class Broker:
                                      f"ipc://{self.ipc_dir}/workers",
                                      max_tasks=max_tasks_per_worker,
                                      max_memory=max_worker_memory, heartbeat_s=heartbeat_s,
-                                     env=self.gate.worker_env())
+                                     env=self.gate.worker_env(), log_dir=log_dir)
         self.clients: dict[bytes, ClientConn] = {}
         self.workers: dict[bytes, WorkerConn] = {}
         self.idle: deque[bytes] = deque()

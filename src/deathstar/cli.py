@@ -121,6 +121,12 @@ def parse_duration(text: str) -> float:
     return _scaled(text, {"": 1, "S": 1, "M": 60, "H": 3600, "D": 86400}, "30m, 12h or 90s")
 
 
+def default_log_dir() -> Path:
+    """$XDG_STATE_HOME/deathstar/logs (~/.local/state/deathstar/logs)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "deathstar" / "logs"
+
+
 @app.command()
 def daemon(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
@@ -145,6 +151,9 @@ def daemon(
         help="Stop after this long without work (e.g. 30m); for cloud nodes.")] = None,
     max_lifetime: Annotated[Optional[str], typer.Option(
         help="Stop after this long in all (e.g. 12h); for cloud nodes.")] = None,
+    log_dir: Annotated[Optional[Path], typer.Option(
+        help="Where each worker's output (what tasks print) goes, as worker-PID.log "
+             "[default: $XDG_STATE_HOME/deathstar/logs].")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     parent_pid: Annotated[Optional[int], typer.Option(hidden=True)] = None,
     ready_json: Annotated[bool, typer.Option(hidden=True)] = False,
@@ -203,7 +212,7 @@ def daemon(
                    heartbeat_s=heartbeat, parent_pid=parent_pid, on_ready=on_ready,
                    max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=memory,
                    keys=server_keys, zap=zap, idle_shutdown_s=idle_s,
-                   max_lifetime_s=lifetime_s)
+                   max_lifetime_s=lifetime_s, log_dir=str(log_dir or default_log_dir()))
     except OSError as exc:  # zmq.ZMQError is an OSError: port in use, bad address
         raise _fail(f"cannot listen on {host}:{port}: {exc}", EXIT_USAGE) from None
 

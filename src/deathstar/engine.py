@@ -361,26 +361,31 @@ class Engine(threading.Thread):
             if len(oks) != n:
                 raise ValueError(f"{len(oks)} outcomes for {n} inputs")
             values = serialize.loads(msg.payload)
-            if not isinstance(values, list) or len(values) != n:
+            outputs = [""] * n
+            if job.capture:
+                values, outputs = values
+            if not isinstance(values, list) or len(values) != n or len(outputs) != n:
                 raise ValueError("result list of the wrong shape")
         except Exception as exc:
             reason = f"the result could not be unpickled here: {exc!r}"
             values = [{"type": "deathstar.ResultError", "message": reason, "traceback": ""}] * n
+            outputs = [""] * n
             oks = [False] * n
             stamps = [[0.0, 0.0]] * n if len(stamps) != n else stamps
         outcomes: list[Outcome] = []
         busy = 0.0
-        for index, ok, value, stamp in zip(task.indices, oks, values, stamps):
+        for index, ok, value, stamp, output in zip(task.indices, oks, values, stamps, outputs):
             start, end = float(stamp[0]), float(stamp[1])
             busy += end - start
             if ok:
-                record = TaskRecord(index, node.name, worker, start, end, task.attempts, OK)
+                record = TaskRecord(index, node.name, worker, start, end, task.attempts, OK,
+                                    output=output)
                 outcomes.append((index, True, value, record))
                 node.done += 1
             else:
                 error = self.remote_error(value, index, node.name, worker)
                 record = TaskRecord(index, node.name, worker, start, end, task.attempts, ERROR,
-                                    f"{error.type_name}: {error.message}")
+                                    f"{error.type_name}: {error.message}", output)
                 outcomes.append((index, False, error, record))
                 node.failed += 1
         per_item = busy / max(n, 1)
@@ -589,8 +594,13 @@ class Engine(threading.Thread):
         self.next_send_id += 1
         node.inflight[send_id] = task
         job.outstanding += 1
+        extra: dict[str, Any] = {}
+        if job.seed is not None:
+            extra.update(seed=job.seed, ix=task.indices)
+        if job.capture:
+            extra["cap"] = True
         self.send(node, protocol.pack(protocol.TASK, task.payload, id=send_id, fn=job.fn_hash,
-                                      n=len(task.indices), timeout=job.timeout_s))
+                                      n=len(task.indices), timeout=job.timeout_s, **extra))
         node.bytes_sent += serialize.payload_size(task.payload)
 
     def finish_jobs(self) -> None:

@@ -46,6 +46,8 @@ class Job:
     max_attempts: int
     timeout_s: float | None = None
     timeout_retries: int = 0
+    seed: int | None = None  # workers seed their generators with seed + index
+    capture: bool = False  # bring back what each input prints
     out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     retry: deque[Task] = field(default_factory=deque)
     exhausted: bool = False

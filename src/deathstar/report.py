@@ -29,6 +29,7 @@ class TaskRecord:
     attempts: int
     outcome: str
     error: str = ""
+    output: str = ""  # what the input printed, with capture_output
 
     @property
     def seconds(self) -> float:
@@ -131,7 +132,8 @@ def read_report(path: str | Path) -> list[TaskRecord]:
             rows = list(csv.DictReader(fh))
         return [
             TaskRecord(int(r["index"]), r["node"], r["worker"], float(r["start"]),
-                       float(r["end"]), int(r["attempts"]), r["outcome"], r.get("error", ""))
+                       float(r["end"]), int(r["attempts"]), r["outcome"], r.get("error", ""),
+                       r.get("output", ""))
             for r in rows
         ]
     with path.open() as fh:

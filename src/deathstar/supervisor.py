@@ -58,6 +58,7 @@ class Supervisor:
     max_memory: int | None = None
     heartbeat_s: float | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the workers' environment
+    log_dir: str | None = None  # each worker's output goes to worker-PID.log there
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
     restarts: int = 0
     recycled: int = 0
@@ -72,7 +73,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "deathstar.worker", "--connect", self.connect,
                "--parent-pid", str(os.getpid())]
         for flag, value in (("--max-tasks", self.max_tasks), ("--max-memory", self.max_memory),
-                            ("--heartbeat", self.heartbeat_s)):
+                            ("--heartbeat", self.heartbeat_s), ("--log-dir", self.log_dir)):
             if value is not None:
                 cmd += [flag, str(value)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,

@@ -8,8 +8,11 @@ unpickled. Started by the daemon (one per core) or by hand with ``deathstar work
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import io
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -102,6 +105,64 @@ def _error_info(exc: BaseException) -> dict[str, Any]:
     except Exception:
         info["pickled"] = None
     return info
+
+
+def _task_seeds(env: dict[str, Any], n: int) -> list[int] | None:
+    """Per-input seeds from a task's ``seed`` and ``ix`` (the inputs' indices)."""
+    seed, indices = env.get("seed"), env.get("ix")
+    if seed is None:
+        return None
+    if not isinstance(seed, int) or not isinstance(indices, list) or len(indices) != n or \
+            not all(isinstance(i, int) for i in indices):
+        raise ValueError("a seeded task needs an integer seed and one index per input")
+    return [seed + i for i in indices]
+
+
+def seed_generators(seed: int) -> None:
+    """Seed Python's ``random`` and numpy's global generator (when numpy is installed)."""
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is None and importlib.util.find_spec("numpy") is not None:
+        import numpy
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+
+
+class _Capture:
+    """Within ``with``: what the code prints to sys.stdout/sys.stderr is kept (and still
+    goes to the worker's own output). Inactive when ``enabled`` is False."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.buffer = io.StringIO()
+
+    def __enter__(self) -> _Capture:
+        if self.enabled:
+            self.saved = sys.stdout, sys.stderr
+            sys.stdout = _Tee(self.buffer, self.saved[0])  # type: ignore[assignment]
+            sys.stderr = _Tee(self.buffer, self.saved[1])  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            sys.stdout, sys.stderr = self.saved
+
+    def text(self) -> str:
+        return self.buffer.getvalue()
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams: Any):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
 
 
 class _Terminate(BaseException):
@@ -324,49 +385,61 @@ class Worker:
         self.functions.move_to_end(msg.env["fn"])
         self.socket_lock.release()  # the pulse thread beats while user code runs
         try:
-            values, oks, stamps = self.execute(fn, common, msg)
+            values, oks, stamps, outputs = self.execute(fn, common, msg)
         finally:
             self.socket_lock.acquire()
         self.inputs_done += len(oks)
-        payload = self._dump_results(values, oks)
+        payload = self._dump_results(values, oks, outputs)
         self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
                                 ok=oks, ts=stamps))
 
     @staticmethod
     def execute(fn: Callable[..., Any], common: dict[str, Any], msg: Message
-                ) -> tuple[list[Any], list[bool], list[list[float]]]:
+                ) -> tuple[list[Any], list[bool], list[list[float]], list[str] | None]:
         """Call ``fn`` on each input of the message: values (or error info), whether each
-        succeeded, and each one's start and end time."""
+        succeeded, each one's start and end time, and (when the task asks, ``cap``) what
+        each printed. With ``seed``, Python's and numpy's generators are seeded with
+        seed + the input's index (``ix``) before each input."""
         values: list[Any] = []
         oks: list[bool] = []
         stamps: list[list[float]] = []
+        n = msg.env["n"]
+        capture = bool(msg.env.get("cap"))
+        outputs: list[str] | None = [] if capture else None
         try:
             items = serialize.loads(msg.payload)
+            seeds = _task_seeds(msg.env, n)
         except Exception as exc:
             info = _error_info(exc)
-            info["message"] = f"the task's arguments could not be unpickled here: {exc}"
+            info["message"] = f"the task could not be read here: {exc}"
             now = time.time()
-            n = msg.env["n"]
-            return [info] * n, [False] * n, [[now, now]] * n
-        for args, kwargs in items:
+            return [info] * n, [False] * n, [[now, now]] * n, [""] * n if capture else None
+        for k, (args, kwargs) in enumerate(items):
+            if seeds is not None:
+                seed_generators(seeds[k])
             start = time.time()
-            try:
-                if kwargs:
-                    values.append(fn(*args, **{**common, **kwargs}))
-                else:
-                    values.append(fn(*args, **common))
-                oks.append(True)
-            except (Exception, SystemExit) as exc:
-                values.append(_error_info(exc))
-                oks.append(False)
+            with _Capture(capture) as captured:
+                try:
+                    if kwargs:
+                        values.append(fn(*args, **{**common, **kwargs}))
+                    else:
+                        values.append(fn(*args, **common))
+                    oks.append(True)
+                except (Exception, SystemExit) as exc:
+                    values.append(_error_info(exc))
+                    oks.append(False)
             stamps.append([start, time.time()])
-        return values, oks, stamps
+            if outputs is not None:
+                outputs.append(captured.text())
+        return values, oks, stamps, outputs
 
     @staticmethod
-    def _dump_results(values: list[Any], oks: list[bool]) -> list[Any]:
-        """Pickle the results; one that cannot be pickled becomes that input's error."""
+    def _dump_results(values: list[Any], oks: list[bool], outputs: list[str] | None
+                      ) -> list[Any]:
+        """Pickle the results (with the captured outputs, when asked); one that cannot be
+        pickled becomes that input's error."""
         try:
-            return serialize.dumps(values)
+            return serialize.dumps(values if outputs is None else (values, outputs))
         except Exception:
             pass
         for i, value in enumerate(values):
@@ -377,13 +450,14 @@ class Worker:
                 info["message"] = (f"the result ({type(value).__name__}) could not be "
                                    f"pickled: {exc}")
                 values[i], oks[i] = info, False
-        return serialize.dumps(values)
+        return serialize.dumps(values if outputs is None else (values, outputs))
 
 
 def main(connect: str, parent_pid: int | None = None, *,
          heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, max_tasks: int | None = None,
          max_memory: int | None = None,
-         curve: tuple[bytes, bytes, bytes] | None = None) -> int:
+         curve: tuple[bytes, bytes, bytes] | None = None,
+         log_dir: str | None = None) -> int:
     """Entry point of a worker process (``deathstar worker`` and the daemon's children).
     ``curve``: (public, secret, daemon public) keys; a daemon's own workers get theirs
     from the environment."""
@@ -393,6 +467,14 @@ def main(connect: str, parent_pid: int | None = None, *,
         set_parent_death_signal()
         # The user's prints must never mix into the daemon's (or embedded client's) stdout.
         os.dup2(2, 1)
+    if log_dir is not None:
+        # What tasks print (C code too) goes to this worker's own log file on its node.
+        os.makedirs(log_dir, exist_ok=True)
+        fd = os.open(os.path.join(log_dir, f"worker-{os.getpid()}.log"),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     if curve is None:
         curve = keys.worker_curve_from_env()
     return Worker(connect, parent_pid=parent_pid, heartbeat_s=heartbeat_s,
@@ -408,6 +490,7 @@ if __name__ == "__main__":
     parser.add_argument("--heartbeat", type=float, default=config.HEARTBEAT_INTERVAL_S)
     parser.add_argument("--max-tasks", type=int, default=None)
     parser.add_argument("--max-memory", type=int, default=None)
+    parser.add_argument("--log-dir", default=None)
     ns = parser.parse_args()
     sys.exit(main(ns.connect, ns.parent_pid, heartbeat_s=ns.heartbeat, max_tasks=ns.max_tasks,
-                  max_memory=ns.max_memory))
+                  max_memory=ns.max_memory, log_dir=ns.log_dir))

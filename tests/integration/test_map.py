@@ -251,3 +251,14 @@ def test_local_module_is_shipped_by_value(daemon: Daemon, tmp_path: Path) -> Non
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[1, 4, 7, 10, 13]"
+
+
+def test_what_tasks_print_goes_to_per_worker_log_files(daemon: Daemon) -> None:
+    res = deathstar.map(jobs.shout, range(6), cluster=[daemon.address])
+    assert list(res) == list(range(6))
+    logs = Path(os.environ["XDG_STATE_HOME"]) / "deathstar" / "logs"
+    for record in res.report:
+        pid = record.worker.rpartition(":")[2]
+        text = (logs / f"worker-{pid}.log").read_text()
+        assert f"input {record.index} on stdout" in text
+        assert f"input {record.index} on stderr" in text
