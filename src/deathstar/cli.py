@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console, Group
@@ -434,6 +434,24 @@ class _Display:
             self.live.stop()
 
 
+def progress_bar(total: int | None) -> Callable[[int, "int | None"], None]:
+    """A ``(done, total)`` callback that draws a bar on stderr when it is a terminal (for
+    ``progress=True`` in the library), and does nothing otherwise."""
+    if not err.is_terminal:
+        return lambda done, total: None
+    bar = Progress(TextColumn("deathstar"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=err)
+    task = bar.add_task("map", total=total)
+    bar.start()
+
+    def update(done: int, total_now: int | None) -> None:
+        bar.update(task, completed=done, total=total_now)
+        if total_now is not None and done >= total_now:
+            bar.stop()
+
+    return update
+
+
 def _node_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False)
     for col in ("node", "state", "workers", "in flight", "done", "failed", "tasks/s"):
@@ -482,6 +500,11 @@ def map_command(
         help="Seconds an input may run; past it its worker is killed and it fails.")] = None,
     max_attempts: Annotated[int, typer.Option(
         help="Runs an input gets when its worker dies under it.")] = config.MAX_ATTEMPTS,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Seed random and numpy with SEED + the input's index before each input.")]
+    = None,
+    capture_output: Annotated[bool, typer.Option(
+        help="Bring back what each input prints, into the report.")] = False,
     chunksize: Annotated[Optional[int], typer.Option(help="Inputs per message "
                                                      "[default: adaptive].")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Workers of the embedded local "
@@ -523,7 +546,8 @@ def map_command(
                   ReportWriter(report) if report is not None else None,
                   _Display(cl, total - len(skip), enabled=not quiet), quiet)
     run.failed_count = earlier_failures  # the exit code speaks for the whole output
-    options = dict(chunksize=chunksize, timeout=timeout, max_attempts=max_attempts)
+    options = dict(chunksize=chunksize, timeout=timeout, max_attempts=max_attempts, seed=seed,
+                   capture_output=capture_output)
     run.records = [] if plot is not None else None
     code = run.run(fn, common, calls, skip, total - len(skip), options)
     if plot is not None and run.records:

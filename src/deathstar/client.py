@@ -11,6 +11,7 @@ import builtins
 import itertools
 import logging
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -45,6 +46,38 @@ class MapResult(list[Any]):
         super().__init__(values)
         self.report = report
         self.errors = errors
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """The options every map method takes (see ``Cluster.map``)."""
+
+    chunksize: int | None = None
+    timeout: float | None = None
+    timeout_retries: int = 0
+    max_attempts: int = config.MAX_ATTEMPTS
+    seed: int | None = None
+    capture_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunksize is not None and self.chunksize < 1:
+            raise ValueError("chunksize must be at least 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be more than 0 seconds")
+        if self.max_attempts < 1 or self.timeout_retries < 0:
+            raise ValueError("max_attempts must be at least 1 and timeout_retries at least 0")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError("seed must be an integer")
+
+    @classmethod
+    def split(cls, kwargs: dict[str, Any]
+              ) -> tuple[MapOptions, ProgressFn | bool | None, dict[str, Any]]:
+        """Take the options (and ``progress``) out of a map call's keywords; the rest are
+        the function's common arguments."""
+        names = {f.name for f in fields(cls)}
+        options = cls(**{k: v for k, v in kwargs.items() if k in names})
+        common = {k: v for k, v in kwargs.items() if k not in names and k != "progress"}
+        return options, kwargs.get("progress"), common
 
 
 class Cluster:
@@ -128,8 +161,9 @@ class Cluster:
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *,
             chunksize: int | None = None, timeout: float | None = None,
-            max_attempts: int = config.MAX_ATTEMPTS, timeout_retries: int = 0,
-            on_error: OnError = "raise", progress: ProgressFn | None = None,
+            timeout_retries: int = 0, max_attempts: int = config.MAX_ATTEMPTS,
+            seed: int | None = None, capture_output: bool = False,
+            on_error: OnError = "raise", progress: ProgressFn | bool | None = None,
             **common: Any) -> MapResult:
         """Run ``fn(item, **common)`` for every item; block until all are done.
 
@@ -139,43 +173,38 @@ class Cluster:
         the complete ``MapResult`` as ``.result``; with ``on_error="return"`` errors
         stand in place of results.
 
+        Options (every other keyword is a common argument of ``fn``):
         ``chunksize``: inputs per message (default adaptive). ``timeout``: seconds an
         input may run before its worker is killed and it fails with ``TaskTimeout``
         (retried ``timeout_retries`` times). ``max_attempts``: runs an input gets when its
-        worker dies under it before it fails with ``WorkerCrashed``. ``progress(done,
-        total)`` is called in this thread as results arrive.
+        worker dies under it before it fails with ``WorkerCrashed``. ``seed``: workers
+        seed ``random`` and numpy with seed + the input's index before each input, so the
+        numbers do not depend on where it runs. ``capture_output``: what each input prints
+        comes back in its record's ``output``. ``progress``: a callback ``(done, total)``
+        called in this thread as results arrive, or True for a bar on stderr when it is a
+        terminal.
         """
-        return self.starmap(fn, ((item,) for item in items), chunksize=chunksize,
-                            timeout=timeout, max_attempts=max_attempts,
-                            timeout_retries=timeout_retries, on_error=on_error,
-                            progress=progress, total=_length(items), **common)
+        return self.map_calls(fn, (((item,), None) for item in items), on_error=on_error,
+                              total=_length(items), chunksize=chunksize, timeout=timeout,
+                              timeout_retries=timeout_retries, max_attempts=max_attempts,
+                              seed=seed, capture_output=capture_output, progress=progress,
+                              **common)
 
     def starmap(self, fn: Callable[..., Any], arg_tuples: Iterable[tuple[Any, ...]], *,
-                chunksize: int | None = None, timeout: float | None = None,
-                max_attempts: int = config.MAX_ATTEMPTS, timeout_retries: int = 0,
-                on_error: OnError = "raise", progress: ProgressFn | None = None,
-                total: int | None = None, **common: Any) -> MapResult:
-        """Like ``map`` but each item is a tuple of positional arguments."""
-        calls = ((args, None) for args in arg_tuples)
-        return self.map_calls(fn, calls, chunksize=chunksize, timeout=timeout,
-                              max_attempts=max_attempts, timeout_retries=timeout_retries,
-                              on_error=on_error, progress=progress, total=total, **common)
+                on_error: OnError = "raise", **options_and_common: Any) -> MapResult:
+        """Like ``map`` (same options) but each item is a tuple of positional arguments."""
+        return self.map_calls(fn, ((args, None) for args in arg_tuples), on_error=on_error,
+                              **options_and_common)
 
     def map_calls(self, fn: Callable[..., Any],
                   calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
-                  chunksize: int | None = None, timeout: float | None = None,
-                  max_attempts: int = config.MAX_ATTEMPTS, timeout_retries: int = 0,
-                  on_error: OnError = "raise", progress: ProgressFn | None = None,
-                  total: int | None = None, **common: Any) -> MapResult:
-        """The general map: each call is ``(args, kwargs)``; ``fn(*args, **common,
-        **kwargs)`` runs for each (a call's own keywords win over common ones)."""
+                  on_error: OnError = "raise", **options_and_common: Any) -> MapResult:
+        """The general map (``map``'s options): each call is ``(args, kwargs)``;
+        ``fn(*args, **common, **kwargs)`` runs for each (a call's own keywords win)."""
         _check_on_error(on_error)
         values: list[Any] = []
         records: list[TaskRecord | None] = []
-        stream = self.outcomes(fn, calls, chunksize=chunksize, timeout=timeout,
-                               max_attempts=max_attempts, timeout_retries=timeout_retries,
-                               total=total, progress=progress, **common)
-        for index, ok, value, record in stream:
+        for index, ok, value, record in self.outcomes(fn, calls, **options_and_common):
             if index >= len(values):
                 grow = index + 1 - len(values)
                 values.extend([None] * grow)
@@ -215,35 +244,34 @@ class Cluster:
 
     def outcomes(self, fn: Callable[..., Any],
                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
-                 chunksize: int | None = None, timeout: float | None = None,
-                 max_attempts: int = config.MAX_ATTEMPTS, timeout_retries: int = 0,
-                 total: int | None = None, progress: ProgressFn | None = None,
-                 indices: Iterable[int] | None = None, **common: Any) -> Iterator[Outcome]:
+                 total: int | None = None, indices: Iterable[int] | None = None,
+                 **options_and_common: Any) -> Iterator[Outcome]:
         """The raw stream: ``(index, ok, value_or_exception, record)`` per input, in
         completion order, each input exactly once. Closing the iterator early cancels
         the inputs not yet run (queued ones are dropped, running ones killed).
-        ``indices``: the index each call is known by (default 0, 1, 2, ...).
+        ``indices``: the index each call is known by (default 0, 1, 2, ...). Takes
+        ``map``'s options; other keywords are common arguments.
 
         Raises ``SerializationError`` (before anything is sent) when the function or a
         common argument cannot be pickled, ``NoNodesError`` when no node is left."""
+        options, progress, common = MapOptions.split(options_and_common)
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        if chunksize is not None and chunksize < 1:
-            raise ValueError("chunksize must be at least 1")
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be more than 0 seconds")
-        if max_attempts < 1 or timeout_retries < 0:
-            raise ValueError("max_attempts must be at least 1 and timeout_retries at least 0")
         serialize.ship_local_modules()
         blob = serialize.dumps_function(fn, common)
         # calls before indices: an index may be known only once its call has been read
         numbered = zip(calls, itertools.count() if indices is None else indices)
         job = Job(next(self._job_ids), serialize.content_hash(blob), blob,
                   ((i, args, kwargs) for (args, kwargs), i in numbered),
-                  total, chunksize, max_attempts, timeout, timeout_retries)
+                  total, options.chunksize, options.max_attempts, options.timeout,
+                  options.timeout_retries, options.seed, options.capture_output)
         if self.engine.crashed is not None or not self.engine.is_alive():
             raise RuntimeError("this Cluster is closed")
-        return self._stream(job, progress)
+        if progress is True:
+            from deathstar.cli import progress_bar  # the terminal is the CLI's business
+
+            progress = progress_bar(total)
+        return self._stream(job, progress or None)
 
     def _stream(self, job: Job, progress: ProgressFn | None) -> Iterator[Outcome]:
         self.engine.submit(job)

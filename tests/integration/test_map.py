@@ -262,3 +262,23 @@ def test_what_tasks_print_goes_to_per_worker_log_files(daemon: Daemon) -> None:
         text = (logs / f"worker-{pid}.log").read_text()
         assert f"input {record.index} on stdout" in text
         assert f"input {record.index} on stderr" in text
+
+
+def test_seeds_give_the_same_numbers_whatever_runs_where(daemons: Callable[..., Daemon]
+                                                         ) -> None:
+    one, two, three = daemons(1), daemons(2), daemons(1)
+    a = deathstar.map(jobs.draw, range(40), cluster=[one.address], seed=7, chunksize=3)
+    b = deathstar.map(jobs.draw, range(40), cluster=[two.address, three.address], seed=7)
+    c = deathstar.map(jobs.draw, range(40), cluster=[two.address], seed=8)
+    assert list(a) == list(b)
+    assert len({r.node for r in b.report}) == 2
+    assert list(a) != list(c) and len(set(a)) == 40
+
+
+def test_captured_output_comes_back_in_the_report(daemon: Daemon) -> None:
+    res = deathstar.map(jobs.shout, range(5), cluster=[daemon.address], capture_output=True)
+    for record in res.report:
+        assert record.output == (f"input {record.index} on stdout\n"
+                                 f"input {record.index} on stderr\n")
+    plain = deathstar.map(jobs.shout, range(2), cluster=[daemon.address])
+    assert all(r.output == "" for r in plain.report)
