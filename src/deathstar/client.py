@@ -287,6 +287,10 @@ class Cluster:
                     finished = True
                     raise item
                 done += len(item)
+                job.consumed = done
+                if job.throttled and job.delivered - done <= config.MAX_PENDING_RESULTS // 2:
+                    job.throttled = False
+                    self.engine.wake()
                 if progress is not None:
                     progress(done, job.total)
                 yield from item

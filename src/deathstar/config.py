@@ -131,6 +131,10 @@ PREFETCH_PER_NODE = _env_int("PREFETCH", 2)
 #: that per-message cost vanishes, short enough that load balancing stays fine.
 BATCH_TARGET_S = _env_float("BATCH_TARGET", 0.02)
 
+#: Results a client holds for a consumer that has not taken them yet; past it, no new
+#: inputs are read until the consumer catches up (memory stays bounded).
+MAX_PENDING_RESULTS = _env_int("MAX_PENDING_RESULTS", 20_000)
+
 #: Upper bound on inputs per message whatever the measured task time.
 BATCH_MAX_ITEMS = _env_int("BATCH_MAX_ITEMS", 4096)
 

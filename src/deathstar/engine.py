@@ -126,6 +126,10 @@ class Engine(threading.Thread):
     def cancel(self, job: Job) -> None:
         self._command("cancel", job)
 
+    def wake(self) -> None:
+        """Make the loop go round (a consumer caught up with a throttled job)."""
+        self._command("wake", None)
+
     def close(self) -> None:
         """Say goodbye to every node and end the thread; returns when it has ended."""
         if self.is_alive():
@@ -239,6 +243,7 @@ class Engine(threading.Thread):
                 self.cancel_job(arg)
             elif what == "close":
                 self.closing = True
+            # "wake": nothing to do; the loop goes round and tops the nodes up
 
     # ------------------------------------------------------------------ connections
 
@@ -390,7 +395,7 @@ class Engine(threading.Thread):
                 node.failed += 1
         per_item = busy / max(n, 1)
         job.per_item_s = per_item if job.per_item_s is None else 0.5 * (job.per_item_s + per_item)
-        job.out.put(outcomes)
+        job.deliver(outcomes)
 
     @staticmethod
     def remote_error(info: Any, index: int, node: str, worker: str) -> RemoteError:
@@ -548,7 +553,7 @@ class Engine(threading.Thread):
             if job.cancelled:
                 continue
             task = job.pick_retry(node.name, alone)
-            if task is None and not job.exhausted:
+            if task is None and not job.exhausted and not job.backlogged():
                 task = self.read_batch(job, capacity)
             if task is None:
                 continue

@@ -55,6 +55,21 @@ class Job:
     read: int = 0  # inputs taken from ``items``
     per_item_s: float | None = None
     cancelled: bool = False
+    # Back-pressure: outcomes handed to the consumer vs taken by it. While too many wait,
+    # no new inputs are read, so memory stays bounded when the consumer is slow.
+    delivered: int = 0
+    consumed: int = 0
+    throttled: bool = False
+
+    def deliver(self, outcomes: list[Any]) -> None:
+        """Hand a list of outcomes to the consumer."""
+        self.delivered += len(outcomes)
+        self.out.put(outcomes)
+
+    def backlogged(self) -> bool:
+        """Too many outcomes wait for the consumer: read no more inputs for now."""
+        self.throttled = self.delivered - self.consumed > config.MAX_PENDING_RESULTS
+        return self.throttled
 
     @property
     def blob_bytes(self) -> int:
@@ -135,4 +150,4 @@ class Job:
             record = TaskRecord(index, node, worker, now, now, task.attempts, outcome,
                                 str(error))
             outcomes.append((index, False, error, record))
-        self.out.put(outcomes)
+        self.deliver(outcomes)

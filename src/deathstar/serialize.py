@@ -108,6 +108,7 @@ def _installed_roots() -> tuple[str, ...]:
 
 _INSTALLED = _installed_roots()
 _SHIPPED: set[str] = set()
+_CHECKED: set[str] = set()  # every module looked at once: the scan is per new module
 
 
 def _is_local(module: ModuleType) -> bool:
@@ -131,7 +132,10 @@ def ship_local_modules() -> None:
     to travel by value, so helpers it imports travel with it.
     """
     for name, module in list(sys.modules.items()):
-        if name in _SHIPPED or not isinstance(module, ModuleType):
+        if name in _CHECKED:
+            continue
+        _CHECKED.add(name)
+        if not isinstance(module, ModuleType):
             continue
         if _is_local(module):
             try:

@@ -1,0 +1,1036 @@
+"""deathstar beside multiprocessing, concurrent.futures, Dask, Ray and loky (issue 5).
+
+    .venv/bin/python scripts/bench.py [--quick] [--only W1,W3] [--workers N]
+                                      [--peers pool,ppe,loky,dask,ray] [--json out/bench.json]
+
+deathstar runs as a real daemon process with N workers (the embedded local cluster,
+``Cluster(None, workers=N)``) and the client in this process. Every peer gets the same
+worker count and the same functions (scripts/bench_tasks.py); every repetition gets fresh
+data; each figure is the median of the repetitions after one warm-up; setup time (start
+to first result) is reported apart. Dask, Ray and loky are used when importable.
+
+Only loopback traffic; every step has a time limit and the whole run a hard deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import functools
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+# every child (daemon, workers, Dask/Ray workers, CLI) imports bench_tasks by name
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(SCRIPTS), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home: loopback only
+os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
+
+import numpy as np  # noqa: E402
+
+import bench_tasks as T  # noqa: E402
+
+MB = 1e6
+ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
+ALL_PEERS = ["pool", "ppe", "loky", "dask", "ray"]
+PEER_TITLES = {"pool": "mp.Pool", "ppe": "ProcessPool\nExecutor", "loky": "loky",
+               "dask": "Dask", "ray": "Ray", "floor": "raw pyzmq\n(floor)"}
+
+
+class BenchTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise BenchTimeout in the main thread after ``seconds`` (SIGALRM)."""
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise BenchTimeout(f"over {seconds:g} s")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def hard_deadline(seconds: float) -> None:
+    """A watchdog: past ``seconds`` kill the processes this run started and exit."""
+    def fire() -> None:
+        print(f"\nbench: hard deadline of {seconds:g} s passed; stopping", file=sys.stderr,
+              flush=True)
+        try:
+            import psutil
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
+        finally:
+            os._exit(3)
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+
+
+# ---------------------------------------------------------------------- sizes
+
+
+@dataclass
+class Sizes:
+    reps: int
+    w1_n: int
+    w2_n: int
+    w3_n: int
+    w3_draws: int
+    w4_n: int
+    w4_elems: int  # float64 elements per array
+    w5_n: int
+    w5_mean_s: float
+    w6_n: int
+    w6_elems: int
+    w7_n: int
+    floor_rtt_n: int
+    step_limit_s: float
+    run_limit_s: float
+
+
+FULL = Sizes(reps=3, w1_n=20_000, w2_n=300, w3_n=400, w3_draws=200_000, w4_n=32,
+             w4_elems=2_000_000, w5_n=120, w5_mean_s=0.020, w6_n=200, w6_elems=6_250_000,
+             w7_n=1_000_000, floor_rtt_n=2000, step_limit_s=180.0, run_limit_s=3600.0)
+QUICK = Sizes(reps=1, w1_n=2_000, w2_n=50, w3_n=40, w3_draws=200_000, w4_n=8,
+              w4_elems=2_000_000, w5_n=30, w5_mean_s=0.020, w6_n=20, w6_elems=6_250_000,
+              w7_n=50_000, floor_rtt_n=300, step_limit_s=60.0, run_limit_s=900.0)
+
+
+def pool_default_chunksize(n: int, workers: int) -> int:
+    """What multiprocessing.Pool.map picks when chunksize is not given."""
+    size, extra = divmod(n, workers * 4)
+    return max(1, size + (1 if extra else 0))
+
+
+# ---------------------------------------------------------------------- fresh data
+
+
+def w1_data(n: int, rep: int) -> list[int]:
+    return np.random.default_rng(1000 + rep).integers(0, 1 << 30, n).tolist()
+
+
+def w3_seeds(n: int, rep: int) -> list[int]:
+    return list(range(rep * 1_000_000, rep * 1_000_000 + n))
+
+
+def w4_arrays(n: int, elems: int, rep: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(4000 + rep)
+    return [rng.random(elems) for _ in range(n)]
+
+
+def w5_durations(n: int, mean_s: float, rep: int) -> list[float]:
+    sigma = 1.0  # heavy tail; lognormal mean = exp(mu + sigma^2 / 2)
+    mu = math.log(mean_s) - sigma ** 2 / 2
+    return np.random.default_rng(5000 + rep).lognormal(mu, sigma, n).tolist()
+
+
+def w6_data(elems: int, rep: int) -> np.ndarray:
+    return np.random.default_rng(6000 + rep).random(elems)
+
+
+# ---------------------------------------------------------------------- systems
+
+
+class System:
+    """One way of running functions on N worker processes."""
+
+    name = ""
+    setup_reps_cheap = True
+    #: W1 variants: row label -> chunksize (None: the system's default)
+    w1_variants: dict[str, Any] = {}
+
+    def __init__(self, workers: int, sizes: Sizes):
+        self.workers = workers
+        self.sizes = sizes
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def map(self, fn: Callable, items: list, chunksize: Any = None) -> list: ...
+    def map_common(self, fn: Callable, items: list, common: dict) -> list: ...
+    def call(self, fn: Callable, arg: Any) -> Any: ...
+    def bytes_sent(self) -> int | None:
+        return None
+
+    def start_and_first_result(self) -> float:
+        t0 = time.perf_counter()
+        self.start()
+        result = self.call(T.inc, 1)
+        elapsed = time.perf_counter() - t0
+        assert result == 2, result
+        return elapsed
+
+
+def _nbytes(frame: Any) -> int:
+    try:
+        return memoryview(frame).nbytes
+    except TypeError:
+        return len(frame)
+
+
+class DeathstarSystem(System):
+    name = "deathstar"
+    w1_variants = {"batched": None, "one": 1}
+
+    def start(self) -> None:
+        import deathstar
+        self.cluster = deathstar.Cluster(None, workers=self.workers)
+        self._bytes = 0
+        self._counting = self._install_byte_counter()
+
+    def _install_byte_counter(self) -> bool:
+        """No public byte counter exists; count what the engine hands to its sockets by
+        wrapping ``Engine.send`` on this instance (the only place it sends)."""
+        engine = getattr(self.cluster, "engine", None)
+        send = getattr(engine, "send", None)
+        if send is None:
+            return False
+
+        def counting_send(node: Any, frames: list[Any]) -> None:
+            self._bytes += sum(_nbytes(f) for f in frames)
+            return send(node, frames)
+        engine.send = counting_send
+        return True
+
+    def bytes_sent(self) -> int | None:
+        return self._bytes if self._counting else None
+
+    def stop(self) -> None:
+        self.cluster.close()
+
+    def map(self, fn, items, chunksize=None):
+        return self.cluster.map(fn, items, chunksize=chunksize)
+
+    def map_common(self, fn, items, common):
+        return self.cluster.map(fn, items, **common)
+
+    def call(self, fn, arg):
+        return self.cluster.map(fn, [arg])[0]
+
+
+class PoolSystem(System):
+    name = "pool"
+    w1_variants = {"batched": None, "one": 1}
+
+    def start(self) -> None:
+        self.pool = mp.Pool(self.workers)
+
+    def stop(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+    def map(self, fn, items, chunksize=None):
+        return self.pool.map_async(fn, items, chunksize).get(self.sizes.step_limit_s)
+
+    def map_common(self, fn, items, common):
+        return self.map(functools.partial(fn, **common), items)
+
+    def call(self, fn, arg):
+        return self.pool.apply_async(fn, (arg,)).get(self.sizes.step_limit_s)
+
+
+class ExecutorSystem(System):
+    """concurrent.futures.ProcessPoolExecutor; its map has no automatic chunksize (it
+    defaults to 1), so its batched row uses Pool's default chunksize."""
+
+    name = "ppe"
+    w1_variants = {"batched": "pool", "one": 1}
+
+    def make(self) -> cf.Executor:
+        return cf.ProcessPoolExecutor(max_workers=self.workers)
+
+    def start(self) -> None:
+        self.ex = self.make()
+
+    def stop(self) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+
+    def map(self, fn, items, chunksize=None):
+        if chunksize in (None, "pool"):
+            chunksize = pool_default_chunksize(len(items), self.workers)
+        return list(self.ex.map(fn, items, chunksize=chunksize,
+                                timeout=self.sizes.step_limit_s))
+
+    def map_common(self, fn, items, common):
+        return self.map(functools.partial(fn, **common), items)
+
+    def call(self, fn, arg):
+        return self.ex.submit(fn, arg).result(self.sizes.step_limit_s)
+
+
+class LokySystem(ExecutorSystem):
+    name = "loky"
+
+    def make(self) -> cf.Executor:
+        import loky
+        return loky.ProcessPoolExecutor(max_workers=self.workers)
+
+    def stop(self) -> None:
+        self.ex.shutdown(wait=True, kill_workers=True)
+
+
+class DaskSystem(System):
+    """distributed.LocalCluster: N single-threaded worker processes, on loopback. Common
+    data is scattered (broadcast) once, the idiomatic way; tasks are one per future."""
+
+    name = "dask"
+    setup_reps_cheap = False
+    w1_variants = {"batched": None}
+
+    def start(self) -> None:
+        from distributed import Client, LocalCluster
+        self.lc = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        self.client = Client(self.lc)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.lc.close()
+
+    def _gather(self, futures):
+        from distributed import wait
+        wait(futures, timeout=self.sizes.step_limit_s)
+        return self.client.gather(futures)
+
+    def map(self, fn, items, chunksize=None):
+        return self._gather(self.client.map(fn, items, pure=False))
+
+    def map_common(self, fn, items, common):
+        scattered = {k: self.client.scatter(v, broadcast=True) for k, v in common.items()}
+        return self._gather(self.client.map(fn, items, pure=False, **scattered))
+
+    def call(self, fn, arg):
+        return self.client.submit(fn, arg, pure=False).result(self.sizes.step_limit_s)
+
+
+class RaySystem(System):
+    """ray.init on loopback with num_cpus=N; large arguments go through its object store
+    (ray.put for the common argument)."""
+
+    name = "ray"
+    setup_reps_cheap = False
+    w1_variants = {"batched": None}
+
+    def start(self) -> None:
+        import ray
+        self.ray = ray
+        ray.init(num_cpus=self.workers, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False,
+                 logging_level=logging.ERROR, configure_logging=True)
+        self.remotes: dict[Callable, Any] = {}
+
+    def stop(self) -> None:
+        self.ray.shutdown()
+
+    def remote(self, fn):
+        if fn not in self.remotes:
+            self.remotes[fn] = self.ray.remote(fn)
+        return self.remotes[fn]
+
+    def map(self, fn, items, chunksize=None):
+        args, kwargs = (), {}
+        if isinstance(fn, functools.partial):  # ray.remote takes functions only
+            fn, args, kwargs = fn.func, fn.args, fn.keywords
+        rf = self.remote(fn)
+        return self.ray.get([rf.remote(*args, x, **kwargs) for x in items],
+                            timeout=self.sizes.step_limit_s)
+
+    def map_common(self, fn, items, common):
+        rf = self.remote(fn)
+        refs = {k: self.ray.put(v) for k, v in common.items()}
+        return self.ray.get([rf.remote(x, **refs) for x in items],
+                            timeout=self.sizes.step_limit_s)
+
+    def call(self, fn, arg):
+        return self.ray.get(self.remote(fn).remote(arg), timeout=self.sizes.step_limit_s)
+
+
+SYSTEMS: dict[str, type[System]] = {"deathstar": DeathstarSystem, "pool": PoolSystem,
+                                    "ppe": ExecutorSystem, "loky": LokySystem,
+                                    "dask": DaskSystem, "ray": RaySystem}
+
+
+def importable(name: str) -> bool:
+    module = {"dask": "distributed", "ray": "ray", "loky": "loky"}.get(name)
+    if module is None:
+        return True
+    # find_spec, not import: importing Dask/Ray here would grow sys.modules before
+    # deathstar runs, and deathstar's per-map cost grows with sys.modules
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------- results
+
+
+class Results:
+    """samples[system][key] -> list of numbers; errors[system][key] -> text."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, dict[str, list[float]]] = {}
+        self.errors: dict[str, dict[str, str]] = {}
+        self.notes: list[str] = []
+
+    def add(self, system: str, key: str, value: float) -> None:
+        self.samples.setdefault(system, {}).setdefault(key, []).append(float(value))
+
+    def error(self, system: str, key: str, text: str) -> None:
+        self.errors.setdefault(system, {})[key] = text
+
+    def get(self, system: str, key: str) -> float | None:
+        values = self.samples.get(system, {}).get(key)
+        return statistics.median(values) if values else None
+
+    def err(self, system: str, key: str) -> str | None:
+        errs = self.errors.get(system, {})
+        return errs.get(key) or errs.get(key.split(".")[0])
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- workloads
+
+
+def run_reps(sizes: Sizes, one_rep: Callable[[int], dict[str, float]],
+             record: Callable[[str, float], None]) -> None:
+    """One warm-up (rep 0, discarded), then ``sizes.reps`` measured reps (1, 2, ...)."""
+    with time_limit(sizes.step_limit_s):
+        one_rep(0)
+    for rep in range(1, sizes.reps + 1):
+        with time_limit(sizes.step_limit_s):
+            for key, value in one_rep(rep).items():
+                record(key, value)
+
+
+def w1(system: System, sizes: Sizes, record) -> None:
+    for label, chunksize in system.w1_variants.items():
+        def one(rep: int) -> dict[str, float]:
+            data = w1_data(sizes.w1_n, rep)
+            t0 = time.perf_counter()
+            out = system.map(T.inc, data, chunksize)
+            wall = time.perf_counter() - t0
+            assert out[-1] == data[-1] + 1 and len(out) == len(data)
+            return {f"W1.{label}.tasks_s": len(data) / wall}
+        run_reps(sizes, one, record)
+
+
+def w2(system: System, sizes: Sizes, record) -> None:
+    def one(rep: int) -> dict[str, float]:
+        lat = []
+        for x in w1_data(sizes.w2_n, rep):
+            t0 = time.perf_counter()
+            y = system.call(T.inc, x)
+            lat.append(time.perf_counter() - t0)
+            assert y == x + 1
+        lat_us = np.array(lat) * 1e6
+        return {"W2.median_us": float(np.median(lat_us)),
+                "W2.p99_us": float(np.percentile(lat_us, 99))}
+    run_reps(sizes, one, record)
+
+
+def w3(system: System, sizes: Sizes, record) -> None:
+    """Efficiency = serial time / (wall x workers). The serial time is measured in this
+    process on the same seeds right before each parallel rep (workers idle), so that
+    both see the same machine load."""
+    fn = functools.partial(T.estimate_pi, draws=sizes.w3_draws)
+    def one(rep: int) -> dict[str, float]:
+        seeds = w3_seeds(sizes.w3_n, rep)
+        t0 = time.perf_counter()
+        for s in seeds:
+            T.estimate_pi(s, sizes.w3_draws)
+        serial = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if isinstance(system, DeathstarSystem):  # its way: common keyword arguments
+            out = system.map_common(T.estimate_pi, seeds, {"draws": sizes.w3_draws})
+        else:
+            out = system.map(fn, seeds)
+        wall = time.perf_counter() - t0
+        assert len(out) == len(seeds) and 3.0 < out[0] < 3.3
+        return {"W3.wall_s": wall, "W3.serial_s": serial,
+                "W3.efficiency": serial / (wall * system.workers)}
+    run_reps(sizes, one, record)
+
+
+def w4(system: System, sizes: Sizes, record) -> None:
+    def one(rep: int) -> dict[str, float]:
+        arrays = w4_arrays(sizes.w4_n, sizes.w4_elems, rep)
+        t0 = time.perf_counter()
+        out = system.map(T.array_sum, arrays)
+        wall = time.perf_counter() - t0
+        assert abs(out[0] - arrays[0].sum()) < 1e-3
+        return {"W4.MB_s": sum(a.nbytes for a in arrays) / MB / wall}
+    run_reps(sizes, one, record)
+
+
+def w5(system: System, sizes: Sizes, record) -> None:
+    def one(rep: int) -> dict[str, float]:
+        durations = w5_durations(sizes.w5_n, sizes.w5_mean_s, rep)
+        ideal = max(sum(durations) / system.workers, max(durations))
+        t0 = time.perf_counter()
+        out = system.map(T.sleep_for, durations)
+        wall = time.perf_counter() - t0
+        assert len(out) == len(durations)
+        return {"W5.makespan_ideal": wall / ideal}
+    run_reps(sizes, one, record)
+
+
+def w6(system: System, sizes: Sizes, record) -> None:
+    def one(rep: int) -> dict[str, float]:
+        data = w6_data(sizes.w6_elems, rep)
+        before = system.bytes_sent()
+        t0 = time.perf_counter()
+        out = system.map_common(T.common_lookup, list(range(sizes.w6_n)), {"data": data})
+        wall = time.perf_counter() - t0
+        assert out[1] == float(data[1])
+        figures = {"W6.wall_s": wall}
+        after = system.bytes_sent()
+        if before is not None and after is not None:
+            figures["W6.sent_MB"] = (after - before) / MB
+            figures["W6.common_MB"] = data.nbytes / MB
+        return figures
+    run_reps(sizes, one, record)
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6}
+
+
+def run_system(name: str, workers: int, sizes: Sizes, only: list[str], res: Results) -> None:
+    cls = SYSTEMS[name]
+    log(f"{name}: setup")
+    system = cls(workers, sizes)
+    setup_reps = sizes.reps if cls.setup_reps_cheap else 1
+    started = False
+    try:
+        for i in range(setup_reps):
+            with time_limit(sizes.step_limit_s):
+                res.add(name, "setup_s", system.start_and_first_result())
+                started = True
+                if i < setup_reps - 1:
+                    system.stop()
+                    started = False
+    except Exception as exc:
+        log(f"{name}: setup failed: {type(exc).__name__}: {exc}")
+        res.error(name, "setup_s", f"{type(exc).__name__}: {exc}")
+        for w in only:
+            res.error(name, w, "setup failed")
+        if started:
+            _safe_stop(system)
+        return
+    try:
+        for w in only:
+            if w not in WORKLOADS:
+                continue
+            log(f"{name}: {w}")
+            t0 = time.perf_counter()
+            try:
+                WORKLOADS[w](system, sizes, lambda k, v: res.add(name, k, v))
+            except BenchTimeout as exc:
+                log(f"{name}: {w} timed out ({exc}); restarting {name}")
+                res.error(name, w, "timeout")
+                _safe_stop(system)
+                system = cls(workers, sizes)
+                with time_limit(sizes.step_limit_s):
+                    system.start()
+            except Exception as exc:
+                log(f"{name}: {w} failed: {type(exc).__name__}: {exc}")
+                traceback.print_exc(limit=3)
+                res.error(name, w, f"{type(exc).__name__}: {str(exc)[:80]}")
+            else:
+                log(f"{name}: {w} done in {time.perf_counter() - t0:.1f} s")
+    finally:
+        _safe_stop(system)
+
+
+def _safe_stop(system: System) -> None:
+    try:
+        with time_limit(60):
+            system.stop()
+    except BaseException as exc:  # noqa: BLE001 - a stuck stop must not stop the run
+        log(f"{system.name}: stop failed: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------- floors
+
+
+def _server(target: Callable) -> tuple[Any, int]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=target, args=(q, 600.0), daemon=True)
+    proc.start()
+    return proc, q.get(timeout=60)
+
+
+def _stop_server(proc: Any, sock: Any) -> None:
+    try:
+        sock.send_multipart([b"STOP"])
+        sock.poll(5000)
+    finally:
+        sock.close(0)
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def run_floors(sizes: Sizes, only: list[str], res: Results) -> None:
+    """Raw pyzmq across processes on loopback: a DEALER/ROUTER round trip (for W2) and a
+    16 MB array sent zero-copy to a process that maps it without copying (for W4)."""
+    import zmq
+    ctx = zmq.Context()
+    try:
+        if "W2" in only:
+            log("floor: raw pyzmq round trip")
+            proc, port = _server(T.echo_server)
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            try:
+                def one(rep: int) -> dict[str, float]:
+                    lat = []
+                    for i in range(sizes.floor_rtt_n):
+                        payload = str(i).encode()
+                        t0 = time.perf_counter()
+                        sock.send(payload)
+                        if not sock.poll(10_000):
+                            raise BenchTimeout("echo server silent")
+                        assert sock.recv() == payload
+                        lat.append(time.perf_counter() - t0)
+                    lat_us = np.array(lat) * 1e6
+                    return {"W2.median_us": float(np.median(lat_us)),
+                            "W2.p99_us": float(np.percentile(lat_us, 99))}
+                run_reps(sizes, one, lambda k, v: res.add("floor", k, v))
+            finally:
+                _stop_server(proc, sock)
+        if "W4" in only:
+            log("floor: raw 16 MB zero-copy transfer")
+            proc, port = _server(T.sink_server)
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            try:
+                def one(rep: int) -> dict[str, float]:
+                    arrays = w4_arrays(sizes.w4_n, sizes.w4_elems, rep)
+                    t0 = time.perf_counter()
+                    for a in arrays:
+                        sock.send(a, copy=False)
+                    for a in arrays:
+                        if not sock.poll(30_000):
+                            raise BenchTimeout("sink server silent")
+                        assert int(sock.recv()) == a.size
+                    wall = time.perf_counter() - t0
+                    return {"W4.MB_s": sum(a.nbytes for a in arrays) / MB / wall}
+                run_reps(sizes, one, lambda k, v: res.add("floor", k, v))
+            finally:
+                _stop_server(proc, sock)
+    except Exception as exc:
+        log(f"floor failed: {type(exc).__name__}: {exc}")
+        res.error("floor", "W2" if "W2" in only else "W4", f"{type(exc).__name__}: {exc}")
+    finally:
+        ctx.term()
+
+
+# ---------------------------------------------------------------------- W7: the CLI
+
+
+POOL_SCRIPT = r"""
+import json, sys, multiprocessing as mp
+from bench_tasks import inc
+def inputs(path):
+    with open(path) as fh:
+        for line in fh:
+            yield json.loads(line)
+if __name__ == "__main__":
+    src, dst, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with mp.Pool(workers) as pool, open(dst, "w") as out:
+        for r in pool.imap(inc, inputs(src), chunksize=1000):
+            out.write(json.dumps(r) + "\n")
+"""
+
+
+def measure_child(cmd: list[str], cwd: Path, limit_s: float) -> tuple[float, float, int]:
+    """Run ``cmd``; return (wall s, peak RSS MB of that process alone, exit code). RSS is
+    polled every 10 ms with psutil (the process's own, not its children's)."""
+    import psutil
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    deadline = time.monotonic() + limit_s
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.Error:
+            pass
+        if time.monotonic() > deadline:
+            for child in ps.children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()
+            raise BenchTimeout(f"{cmd[0]} over {limit_s:g} s")
+        time.sleep(0.01)
+    wall = time.perf_counter() - t0
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {stderr.strip()[-300:]}")
+    return wall, peak / MB, proc.returncode
+
+
+def run_w7(workers: int, sizes: Sizes, peers: list[str], res: Results) -> None:
+    cli = Path(sys.executable).parent / "deathstar"
+    variants = {"deathstar": lambda src, dst: [
+        str(cli), "map", "bench_tasks:inc", "--args", str(src), "--out", str(dst),
+        "--workers", str(workers), "--quiet"]}
+    if "pool" in peers:
+        variants["pool"] = lambda src, dst: [sys.executable, "-c", POOL_SCRIPT, str(src),
+                                             str(dst), str(workers)]
+    with tempfile.TemporaryDirectory(prefix="deathstar-bench-") as tmp:
+        tmpdir = Path(tmp)
+        for name, make_cmd in variants.items():
+            log(f"{name}: W7 ({sizes.w7_n:,} inputs through "
+                f"{'the CLI' if name == 'deathstar' else 'a Pool.imap script'})")
+            try:
+                for rep in range(0, sizes.reps + 1):
+                    n = sizes.w7_n if rep else min(sizes.w7_n, 20_000)  # small warm-up
+                    src = tmpdir / f"in{rep}.jsonl"
+                    dst = tmpdir / f"out{rep}.jsonl"
+                    rng = np.random.default_rng(7000 + rep)
+                    with open(src, "w") as fh:
+                        fh.write("\n".join(map(str, rng.integers(0, 1 << 30, n).tolist())))
+                        fh.write("\n")
+                    wall, rss, _ = measure_child(make_cmd(src, dst), SCRIPTS,
+                                                 sizes.step_limit_s)
+                    with open(dst, "rb") as fh:
+                        lines = sum(1 for _ in fh)
+                    if lines != n:
+                        raise RuntimeError(f"{lines} output lines for {n} inputs")
+                    if rep:
+                        res.add(name, "W7.tasks_s", n / wall)
+                        res.add(name, "W7.peak_rss_MB", rss)
+                    src.unlink()
+                    dst.unlink()
+                log(f"{name}: W7 done")
+            except Exception as exc:
+                log(f"{name}: W7 failed: {type(exc).__name__}: {exc}")
+                res.error(name, "W7", f"{type(exc).__name__}: {str(exc)[:120]}")
+
+
+# ---------------------------------------------------------------------- the table
+
+
+@dataclass
+class Row:
+    workload: str
+    metric: str
+    key: str
+    higher_better: bool
+    peers: dict[str, str]  # column -> system whose figure goes there (key may differ)
+    fmt: str = "{:,.0f}"
+    peer_keys: dict[str, str] | None = None  # column -> key, when not ``key``
+
+
+def rows_for(only: list[str]) -> list[Row]:
+    cols = {p: p for p in ALL_PEERS}
+    rows = [Row("setup", "s to 1st result", "setup_s", False, cols, "{:.2f}")]
+    if "W1" in only:
+        rows += [Row("W1 batched", "tasks/s", "W1.batched.tasks_s", True, cols),
+                 Row("W1 one/msg", "tasks/s", "W1.one.tasks_s", True,
+                     {p: p for p in ("pool", "ppe", "loky")})]
+    if "W2" in only:
+        rows += [Row("W2 latency", "median µs", "W2.median_us", False, {**cols, "floor": "floor"}),
+                 Row("W2 latency", "p99 µs", "W2.p99_us", False, {**cols, "floor": "floor"})]
+    if "W3" in only:
+        rows += [Row("W3 compute", "efficiency", "W3.efficiency", True, cols, "{:.3f}")]
+    if "W4" in only:
+        rows += [Row("W4 payload", "MB/s", "W4.MB_s", True, {**cols, "floor": "floor"})]
+    if "W5" in only:
+        rows += [Row("W5 skew", "makespan/ideal", "W5.makespan_ideal", False, cols, "{:.3f}")]
+    if "W6" in only:
+        rows += [Row("W6 common", "wall s", "W6.wall_s", False, cols, "{:.3f}"),
+                 Row("W6 common", "MB sent (client)", "W6.sent_MB", False, {}, "{:,.1f}")]
+    if "W7" in only:
+        rows += [Row("W7 scale", "tasks/s", "W7.tasks_s", True, {"pool": "pool"}),
+                 Row("W7 scale", "peak RSS MB", "W7.peak_rss_MB", False, {"pool": "pool"},
+                     "{:,.0f}")]
+    return rows
+
+
+def ratio(ds: float | None, peer: float | None, higher_better: bool) -> float | None:
+    """deathstar vs peer, oriented so that > 1 means deathstar is better."""
+    if ds is None or peer is None or ds <= 0 or peer <= 0:
+        return None
+    return ds / peer if higher_better else peer / ds
+
+
+def targets(res: Results, workers: int) -> dict[str, tuple[str, bool | None, str]]:
+    """Row key -> (target text, holds?, the figures it was judged on)."""
+    g = res.get
+    out: dict[str, tuple[str, bool | None, str]] = {}
+
+    def check(parts: list[tuple[str, float | None, float]]) -> tuple[bool | None, str]:
+        known = [(label, r, need) for label, r, need in parts if r is not None]
+        if not known:
+            return None, "no figures"
+        ok = all(r >= need for _, r, need in known)
+        text = "; ".join(f"{label} {r:.2f}× (need ≥{need:g})" for label, r, need in known)
+        missing = [label for label, r, _ in parts if r is None]
+        if missing:
+            text += "; n/a: " + ", ".join(missing)
+        return ok, text
+
+    ds = "deathstar"
+    s = g(ds, "setup_s")
+    if s is not None:
+        out["setup_s"] = ("≤ 0.5 s", s <= 0.5, f"{s:.3f} s")
+    ok, text = check([("vs Pool", ratio(g(ds, "W1.batched.tasks_s"), g("pool", "W1.batched.tasks_s"), True), 1.0),
+                      ("vs Dask", ratio(g(ds, "W1.batched.tasks_s"), g("dask", "W1.batched.tasks_s"), True), 100.0),
+                      ("vs Ray", ratio(g(ds, "W1.batched.tasks_s"), g("ray", "W1.batched.tasks_s"), True), 100.0)])
+    out["W1.batched.tasks_s"] = ("≥1× Pool; ≥100× Dask, Ray", ok, text)
+    ok, text = check([("vs Pool c=1", ratio(g(ds, "W1.one.tasks_s"), g("pool", "W1.one.tasks_s"), True), 1.0)])
+    out["W1.one.tasks_s"] = ("≥1× Pool(chunksize=1)", ok, text)
+    # ds ≤ 1× Pool.apply  <=>  pool/ds ≥ 1;  ds ≤ 2× raw  <=>  raw/ds ≥ 0.5
+    ok, text = check([("vs Pool.apply", ratio(g(ds, "W2.median_us"), g("pool", "W2.median_us"), False), 1.0),
+                      ("vs raw", ratio(g(ds, "W2.median_us"), g("floor", "W2.median_us"), False), 0.5)])
+    out["W2.median_us"] = ("≤1× Pool.apply; ≤2× raw", ok, text)
+    eff, pool_eff = g(ds, "W3.efficiency"), g("pool", "W3.efficiency")
+    if eff is not None:
+        holds = eff >= 0.95 or (pool_eff is not None and eff >= pool_eff)
+        out["W3.efficiency"] = ("≥ 0.95 (or ≥ Pool's)", holds,
+                                f"{eff:.3f}" + (f" vs Pool {pool_eff:.3f}" if pool_eff else ""))
+    best = max([v for v in (g("dask", "W4.MB_s"), g("ray", "W4.MB_s")) if v is not None],
+               default=None)
+    ok, text = check([("vs raw", ratio(g(ds, "W4.MB_s"), g("floor", "W4.MB_s"), True), 0.5),
+                      ("vs best(Dask,Ray)", ratio(g(ds, "W4.MB_s"), best, True), 1.5)])
+    out["W4.MB_s"] = ("≥0.5× raw; ≥1.5× best(Dask,Ray)", ok, text)
+    m = g(ds, "W5.makespan_ideal")
+    if m is not None:
+        out["W5.makespan_ideal"] = ("≤ 1.06", m <= 1.06, f"{m:.3f}")
+    sent, common = g(ds, "W6.sent_MB"), g(ds, "W6.common_MB")
+    if sent is not None and common:
+        once = common * 1  # one node: the embedded daemon
+        out["W6.sent_MB"] = ("≈ size × nodes", sent <= 1.1 * once,
+                             f"{sent:,.1f} MB sent for {common:,.1f} MB × 1 node "
+                             f"= {sent / once:.2f}×")
+    tps = g(ds, "W7.tasks_s")
+    if tps is not None:
+        out["W7.tasks_s"] = ("≥ 100,000 tasks/s", tps >= 100_000, f"{tps:,.0f}")
+    rss = g(ds, "W7.peak_rss_MB")
+    if rss is not None:
+        out["W7.peak_rss_MB"] = ("≤ 300 MB", rss <= 300, f"{rss:,.0f} MB")
+    return out
+
+
+def cell(res: Results, system: str, key: str, fmt: str, ds: float | None,
+         higher_better: bool, with_ratio: bool) -> str:
+    value = res.get(system, key)
+    if value is None:
+        e = res.err(system, key)
+        return "timeout" if e == "timeout" else ("err" if e else "—")
+    text = fmt.format(value)
+    r = ratio(ds, value, higher_better) if with_ratio else None
+    if r is not None:
+        text += f" ({r:.2f}×)" if r < 100 else f" ({r:,.0f}×)"
+    return text
+
+
+def render(res: Results, rows: list[Row], columns: list[str], workers: int,
+           meta: dict[str, Any]) -> list[dict[str, Any]]:
+    judged = targets(res, workers)
+    table_rows = []
+    header = (f"deathstar vs peers, {workers} workers, {meta['cpus']} cores, "
+              f"median of {meta['reps']} after a warm-up. Peer cells: figure (ratio); "
+              f"ratio = deathstar/peer oriented so that > 1 means deathstar is better.")
+    for row in rows:
+        ds = res.get("deathstar", row.key)
+        entry: dict[str, Any] = {"workload": row.workload, "metric": row.metric,
+                                 "key": row.key, "higher_is_better": row.higher_better,
+                                 "deathstar": ds, "peers": {}, "ratios": {}}
+        for col in columns:
+            system = row.peers.get(col)
+            if system is None:
+                continue
+            v = res.get(system, row.key)
+            entry["peers"][col] = v
+            entry["ratios"][col] = ratio(ds, v, row.higher_better)
+        t = judged.get(row.key)
+        if t is not None:
+            entry["target"], entry["holds"], entry["judged_on"] = t
+        table_rows.append(entry)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        Console = None  # type: ignore[assignment]
+    if Console is not None:
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        table = Table(title=header, title_justify="left", show_lines=True)
+        table.add_column("workload")
+        table.add_column("metric")
+        table.add_column("deathstar", justify="right", style="bold")
+        for col in columns:
+            table.add_column(PEER_TITLES[col], justify="right")
+        table.add_column("target")
+        table.add_column("holds")
+        for row, entry in zip(rows, table_rows):
+            ds = entry["deathstar"]
+            cells = [row.workload, row.metric,
+                     cell(res, "deathstar", row.key, row.fmt, None, row.higher_better, False)]
+            for col in columns:
+                system = row.peers.get(col)
+                cells.append("" if system is None else
+                             cell(res, system, row.key, row.fmt, ds, row.higher_better, True))
+            holds = entry.get("holds")
+            cells += [entry.get("target", ""),
+                      "" if "target" not in entry else
+                      ("[green]yes[/]" if holds else "[red]no[/]" if holds is False else "?")]
+            table.add_row(*cells)
+        console.print(table)
+    else:
+        print(header)
+        for row, entry in zip(rows, table_rows):
+            parts = [f"{row.workload:<11} {row.metric:<16} "
+                     f"{cell(res, 'deathstar', row.key, row.fmt, None, True, False):>12}"]
+            for col in columns:
+                system = row.peers.get(col)
+                parts.append(f"{col}=" + ("" if system is None else
+                             cell(res, system, row.key, row.fmt, entry['deathstar'],
+                                  row.higher_better, True)))
+            if "target" in entry:
+                parts.append(f"target {entry['target']}: {'yes' if entry['holds'] else 'no'}")
+            print("  ".join(parts))
+    print("\nTargets (issue 5):")
+    for row in rows:
+        t = judged.get(row.key)
+        if t is not None:
+            mark = "HOLDS" if t[1] else "MISSED" if t[1] is False else "?"
+            print(f"  {mark:<6} {row.workload} {row.metric}: {t[0]} — {t[2]}")
+    for note in res.notes:
+        print(f"  note: {note}")
+    return table_rows
+
+
+# ---------------------------------------------------------------------- main
+
+
+def _load1() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return -1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, one rep (smoke run)")
+    ap.add_argument("--only", default=",".join(ALL_WORKLOADS),
+                    help="comma-separated workloads, e.g. W1,W3 (default: all)")
+    ap.add_argument("--workers", type=int, default=2, help="workers per system (default 2)")
+    ap.add_argument("--peers", default=",".join(ALL_PEERS),
+                    help="comma-separated peers (default: all importable)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    sizes = QUICK if args.quick else FULL
+    only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
+    bad = [w for w in only if w not in ALL_WORKLOADS]
+    if bad:
+        ap.error(f"unknown workload(s) {bad}; choose from {ALL_WORKLOADS}")
+    wanted = [p.strip().lower() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in ALL_PEERS]
+    if unknown:
+        ap.error(f"unknown peer(s) {unknown}; choose from {ALL_PEERS}")
+    peers = [p for p in wanted if importable(p)]
+    res = Results()
+    for p in wanted:
+        if p not in peers:
+            res.notes.append(f"{p} is not importable: left out")
+    hard_deadline(sizes.run_limit_s)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+    load_at_start = _load1()
+    if load_at_start > 0.5:
+        res.notes.append(f"the machine was busy when the run started (load {load_at_start:.2f}): "
+                         "figures are noisier, compute-bound ones lower")
+    started = time.perf_counter()
+    log(f"bench: workloads {only}, peers {peers}, {args.workers} workers, "
+        f"{'quick' if args.quick else 'full'}")
+    if "W2" in only or "W4" in only:
+        run_floors(sizes, only, res)
+    for name in ["deathstar", *peers]:
+        run_system(name, args.workers, sizes, only, res)
+    if "W7" in only:
+        run_w7(args.workers, sizes, peers, res)
+    if "W6" in only and res.get("deathstar", "W6.sent_MB") is None:
+        res.notes.append("W6 bytes: no byte counter found on the deathstar client")
+    if "W1" in only:
+        res.notes.append("W1 batched: ProcessPoolExecutor and loky get Pool's default chunksize "
+                         "(their own default is 1); Dask and Ray run one task per future/call")
+    if "W6" in only:
+        res.notes.append("W6: Dask scatters (broadcast) and Ray ray.put()s the common array "
+                         "once; Pool/PPE/loky pickle it into every chunk (functools.partial). "
+                         "deathstar's bytes are counted by wrapping Engine.send (no public "
+                         "byte counter exists); peers' bytes are not measured")
+    if "W7" in only:
+        res.notes.append("W7: deathstar = `deathstar map` CLI end to end (embedded cluster "
+                         "start included); Pool = a script reading the JSONL lazily through "
+                         "Pool.imap(chunksize=1000); RSS = the client process alone")
+
+    import deathstar
+    columns = [c for c in ["pool", "ppe", "loky", "dask", "ray", "floor"]
+               if c == "floor" and ("W2" in only or "W4" in only) or c in peers]
+    meta = {"workers": args.workers, "reps": sizes.reps, "quick": args.quick,
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "deathstar": deathstar.__version__,
+            "only": only, "peers": peers, "sizes": sizes.__dict__,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "elapsed_s": round(time.perf_counter() - started, 1),
+            "load1_at_start": load_at_start, "load1_at_end": _load1()}
+    table_rows = render(res, rows_for(only), columns, args.workers, meta)
+    log(f"bench: done in {time.perf_counter() - started:.0f} s")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": table_rows,
+                                         "samples": res.samples, "errors": res.errors,
+                                         "notes": res.notes}, indent=2, default=str))
+        log(f"bench: wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

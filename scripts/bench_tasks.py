@@ -1,0 +1,93 @@
+"""Task functions for scripts/bench.py, in an importable module so that every system
+(deathstar, multiprocessing, concurrent.futures, Dask, Ray, loky) pickles them by reference.
+
+Also the two "floor" servers (raw pyzmq echo and raw zero-copy sink), run in a child process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def inc(x: int) -> int:
+    """W1, W2, W7: the trivial task."""
+    return x + 1
+
+
+def estimate_pi(seed: int, draws: int = 100_000) -> float:
+    """W3: the seed's estimatePi (same body as examples/pi.py)."""
+    rng = np.random.default_rng(seed)
+    points = rng.random((draws, 2))
+    inside = np.count_nonzero(np.einsum("ij,ij->i", points, points) <= 1.0)
+    return 4.0 * inside / draws
+
+
+def array_sum(a: np.ndarray) -> float:
+    """W4: a large argument in, a float out."""
+    return float(a.sum())
+
+
+def sleep_for(seconds: float) -> float:
+    """W5: a task of known duration."""
+    time.sleep(seconds)
+    return seconds
+
+
+def common_lookup(i: int, data: np.ndarray) -> float:
+    """W6: a cheap task that needs the big common argument."""
+    return float(data[i % len(data)])
+
+
+# ---------------------------------------------------------------------- floor servers
+
+
+def echo_server(endpoint_queue, stop_after_s: float = 600.0) -> None:
+    """ROUTER that echoes every message back; binds a free loopback port, reports it."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    endpoint_queue.put(port)
+    deadline = time.monotonic() + stop_after_s
+    try:
+        while time.monotonic() < deadline:
+            if not sock.poll(1000):
+                continue
+            frames = sock.recv_multipart(copy=False)
+            if len(frames) == 2 and frames[1].bytes == b"STOP":
+                sock.send_multipart(frames, copy=False)
+                break
+            sock.send_multipart(frames, copy=False)
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def sink_server(endpoint_queue, stop_after_s: float = 600.0) -> None:
+    """ROUTER that receives an array without copying (np.frombuffer on the frame) and
+    acknowledges with its length; binds a free loopback port, reports it."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    endpoint_queue.put(port)
+    deadline = time.monotonic() + stop_after_s
+    try:
+        while time.monotonic() < deadline:
+            if not sock.poll(1000):
+                continue
+            frames = sock.recv_multipart(copy=False)
+            if len(frames) == 2 and frames[1].bytes == b"STOP":
+                sock.send_multipart(frames, copy=False)
+                break
+            arr = np.frombuffer(frames[1].buffer, dtype=np.float64)
+            sock.send_multipart([frames[0], str(arr.size).encode()])
+    finally:
+        sock.close(0)
+        ctx.term()
