@@ -306,3 +306,16 @@ def test_resume_retry_failed_reruns_only_the_failures(daemon: Daemon, tmp_path: 
     lines = _lines(out)
     assert sorted(line["index"] for line in lines) == list(range(30))
     assert all("result" in line and line["result"] == line["index"] + 1 for line in lines)
+
+
+def test_dead_mans_switch_idle_and_lifetime(tmp_path: Path) -> None:
+    """A node with nothing to do stops after --idle-shutdown (work keeps it up); every node
+    stops after --max-lifetime. Both are clean exits (the EC2 service then powers off)."""
+    idle = start_daemon(1, "--idle-shutdown", "2")
+    res = deathstar.map(jobs.sleep_for, [0.5] * 6, cluster=[idle.address])  # 3 s of work
+    assert list(res) == [0.5] * 6 and idle.proc.poll() is None  # busy: not idle
+    started = time.monotonic()
+    assert idle.proc.wait(20) == 0
+    assert time.monotonic() - started >= 1.5
+    lifetime = start_daemon(1, "--max-lifetime", "3")
+    assert lifetime.proc.wait(20) == 0
