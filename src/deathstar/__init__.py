@@ -12,10 +12,12 @@ __version__ = "0.1.0"
 
 from deathstar.client import Cluster, MapResult, NoNodesError, map  # noqa: E402
 from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed  # noqa: E402
+from deathstar.futures import Executor, register_joblib  # noqa: E402
 from deathstar.report import TaskRecord, node_summary  # noqa: E402
 
 __all__ = [
     "Cluster",
+    "Executor",
     "MapResult",
     "NoNodesError",
     "RemoteError",
@@ -26,4 +28,5 @@ __all__ = [
     "__version__",
     "map",
     "node_summary",
+    "register_joblib",
 ]

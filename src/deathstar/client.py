@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import itertools
+import queue
 import logging
 import time
 from dataclasses import dataclass, fields
@@ -245,18 +246,38 @@ class Cluster:
     def outcomes(self, fn: Callable[..., Any],
                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
                  total: int | None = None, indices: Iterable[int] | None = None,
-                 **options_and_common: Any) -> Iterator[Outcome]:
+                 deadline: float | None = None, **options_and_common: Any
+                 ) -> Iterator[Outcome]:
         """The raw stream: ``(index, ok, value_or_exception, record)`` per input, in
         completion order, each input exactly once. Closing the iterator early cancels
         the inputs not yet run (queued ones are dropped, running ones killed).
-        ``indices``: the index each call is known by (default 0, 1, 2, ...). Takes
-        ``map``'s options; other keywords are common arguments.
+        ``indices``: the index each call is known by (default 0, 1, 2, ...).
+        ``deadline`` (``time.monotonic()`` value): past it, waiting for the next outcome
+        raises ``TimeoutError`` (and cancels the rest). Takes ``map``'s options; other
+        keywords are common arguments.
 
         Raises ``SerializationError`` (before anything is sent) when the function or a
         common argument cannot be pickled, ``NoNodesError`` when no node is left."""
         options, progress, common = MapOptions.split(options_and_common)
+        job = self.make_job(fn, calls, options, common, total=total, indices=indices)
+        if progress is True:
+            from deathstar.cli import progress_bar  # the terminal is the CLI's business
+
+            progress = progress_bar(total)
+        return self._stream(job, progress or None, deadline)
+
+    def make_job(self, fn: Callable[..., Any],
+                 calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]],
+                 options: MapOptions, common: dict[str, Any], *, total: int | None = None,
+                 indices: Iterable[int] | None = None, out: Any = None) -> Job:
+        """A job ready for ``engine.submit``: the function and common arguments pickled
+        (``SerializationError`` names what cannot be), the calls numbered lazily. ``out``
+        replaces the job's queue by any object with ``put`` (called in the I/O thread
+        with lists of outcomes, then ``FINISHED``, or an exception)."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
+        if self.engine.crashed is not None or not self.engine.is_alive():
+            raise RuntimeError("this Cluster is closed")
         serialize.ship_local_modules()
         blob = serialize.dumps_function(fn, common)
         # calls before indices: an index may be known only once its call has been read
@@ -265,21 +286,31 @@ class Cluster:
                   ((i, args, kwargs) for (args, kwargs), i in numbered),
                   total, options.chunksize, options.max_attempts, options.timeout,
                   options.timeout_retries, options.seed, options.capture_output)
-        if self.engine.crashed is not None or not self.engine.is_alive():
-            raise RuntimeError("this Cluster is closed")
-        if progress is True:
-            from deathstar.cli import progress_bar  # the terminal is the CLI's business
+        if out is not None:
+            job.out = out
+        return job
 
-            progress = progress_bar(total)
-        return self._stream(job, progress or None)
+    def executor(self, **options: Any) -> Any:
+        """A ``concurrent.futures.Executor`` on this cluster (``map``'s options apply to
+        every call). Shutting it down leaves the cluster open."""
+        from deathstar.futures import Executor
 
-    def _stream(self, job: Job, progress: ProgressFn | None) -> Iterator[Outcome]:
+        return Executor(self, **options)
+
+    def _stream(self, job: Job, progress: ProgressFn | None,
+                deadline: float | None = None) -> Iterator[Outcome]:
         self.engine.submit(job)
         done = 0
         finished = False
         try:
             while True:
-                item = job.out.get()
+                if deadline is None:
+                    item = job.out.get()
+                else:
+                    try:
+                        item = job.out.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        raise TimeoutError("the results did not come in time") from None
                 if item is FINISHED:
                     finished = True
                     return
