@@ -243,6 +243,16 @@ class Cluster:
                                              **options_and_common):
             yield _deliver(ok, value, on_error)
 
+    def as_completed(self, fn: Callable[..., Any], items: Iterable[Any],
+                     **options_and_common: Any) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, result)`` for every item as each finishes (completion order);
+        a failed input's result is its exception (a ``TaskFailed``), never raised.
+        Takes ``map``'s options."""
+        calls = (((item,), None) for item in items)
+        for index, _, value, _ in self.outcomes(fn, calls, total=_length(items),
+                                                **options_and_common):
+            yield index, value
+
     def outcomes(self, fn: Callable[..., Any],
                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
                  total: int | None = None, indices: Iterable[int] | None = None,
@@ -284,7 +294,8 @@ class Cluster:
         numbered = zip(calls, itertools.count() if indices is None else indices)
         job = Job(next(self._job_ids), serialize.content_hash(blob), blob,
                   ((i, args, kwargs) for (args, kwargs), i in numbered),
-                  total, options.chunksize, options.max_attempts, options.timeout,
+                  total, options.chunksize, options.max_attempts,
+                  options.timeout or config.TASK_TIMEOUT_S or None,
                   options.timeout_retries, options.seed, options.capture_output)
         if out is not None:
             job.out = out

@@ -123,6 +123,9 @@ MAX_ATTEMPTS = _env_int("MAX_ATTEMPTS", 3)
 #: from MAX_ATTEMPTS, but it is bounded so a task that takes its node down cannot loop.
 MAX_NODE_LOSSES = _env_int("MAX_NODE_LOSSES", 10)
 
+#: Seconds an input may run when a map gives no timeout (0: no limit).
+TASK_TIMEOUT_S = _env_float("TASK_TIMEOUT", 0.0)
+
 #: Messages a client keeps in flight per node beyond its worker count, so that a worker
 #: finds its next task already queued at its broker when it finishes one.
 PREFETCH_PER_NODE = _env_int("PREFETCH", 2)

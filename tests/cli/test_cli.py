@@ -204,5 +204,9 @@ def test_report_command_and_plots(daemon: Daemon, tmp_path: Path) -> None:
     cells = [c.strip() for c in row.split("│") if c.strip()]
     assert cells[1:3] == ["40", "4"]  # 40 tasks, 4 failed (10, 20, 30, 40)
     assert png2.stat().st_size > 10_000
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(png2))
+    assert pixels.std() > 0.05  # not blank: bars and text on the white
     bad = run("report", str(args))
     assert bad.returncode == 5

@@ -282,3 +282,22 @@ def test_captured_output_comes_back_in_the_report(daemon: Daemon) -> None:
                                  f"input {record.index} on stderr\n")
     plain = deathstar.map(jobs.shout, range(2), cluster=[daemon.address])
     assert all(r.output == "" for r in plain.report)
+
+
+def test_as_completed_streams_index_and_result(daemon: Daemon) -> None:
+    with Cluster([daemon.address]) as c:
+        got = dict(c.as_completed(jobs.fail_on_multiples_of, range(10), k=4))
+    assert set(got) == set(range(10))
+    assert all(isinstance(got[i], RemoteError) for i in (0, 4, 8))
+    assert all(got[i] == i for i in range(10) if i % 4)
+
+
+def test_default_task_timeout_from_the_environment(daemon: Daemon) -> None:
+    script = ("import deathstar; from tests import jobs; "
+              f"r = deathstar.map(jobs.slow_on, [1, 2], cluster=[{daemon.address!r}], "
+              "on_error='return', slow=2, seconds=30); "
+              "print(type(r[1]).__name__, r[0])")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60,
+                         env={**os.environ, "DEATHSTAR_TASK_TIMEOUT": "1"})
+    assert out.stdout.split() == ["TaskTimeout", "1"], out.stderr
