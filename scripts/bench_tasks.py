@@ -7,6 +7,7 @@ Also the two "floor" servers (raw pyzmq echo and raw zero-copy sink), run in a c
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,9 @@ def common_lookup(i: int, data: np.ndarray) -> float:
 # ---------------------------------------------------------------------- floor servers
 
 
-def echo_server(endpoint_queue, stop_after_s: float = 600.0) -> None:
-    """ROUTER that echoes every message back; binds a free loopback port, reports it."""
+def _serve(endpoint_queue: Any, reply: Any, stop_after_s: float) -> None:
+    """A ROUTER on a free loopback port (reported on the queue) answering each message
+    with ``reply(frames)`` until a STOP message or ``stop_after_s``."""
     import zmq
 
     ctx = zmq.Context()
@@ -61,33 +63,22 @@ def echo_server(endpoint_queue, stop_after_s: float = 600.0) -> None:
             if len(frames) == 2 and frames[1].bytes == b"STOP":
                 sock.send_multipart(frames, copy=False)
                 break
-            sock.send_multipart(frames, copy=False)
+            sock.send_multipart(reply(frames), copy=False)
     finally:
         sock.close(0)
         ctx.term()
 
 
-def sink_server(endpoint_queue, stop_after_s: float = 600.0) -> None:
-    """ROUTER that receives an array without copying (np.frombuffer on the frame) and
-    acknowledges with its length; binds a free loopback port, reports it."""
-    import zmq
+def echo_server(endpoint_queue: Any, stop_after_s: float = 600.0) -> None:
+    """ROUTER that echoes every message back."""
+    _serve(endpoint_queue, lambda frames: frames, stop_after_s)
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    endpoint_queue.put(port)
-    deadline = time.monotonic() + stop_after_s
-    try:
-        while time.monotonic() < deadline:
-            if not sock.poll(1000):
-                continue
-            frames = sock.recv_multipart(copy=False)
-            if len(frames) == 2 and frames[1].bytes == b"STOP":
-                sock.send_multipart(frames, copy=False)
-                break
-            arr = np.frombuffer(frames[1].buffer, dtype=np.float64)
-            sock.send_multipart([frames[0], str(arr.size).encode()])
-    finally:
-        sock.close(0)
-        ctx.term()
+
+def _array_length(frames: Any) -> list[Any]:
+    arr = np.frombuffer(frames[1].buffer, dtype=np.float64)  # no copy of the frame
+    return [frames[0], str(arr.size).encode()]
+
+
+def sink_server(endpoint_queue: Any, stop_after_s: float = 600.0) -> None:
+    """ROUTER that receives an array without copying and acknowledges its length."""
+    _serve(endpoint_queue, _array_length, stop_after_s)
