@@ -416,9 +416,12 @@ class _Display:
     def __rich__(self) -> Group:
         return Group(self.progress, _node_table(self.cluster.node_stats()))
 
-    def update(self, ok: bool) -> None:
-        self.done += 1
-        self.failed += 0 if ok else 1
+    def failure(self) -> None:
+        self.failed += 1
+
+    def progress_callback(self, done: int, total: int | None) -> None:
+        """The library's ``progress(done, total)`` hook: this display is one consumer."""
+        self.done = done
         if self.live is not None:
             rate = self.done / max(time.monotonic() - self.started, 1e-9)
             self.progress.update(self.bar, completed=self.done, rate=f"{rate:,.0f}/s")
@@ -603,12 +606,15 @@ class _MapRun:
 
         code = EXIT_OK
         try:
+            progress = self.display.progress_callback
             if skip:
                 stream = self.cluster.outcomes(fn, remaining(),
                                                indices=(kept[i] for i in itertools.count()),
-                                               total=total, **options, **common)
+                                               total=total, progress=progress, **options,
+                                               **common)
             else:
-                stream = self.cluster.outcomes(fn, calls, total=total, **options, **common)
+                stream = self.cluster.outcomes(fn, calls, total=total, progress=progress,
+                                               **options, **common)
             for index, ok, value, record in ordered(stream, kept if skip else None):
                 self.deliver(index, ok, value, record)
         except (InputError, SerializationError, OutputError) as exc:
@@ -640,7 +646,8 @@ class _MapRun:
             self.failed_count += 1
             if len(self.failed) < 3:
                 self.failed.append(value)
-        self.display.update(ok)
+        if not ok:
+            self.display.failure()
 
     def stop(self, code: int, message: str) -> int:
         self.display.close()
