@@ -15,7 +15,7 @@ from rich.table import Table
 from deathstar import ec2
 from deathstar.cli import err, parse_duration
 
-ec2_app = typer.Typer(help="Clusters on EC2: up, list, nodes, down (needs deathstar[ec2]).",
+ec2_app = typer.Typer(help="Clusters on EC2: up, list, nodes, down (needs the ec2 extra: boto3).",
                       no_args_is_help=True)
 
 Region = Annotated[Optional[str], typer.Option(help="AWS region [default: AWS config].")]

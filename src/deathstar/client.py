@@ -271,7 +271,7 @@ class Cluster:
         options, progress, common = MapOptions.split(options_and_common)
         job = self.make_job(fn, calls, options, common, total=total, indices=indices)
         if progress is True:
-            from deathstar.cli import progress_bar  # the terminal is the CLI's business
+            from deathstar.cli_map import progress_bar  # the terminal is the CLI's business
 
             progress = progress_bar(total)
         return self._stream(job, progress or None, deadline)
