@@ -4,6 +4,8 @@ The public API::
 
     deathstar.map(fn, items, cluster=None, **common)  -> MapResult (ordered, with .report)
     deathstar.Cluster(nodes)                           connect once; map / imap / imap_unordered
+    deathstar.Executor(cluster, **options)             concurrent.futures on the cluster
+    deathstar.register_joblib()                        joblib backend "deathstar"
     deathstar.node_summary(report)                     per-node jobs completed, failed, busy s
     deathstar.RemoteError                              an exception raised by the user's function
 """
@@ -12,7 +14,8 @@ __version__ = "0.1.0"
 
 from deathstar.client import Cluster, MapResult, NoNodesError, map  # noqa: E402
 from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed  # noqa: E402
-from deathstar.futures import Executor, register_joblib  # noqa: E402
+from deathstar.executor import Executor  # noqa: E402
+from deathstar.joblib_backend import register_joblib  # noqa: E402
 from deathstar.report import TaskRecord, node_summary  # noqa: E402
 
 __all__ = [

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import zmq
 
@@ -25,6 +25,9 @@ from deathstar.keys import CLIENT, ClientKeys, connect_with, load_client_keys, r
 from deathstar.local import LocalDaemon
 from deathstar.nodes import NodeAddress, parse_cluster
 from deathstar.report import TaskRecord
+
+if TYPE_CHECKING:
+    from deathstar.executor import Executor
 
 log = logging.getLogger("deathstar.client")
 
@@ -286,14 +289,25 @@ class Cluster:
         with lists of outcomes, then ``FINISHED``, or an exception)."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        if self.engine.crashed is not None or not self.engine.is_alive():
-            raise RuntimeError("this Cluster is closed")
+        self.check_open()
         serialize.ship_local_modules()
         blob = serialize.dumps_function(fn, common)
         # calls before indices: an index may be known only once its call has been read
         numbered = zip(calls, itertools.count() if indices is None else indices)
-        job = Job(next(self._job_ids), serialize.content_hash(blob), blob,
-                  ((i, args, kwargs) for (args, kwargs), i in numbered),
+        return self.job_from_blob(serialize.content_hash(blob), blob,
+                                  ((i, args, kwargs) for (args, kwargs), i in numbered),
+                                  options, total=total, out=out)
+
+    def job_from_blob(self, fn_hash: str, blob: list[Any],
+                      items: Iterator[tuple[int, tuple[Any, ...], dict[str, Any] | None]],
+                      options: MapOptions, *, total: int | None = None,
+                      out: Any = None) -> Job:
+        """A job for a function already pickled (``serialize.dumps_function``) and named by
+        ``fn_hash``: ``items`` yields ``(index, args, kwargs)`` and is read lazily in the
+        I/O thread, as the nodes have room (``out`` as for ``make_job``). Raises
+        RuntimeError when this Cluster is closed."""
+        self.check_open()
+        job = Job(next(self._job_ids), fn_hash, blob, items,
                   total, options.chunksize, options.max_attempts,
                   options.timeout or config.TASK_TIMEOUT_S or None,
                   options.timeout_retries, options.seed, options.capture_output)
@@ -301,10 +315,16 @@ class Cluster:
             job.out = out
         return job
 
-    def executor(self, **options: Any) -> Any:
+    def check_open(self) -> None:
+        """Raise RuntimeError when this Cluster is closed (or its I/O thread failed)."""
+        if self.engine.crashed is not None or not self.engine.is_alive():
+            raise RuntimeError("this Cluster is closed")
+
+    def executor(self, **options: Any) -> Executor:
         """A ``concurrent.futures.Executor`` on this cluster (``map``'s options apply to
-        every call). Shutting it down leaves the cluster open."""
-        from deathstar.futures import Executor
+        every call; see ``deathstar.Executor``). Shutting it down leaves the cluster
+        open."""
+        from deathstar.executor import Executor
 
         return Executor(self, **options)
 

@@ -1,146 +1,361 @@
 """deathstar.Executor held to ProcessPoolExecutor's behaviour: one test body, run against
-both."""
+both (a two-process pool, a daemon with two workers); then what only deathstar's does.
+
+Calls that must not finish yet wait on a *gate* (a file the test creates when it wants
+them to finish), so no test relies on one sleep outlasting another.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
+import os
+import threading
 import time
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 
 import deathstar
-from deathstar.futures import Executor
+from deathstar.client import Cluster
+from deathstar.errors import RemoteError, TaskTimeout, WorkerCrashed
+from deathstar.serialize import SerializationError
 from tests import jobs
-from tests.conftest import Daemon
+from tests.conftest import Daemon, wait_for, worker_pids
 
 pytestmark = pytest.mark.timeout(90)
 
 
+# ---------------------------------------------------------------- gates and job functions
+
+
+def gated(value: Any, gate: str) -> Any:
+    """Leave a mark that this call started, wait until the file ``gate`` exists (at most
+    a minute; ``""`` means no gate), return ``value``. Shipped by value to the workers."""
+    if not gate:
+        return value
+    Path(f"{gate}.started.{os.getpid()}.{time.monotonic_ns()}").touch()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gate {gate} never opened")
+        time.sleep(0.005)
+    return value
+
+
+@dataclass
+class Gate:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def open(self) -> None:
+        self.path.touch()
+
+    def started(self) -> int:
+        """Calls that have reached the gate."""
+        return len(list(self.path.parent.glob(self.path.name + ".started.*")))
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Gate:
+    return Gate(tmp_path / "gate")
+
+
 @pytest.fixture(params=["ProcessPoolExecutor", "deathstar"])
-def executor(request: pytest.FixtureRequest, daemons: Callable[..., Daemon]
+def executor(request: pytest.FixtureRequest, daemons: Callable[..., Daemon], gate: Gate
              ) -> Iterator[cf.Executor]:
     if request.param == "deathstar":
-        ex: cf.Executor = Executor(cluster=[daemons(2).address])
+        ex: cf.Executor = deathstar.Executor(cluster=[daemons(2).address])
     else:
         ex = cf.ProcessPoolExecutor(2)
     try:
         yield ex
     finally:
+        gate.open()  # let a pool's gated calls end, or its shutdown would wait for them
         ex.shutdown(wait=True, cancel_futures=True)
 
 
 def original(exc: BaseException | None) -> BaseException | None:
-    """The exception the function raised (deathstar wraps it in RemoteError)."""
-    return getattr(exc, "exception", None) or exc
+    """The exception the call raised: deathstar wraps it in RemoteError (``.exception``)
+    or, for an argument that does not pickle, in SerializationError (its cause)."""
+    if isinstance(exc, RemoteError):
+        return exc.exception
+    if isinstance(exc, SerializationError):
+        return exc.__cause__
+    return exc
 
 
-def test_submit_and_result(executor: cf.Executor) -> None:
-    futures = [executor.submit(jobs.add, i, y=10) for i in range(20)]
-    assert [f.result(timeout=30) for f in futures] == [i + 10 for i in range(20)]
-    assert all(f.done() and not f.cancelled() for f in futures)
+# ---------------------------------------------------------------- one body, two executors
 
 
-def test_exceptions_reach_the_future(executor: cf.Executor) -> None:
-    future = executor.submit(jobs.fail_on_multiples_of, 10, k=5)
-    exc = future.exception(timeout=30)
-    assert isinstance(original(exc), ValueError) and "multiple of 5" in str(original(exc))
+def test_submit_returns_futures_that_resolve(executor: cf.Executor) -> None:
+    futures = [executor.submit(jobs.add, i, 10, z=100) for i in range(20)]
+    assert [f.result(timeout=30) for f in futures] == [i + 110 for i in range(20)]
+    assert all(f.done() and not f.cancelled() and not f.running() for f in futures)
+
+
+def test_an_exception_fails_its_own_future_only(executor: cf.Executor) -> None:
+    bad = executor.submit(jobs.fail_on_multiples_of, 10, k=5)
+    good = executor.submit(jobs.fail_on_multiples_of, 11, k=5)
+    exc = original(bad.exception(timeout=30))
+    assert isinstance(exc, ValueError) and "input 10 is a multiple of 5" in str(exc)
     with pytest.raises(Exception) as info:
-        future.result()
+        bad.result()
     assert isinstance(original(info.value), ValueError)
+    assert good.result(timeout=30) == 11
 
 
-def test_map_is_ordered_and_raises_at_its_item(executor: cf.Executor) -> None:
-    assert list(executor.map(jobs.jitter_square, range(50))) == [x * x for x in range(50)]
-    assert list(executor.map(jobs.add, [1, 2], [10, 20])) == [11, 22]
+def test_an_argument_that_does_not_pickle_fails_its_future(executor: cf.Executor) -> None:
+    future = executor.submit(jobs.square, jobs.Unpicklable())
+    exc = original(future.exception(timeout=30))
+    assert isinstance(exc, TypeError) and "refuses to be pickled" in str(exc)
+    assert executor.submit(jobs.square, 3).result(timeout=30) == 9
+
+
+def test_map_gives_results_in_input_order(executor: cf.Executor) -> None:
+    assert list(executor.map(jobs.jitter_square, range(60), timeout=60)) == [
+        x * x for x in range(60)]
+    assert list(executor.map(jobs.add, [1, 2, 3], [10, 20])) == [11, 22]  # the shortest
+    assert list(executor.map(jobs.square, [])) == []
+
+
+def test_map_raises_when_the_failed_item_is_reached(executor: cf.Executor) -> None:
     results = executor.map(jobs.fail_on_multiples_of, [1, 2, 5, 6], itertools.repeat(5))
     assert next(results) == 1 and next(results) == 2
     with pytest.raises(Exception) as info:
         next(results)
     assert isinstance(original(info.value), ValueError)
+    with pytest.raises(StopIteration):
+        next(results)
 
 
-def test_map_timeout(executor: cf.Executor) -> None:
+def test_map_timeout(executor: cf.Executor, gate: Gate) -> None:
     started = time.monotonic()
-    results = executor.map(jobs.sleep_for, [0.01, 5.0], timeout=1.0)
-    with pytest.raises(TimeoutError):
-        list(results)
-    assert time.monotonic() - started < 4.5
+    results = executor.map(gated, [1, 2], ["", gate.name], timeout=1.0)
+    assert next(results) == 1
+    with pytest.raises(cf.TimeoutError):
+        next(results)
+    assert 0.95 <= time.monotonic() - started < 10
 
 
-def test_as_completed_and_wait(executor: cf.Executor) -> None:
-    futures = {executor.submit(jobs.sleep_for, s): s for s in (0.6, 0.05, 0.3)}
-    order = [futures[f] for f in cf.as_completed(futures, timeout=30)]
-    assert sorted(order) == [0.05, 0.3, 0.6] and order[0] == 0.05
-    fs = [executor.submit(jobs.sleep_for, 2.0), executor.submit(jobs.sleep_for, 0.05)]
-    done, not_done = cf.wait(fs, timeout=30, return_when=cf.FIRST_COMPLETED)
-    assert fs[1] in done and fs[0] in not_done
+def test_map_timeout_runs_from_the_call(executor: cf.Executor, gate: Gate) -> None:
+    results = executor.map(gated, [1], [gate.name], timeout=0.5)
+    time.sleep(0.6)  # the time under test: the deadline passes before the first next()
+    asked = time.monotonic()
+    with pytest.raises(cf.TimeoutError):
+        next(results)
+    assert time.monotonic() - asked < 0.4
 
 
-def test_queued_futures_can_be_cancelled(executor: cf.Executor) -> None:
-    blockers = [executor.submit(jobs.sleep_for, 0.5) for _ in range(8)]
+def test_as_completed_yields_futures_as_they_finish(executor: cf.Executor, gate: Gate
+                                                    ) -> None:
+    slow = executor.submit(gated, "slow", gate.name)
+    fast = [executor.submit(jobs.square, i) for i in range(3)]
+    seen = []
+    for future in cf.as_completed([slow, *fast], timeout=30):
+        seen.append(future)
+        if len(seen) == 3:
+            gate.open()
+    assert set(seen[:3]) == set(fast) and seen[3] is slow
+    assert slow.result() == "slow"
+
+
+def test_wait_first_completed_then_all(executor: cf.Executor, gate: Gate) -> None:
+    slow = executor.submit(gated, "slow", gate.name)
+    fast = executor.submit(jobs.square, 4)
+    done, not_done = cf.wait([slow, fast], timeout=30, return_when=cf.FIRST_COMPLETED)
+    assert done == {fast} and not_done == {slow}
+    gate.open()
+    done, not_done = cf.wait([slow, fast], timeout=30)
+    assert done == {slow, fast} and not not_done
+
+
+def test_a_queued_future_can_be_cancelled_a_running_one_cannot(executor: cf.Executor,
+                                                               gate: Gate) -> None:
+    blockers = [executor.submit(gated, i, gate.name) for i in range(8)]
     last = executor.submit(jobs.square, 3)  # behind the blockers: still queued
+    wait_for(lambda: gate.started() >= 2, 30, "both workers to be busy")
+    running = [b for b in blockers if b.running()]
+    assert running and not running[0].cancel()
     assert last.cancel() and last.cancelled()
-    assert all(b.result(timeout=30) == 0.5 for b in blockers)
+    gate.open()
+    assert [b.result(timeout=30) for b in blockers] == list(range(8))
     with pytest.raises(cf.CancelledError):
         last.result()
+    done, _ = cf.wait([last], timeout=10)  # the executor notified its waiters
+    assert done == {last}
 
 
-def test_shutdown_cancel_futures_and_no_submit_after(executor: cf.Executor) -> None:
-    futures = [executor.submit(jobs.sleep_for, 0.3) for _ in range(12)]
-    executor.shutdown(wait=True, cancel_futures=True)
-    assert any(f.cancelled() for f in futures)
-    assert all(f.done() for f in futures)
+def test_shutdown_cancel_futures(executor: cf.Executor, gate: Gate) -> None:
+    futures = [executor.submit(gated, i, gate.name) for i in range(12)]
+    wait_for(lambda: gate.started() >= 2, 30, "both workers to be busy")
+    executor.shutdown(wait=False, cancel_futures=True)
+    # at most the workers + a small prefetch had started (a pool cancels in its own thread)
+    wait_for(lambda: sum(f.cancelled() for f in futures) >= 12 - 5, 30, "the cancellations")
+    gate.open()
+    cancelled = [f for f in futures if f.cancelled()]
+    for i, future in enumerate(futures):
+        if future in cancelled:
+            with pytest.raises(cf.CancelledError):
+                future.result(timeout=30)
+        else:  # the pool lets a running call finish; deathstar stops it on its node
+            exc = future.exception(timeout=30)
+            assert (exc is None and future.result() == i) or isinstance(exc, cf.CancelledError)
     with pytest.raises(RuntimeError):
         executor.submit(jobs.square, 1)
+    with pytest.raises(RuntimeError):
+        executor.map(jobs.square, [1])
 
 
-def test_context_manager_waits(executor: cf.Executor) -> None:
+def test_the_context_manager_waits_for_every_call(executor: cf.Executor) -> None:
     with executor as ex:
-        futures = [ex.submit(jobs.sleep_for, 0.1) for _ in range(4)]
-    assert all(f.done() and f.result() == 0.1 for f in futures)
+        futures = [ex.submit(jobs.sleep_for, 0.2) for _ in range(4)]
+    assert all(f.done() for f in futures)
+    assert [f.result() for f in futures] == [0.2] * 4
+    with pytest.raises(RuntimeError):
+        ex.submit(jobs.square, 1)
+
+
+def test_done_callbacks_run_once_per_future(executor: cf.Executor) -> None:
+    seen: list[cf.Future[Any]] = []
+    futures = [executor.submit(jobs.square, i) for i in range(10)]
+    for future in futures:
+        future.add_done_callback(seen.append)
+    wait_for(lambda: len(seen) >= 10, 30, "every callback")
+    assert len(seen) == 10 and set(seen) == set(futures)
+
+
+def test_submit_from_many_threads(executor: cf.Executor) -> None:
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = list(pool.map(lambda i: executor.submit(jobs.square, i), range(200)))
+    assert [f.result(timeout=30) for f in futures] == [i * i for i in range(200)]
 
 
 # ---------------------------------------------------------------- deathstar only
 
 
-def test_executor_leaves_the_cluster_and_daemons_running(daemon: Daemon) -> None:
-    with deathstar.Cluster([daemon.address]) as c:
+def test_remote_errors_carry_the_original_and_where_it_ran(daemon: Daemon) -> None:
+    with deathstar.Executor([daemon.address]) as ex:
+        exc = ex.submit(jobs.fail_on_multiples_of, 5).exception(timeout=30)
+    assert isinstance(exc, RemoteError) and isinstance(exc.exception, ValueError)
+    assert "fail_on_multiples_of" in exc.remote_traceback
+    assert exc.node == daemon.address
+    assert int(exc.worker.rpartition(":")[2]) in worker_pids(daemon)
+
+
+def test_timeouts_and_crashes_give_their_own_errors(daemon: Daemon, gate: Gate) -> None:
+    with Cluster([daemon.address]) as c:
+        with c.executor(timeout=0.5) as ex:
+            exc = ex.submit(gated, 1, gate.name).exception(timeout=30)
+        assert isinstance(exc, TaskTimeout)
+        with c.executor(max_attempts=1) as ex:
+            exc = ex.submit(jobs.segfault_on, 1, bad=1).exception(timeout=30)
+            assert isinstance(exc, WorkerCrashed)
+            assert ex.submit(jobs.square, 5).result(timeout=30) == 25  # the map goes on
+
+
+def test_consecutive_calls_share_jobs(daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:
+    with Cluster([daemon.address]) as c:
+        made = []
+        job_from_blob = c.job_from_blob
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            made.append(1)
+            return job_from_blob(*args, **kwargs)
+
+        monkeypatch.setattr(c, "job_from_blob", counting)
+        with c.executor() as ex:
+            futures = [ex.submit(jobs.square, i) for i in range(1000)]
+            assert [f.result(timeout=30) for f in futures] == [i * i for i in range(1000)]
+        assert 1 <= len(made) < 100
+        assert daemon.status()["blobs_received"] == 1
+
+
+def test_an_executor_on_a_cluster_leaves_it_and_the_daemon_running(daemon: Daemon) -> None:
+    with Cluster([daemon.address]) as c:
         with c.executor() as ex:
             assert ex.submit(jobs.square, 4).result(timeout=30) == 16
         assert c.map(jobs.square, [5]) == [25]  # the cluster is still open
     assert daemon.status()["workers"] == 2
 
 
-def test_embedded_executor_and_remote_error_details() -> None:
-    with Executor() as ex:
-        exc = ex.submit(jobs.fail_on_multiples_of, 5).exception(timeout=60)
-    assert isinstance(exc, deathstar.RemoteError) and "fail_on_multiples_of" in \
-        exc.remote_traceback
+def test_an_embedded_executor_stops_its_own_daemon() -> None:
+    ex = deathstar.Executor()
+    assert ex.cluster.local is not None
+    proc = ex.cluster.local.proc
+    assert ex.submit(jobs.square, 3).result(timeout=60) == 9
+    ex.shutdown()
+    assert proc.poll() is not None and not ex.cluster.engine.is_alive()
 
 
-def test_map_reads_inputs_lazily(daemon: Daemon) -> None:
-    with Executor([daemon.address]) as ex:
-        results = ex.map(jobs.square, itertools.count())
+def test_map_reads_its_inputs_lazily(daemon: Daemon) -> None:
+    read = itertools.count()
+
+    def endless() -> Iterator[int]:
+        for i in itertools.count():
+            next(read)
+            yield i
+
+    with deathstar.Executor([daemon.address]) as ex:
+        results = ex.map(jobs.square, endless())
         assert [next(results) for _ in range(100)] == [x * x for x in range(100)]
+        assert next(read) < 60_000  # read ahead only as far as the back-pressure allows
         results.close()
 
 
-def test_joblib_backend_runs_on_the_cluster(daemon: Daemon) -> None:
-    joblib = pytest.importorskip("joblib")
-    deathstar.register_joblib()
-    with joblib.parallel_config(backend="deathstar", cluster=[daemon.address]):
-        out = joblib.Parallel(n_jobs=-1)(joblib.delayed(jobs.add)(i, y=1) for i in range(200))
-        pids = set(joblib.Parallel(n_jobs=-1)(joblib.delayed(jobs.whoami)(i)
-                                              for i in range(20)))
-    assert out == [i + 1 for i in range(200)]
-    import os
+def test_an_open_map_outlives_shutdown_and_then_closes_the_cluster(daemon: Daemon) -> None:
+    with deathstar.Executor([daemon.address]) as ex:
+        results = ex.map(jobs.square, range(10))
+    assert ex.cluster.engine.is_alive()  # the map still needs it
+    assert list(results) == [x * x for x in range(10)]
+    assert not ex.cluster.engine.is_alive()
 
-    assert str(os.getpid()) not in {p.rpartition(":")[2] for p in pids}
-    assert daemon.status()["tasks_done"] >= 20
-    with joblib.parallel_config(backend="deathstar", cluster=[daemon.address]):
-        with pytest.raises(Exception) as info:
-            joblib.Parallel(n_jobs=2)(joblib.delayed(jobs.fail_on_multiples_of)(i, 3)
-                                      for i in range(1, 5))
-    assert isinstance(original(info.value), ValueError)
+
+def test_shutdown_cancel_futures_stops_running_calls(daemon: Daemon, gate: Gate) -> None:
+    with Cluster([daemon.address]) as c:
+        ex = c.executor()
+        futures = [ex.submit(gated, 0, gate.name)]
+        results = ex.map(gated, [1, 2], ["", gate.name])
+        assert next(results) == 1
+        wait_for(lambda: gate.started() >= 2, 30, "both workers to be busy")
+        futures += [ex.submit(gated, i, gate.name) for i in range(1, 7)]  # queued
+        ex.shutdown(wait=True, cancel_futures=True)  # the gate stays shut
+        assert all(f.done() for f in futures)
+        assert all(f.cancelled() or isinstance(f.exception(), cf.CancelledError)
+                   for f in futures)
+        with pytest.raises(cf.CancelledError):
+            next(results)
+        assert c.map(jobs.square, range(4)) == [0, 1, 4, 9]  # the workers were freed
+
+
+def test_a_closed_cluster_fails_the_calls_it_had(daemon: Daemon, gate: Gate) -> None:
+    c = Cluster([daemon.address])
+    ex = c.executor()
+    future = ex.submit(gated, 1, gate.name)
+    wait_for(lambda: gate.started() >= 1, 30, "the call to start")
+    c.close()
+    assert isinstance(future.exception(timeout=30), RuntimeError)
+    with pytest.raises(RuntimeError):
+        ex.submit(jobs.square, 1)
+    ex.shutdown()
+
+
+def test_a_done_callback_may_submit_and_shut_down(daemon: Daemon) -> None:
+    with deathstar.Executor([daemon.address]) as ex:
+        chained: list[cf.Future[Any]] = []
+        ended = threading.Event()
+
+        def then(future: cf.Future[Any]) -> None:
+            chained.append(ex.submit(jobs.square, future.result()))
+            ex.shutdown(wait=True)  # in the executor's thread: must not wait for itself
+            ended.set()
+
+        ex.submit(jobs.square, 3).add_done_callback(then)
+        assert ended.wait(30)
+        assert chained[0].result(timeout=30) == 81

@@ -1,0 +1,443 @@
+"""``concurrent.futures`` on a deathstar cluster: ``Executor`` (and ``Cluster.executor``).
+
+How a submitted call travels:
+
+* ``submit`` pickles the function (content-hashed, as a map's is), checks that the
+  arguments pickle, and queues the call in the executor as a pending Future.
+* Consecutive calls of one function share one job, a *feed*: the job's input iterator
+  takes calls from the head of the executor's queue, and the client's I/O thread reads it
+  only when a node has room (so the engine batches tiny calls and ships the function to
+  each node once). A call it has taken is running (it is about to be sent); one still in
+  the queue can be cancelled. Calls start in submission order: when the head of the queue
+  is another function, the feed ends and a feed for that function starts.
+* Outcomes come back through the job's ``out`` sink to the executor's own thread, which
+  resolves the futures and runs their done-callbacks (never the I/O thread, so a slow
+  callback cannot starve the heartbeats).
+
+``map`` is one lazy job of its own, read as the nodes have room, delivered in input order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from deathstar import config, serialize
+from deathstar.client import Cluster, MapOptions
+from deathstar.engine import NoNodesError
+from deathstar.job import FINISHED, Job
+
+__all__ = ["Executor", "LIVENESS_CHECK_S"]
+
+log = logging.getLogger("deathstar.executor")
+
+#: Seconds between checks, while the executor waits for outcomes, that its Cluster is
+#: still open: a Cluster closed under a busy executor fails the executor's futures.
+LIVENESS_CHECK_S = 1.0
+
+_CANCELLED = "cancelled by shutdown(cancel_futures=True)"
+
+
+@dataclass(eq=False)
+class _Call:
+    """A submitted call waiting in the executor's queue."""
+
+    future: cf.Future[Any]
+    index: int  # the executor's submission number: the input index of its record
+    fn_hash: str
+    blob: list[Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] | None
+
+
+class _Feed:
+    """A job that runs consecutive calls of one function: its input iterator (read by the
+    I/O thread when a node has room; it ends for good at the first call of another
+    function or when the queue is empty) and its ``out`` (passes outcomes on to the
+    executor's thread)."""
+
+    def __init__(self, executor: Executor, fn_hash: str):
+        self.executor = executor
+        self.fn_hash = fn_hash
+        self.futures: dict[int, cf.Future[Any]] = {}  # taken and not yet resolved
+        self.closed = False
+        self.cancelled = False
+        self.job: Job | None = None
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> tuple[int, tuple[Any, ...], dict[str, Any] | None]:
+        return self.executor._take(self)
+
+    def put(self, item: Any) -> None:
+        self.executor._inbox.put((self, item))
+
+
+class Executor(cf.Executor):
+    """A ``concurrent.futures.Executor`` whose calls run on a deathstar cluster.
+
+    ``cluster``: a ``Cluster`` (used, never closed), or what ``Cluster`` takes (node names,
+    ``"a,b:7000"``; None for ``DEATHSTAR_CLUSTER`` or else an embedded local daemon), which
+    is then connected here and closed when the executor is shut down. Shutting down never
+    stops the daemons. ``options``: ``Cluster.map``'s options (chunksize, timeout,
+    timeout_retries, max_attempts, seed, capture_output) for every call; an unknown one
+    raises TypeError, a bad value ValueError.
+
+    A call whose function raised resolves its future with ``RemoteError`` (the original
+    exception as ``.exception``, the remote traceback as ``.remote_traceback``); a worker
+    that died on every attempt gives ``WorkerCrashed``, a call past ``timeout``
+    ``TaskTimeout``; an argument that cannot be pickled ``SerializationError``.
+    Done-callbacks run in the executor's own thread. Thread-safe.
+    """
+
+    def __init__(self, cluster: Cluster | str | Sequence[str] | None = None, **options: Any):
+        self._options = MapOptions(**options)
+        self._owns = not isinstance(cluster, Cluster)
+        self._cluster = cluster if isinstance(cluster, Cluster) else Cluster(cluster)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when no future is left
+        self._pending: deque[_Call] = deque()
+        self._feed: _Feed | None = None  # the feed taking calls from the queue's head
+        self._feeds: set[_Feed] = set()  # feeds whose job is with the I/O thread
+        self._unfinished: set[cf.Future[Any]] = set()
+        self._maps: set[Job] = set()
+        self._indices = itertools.count()
+        self._last_blob: tuple[str, list[Any]] | None = None
+        self._inbox: queue.SimpleQueue[tuple[_Feed | None, Any]] = queue.SimpleQueue()
+        self._shutdown = False
+        self._released = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="deathstar-executor")
+        self._thread.start()
+
+    @property
+    def cluster(self) -> Cluster:
+        """The Cluster the calls run on."""
+        return self._cluster
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Schedule ``fn(*args, **kwargs)`` and return its Future at once (never blocks on
+        the cluster). Calls start in submission order as the nodes have room; a call not
+        yet started can be cancelled. Raises RuntimeError after ``shutdown`` or when the
+        Cluster is closed, TypeError when ``fn`` is not callable; a function or argument
+        that cannot be pickled fails the Future with ``SerializationError``."""
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        self._check_accepting()
+        future: cf.Future[Any] = cf.Future()
+        try:
+            fn_hash, blob = self._pickle(fn, args, kwargs)
+        except serialize.SerializationError as exc:
+            future.set_exception(exc)
+            return future
+        with self._lock:
+            self._check_accepting(locked=True)
+            self._pending.append(_Call(future, next(self._indices), fn_hash, blob, args,
+                                       kwargs or None))
+            self._unfinished.add(future)
+            if self._feed is None:
+                self._start_feed_locked()
+        return future
+
+    def _check_accepting(self, locked: bool = False) -> None:
+        if not locked:
+            with self._lock:
+                return self._check_accepting(locked=True)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        self._cluster.check_open()
+
+    def _pickle(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> tuple[str, list[Any]]:
+        """The function's blob and hash (the previous call's blob when it is the same
+        function, so queued calls share it); checks that the arguments pickle (large
+        buffers are not copied for the check; the I/O thread pickles them again to send)."""
+        serialize.ship_local_modules()
+        blob = serialize.dumps_function(fn, {})
+        fn_hash = serialize.content_hash(blob)
+        last = self._last_blob
+        if last is not None and last[0] == fn_hash:
+            blob = last[1]
+        else:
+            self._last_blob = (fn_hash, blob)
+        try:
+            serialize.dumps((args, kwargs))
+        except Exception as exc:
+            raise serialize.SerializationError(
+                f"an argument cannot be pickled: {type(exc).__name__}: {exc}") from exc
+        return fn_hash, blob
+
+    def _start_feed_locked(self) -> None:
+        """Start a job for the calls at the head of the queue (lock held)."""
+        head = self._pending[0]
+        feed = _Feed(self, head.fn_hash)
+        feed.job = self._cluster.job_from_blob(head.fn_hash, head.blob, feed, self._options,
+                                               out=feed)
+        self._feed = feed
+        self._feeds.add(feed)
+        self._cluster.engine.submit(feed.job)
+
+    def _take(self, feed: _Feed) -> tuple[int, tuple[Any, ...], dict[str, Any] | None]:
+        """The next call for ``feed`` (called in the I/O thread when a node has room): it
+        becomes running. Cancelled calls are skipped (their waiters notified)."""
+        with self._lock:
+            while not feed.closed and self._pending \
+                    and self._pending[0].fn_hash == feed.fn_hash:
+                call = self._pending.popleft()
+                if call.future.set_running_or_notify_cancel():
+                    feed.futures[call.index] = call.future
+                    return call.index, call.args, call.kwargs
+                self._settle_locked([call.future])
+            feed.closed = True
+            if self._feed is feed:
+                self._feed = None
+                if self._pending:
+                    self._start_feed_locked()
+        raise StopIteration
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _run(self) -> None:
+        """The executor's thread: resolve futures from what the feeds' jobs deliver."""
+        while True:
+            try:
+                feed, item = self._inbox.get(timeout=LIVENESS_CHECK_S)
+            except queue.Empty:
+                if self._unfinished and not self._cluster_usable():
+                    self._fail_everything(RuntimeError("the executor's Cluster was closed"))
+                continue
+            if feed is None:
+                return  # released
+            try:
+                if item is FINISHED:
+                    self._feed_ended(feed, None)
+                elif isinstance(item, BaseException):
+                    self._feed_ended(feed, item)
+                else:
+                    self._resolve(feed, item)
+                if self._shutdown:
+                    self._release_if_idle()
+            except Exception:  # a bug here must not leave every later future hanging
+                log.exception("the executor's thread failed to handle an outcome")
+
+    def _resolve(self, feed: _Feed, outcomes: list[Any]) -> None:
+        with self._lock:
+            futures = [feed.futures.pop(index, None) for index, _, _, _ in outcomes]
+        done = []
+        for future, (_, ok, value, _) in zip(futures, outcomes):
+            if future is not None:
+                _settle_future(future, ok, value)
+                done.append(future)
+        if feed.job is not None:
+            self._consumed(feed.job, len(outcomes))
+        with self._lock:
+            self._settle_locked(done)
+
+    def _feed_ended(self, feed: _Feed, error: BaseException | None) -> None:
+        """A feed's job finished (``error`` None), was cancelled, or failed. Calls it took
+        and never answered fail; when the cluster is unusable so do the queued ones, else
+        a new feed takes them."""
+        stranded: list[_Call] = []
+        with self._lock:
+            self._feeds.discard(feed)
+            feed.closed = True
+            leftovers = list(feed.futures.values())
+            feed.futures.clear()
+            if self._feed is feed:
+                self._feed = None
+            if error is not None and self._pending and self._feed is None:
+                if isinstance(error, NoNodesError) or not self._cluster_usable():
+                    stranded = list(self._pending)
+                    self._pending.clear()
+                else:
+                    self._start_feed_locked()
+        if error is None and leftovers:
+            error = (cf.CancelledError(_CANCELLED) if feed.cancelled else
+                     RuntimeError("the cluster finished a job without answering a call"))
+        for future in leftovers:
+            _settle_future(future, False, error)
+        for call in stranded:
+            if call.future.set_running_or_notify_cancel():
+                _settle_future(call.future, False, error)
+        with self._lock:
+            self._settle_locked(leftovers + [c.future for c in stranded])
+
+    def _fail_everything(self, error: BaseException) -> None:
+        """The cluster is gone: every call taken or queued fails with ``error``."""
+        with self._lock:
+            feeds = list(self._feeds)
+        for feed in feeds:  # the cluster is unusable: the queued calls fail too
+            self._feed_ended(feed, error)
+
+    def _settle_locked(self, futures: Iterable[cf.Future[Any]]) -> None:
+        for future in futures:
+            self._unfinished.discard(future)
+        if not self._unfinished:
+            self._idle.notify_all()
+
+    def _consumed(self, job: Job, count: int) -> None:
+        """``count`` outcomes of ``job`` were taken off its queue: lift its back-pressure
+        once the backlog has halved (as ``Cluster`` does for a map)."""
+        job.consumed += count
+        if job.throttled and job.delivered - job.consumed <= config.MAX_PENDING_RESULTS // 2:
+            job.throttled = False
+            self._cluster.engine.wake()
+
+    def _cluster_usable(self) -> bool:
+        engine = self._cluster.engine
+        return engine.crashed is None and engine.is_alive()
+
+    # ------------------------------------------------------------------ map
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int | None = None) -> Iterator[Any]:
+        """``fn(*args)`` for the items of ``iterables`` taken together, as the stdlib's:
+        results in input order; a call's exception is raised when its item is reached (and
+        the rest are cancelled); ``TimeoutError`` when a result is not in ``timeout``
+        seconds after this call. Unlike the stdlib's, the inputs are read lazily, as the
+        cluster has room (an endless iterable is fine), and the work starts at once.
+        ``chunksize``: inputs per message (None: the executor's option, else adaptive).
+
+        Closing or dropping the iterator cancels what has not run. ``shutdown`` leaves an
+        open map running (an owned Cluster stays open until it ends) unless
+        ``cancel_futures`` is set: then the iterator raises ``CancelledError`` at the first
+        result that never came. Raises RuntimeError after shutdown, SerializationError when
+        ``fn`` cannot be pickled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        options = self._options if chunksize is None else replace(self._options,
+                                                                  chunksize=chunksize)
+        self._check_accepting()
+        calls = ((args, None) for args in zip(*iterables))
+        job = self._cluster.make_job(fn, calls, options, {}, total=_length(iterables))
+        with self._lock:
+            self._check_accepting(locked=True)
+            self._maps.add(job)
+        results = self._results(job, deadline)
+        next(results)  # submits the job; from here closing the generator cancels it
+        return results
+
+    def _results(self, job: Job, deadline: float | None) -> Iterator[Any]:
+        engine = self._cluster.engine
+        engine.submit(job)
+        finished = False
+        try:
+            yield None  # primed by ``map``
+            held: dict[int, tuple[bool, Any]] = {}
+            position = 0
+            while True:
+                item = self._next_outcomes(job, deadline)
+                if item is FINISHED:
+                    finished = True
+                    break
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                self._consumed(job, len(item))
+                for index, ok, value, _ in item:
+                    held[index] = (ok, value)
+                while position in held:
+                    ok, value = held.pop(position)
+                    position += 1
+                    if not ok:
+                        raise value
+                    yield value
+            if not job.exhausted or position < job.read:  # it was cancelled
+                raise cf.CancelledError(_CANCELLED)
+        finally:
+            if not finished and engine.is_alive():
+                engine.cancel(job)
+            with self._lock:
+                self._maps.discard(job)
+            self._release_if_idle()
+
+    def _next_outcomes(self, job: Job, deadline: float | None) -> Any:
+        while True:
+            left = LIVENESS_CHECK_S if deadline is None else deadline - time.monotonic()
+            try:
+                return job.out.get(timeout=min(LIVENESS_CHECK_S, max(0.0, left)))
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise cf.TimeoutError("the map's results did not come in time") from None
+                if not self._cluster_usable():
+                    raise RuntimeError("the executor's Cluster was closed") from None
+
+    # ------------------------------------------------------------------ shutdown
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Accept no more calls. ``cancel_futures``: calls not started are cancelled and
+        the running ones stopped on their nodes (their futures fail with
+        ``CancelledError``; open maps raise it at their first missing result).
+        ``wait``: block until every submitted call has its outcome (called from a
+        done-callback it cannot wait, and does not). The Cluster is closed (if this
+        executor opened it) once no call or map is left; the daemons keep running.
+        Idempotent."""
+        queued: list[cf.Future[Any]] = []
+        feeds: list[_Feed] = []
+        maps: list[Job] = []
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                queued = [call.future for call in self._pending]
+                self._pending.clear()
+                self._settle_locked(queued)
+                feeds, maps = list(self._feeds), list(self._maps)
+                for feed in feeds:
+                    feed.cancelled = feed.closed = True
+                self._feed = None
+        for future in queued:
+            future.cancel()
+            future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
+        engine = self._cluster.engine
+        if engine.is_alive():
+            for job in [f.job for f in feeds if f.job is not None] + maps:
+                engine.cancel(job)
+        in_own_thread = threading.current_thread() is self._thread
+        if wait and not in_own_thread:
+            with self._lock:
+                while self._unfinished:
+                    self._idle.wait()
+        self._release_if_idle()
+        if wait and self._released and not in_own_thread:
+            self._thread.join()
+
+    def _release_if_idle(self) -> None:
+        """After shutdown, once nothing is left: stop the executor's thread and close
+        an owned Cluster."""
+        with self._lock:
+            if self._released or not self._shutdown or self._unfinished or self._maps:
+                return
+            self._released = True
+        self._inbox.put((None, None))
+        if self._owns:
+            if threading.current_thread() is self._cluster.engine:
+                # a map dropped in the I/O thread: it cannot wait for itself to end
+                threading.Thread(target=self._cluster.close, daemon=True).start()
+            else:
+                self._cluster.close()
+
+
+def _settle_future(future: cf.Future[Any], ok: bool, value: Any) -> None:
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except cf.InvalidStateError:
+        pass  # someone resolved it by hand
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
