@@ -1,5 +1,7 @@
-"""The daemon: one per node. Routes task messages from clients to idle workers and their
-results back, and answers status queries. It reads envelopes only: payload frames pass
+"""The daemon: one per node. Routes task messages from clients to workers and their
+results back, and answers status queries. A worker gets a message when idle, and a
+second one behind it when its current one is short (by the client's estimate), so it never
+waits a round trip between short messages yet cannot hoard long ones. It reads envelopes only: payload frames pass
 through untouched and are never unpickled here.
 
 Sockets (all ROUTER; the identity frame comes first on every message received):
@@ -67,7 +69,8 @@ class Broker:
                                      env=self.gate.worker_env(), log_dir=log_dir)
         self.clients: dict[bytes, ClientConn] = {}
         self.workers: dict[bytes, WorkerConn] = {}
-        self.idle: deque[bytes] = deque()
+        self.idle: deque[bytes] = deque()  # workers holding nothing
+        self.prefetchable: deque[bytes] = deque()  # workers running one short message
         self.ready_clients: deque[bytes] = deque()  # clients with queued tasks, round robin
         self.blobs: dict[str, list[Any]] = {}
         self.counters = Counters()
@@ -196,7 +199,13 @@ class Broker:
         self.last_housekeeping = now
         if now >= self.next_supervise:
             self.next_supervise = now + config.SUPERVISE_INTERVAL_S
-            for exited in self.supervisor.poll(now):
+            exits = self.supervisor.poll(now)
+            if exits:
+                # A dead worker's last result (sent before it ran the message that killed
+                # it) may wait in the socket: read it first, or that message would be
+                # blamed for the death and the one that did it would go unpunished.
+                self.drain(self.back, self.on_worker_message)
+            for exited in exits:
                 self.on_process_exit(exited)
             self.enforce_timeouts(now)
             self.dead_mans_switch(now)
@@ -392,7 +401,8 @@ class Broker:
     def send_lost(self, ident: bytes, ids: list[int], reason: str, worker: str,
                   code: str = "crash", sig: int = 0) -> None:
         """Tell a client its task messages will not be answered, and why (``code``:
-        crash, timeout, blob, stopping; ``sig`` the signal that killed the worker)."""
+        crash, timeout, blob, stopping, unstarted; ``sig`` the signal that killed the
+        worker)."""
         self.send_client(ident, protocol.pack(protocol.LOST, ids=ids, reason=reason,
                                               worker=worker, code=code, sig=sig))
 
@@ -463,24 +473,32 @@ class Broker:
             node=self.node_name, workers=self.capacity())])
 
     def on_result(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
-        if not worker.assigned or worker.assigned[0].id != msg.env["id"]:
+        job = worker.take(msg.env["id"])
+        if job is None:
             self.bad_message("workers", f"result for a task worker {worker.name} does not hold")
             return
-        job = worker.assigned.popleft()
         self.counters.tasks_done += job.n
-        if not worker.assigned:
-            self.idle.append(worker.ident)
+        self.slot_freed(worker)
         if job.client in self.clients:
             self.send_client(job.client, frames)
 
     def on_worker_lost(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
-        if worker.assigned and worker.assigned[0].id in msg.env["ids"]:
-            job = worker.assigned.popleft()
-            if not worker.assigned:
-                self.idle.append(worker.ident)
+        for send_id in msg.env["ids"]:
+            job = worker.take(send_id) if isinstance(send_id, int) else None
+            if job is None:
+                continue
+            self.slot_freed(worker)
             if job.client in self.clients:
                 self.send_lost(job.client, [job.id], msg.env["reason"], worker.name,
                                code="blob")
+
+    def slot_freed(self, worker: WorkerConn) -> None:
+        """A message left ``worker``: it is idle, or may take a message behind its short
+        current one."""
+        if not worker.assigned:
+            self.idle.append(worker.ident)
+        elif worker.can_prefetch():
+            self.prefetchable.append(worker.ident)
 
     def on_fetch(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
         payload = self.blobs.get(msg.env["h"])
@@ -510,23 +528,34 @@ class Broker:
 
     def forget_worker(self, worker: WorkerConn, reason: str, code: str = "crash",
                       sig: int = 0) -> None:
-        """Drop a worker; the tasks it held are reported lost to their clients."""
+        """Drop a worker; the tasks it held are reported lost to their clients: the one it
+        ran with ``code`` (a crash costs that message an attempt), the one waiting behind
+        it as ``unstarted`` (it never ran: sent again at no cost)."""
         self.workers.pop(worker.ident, None)
         try:
             self.idle.remove(worker.ident)
         except ValueError:
             pass
-        for job in worker.assigned:
+        for position, job in enumerate(worker.assigned):
             self.counters.tasks_lost += 1
             if job.client in self.clients:
-                self.send_lost(job.client, [job.id], reason, worker.name, code=code, sig=sig)
+                if position == 0:
+                    self.send_lost(job.client, [job.id], reason, worker.name, code=code,
+                                   sig=sig)
+                else:
+                    self.send_lost(job.client, [job.id], f"{reason} before it started",
+                                   worker.name, code="unstarted")
         worker.assigned.clear()
 
     # ------------------------------------------------------------------ scheduling
 
     def dispatch(self) -> None:
-        """Give queued task messages to idle workers, one client after another."""
-        while self.idle and self.ready_clients:
+        """Give queued task messages to workers, one client after another: idle workers
+        first, then a second message to workers running a short one."""
+        while self.ready_clients:
+            worker = self.free_worker()
+            if worker is None:
+                return
             client_ident = self.ready_clients[0]
             client = self.clients.get(client_ident)
             if client is None or not client.queue:
@@ -537,12 +566,28 @@ class Broker:
                 self.ready_clients.rotate(-1)
             else:
                 self.ready_clients.popleft()
-            worker = self.workers[self.idle.popleft()]
-            timeout = msg.env["timeout"]
-            deadline = None if not timeout else time.monotonic() + timeout * msg.env["n"]
-            worker.assigned.append(Assignment(client_ident, msg.env["id"], msg.env["n"],
-                                              deadline, timeout))
+            est = protocol.task_estimate(msg.env)
+            job = Assignment(client_ident, msg.env["id"], msg.env["n"], msg.env["timeout"],
+                             short=est is not None and est <= config.PREFETCH_MAX_EST_S)
+            worker.assigned.append(job)
+            if len(worker.assigned) == 1:
+                job.start(time.monotonic())
+                if job.short:
+                    self.prefetchable.append(worker.ident)
+            else:
+                self.counters.tasks_prefetched += 1
             self.back.send_multipart([worker.ident, msg.raw, *msg.payload], copy=False)
+
+    def free_worker(self) -> WorkerConn | None:
+        """An idle worker, else one that may take a message behind its short one (stale
+        entries are skipped), else None. The worker is taken off its list."""
+        if self.idle:
+            return self.workers[self.idle.popleft()]
+        while self.prefetchable:
+            worker = self.workers.get(self.prefetchable.popleft())
+            if worker is not None and worker.can_prefetch():
+                return worker
+        return None
 
     # ------------------------------------------------------------------ status
 
@@ -564,6 +609,7 @@ class Broker:
             "tasks_lost": self.counters.tasks_lost,
             "tasks_timed_out": self.counters.tasks_timed_out,
             "tasks_killed": self.counters.tasks_killed,
+            "tasks_prefetched": self.counters.tasks_prefetched,
             "worker_restarts": self.supervisor.restarts,
             "workers_recycled": self.supervisor.recycled,
             "blobs_received": self.counters.blobs_received,

@@ -130,6 +130,15 @@ TASK_TIMEOUT_S = _env_float("TASK_TIMEOUT", 0.0)
 #: finds its next task already queued at its broker when it finishes one.
 PREFETCH_PER_NODE = _env_int("PREFETCH", 2)
 
+#: The same when messages are short: then each worker also holds one behind its current
+#: one, and this many more wait at the daemon (a deeper queue hides the client's latency).
+PREFETCH_SHORT = _env_int("PREFETCH_SHORT", 6)
+
+#: A worker holds a second task message behind its current one when the client expects the
+#: current one to run at most this long: it never waits a round trip between short
+#: messages, and a long one cannot keep another message from an idle worker.
+PREFETCH_MAX_EST_S = _env_float("PREFETCH_MAX_EST", 0.025)
+
 #: Adaptive batching aims at batches that keep a worker busy about this long: long enough
 #: that per-message cost vanishes, short enough that load balancing stays fine.
 BATCH_TARGET_S = _env_float("BATCH_TARGET", 0.02)

@@ -76,7 +76,12 @@ class Node:
     def name(self) -> str:
         return self.address.name
 
-    def window(self) -> int:
+    def window(self, short: bool) -> int:
+        """Messages to keep in flight here: one per worker plus a few queued at the
+        daemon; with short messages (``short``) also one waiting behind each worker's
+        current one, and more queued, since each is over quickly."""
+        if short:
+            return 2 * self.capacity + config.PREFETCH_SHORT
         return self.capacity + config.PREFETCH_PER_NODE
 
     def items_in_flight(self) -> int:
@@ -414,7 +419,8 @@ class Engine(threading.Thread):
     def on_lost(self, node: Node, msg: Message) -> None:
         """The node will not answer these tasks. ``code`` says why: ``blob`` (send the
         function again), ``stopping`` (the node is draining: no one's fault), ``timeout``
-        (the input ran too long), else ``crash`` (the worker died: costs an attempt)."""
+        (the input ran too long), ``unstarted`` (it waited behind a message whose worker
+        died: no one's fault), else ``crash`` (the worker died: costs an attempt)."""
         code = msg.env.get("code")
         sig = msg.env.get("sig")
         worker = msg.env["worker"]
@@ -428,6 +434,8 @@ class Engine(threading.Thread):
                 task.job.requeue(task, charge=False)
             elif code == "stopping":
                 task.avoid = node.name
+                task.job.requeue(task, charge=False)
+            elif code == "unstarted":
                 task.job.requeue(task, charge=False)
             elif code == "timeout":
                 task.job.timed_out(task, node.name, worker)
@@ -539,8 +547,9 @@ class Engine(threading.Thread):
             return
         ready = self.ready_nodes()
         capacity = sum(n.capacity for n in ready)
+        short = all(job.short_messages() for job in self.jobs.values())
         for node in ready:
-            while len(node.inflight) < node.window():
+            while len(node.inflight) < node.window(short):
                 task = self.next_task(node, capacity, alone=len(ready) == 1)
                 if task is None:
                     break
@@ -604,6 +613,9 @@ class Engine(threading.Thread):
             extra.update(seed=job.seed, ix=task.indices)
         if job.capture:
             extra["cap"] = True
+        est = job.message_estimate(len(task.indices))
+        if est is not None:  # lets the daemon queue a message behind a short one
+            extra["est"] = est
         self.send(node, protocol.pack(protocol.TASK, task.payload, id=send_id, fn=job.fn_hash,
                                       n=len(task.indices), timeout=job.timeout_s, **extra))
         node.bytes_sent += serialize.payload_size(task.payload)

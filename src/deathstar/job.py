@@ -82,15 +82,31 @@ class Job:
         """Inputs for the next message: fixed by ``chunksize``, else sized so a batch keeps
         a worker busy about BATCH_TARGET_S, shrinking near the end so workers finish
         together."""
+        size = self.typical_batch()
+        if not self.chunksize and self.total is not None:
+            remaining = self.total - self.read
+            size = max(1, min(size, -(-remaining // (2 * max(capacity, 1)))))
+        return size
+
+    def typical_batch(self) -> int:
+        """Inputs per message away from the end of the map: ``chunksize``; one while the
+        task time is unknown or a timeout applies (it is per input); else what fills
+        BATCH_TARGET_S."""
         if self.chunksize:
             return self.chunksize
-        if self.timeout_s or self.per_item_s is None:  # a timeout is per input: one each
+        if self.timeout_s or self.per_item_s is None:
             return 1
         size = int(config.BATCH_TARGET_S / max(self.per_item_s, 1e-7))
-        if self.total is not None:
-            remaining = self.total - self.read
-            size = min(size, -(-remaining // (2 * max(capacity, 1))))
         return max(1, min(size, config.BATCH_MAX_ITEMS))
+
+    def message_estimate(self, n: int) -> float | None:
+        """Seconds a message of ``n`` inputs is expected to run (None: not known yet)."""
+        return None if self.per_item_s is None else self.per_item_s * n
+
+    def short_messages(self) -> bool:
+        """Its messages are expected to run at most ``config.PREFETCH_MAX_EST_S``."""
+        est = self.message_estimate(self.typical_batch())
+        return est is not None and est <= config.PREFETCH_MAX_EST_S
 
     # ------------------------------------------------------------------ retries
 

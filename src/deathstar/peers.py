@@ -28,18 +28,27 @@ class ClientConn:
 
 @dataclass
 class Assignment:
-    """A task message a worker holds: whose, its id, its inputs, and when it times out."""
+    """A task message a worker holds: whose, its id, its inputs, when it times out, and
+    whether it is short enough (by its client's estimate) for the worker to hold another
+    message behind it."""
 
     client: bytes
     id: int
     n: int
-    deadline: float | None  # monotonic; None: no timeout
     timeout_s: float | None
+    short: bool = False
+    deadline: float | None = None  # monotonic, set when it starts running; None: no limit
+
+    def start(self, now: float) -> None:
+        """It is now the message the worker runs: its timeout starts."""
+        if self.timeout_s:
+            self.deadline = now + self.timeout_s * self.n
 
 
 @dataclass
 class WorkerConn:
-    """A worker that said ready, and the task messages it holds (oldest first)."""
+    """A worker that said ready, and the task messages it holds: the one it runs first,
+    then at most one prefetched behind it (the worker reads it as soon as it is done)."""
 
     ident: bytes
     name: str
@@ -48,6 +57,22 @@ class WorkerConn:
     last_seen: float
     assigned: deque[Assignment] = field(default_factory=deque)
 
+    def can_prefetch(self) -> bool:
+        """It holds one message, a short one: another may wait behind it."""
+        return len(self.assigned) == 1 and self.assigned[0].short
+
+    def take(self, send_id: int) -> Assignment | None:
+        """Remove and return the first message it holds with this id (the worker answers
+        in the order it was given them, save a message parked while its function was
+        fetched); the next one starts running."""
+        for i, job in enumerate(self.assigned):
+            if job.id == send_id:
+                del self.assigned[i]
+                if i == 0 and self.assigned:
+                    self.assigned[0].start(time.monotonic())
+                return job
+        return None
+
 
 @dataclass
 class Counters:
@@ -55,6 +80,7 @@ class Counters:
     tasks_lost: int = 0
     tasks_timed_out: int = 0
     tasks_killed: int = 0  # running tasks of clients that cancelled or vanished
+    tasks_prefetched: int = 0  # messages given to a worker behind its current one
     blobs_received: int = 0  # functions + common arguments, each sent once per client
     blob_bytes_received: int = 0
     bad_messages: int = 0

@@ -17,6 +17,9 @@ Links and their messages (request -> reply):
                                    -> result;  fetch -> blob | missing;  heartbeat;  stop
     anyone -> daemon status port   status -> status
 
+A task envelope may carry ``est``, the client's estimate of the seconds the message will
+run: the daemon lets a worker hold a second message behind a short one.
+
 Every envelope is validated against ``SCHEMA`` before use; a message that fails is a
 ``ProtocolError`` for the receiver to log and drop. Nothing here unpickles.
 """
@@ -114,6 +117,15 @@ def pack(msg_type: str, payload: Sequence[Any] = (), **fields: Any) -> list[Any]
     if msg_type in _WITH_PAYLOAD:
         env["nb"] = len(payload)
     return [msgpack.packb(env, use_bin_type=True), *payload]
+
+
+def task_estimate(env: dict[str, Any]) -> float | None:
+    """A task envelope's optional ``est``: the client's estimate of the seconds the message
+    will run (None when absent or not a sane number)."""
+    est = env.get("est")
+    if isinstance(est, (int, float)) and not isinstance(est, bool) and 0 <= est < 1e9:
+        return float(est)
+    return None
 
 
 def frame_bytes(frame: Any) -> bytes:

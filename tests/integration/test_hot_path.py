@@ -59,6 +59,35 @@ def test_a_crash_inside_a_batch_retries_only_that_input(daemon: Daemon) -> None:
     assert attempts[123] == 3
 
 
+def test_short_messages_are_prefetched_long_ones_are_not(daemon: Daemon) -> None:
+    """A worker holds a second message behind a short one (no round trip between them),
+    never behind a long one (it would keep it from an idle worker)."""
+    before = daemon.status()["tasks_prefetched"]
+    res = deathstar.map(jobs.square, range(2000), cluster=[daemon.address], chunksize=1)
+    assert list(res) == [x * x for x in range(2000)]
+    after_short = daemon.status()["tasks_prefetched"]
+    assert after_short - before > 100, (before, after_short)
+    res = deathstar.map(jobs.sleep_for, [0.15] * 8, cluster=[daemon.address], chunksize=1)
+    assert daemon.status()["tasks_prefetched"] == after_short
+    # nothing hoarded: both workers ran long messages, four each
+    per_worker: dict[str, int] = {}
+    for record in res.report:
+        per_worker[record.worker] = per_worker.get(record.worker, 0) + 1
+    assert sorted(per_worker.values()) == [4, 4], per_worker
+
+
+def test_a_message_waiting_behind_a_crash_is_not_charged(daemon: Daemon) -> None:
+    before = daemon.status()["tasks_prefetched"]
+    res = deathstar.map(jobs.segfault_on, range(600), cluster=[daemon.address],
+                        chunksize=1, on_error="return", bad=450)
+    assert daemon.status()["tasks_prefetched"] - before > 100
+    assert isinstance(res[450], WorkerCrashed) and res[450].attempts == 3
+    assert all(v == i for i, v in enumerate(res) if i != 450)
+    # the messages queued behind the fatal one on its worker were sent again at no cost
+    charged = {r.index: r.attempts for r in res.report if r.attempts > 1}
+    assert charged == {450: 3}, charged
+
+
 def test_common_argument_travels_once_per_node(daemons: Callable[..., Daemon]) -> None:
     a, b = daemons(2), daemons(2)
     big = np.random.default_rng(0).random(1_000_000)  # 8 MB
