@@ -9,6 +9,10 @@ worker count and the same functions (scripts/bench_tasks.py); every repetition g
 data; each figure is the median of the repetitions after one warm-up; setup time (start
 to first result) is reported apart. Dask, Ray and loky are used when importable.
 
+Floor columns show what the machine allows: a raw pyzmq round trip and 16 MB zero-copy
+transfer between two processes, and a brokered chain (client -> bare pyzmq broker ->
+bare workers, one task per message), the shape deathstar has with nothing else in it.
+
 Only loopback traffic; every step has a time limit and the whole run a hard deadline.
 """
 
@@ -22,6 +26,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import pickle
 import platform
 import signal
 import statistics
@@ -54,7 +59,8 @@ MB = 1e6
 ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
 ALL_PEERS = ["pool", "ppe", "loky", "dask", "ray"]
 PEER_TITLES = {"pool": "mp.Pool", "ppe": "ProcessPool\nExecutor", "loky": "loky",
-               "dask": "Dask", "ray": "Ray", "floor": "raw pyzmq\n(floor)"}
+               "dask": "Dask", "ray": "Ray", "floor": "raw pyzmq\n(floor)",
+               "chain": "brokered pyzmq\n(floor)"}
 
 
 class BenchTimeout(Exception):
@@ -206,9 +212,7 @@ class DeathstarSystem(System):
     def bytes_sent(self) -> int | None:
         """Function-and-common-argument bytes the node received, as its daemon counts
         them (status port): what 'sent once per node' is about."""
-        from deathstar.client import query_status
-
-        rows = query_status([f"{a.host}:{a.port}" for a in self.cluster.addresses], timeout=5.0)
+        rows = self.cluster.status(timeout=5.0)
         return sum(int(r.get("blob_bytes_received", 0)) for r in rows)
 
     def stop(self) -> None:
@@ -594,7 +598,58 @@ def _stop_server(proc: Any, sock: Any) -> None:
             proc.join()
 
 
-def run_floors(sizes: Sizes, only: list[str], res: Results) -> None:
+def run_chain_floor(ctx: Any, sizes: Sizes, workers: int, res: Results) -> None:
+    """The brokered floor: client -> a bare pyzmq broker -> ``workers`` bare workers and
+    back (bench_tasks.chain_broker), the shape deathstar has with nothing else in it.
+    One task per message: W1 one/msg through the same in-flight window deathstar keeps
+    (2 x workers + 6), and W2 round trips."""
+    import zmq
+    log("floor: brokered pyzmq chain")
+    ctx_mp = mp.get_context("spawn")
+    q = ctx_mp.Queue()
+    proc = ctx_mp.Process(target=T.chain_broker, args=(q, workers, 600.0), daemon=True)
+    proc.start()
+    endpoint = q.get(timeout=60)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    window = 2 * workers + 6
+
+    def recv() -> int:
+        if not sock.poll(10_000):
+            raise BenchTimeout("brokered chain silent")
+        return pickle.loads(sock.recv_multipart()[-1])
+
+    try:
+        def w1(rep: int) -> dict[str, float]:
+            data = w1_data(sizes.w1_n, rep)
+            t0 = time.perf_counter()
+            sent = got = 0
+            while got < len(data):
+                while sent < len(data) and sent - got < window:
+                    sock.send_multipart([b"task", pickle.dumps(data[sent])])
+                    sent += 1
+                recv()
+                got += 1
+            return {"W1.one.tasks_s": len(data) / (time.perf_counter() - t0)}
+
+        def w2(rep: int) -> dict[str, float]:
+            lat = []
+            for i in range(sizes.w2_n):
+                t0 = time.perf_counter()
+                sock.send_multipart([b"task", pickle.dumps(i)])
+                assert recv() == i + 1
+                lat.append(time.perf_counter() - t0)
+            lat_us = np.array(lat) * 1e6
+            return {"W2.median_us": float(np.median(lat_us)),
+                    "W2.p99_us": float(np.percentile(lat_us, 99))}
+        run_reps(sizes, w1, lambda k, v: res.add("chain", k, v))
+        run_reps(sizes, w2, lambda k, v: res.add("chain", k, v))
+    finally:
+        _stop_server(proc, sock)
+
+
+def run_floors(sizes: Sizes, only: list[str], workers: int, res: Results) -> None:
     """Raw pyzmq across processes on loopback: a DEALER/ROUTER round trip (for W2) and a
     16 MB array sent zero-copy to a process that maps it without copying (for W4)."""
     import zmq
@@ -644,6 +699,8 @@ def run_floors(sizes: Sizes, only: list[str], res: Results) -> None:
                 run_reps(sizes, one, lambda k, v: res.add("floor", k, v))
             finally:
                 _stop_server(proc, sock)
+        if "W1" in only or "W2" in only:
+            run_chain_floor(ctx, sizes, workers, res)
     except Exception as exc:
         log(f"floor failed: {type(exc).__name__}: {exc}")
         res.error("floor", "W2" if "W2" in only else "W4", f"{type(exc).__name__}: {exc}")
@@ -759,10 +816,11 @@ def rows_for(only: list[str]) -> list[Row]:
     if "W1" in only:
         rows += [Row("W1 batched", "tasks/s", "W1.batched.tasks_s", True, cols),
                  Row("W1 one/msg", "tasks/s", "W1.one.tasks_s", True,
-                     {p: p for p in ("pool", "ppe", "loky")})]
+                     {**{p: p for p in ("pool", "ppe", "loky")}, "chain": "chain"})]
     if "W2" in only:
-        rows += [Row("W2 latency", "median µs", "W2.median_us", False, {**cols, "floor": "floor"}),
-                 Row("W2 latency", "p99 µs", "W2.p99_us", False, {**cols, "floor": "floor"})]
+        floors = {"floor": "floor", "chain": "chain"}
+        rows += [Row("W2 latency", "median µs", "W2.median_us", False, {**cols, **floors}),
+                 Row("W2 latency", "p99 µs", "W2.p99_us", False, {**cols, **floors})]
     if "W3" in only:
         rows += [Row("W3 compute", "efficiency", "W3.efficiency", True, cols, "{:.3f}")]
     if "W4" in only:
@@ -979,8 +1037,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     log(f"bench: workloads {only}, peers {peers}, {args.workers} workers, "
         f"{'quick' if args.quick else 'full'}")
-    if "W2" in only or "W4" in only:
-        run_floors(sizes, only, res)
+    if "W1" in only or "W2" in only or "W4" in only:
+        run_floors(sizes, only, args.workers, res)
     for name in ["deathstar", *peers]:
         run_system(name, args.workers, sizes, only, res)
     if "W7" in only:
@@ -1001,8 +1059,9 @@ def main(argv: list[str] | None = None) -> int:
                          "Pool.imap(chunksize=1000); RSS = the client process alone")
 
     import deathstar
-    columns = [c for c in ["pool", "ppe", "loky", "dask", "ray", "floor"]
-               if c == "floor" and ("W2" in only or "W4" in only) or c in peers]
+    columns = [c for c in ["pool", "ppe", "loky", "dask", "ray", "floor", "chain"]
+               if c == "floor" and ("W2" in only or "W4" in only)
+               or c == "chain" and ("W1" in only or "W2" in only) or c in peers]
     meta = {"workers": args.workers, "reps": sizes.reps, "quick": args.quick,
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "deathstar": deathstar.__version__,

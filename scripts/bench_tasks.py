@@ -82,3 +82,79 @@ def _array_length(frames: Any) -> list[Any]:
 def sink_server(endpoint_queue: Any, stop_after_s: float = 600.0) -> None:
     """ROUTER that receives an array without copying and acknowledges its length."""
     _serve(endpoint_queue, _array_length, stop_after_s)
+
+
+# ------------------------------------------------- brokered floor: the shape of deathstar
+
+
+def chain_broker(endpoint_queue: Any, workers: int, stop_after_s: float = 600.0) -> None:
+    """The least a brokered design must do, in pyzmq with no checks: a client-facing
+    ROUTER and a worker-facing ROUTER (ipc, as the embedded deathstar uses), a queue, idle
+    workers first come first served, results routed back. Starts ``workers``
+    ``chain_worker`` processes; reports the client endpoint on the queue once they are
+    all ready; ends on a STOP message or after ``stop_after_s``."""
+    import multiprocessing as mp
+    import tempfile
+    from collections import deque
+
+    import zmq
+
+    folder = tempfile.mkdtemp(prefix="bench-chain-")
+    front_ep, back_ep = f"ipc://{folder}/front", f"ipc://{folder}/back"
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    front.bind(front_ep)
+    back.bind(back_ep)
+    procs = [mp.get_context("spawn").Process(target=chain_worker, args=(back_ep,), daemon=True)
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    idle: deque[bytes] = deque()
+    for _ in range(workers):
+        idle.append(back.recv_multipart()[0])
+    endpoint_queue.put(front_ep)
+    queue: deque[list[Any]] = deque()
+    client = b""
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    deadline = time.monotonic() + stop_after_s
+    try:
+        while time.monotonic() < deadline:
+            ready = dict(poller.poll(1000))
+            if back in ready:
+                while back.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    frames = back.recv_multipart(copy=False)
+                    idle.append(frames[0].bytes)
+                    front.send_multipart([client, *frames[1:]], copy=False)
+            if front in ready:
+                while front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    frames = front.recv_multipart(copy=False)
+                    client = frames[0].bytes
+                    if frames[1].bytes == b"STOP":
+                        front.send_multipart(frames, copy=False)
+                        return
+                    queue.append(frames[1:])
+            while queue and idle:
+                back.send_multipart([idle.popleft(), *queue.popleft()], copy=False)
+    finally:
+        for p in procs:
+            p.kill()
+        front.close(0)
+        back.close(0)
+        ctx.term()
+
+
+def chain_worker(endpoint: str) -> None:
+    """A chain_broker worker: unpickle the argument, run ``inc``, pickle the result."""
+    import pickle
+
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    sock.send(b"READY")
+    while True:
+        frames = sock.recv_multipart()
+        sock.send_multipart([pickle.dumps(inc(pickle.loads(frames[-1])))])

@@ -50,8 +50,9 @@ class Broker:
                  max_worker_memory: int | None = None,
                  keys: ServerKeys | None = None, zap: bool = True,
                  idle_shutdown_s: float | None = None, max_lifetime_s: float | None = None,
-                 log_dir: str | None = None):
+                 log_dir: str | None = None, ipc: str | None = None):
         self.host = host
+        self.ipc = ipc  # a folder: exec and status are ipc sockets there, no TCP at all
         self.port = port
         self.worker_port = worker_port
         self.heartbeat_s = heartbeat_s
@@ -138,21 +139,29 @@ class Broker:
             return
         raise zmq.ZMQError(msg="no three free consecutive ports found")
 
-    def bind(self) -> dict[str, int]:
-        """Open the exec, status and worker ports. Port 0 picks free ports. Returns them."""
+    def bind(self) -> dict[str, Any]:
+        """Open the exec, status and worker ports (port 0 picks free ones), or with
+        ``ipc`` the exec and status sockets in that folder. Returns the ports (and
+        ``ipc``)."""
         self.gate.start()
         self.front = self._router(config.MAX_MESSAGE_BYTES)
         self.status = self._router(config.MAX_STATUS_MESSAGE_BYTES)
         self.back = self._router(config.MAX_MESSAGE_BYTES)
-        self._bind_all()
-        status_port = self.port + 1
+        if self.ipc is None:
+            self._bind_all()
+            status_port = self.port + 1
+        else:
+            self.front.bind(f"ipc://{self.ipc}/exec")
+            self.status.bind(f"ipc://{self.ipc}/status")
+            self.port = self.worker_port = status_port = 0
         self.back.bind(self.supervisor.connect)
         self.poller = zmq.Poller()
         for sock in (self.front, self.back, self.status):
             self.poller.register(sock, zmq.POLLIN)
         if self.gate.zap_socket is not None:
             self.poller.register(self.gate.zap_socket, zmq.POLLIN)
-        return {"exec": self.port, "status": status_port, "workers": self.worker_port}
+        return {"exec": self.port, "status": status_port, "workers": self.worker_port,
+                "ipc": self.ipc}
 
     # ------------------------------------------------------------------ main loop
 
@@ -645,7 +654,7 @@ class Broker:
         self.bad_log.warning("dropped a bad message on the %s port: %s", port, why)
 
 
-def run_daemon(*, on_ready: Callable[[dict[str, int]], None] | None = None,
+def run_daemon(*, on_ready: Callable[[dict[str, Any]], None] | None = None,
                **options: Any) -> None:
     """Bind, report the ports through ``on_ready``, serve until SIGTERM/SIGINT drains.
     ``options`` are ``Broker``'s."""

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -147,6 +147,10 @@ def daemon(
         help="Where each worker's output (what tasks print) goes, as worker-PID.log "
              "[default: $XDG_STATE_HOME/deathstar/logs].")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    ipc: Annotated[Optional[Path], typer.Option(
+        help="Listen on ipc sockets in this folder (exec, status) instead of TCP: only "
+             "this machine's users the folder lets in can connect. The embedded local "
+             "cluster runs this way.")] = None,
     parent_pid: Annotated[Optional[int], typer.Option(hidden=True)] = None,
     ready_json: Annotated[bool, typer.Option(hidden=True)] = False,
     zap: Annotated[bool, typer.Option(hidden=True, help="Tests only: without the ZAP "
@@ -178,12 +182,13 @@ def daemon(
         server_keys = load_server_keys(folder) if folder is not None else None
     except KeyFileError as exc:
         raise _fail(f"{exc}", EXIT_USAGE) from None
-    if server_keys is None and not _is_loopback(host) and not insecure:
+    local = ipc is not None or _is_loopback(host)
+    if server_keys is None and not local and not insecure:
         raise _fail(
             f"refusing to listen on {host} without keys: anyone who can reach it could run "
             "code here. Make keys with 'deathstar keygen' (then --keys DIR), listen on "
             "127.0.0.1, or pass --insecure on a network you trust.", EXIT_USAGE)
-    if server_keys is None and not _is_loopback(host):
+    if server_keys is None and not local:
         err.print(f"[bold yellow]WARNING:[/] listening on {host} with no authentication "
                   "(--insecure): anyone who can reach these ports can run code as this user.")
     elif server_keys is not None:
@@ -191,12 +196,14 @@ def daemon(
             "CurveZMQ on: serving the %d key(s) in %s", len(server_keys.authorized),
             server_keys.folder / "authorized")
 
-    def on_ready(ports: dict[str, int]) -> None:
+    def on_ready(ports: dict[str, Any]) -> None:
         if ready_json:
             print(json.dumps(ports), flush=True)
+        where = (f"ipc sockets in {ipc}" if ipc is not None else
+                 f"{host}: exec {ports['exec']}, status {ports['status']}, "
+                 f"workers {ports['workers']}")
         logging.getLogger("deathstar.daemon").info(
-            "listening on %s: exec %d, status %d, workers %d; %s local worker(s)", host,
-            ports["exec"], ports["status"], ports["workers"],
+            "listening on %s; %s local worker(s)", where,
             workers if workers is not None else os.cpu_count())
 
     try:
@@ -204,7 +211,8 @@ def daemon(
                    heartbeat_s=heartbeat, parent_pid=parent_pid, on_ready=on_ready,
                    max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=memory,
                    keys=server_keys, zap=zap, idle_shutdown_s=idle_s,
-                   max_lifetime_s=lifetime_s, log_dir=str(log_dir or default_log_dir()))
+                   max_lifetime_s=lifetime_s, log_dir=str(log_dir or default_log_dir()),
+                   ipc=None if ipc is None else str(ipc))
     except OSError as exc:  # zmq.ZMQError is an OSError: port in use, bad address
         raise _fail(f"cannot listen on {host}:{port}: {exc}", EXIT_USAGE) from None
 

@@ -116,6 +116,7 @@ class Cluster:
         else:
             client_keys = load_keys(keys, addresses)
         self.addresses: list[NodeAddress] = addresses
+        self._keys = keys
         self._job_ids = itertools.count(1)
         self.engine = Engine(addresses, connect_timeout=connect_timeout,
                              heartbeat_s=heartbeat_s, keys=client_keys)
@@ -155,6 +156,12 @@ class Cluster:
     def unreachable(self) -> list[str]:
         """Nodes that cannot be used now, each with the reason."""
         return [f"{n.name}: {n.error}" for n in self.engine.nodes if n.state != "ready"]
+
+    def status(self, timeout: float = config.CONNECT_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Each node's daemon status (its status port, as ``deathstar status`` shows it:
+        workers, tasks done, lost, prefetched, bytes of functions received...), in node
+        order; a node that does not answer within ``timeout`` seconds has ``error`` set."""
+        return query_status(self.addresses, timeout, keys=self._keys)
 
     def node_stats(self) -> list[dict[str, Any]]:
         """Per node: state, workers, inputs in flight, done, failed, tasks/s (refreshed
@@ -409,14 +416,19 @@ def load_keys(keys: str | Path | None, addresses: list[NodeAddress]) -> ClientKe
     return client_keys
 
 
-def query_status(nodes: str | Sequence[str], timeout: float = config.CONNECT_TIMEOUT_S,
+def query_status(nodes: str | Sequence[str] | Sequence[NodeAddress],
+                 timeout: float = config.CONNECT_TIMEOUT_S,
                  keys: str | Path | None = None) -> list[dict[str, Any]]:
     """Ask every node's status port at once. Returns one map per node, in the order
     given: the node's status fields plus ``node`` (as named) and ``error`` (empty when
     it answered, else why not). Blocks at most ``timeout`` seconds. ``keys`` as for
-    ``Cluster``."""
-    addresses = parse_cluster(nodes) or []
-    client_keys = load_keys(keys, addresses)
+    ``Cluster`` (none are used for ``NodeAddress``es of the embedded daemon)."""
+    if not isinstance(nodes, str) and nodes and isinstance(nodes[0], NodeAddress):
+        addresses = list(nodes)  # type: ignore[arg-type]
+    else:
+        addresses = parse_cluster(nodes) or []  # type: ignore[arg-type]
+    remote = [a for a in addresses if a.ipc is None]
+    client_keys = load_keys(keys, remote) if remote else None
     ctx = zmq.Context.instance()
     socks: dict[zmq.Socket[bytes], NodeAddress] = {}
     answers: dict[str, dict[str, Any]] = {}
@@ -426,7 +438,7 @@ def query_status(nodes: str | Sequence[str], timeout: float = config.CONNECT_TIM
             sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-            if client_keys is not None:
+            if client_keys is not None and address.ipc is None:
                 connect_with(sock, client_keys.public, client_keys.secret,
                              client_keys.server_key(address))
             sock.connect(address.status_endpoint)

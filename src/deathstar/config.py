@@ -137,11 +137,11 @@ PREFETCH_SHORT = _env_int("PREFETCH_SHORT", 6)
 #: A worker holds a second task message behind its current one when the client expects the
 #: current one to run at most this long: it never waits a round trip between short
 #: messages, and a long one cannot keep another message from an idle worker.
-PREFETCH_MAX_EST_S = _env_float("PREFETCH_MAX_EST", 0.025)
+PREFETCH_MAX_EST_S = _env_float("PREFETCH_MAX_EST", 0.06)
 
 #: Adaptive batching aims at batches that keep a worker busy about this long: long enough
 #: that per-message cost vanishes, short enough that load balancing stays fine.
-BATCH_TARGET_S = _env_float("BATCH_TARGET", 0.02)
+BATCH_TARGET_S = _env_float("BATCH_TARGET", 0.05)
 
 #: Results a client holds for a consumer that has not taken them yet; past it, no new
 #: inputs are read until the consumer catches up (memory stays bounded).

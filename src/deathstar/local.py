@@ -1,13 +1,17 @@
-"""The embedded local cluster: a real daemon process on loopback, started for one client
-and stopped after it. It runs the same ``deathstar daemon`` a remote node runs."""
+"""The embedded local cluster: a real daemon process, started for one client and stopped
+after it. It runs the same ``deathstar daemon`` a remote node runs, listening on ipc
+sockets in a private folder (mode 0700) rather than TCP: no other user of the machine can
+reach it, no keys are needed, and ipc is faster than loopback TCP."""
 
 from __future__ import annotations
 
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from deathstar import config
@@ -19,15 +23,18 @@ class LocalDaemonError(RuntimeError):
 
 
 class LocalDaemon:
-    """A ``deathstar daemon`` child on 127.0.0.1 with free ports and ``workers`` workers.
+    """A ``deathstar daemon`` child on ipc sockets in a private folder, with ``workers``
+    workers.
 
     The constructor blocks until the daemon has bound its ports (not until its workers
     are up: tasks queue there meanwhile). The daemon exits if this process dies.
     """
 
     def __init__(self, workers: int | None = None):
-        cmd = [sys.executable, "-m", "deathstar", "daemon", "--host", "127.0.0.1",
-               "--port", "0", "--parent-pid", str(os.getpid()), "--ready-json", "--log-level", "warning"]
+        self.folder = tempfile.mkdtemp(prefix="deathstar-local-")  # 0700: ours alone
+        cmd = [sys.executable, "-m", "deathstar", "daemon", "--ipc", self.folder,
+               "--keys", "none", "--parent-pid", str(os.getpid()), "--ready-json",
+               "--log-level", "warning"]
         if workers is not None:
             cmd += ["--workers", str(workers)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -35,8 +42,9 @@ class LocalDaemon:
         assert self.proc.stdout is not None
         line = self._read_line(config.EMBEDDED_START_TIMEOUT_S)
         try:
-            ports = json.loads(line)
-            self.address = NodeAddress("local", "127.0.0.1", int(ports["exec"]))
+            if json.loads(line)["ipc"] != self.folder:
+                raise ValueError("the daemon is not on our folder")
+            self.address = NodeAddress("local", "localhost", 0, ipc=self.folder)
         except (ValueError, KeyError, TypeError):
             self.stop()
             raise LocalDaemonError(
@@ -69,3 +77,4 @@ class LocalDaemon:
                 self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -28,13 +28,18 @@ class NodeAddress:
     host: str
     port: int
     server_key: bytes | None = None  # its CurveZMQ public key, when known (ec2 nodes)
+    ipc: str | None = None  # a folder of ipc sockets instead of TCP (the embedded daemon)
 
     @property
     def exec_endpoint(self) -> str:
+        if self.ipc is not None:
+            return f"ipc://{self.ipc}/exec"
         return f"tcp://{self._host()}:{self.port}"
 
     @property
     def status_endpoint(self) -> str:
+        if self.ipc is not None:
+            return f"ipc://{self.ipc}/status"
         return f"tcp://{self._host()}:{self.port + 1}"
 
     def _host(self) -> str:

@@ -151,6 +151,33 @@ def test_embedded_local_cluster_leaves_no_process_behind() -> None:
     wait_for(lambda: not descendants(os.getpid()), 15, "the embedded daemon to exit")
 
 
+def test_embedded_cluster_is_private_to_this_user(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded daemon listens on ipc sockets in a 0700 folder, on no TCP port at all,
+    needs no keys even when the user has some (a key folder in DEATHSTAR_KEYS used to turn
+    CURVE on for the embedded daemon only, and the map failed), and removes the folder."""
+    import psutil
+
+    keys = tmp_path / "keys"
+    made = subprocess.run([str(Path(sys.executable).with_name("deathstar")), "keygen", str(keys)],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    monkeypatch.setenv("DEATHSTAR_KEYS", str(keys))
+    monkeypatch.delenv("DEATHSTAR_CLUSTER", raising=False)
+    with Cluster(workers=1) as c:
+        assert c.local is not None
+        folder = Path(c.local.folder)
+        assert (folder.stat().st_mode & 0o777) == 0o700
+        assert c.addresses[0].exec_endpoint == f"ipc://{folder}/exec"
+        daemon = psutil.Process(c.local.proc.pid)
+        listening = [k for k in daemon.net_connections(kind="inet")
+                     if k.status == psutil.CONN_LISTEN]
+        assert listening == [], listening
+        assert c.map(jobs.square, range(50)) == [x * x for x in range(50)]
+        assert c.status()[0]["tasks_done"] >= 1
+    assert not folder.exists()
+
+
 def test_faster_nodes_do_more_of_the_work(daemons: Callable[..., Daemon]) -> None:
     small, big = daemons(1), daemons(3)
     res = deathstar.map(jobs.sleep_for, [0.02] * 160, cluster=[small.address, big.address])
