@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import pickle
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -607,8 +608,13 @@ def run_chain_floor(ctx: Any, sizes: Sizes, workers: int, res: Results) -> None:
     log("floor: brokered pyzmq chain")
     ctx_mp = mp.get_context("spawn")
     q = ctx_mp.Queue()
-    proc = ctx_mp.Process(target=T.chain_broker, args=(q, workers, 600.0), daemon=True)
+    folder = tempfile.mkdtemp(prefix="bench-chain-")
+    proc = ctx_mp.Process(target=T.chain_broker, args=(q, folder, workers, 600.0), daemon=True)
     proc.start()
+    helpers = [ctx_mp.Process(target=T.chain_worker, args=(f"ipc://{folder}/back",),
+                              daemon=True) for _ in range(workers)]
+    for helper in helpers:
+        helper.start()
     endpoint = q.get(timeout=60)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -647,6 +653,10 @@ def run_chain_floor(ctx: Any, sizes: Sizes, workers: int, res: Results) -> None:
         run_reps(sizes, w2, lambda k, v: res.add("chain", k, v))
     finally:
         _stop_server(proc, sock)
+        for helper in helpers:
+            helper.kill()
+            helper.join()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_floors(sizes: Sizes, only: list[str], workers: int, res: Results) -> None:

@@ -87,32 +87,25 @@ def sink_server(endpoint_queue: Any, stop_after_s: float = 600.0) -> None:
 # ------------------------------------------------- brokered floor: the shape of deathstar
 
 
-def chain_broker(endpoint_queue: Any, workers: int, stop_after_s: float = 600.0) -> None:
+def chain_broker(endpoint_queue: Any, folder: str, workers: int,
+                 stop_after_s: float = 600.0) -> None:
     """The least a brokered design must do, in pyzmq with no checks: a client-facing
-    ROUTER and a worker-facing ROUTER (ipc, as the embedded deathstar uses), a queue, idle
-    workers first come first served, results routed back. Starts ``workers``
-    ``chain_worker`` processes; reports the client endpoint on the queue once they are
-    all ready; ends on a STOP message or after ``stop_after_s``."""
-    import multiprocessing as mp
-    import tempfile
+    ROUTER and a worker-facing ROUTER (ipc sockets in ``folder``, as the embedded deathstar
+    uses), a queue, idle workers first come first served, results routed back. Puts the
+    client endpoint on the queue once ``workers`` ``chain_worker``s (started by the caller
+    on ``ipc://FOLDER/back``) said ready; ends on a STOP message or after ``stop_after_s``."""
     from collections import deque
 
     import zmq
 
-    folder = tempfile.mkdtemp(prefix="bench-chain-")
-    front_ep, back_ep = f"ipc://{folder}/front", f"ipc://{folder}/back"
     ctx = zmq.Context()
     front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
-    front.bind(front_ep)
-    back.bind(back_ep)
-    procs = [mp.get_context("spawn").Process(target=chain_worker, args=(back_ep,), daemon=True)
-             for _ in range(workers)]
-    for p in procs:
-        p.start()
+    front.bind(f"ipc://{folder}/front")
+    back.bind(f"ipc://{folder}/back")
     idle: deque[bytes] = deque()
     for _ in range(workers):
         idle.append(back.recv_multipart()[0])
-    endpoint_queue.put(front_ep)
+    endpoint_queue.put(f"ipc://{folder}/front")
     queue: deque[list[Any]] = deque()
     client = b""
     poller = zmq.Poller()
@@ -138,8 +131,6 @@ def chain_broker(endpoint_queue: Any, workers: int, stop_after_s: float = 600.0)
             while queue and idle:
                 back.send_multipart([idle.popleft(), *queue.popleft()], copy=False)
     finally:
-        for p in procs:
-            p.kill()
         front.close(0)
         back.close(0)
         ctx.term()
