@@ -109,6 +109,7 @@ def _installed_roots() -> tuple[str, ...]:
 _INSTALLED = _installed_roots()
 _SHIPPED: set[str] = set()
 _CHECKED: set[str] = set()  # every module looked at once: the scan is per new module
+_modules_seen = 0  # len(sys.modules) at the last scan
 
 
 def _is_local(module: ModuleType) -> bool:
@@ -131,6 +132,10 @@ def ship_local_modules() -> None:
     module that lives outside the installed locations (stdlib, site-packages) is registered
     to travel by value, so helpers it imports travel with it.
     """
+    global _modules_seen
+    if len(sys.modules) == _modules_seen:
+        return  # nothing imported since the last look (the common case: every map)
+    _modules_seen = len(sys.modules)
     for name, module in list(sys.modules.items()):
         if name in _CHECKED:
             continue
