@@ -80,16 +80,15 @@ class ResultWriter:
 
 def result_line(index: int, ok: bool, value: Any, record: TaskRecord) -> str:
     """One JSONL line; raises OutputError (pointing at .pkl) when JSON can't hold it."""
-    if ok:
-        line: dict[str, Any] = {"index": index, "result": value}
-    else:
-        line = {"index": index, "error": {
+    try:
+        if ok:  # the common case, without building a dict (and ints without the encoder)
+            text = str(value) if type(value) is int else _ENCODER.encode(value)
+            return f'{{"index": {index}, "result": {text}}}'
+        return _ENCODER.encode({"index": index, "error": {
             "type": getattr(value, "type_name", type(value).__name__),
             "message": getattr(value, "message", str(value)),
             "node": record.node, "worker": record.worker, "attempts": record.attempts,
-            "outcome": record.outcome}}
-    try:
-        return json.dumps(line, default=_json_default)
+            "outcome": record.outcome}})
     except (TypeError, ValueError) as exc:
         raise OutputError(
             f"the result of input {index} ({type(value).__name__}) cannot be written as "
@@ -100,6 +99,9 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # numpy scalars and arrays
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+_ENCODER = json.JSONEncoder(default=_json_default)  # json.dumps's settings, built once
 
 
 @dataclass

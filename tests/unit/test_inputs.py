@@ -26,6 +26,19 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
     assert str(path) in str(info.value) and "line 3" in str(info.value)
 
 
+@pytest.mark.parametrize("bad", [b"1 2", b"[1", b"1,2", b'{"a": 1}}', b"\xff\xfe1",
+                                 b"nan", b"'single'"])
+def test_each_line_must_hold_exactly_one_json_value(tmp_path: Path, bad: bytes) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'  5  \n[1, "x"]\n' + bad + b"\n6\n")
+    with pytest.raises(InputError) as info:
+        read_calls(path)
+    assert f"{path}, line 3: not valid JSON" in str(info.value)
+    path.write_bytes(b'  5  \n[1, "x"]\n\t{"k": 1.5}\r\n')
+    calls, total = read_calls(path)
+    assert total == 3 and list(calls) == [((5,), None), ((1, "x"), None), ((), {"k": 1.5})]
+
+
 def test_pickle_inputs(tmp_path: Path) -> None:
     path = tmp_path / "args.pkl"
     path.write_bytes(pickle.dumps([1, [2, 3], {"k": 4}]))
