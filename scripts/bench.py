@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(1, str(ROOT))  # tests.swarm: the lightweight workers of W7
 # every child (daemon, workers, Dask/Ray workers, CLI) imports bench_tasks by name
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(SCRIPTS), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -767,6 +768,50 @@ def measure_child(cmd: list[str], cwd: Path, limit_s: float) -> tuple[float, flo
     return wall, peak / MB, proc.returncode
 
 
+def run_w7_workers(sizes: Sizes, res: Results) -> None:
+    """W7, the daemon side: its CPU per task (one task per message) with 2 and with 300
+    connected workers (lightweight ones, tests/swarm.py), to show it does not grow."""
+    import psutil
+
+    from deathstar.client import Cluster
+    from tests.swarm import Swarm
+
+    log("deathstar: W7 daemon CPU per task with 2 and 300 workers")
+    cmd = [str(Path(sys.executable).parent / "deathstar"), "daemon", "--host", "127.0.0.1",
+           "--port", "0", "--workers", "0", "--ready-json", "--keys", "none",
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        port = int(json.loads(proc.stdout.readline())["exec"])
+        daemon = psutil.Process(proc.pid)
+        n = max(2000, sizes.w1_n // 2)
+        for count in (2, 300):
+            with Swarm(f"tcp://127.0.0.1:{port + 2}", count, T.inc) as swarm, \
+                    Cluster([f"127.0.0.1:{port}"]) as cluster:
+                deadline = time.monotonic() + 60
+                while cluster.status()[0].get("workers") != count:
+                    if time.monotonic() > deadline:
+                        raise BenchTimeout(f"{count} swarm workers did not register")
+                    time.sleep(0.05)
+                cluster.map(T.inc, range(200), chunksize=1)  # warm-up
+
+                def one(rep: int) -> dict[str, float]:
+                    before = sum(daemon.cpu_times()[:2])
+                    out = cluster.map(T.inc, w1_data(n, rep), chunksize=1)
+                    assert len(out) == n
+                    return {f"W7.daemon_us_{count}": (sum(daemon.cpu_times()[:2]) - before)
+                            / n * 1e6}
+                run_reps(sizes, one, lambda k, v: res.add("deathstar", k, v))
+                assert sum(1 for t in swarm.tasks if t) > count // 2
+    except Exception as exc:
+        log(f"deathstar: W7 workers failed: {type(exc).__name__}: {exc}")
+        res.error("deathstar", "W7.daemon_us_300", f"{type(exc).__name__}: {exc}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def run_w7(workers: int, sizes: Sizes, peers: list[str], res: Results) -> None:
     cli = Path(sys.executable).parent / "deathstar"
     variants = {"deathstar": lambda src, dst: [
@@ -841,7 +886,9 @@ def rows_for(only: list[str]) -> list[Row]:
         rows += [Row("W6 common", "wall s", "W6.wall_s", False, cols, "{:.3f}"),
                  Row("W6 common", "MB sent (client)", "W6.sent_MB", False, {}, "{:,.1f}")]
     if "W7" in only:
-        rows += [Row("W7 scale", "tasks/s", "W7.tasks_s", True, {"pool": "pool"}),
+        rows += [Row("W7 scale", "daemon CPU µs/task, 2 workers", "W7.daemon_us_2", False, {}),
+                 Row("W7 scale", "… with 300 workers", "W7.daemon_us_300", False, {}),
+                 Row("W7 scale", "tasks/s", "W7.tasks_s", True, {"pool": "pool"}),
                  Row("W7 scale", "peak RSS MB", "W7.peak_rss_MB", False, {"pool": "pool"},
                      "{:,.0f}")]
     return rows
@@ -906,6 +953,11 @@ def targets(res: Results, workers: int) -> dict[str, tuple[str, bool | None, str
     tps = g(ds, "W7.tasks_s")
     if tps is not None:
         out["W7.tasks_s"] = ("≥ 100,000 tasks/s", tps >= 100_000, f"{tps:,.0f}")
+    few, many = g(ds, "W7.daemon_us_2"), g(ds, "W7.daemon_us_300")
+    if few and many:
+        out["W7.daemon_us_300"] = ("per-task cost flat in workers", many <= 1.5 * few,
+                                   f"{few:.0f} µs/task with 2 workers, {many:.0f} with 300 "
+                                   f"= {many / few:.2f}×")
     rss = g(ds, "W7.peak_rss_MB")
     if rss is not None:
         out["W7.peak_rss_MB"] = ("≤ 300 MB", rss <= 300, f"{rss:,.0f} MB")
@@ -1053,6 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
         run_system(name, args.workers, sizes, only, res)
     if "W7" in only:
         run_w7(args.workers, sizes, peers, res)
+        run_w7_workers(sizes, res)
     if "W6" in only and res.get("deathstar", "W6.sent_MB") is None:
         res.notes.append("W6 bytes: no byte counter found on the deathstar client")
     if "W1" in only:

@@ -20,6 +20,7 @@ from deathstar.client import Cluster
 from deathstar.errors import RemoteError, WorkerCrashed
 from tests import jobs
 from tests.conftest import ROOT, Daemon, wait_for, worker_pids
+from tests.swarm import Swarm
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,6 +87,22 @@ def test_a_message_waiting_behind_a_crash_is_not_charged(daemon: Daemon) -> None
     # the messages queued behind the fatal one on its worker were sent again at no cost
     charged = {r.index: r.attempts for r in res.report if r.attempts > 1}
     assert charged == {450: 3}, charged
+
+
+def test_a_daemon_serves_hundreds_of_workers(daemons: Callable[..., Daemon]) -> None:
+    """300 lightweight workers (tests/swarm.py) on one daemon: every input's result comes
+    back exactly once, in order, and the work is spread over the workers."""
+    daemon = daemons(0)
+    with Swarm(f"tcp://127.0.0.1:{daemon.port + 2}", 300, lambda x: x * x) as swarm:
+        wait_for(lambda: daemon.status()["workers"] == 300, 30, "300 workers registered")
+        with Cluster([daemon.address]) as c:
+            assert c.capacity == 300
+            res = c.map(jobs.square, range(6000), chunksize=1)
+        assert list(res) == [x * x for x in range(6000)]
+        assert sorted(r.index for r in res.report) == list(range(6000))
+        assert sum(swarm.tasks) == 6000
+        assert sum(1 for n in swarm.tasks if n) > 200, swarm.tasks
+        assert daemon.status()["tasks_done"] == 6000
 
 
 def test_common_argument_travels_once_per_node(daemons: Callable[..., Daemon]) -> None:
