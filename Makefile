@@ -24,7 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py
+	mkdir -p out
+	$(PY) scripts/bench.py --json out/bench.json
 
 clean:
 	rm -rf $(VENV) out
