@@ -110,3 +110,14 @@ def draw(_: Any = None) -> tuple[float, float]:
     import numpy
 
     return random.random(), float(numpy.random.random())
+
+
+def bump_and_sum(a: Any, crash_marker: str = "") -> float:
+    """Add 1 to the array in place (it must arrive writable) and return its sum. With
+    ``crash_marker``: the first call that finds no such file creates it and kills its
+    worker (SIGKILL), so the input is sent again."""
+    if crash_marker and not os.path.exists(crash_marker):
+        open(crash_marker, "w").close()
+        os.kill(os.getpid(), 9)
+    a += 1
+    return float(a.sum())

@@ -109,6 +109,11 @@ class Engine(threading.Thread):
         self.closing = False
         self.crashed: BaseException | None = None
         self.next_send_id = 1
+        # large buffers for nodes on this machine (the embedded one) go through /dev/shm
+        local = any(a.ipc is not None for a in addresses)
+        self.shared = (serialize.SharedFolder()
+                       if local and serialize.SharedFolder.available() else None)
+        self.shared_files: dict[int, list[str]] = {}  # send id -> files not yet taken
         self.late_results = 0
         self.snapshot: list[dict[str, Any]] = []
         self.rates: dict[str, tuple[float, int, float]] = {}
@@ -173,6 +178,8 @@ class Engine(threading.Thread):
         finally:
             for node in self.nodes:
                 self.disconnect(node, say_bye=True)
+            if self.shared is not None:
+                self.shared.close()
 
     def build_poller(self) -> None:
         """Poll the wake-up pipe and every node socket (rebuilt when sockets change)."""
@@ -357,6 +364,7 @@ class Engine(threading.Thread):
 
     def on_result(self, node: Node, msg: Message) -> None:
         task = node.inflight.pop(msg.env["id"], None)
+        self.release(msg.env["id"])
         if task is None:
             self.late_results += 1  # its task was already re-run elsewhere
             return
@@ -428,6 +436,7 @@ class Engine(threading.Thread):
             task = node.inflight.pop(send_id, None) if isinstance(send_id, int) else None
             if task is None:
                 continue
+            self.release(send_id)
             task.job.outstanding -= 1
             if code == "blob":
                 node.blobs_sent.discard(task.job.fn_hash)
@@ -450,7 +459,8 @@ class Engine(threading.Thread):
     def requeue_inflight(self, node: Node) -> None:
         """A node was lost: its tasks go to other nodes, charged to their node-loss
         budget, not to their attempts."""
-        for task in node.inflight.values():
+        for send_id, task in node.inflight.items():
+            self.release(send_id)
             task.job.outstanding -= 1
             task.node_losses += 1
             task.avoid = node.name
@@ -480,6 +490,7 @@ class Engine(threading.Thread):
             ids = [sid for sid, t in node.inflight.items() if t.job is job]
             for sid in ids:
                 del node.inflight[sid]
+                self.release(sid)
             if ids and node.sock is not None and node.state == READY:
                 self.send(node, protocol.pack(protocol.CANCEL, ids=ids))
 
@@ -616,9 +627,22 @@ class Engine(threading.Thread):
         est = job.message_estimate(len(task.indices))
         if est is not None:  # lets the daemon queue a message behind a short one
             extra["est"] = est
-        self.send(node, protocol.pack(protocol.TASK, task.payload, id=send_id, fn=job.fn_hash,
+        payload = task.payload
+        if node.address.ipc is not None and self.shared is not None:
+            # a node on this machine: large buffers go through /dev/shm, one copy
+            payload, extra["shm"], paths = self.shared.share(payload)
+            if paths:
+                self.shared_files[send_id] = paths
+        self.send(node, protocol.pack(protocol.TASK, payload, id=send_id, fn=job.fn_hash,
                                       n=len(task.indices), timeout=job.timeout_s, **extra))
         node.bytes_sent += serialize.payload_size(task.payload)
+
+    def release(self, send_id: int) -> None:
+        """A sent task is answered, lost or dropped: remove the shared-memory files its
+        worker did not take."""
+        paths = self.shared_files.pop(send_id, None)
+        if paths:
+            serialize.SharedFolder.release(paths)
 
     def finish_jobs(self) -> None:
         for job in [j for j in self.jobs.values() if j.done()]:

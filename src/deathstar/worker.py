@@ -407,7 +407,7 @@ class Worker:
         capture = bool(msg.env.get("cap"))
         outputs: list[str] | None = [] if capture else None
         try:
-            items = serialize.loads(msg.payload)
+            items = serialize.loads(msg.payload, protocol.shared_frames(msg))
             seeds = _task_seeds(msg.env, n)
         except Exception as exc:
             info = _error_info(exc)

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 import deathstar
+from deathstar import serialize
 from deathstar.client import Cluster
 from deathstar.errors import RemoteError, WorkerCrashed
 from tests import jobs
@@ -103,6 +104,29 @@ def test_a_daemon_serves_hundreds_of_workers(daemons: Callable[..., Daemon]) -> 
         assert sum(swarm.tasks) == 6000
         assert sum(1 for n in swarm.tasks if n) > 200, swarm.tasks
         assert daemon.status()["tasks_done"] == 6000
+
+
+def test_large_arrays_reach_embedded_workers_through_shared_memory(tmp_path: Path) -> None:
+    """To the embedded daemon, arrays of 1 MiB and more go through /dev/shm: they arrive
+    equal and writable (even non-contiguous ones), a worker killed while holding one gets
+    it again on the retry, and no file is left behind."""
+    if not serialize.SharedFolder.available():
+        pytest.skip("no writable /dev/shm")
+    rng = np.random.default_rng(5)
+    arrays = [rng.random(200_000) for _ in range(6)]
+    arrays += [rng.random((1500, 1200))[::3, ::2], np.arange(300_000, dtype=np.int64)]
+    marker = tmp_path / "crashed-once"
+    with Cluster(workers=2) as c:
+        res = c.map(jobs.bump_and_sum, arrays, crash_marker=str(marker))
+        shared = c.engine.shared
+        assert shared is not None and shared.path is not None
+        # every contiguous array (numpy pickles a non-contiguous one inside the stream)
+        assert shared.count >= len(arrays) - 1
+        assert os.listdir(shared.path) == []  # each taken (and unlinked) by its worker
+        folder = shared.path
+    assert marker.exists() and max(r.attempts for r in res.report) == 2
+    assert list(res) == pytest.approx([float((a + 1).sum()) for a in arrays])
+    assert not os.path.exists(folder)
 
 
 def test_common_argument_travels_once_per_node(daemons: Callable[..., Daemon]) -> None:

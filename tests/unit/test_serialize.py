@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -65,3 +66,29 @@ def test_unpicklable_common_argument_is_named() -> None:
 
     with pytest.raises(serialize.SerializationError, match="common argument 'lock'"):
         serialize.dumps_function(len, {"ok": 1, "lock": threading.Lock()})
+
+
+def test_shared_buffers_map_copy_on_write_and_only_from_deathstar_folders(tmp_path: Path) -> None:
+    big = np.arange(serialize.SHARED_MIN_BYTES // 8 + 10, dtype=np.float64)
+    small = np.arange(10)
+    folder = serialize.SharedFolder()
+    try:
+        frames, shared, paths = folder.share(serialize.dumps((big, small)))
+        assert shared == [1] and len(paths) == 1 and frames[1] == paths[0].encode()
+        assert oct(os.stat(folder.path).st_mode & 0o777) == "0o700"
+        got_big, got_small = serialize.loads(frames, shared)
+        assert not os.path.exists(paths[0])  # the receiver unlinked it once mapped
+        assert np.array_equal(got_big, big) and np.array_equal(got_small, small)
+        got_big += 1  # writable, and the writes stay here
+        assert got_big[0] == 1 and big[0] == 0
+        frames, shared, paths = folder.share(serialize.dumps(big))
+        folder.release(paths)  # never taken: the sender removes it
+        assert not os.path.exists(paths[0])
+    finally:
+        folder.close()
+    assert folder.path is None
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"x" * 10)
+    for bad in (str(outside), "/dev/shm/../etc/passwd", "/dev/shm/other-1/0"):
+        with pytest.raises(serialize.SerializationError, match="not a deathstar"):
+            serialize.map_shared(bad.encode())
