@@ -11,6 +11,7 @@ one copy instead of four through the sockets; the worker maps it (``map_shared``
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
 import os
 import pickle
@@ -22,6 +23,8 @@ from types import ModuleType
 from typing import Any, Iterable, Sequence
 
 import cloudpickle
+
+log = logging.getLogger("deathstar.client")
 
 #: Buffers smaller than this stay inside the pickle stream: a frame of their own costs more.
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
@@ -79,6 +82,7 @@ class SharedFolder:
     def __init__(self) -> None:
         self.path: str | None = None
         self.count = 0
+        self.warned = False
 
     @staticmethod
     def available() -> bool:
@@ -86,19 +90,28 @@ class SharedFolder:
 
     def share(self, frames: list[Any]) -> tuple[list[Any], list[int], list[str]]:
         """``frames`` with each large buffer written to a file and replaced by its path:
-        (the frames to send, the indices replaced, the files made)."""
+        (the frames to send, the indices replaced, the files made). When /dev/shm cannot
+        take them (full, gone), ``frames`` as they are: they go through the socket."""
         out: list[Any] = [frames[0]]
         indices: list[int] = []
         paths: list[str] = []
-        for k, frame in enumerate(frames[1:], 1):
-            view = memoryview(frame).cast("B")
-            if view.nbytes < SHARED_MIN_BYTES:
-                out.append(frame)
-                continue
-            path = self._write(view)
-            out.append(path.encode())
-            indices.append(k)
-            paths.append(path)
+        try:
+            for k, frame in enumerate(frames[1:], 1):
+                view = memoryview(frame).cast("B")
+                if view.nbytes < SHARED_MIN_BYTES:
+                    out.append(frame)
+                    continue
+                path = self._write(view)
+                out.append(path.encode())
+                indices.append(k)
+                paths.append(path)
+        except OSError as exc:
+            self.release(paths)
+            if not self.warned:
+                self.warned = True
+                log.warning("shared memory unavailable (%s): large buffers go through the "
+                            "sockets", exc)
+            return frames, [], []
         return out, indices, paths
 
     def _write(self, view: memoryview) -> str:
@@ -111,6 +124,9 @@ class SharedFolder:
             done = 0
             while done < view.nbytes:
                 done += os.write(fd, view[done:])
+        except OSError:
+            os.unlink(path)
+            raise
         finally:
             os.close(fd)
         return path

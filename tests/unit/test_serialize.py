@@ -92,3 +92,21 @@ def test_shared_buffers_map_copy_on_write_and_only_from_deathstar_folders(tmp_pa
     for bad in (str(outside), "/dev/shm/../etc/passwd", "/dev/shm/other-1/0"):
         with pytest.raises(serialize.SerializationError, match="not a deathstar"):
             serialize.map_shared(bad.encode())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_shared_memory_falls_back_to_the_socket(tmp_path: Path) -> None:
+    """/dev/shm full: the buffers go as they are, and no partial file stays behind."""
+    small = tmp_path / "small-shm"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        folder = serialize.SharedFolder()
+        folder.path = str(small)  # a folder on a 1 MiB tmpfs instead of a fresh one
+        frames = serialize.dumps(np.ones(serialize.SHARED_MIN_BYTES // 4))  # 2 MiB
+        out, shared, paths = folder.share(frames)
+        assert out is frames and shared == [] and paths == []
+        assert os.listdir(small) == []
+        assert np.array_equal(serialize.loads(out), np.ones(serialize.SHARED_MIN_BYTES // 4))
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
