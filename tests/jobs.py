@@ -121,3 +121,11 @@ def bump_and_sum(a: Any, crash_marker: str = "") -> float:
         os.kill(os.getpid(), 9)
     a += 1
     return float(a.sum())
+
+
+def arange_doubled(n: int) -> Any:
+    """A fresh array of ``n`` float64s (big ones come back through shared memory when the
+    client is on this machine)."""
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64) * 2

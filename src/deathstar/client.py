@@ -102,7 +102,7 @@ class Cluster:
     Thread-safe: several threads may run maps on one Cluster at once.
     """
 
-    def __init__(self, nodes: str | Sequence[str] | None = None, *,
+    def __init__(self, nodes: str | Sequence[str | NodeAddress] | None = None, *,
                  connect_timeout: float = config.CONNECT_TIMEOUT_S,
                  workers: int | None = None,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,

@@ -365,6 +365,13 @@ class Engine(threading.Thread):
     def on_result(self, node: Node, msg: Message) -> None:
         task = node.inflight.pop(msg.env["id"], None)
         self.release(msg.env["id"])
+        try:
+            shared = protocol.shared_frames(msg)
+        except protocol.ProtocolError as exc:
+            log.warning("node %s: %s", node.name, exc)
+            shared = []
+        if task is None or task.job.cancelled:
+            serialize.discard_shared(msg.payload, shared)
         if task is None:
             self.late_results += 1  # its task was already re-run elsewhere
             return
@@ -378,7 +385,7 @@ class Engine(threading.Thread):
         try:
             if len(oks) != n:
                 raise ValueError(f"{len(oks)} outcomes for {n} inputs")
-            values = serialize.loads(msg.payload)
+            values = serialize.loads(msg.payload, shared)
             outputs = [""] * n
             if job.capture:
                 values, outputs = values
@@ -629,8 +636,10 @@ class Engine(threading.Thread):
             extra["est"] = est
         payload = task.payload
         if node.address.ipc is not None and self.shared is not None:
-            # a node on this machine: large buffers go through /dev/shm, one copy
+            # a node on this machine: large buffers go through /dev/shm, one copy, both
+            # ways (rshm: the folder its worker may write large results into)
             payload, extra["shm"], paths = self.shared.share(payload)
+            extra["rshm"] = self.shared.folder()
             if paths:
                 self.shared_files[send_id] = paths
         self.send(node, protocol.pack(protocol.TASK, payload, id=send_id, fn=job.fn_hash,

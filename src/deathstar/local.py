@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 from deathstar import config
 from deathstar.nodes import NodeAddress
@@ -24,19 +25,20 @@ class LocalDaemonError(RuntimeError):
 
 class LocalDaemon:
     """A ``deathstar daemon`` child on ipc sockets in a private folder, with ``workers``
-    workers.
+    workers and any further daemon ``options``.
 
     The constructor blocks until the daemon has bound its ports (not until its workers
     are up: tasks queue there meanwhile). The daemon exits if this process dies.
     """
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, options: Sequence[str] = ()):
         self.folder = tempfile.mkdtemp(prefix="deathstar-local-")  # 0700: ours alone
         cmd = [sys.executable, "-m", "deathstar", "daemon", "--ipc", self.folder,
                "--keys", "none", "--parent-pid", str(os.getpid()), "--ready-json",
                "--log-level", "warning"]
         if workers is not None:
             cmd += ["--workers", str(workers)]
+        cmd += options
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      close_fds=True)
         assert self.proc.stdout is not None

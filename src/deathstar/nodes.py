@@ -75,11 +75,11 @@ def parse_node(spec: str) -> NodeAddress:
     return NodeAddress(spec.strip(), host, port)
 
 
-def parse_cluster(spec: str | Sequence[str] | None,
+def parse_cluster(spec: str | Sequence[str | NodeAddress] | None,
                   _named: frozenset[str] = frozenset()) -> list[NodeAddress] | None:
     """Turn a cluster given by the user into node addresses; None means embedded local.
 
-    Accepts a list of node names, a comma-separated string, ``@path`` to a file of node
+    Accepts a list of node names (or ``NodeAddress``es), a comma-separated string, ``@path`` to a file of node
     names, ``ec2:NAME``, and names of clusters in the config file's ``[clusters]``.
     ``None`` falls back to ``DEATHSTAR_CLUSTER``, and to None when unset.
     """
@@ -89,6 +89,9 @@ def parse_cluster(spec: str | Sequence[str] | None,
             return None
     nodes: list[NodeAddress] = []
     for part in ([spec] if isinstance(spec, str) else list(spec)):
+        if isinstance(part, NodeAddress):
+            nodes.append(part)
+            continue
         for piece in str(part).split(","):
             piece = piece.strip()
             if piece.startswith("@"):

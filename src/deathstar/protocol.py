@@ -18,8 +18,10 @@ Links and their messages (request -> reply):
     anyone -> daemon status port   status -> status
 
 A task envelope may carry ``est``, the client's estimate of the seconds the message will
-run: the daemon lets a worker hold a second message behind a short one; and ``shm``, the
-payload frames that name shared-memory files (the embedded daemon's workers only).
+run: the daemon lets a worker hold a second message behind a short one; ``shm``, the
+payload frames that name shared-memory files (the embedded daemon's workers only); and
+``rshm``, the client's shared-memory folder, where the worker may put large results (a
+result's ``shm`` then names them).
 
 Every envelope is validated against ``SCHEMA`` before use; a message that fails is a
 ``ProtocolError`` for the receiver to log and drop. Nothing here unpickles.
@@ -121,8 +123,9 @@ def pack(msg_type: str, payload: Sequence[Any] = (), **fields: Any) -> list[Any]
 
 
 def shared_frames(msg: Message) -> list[int]:
-    """A task's optional ``shm``: the payload frames (1-based: 0 is the pickle stream) that
-    are paths of shared-memory files rather than buffers. ProtocolError if malformed."""
+    """A task's or result's optional ``shm``: the payload frames (1-based: 0 is the pickle
+    stream) that are paths of shared-memory files rather than buffers. ProtocolError if
+    malformed."""
     shared = msg.env.get("shm", [])
     if not isinstance(shared, list) or not all(
             isinstance(k, int) and not isinstance(k, bool) and 0 < k < len(msg.payload)

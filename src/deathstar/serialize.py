@@ -11,6 +11,7 @@ one copy instead of four through the sockets; the worker maps it (``map_shared``
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import mmap
 import os
@@ -71,18 +72,28 @@ def loads(frames: list[Any], shared: Sequence[int] = ()) -> Any:
 SHARED_MIN_BYTES = 1 << 20
 SHARED_ROOT = "/dev/shm"
 _SHARED_PREFIX = "deathstar-"
+_FILE_NUMBERS = itertools.count()
 
 
 class SharedFolder:
-    """A client's private folder (0700) in /dev/shm for large buffers sent to workers on
-    this machine: each buffer one file, which the worker unlinks once it has mapped it.
-    ``release`` removes files no worker took (the task was cancelled or lost), ``close``
-    the folder. Used by the client's I/O thread only."""
+    """A private folder (0700) in /dev/shm for large buffers sent to a process on this
+    machine: each buffer one file, which the receiver unlinks once it has mapped it.
+    A client makes one for its inputs to workers; its workers write their large results
+    into the same folder (``into``), so every file lives no longer than the client.
+    ``release`` removes files never taken (the task was cancelled or lost), ``close`` the
+    folder if this object made it. Used from one thread."""
 
-    def __init__(self) -> None:
-        self.path: str | None = None
-        self.count = 0
+    def __init__(self, into: str | None = None) -> None:
+        self.path: str | None = into
+        self.owned = into is None
+        self.count = 0  # files written
         self.warned = False
+
+    def folder(self) -> str:
+        """The folder's path, made on first use."""
+        if self.path is None:
+            self.path = tempfile.mkdtemp(prefix=_SHARED_PREFIX, dir=SHARED_ROOT)
+        return self.path
 
     @staticmethod
     def available() -> bool:
@@ -115,9 +126,8 @@ class SharedFolder:
         return out, indices, paths
 
     def _write(self, view: memoryview) -> str:
-        if self.path is None:
-            self.path = tempfile.mkdtemp(prefix=_SHARED_PREFIX, dir=SHARED_ROOT)
-        path = os.path.join(self.path, str(self.count))
+        # unique across the processes that write into one folder
+        path = os.path.join(self.folder(), f"{os.getpid()}-{next(_FILE_NUMBERS)}")
         self.count += 1
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -140,20 +150,48 @@ class SharedFolder:
                 pass  # the worker took it
 
     def close(self) -> None:
-        if self.path is not None:
+        if self.path is not None and self.owned:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
+
+
+def shared_folder(path: Any) -> str | None:
+    """``path`` if it names an existing deathstar folder of /dev/shm, else None (a peer
+    must not make us write anywhere else)."""
+    if not isinstance(path, str):
+        return None
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != SHARED_ROOT or \
+            not os.path.basename(real).startswith(_SHARED_PREFIX) or not os.path.isdir(real):
+        return None
+    return real
+
+
+def _shared_path(frame: Any) -> str:
+    """The file a shared frame names; SerializationError unless it is in a deathstar
+    folder of /dev/shm (a peer must not make us open or remove anything else)."""
+    path = os.path.realpath(bytes(frame).decode(errors="replace"))
+    folder = os.path.dirname(path)
+    if os.path.dirname(folder) != SHARED_ROOT or \
+            not os.path.basename(folder).startswith(_SHARED_PREFIX):
+        raise SerializationError(f"{path!r} is not a deathstar shared-memory file")
+    return path
+
+
+def discard_shared(frames: list[Any], shared: Sequence[int]) -> None:
+    """Remove the files of a payload that will not be read (a late or cancelled result)."""
+    for k in shared:
+        try:
+            os.unlink(_shared_path(frames[k]))
+        except (SerializationError, OSError):
+            pass
 
 
 def map_shared(frame: Any) -> Any:
     """Map a ``SharedFolder`` file named by ``frame`` copy-on-write (writes stay in this
     process) and unlink it. Only files in a deathstar folder of /dev/shm are opened;
     anything else raises SerializationError."""
-    path = os.path.realpath(bytes(frame).decode(errors="replace"))
-    folder = os.path.dirname(path)
-    if os.path.dirname(folder) != SHARED_ROOT or \
-            not os.path.basename(folder).startswith(_SHARED_PREFIX):
-        raise SerializationError(f"{path!r} is not a deathstar shared-memory file")
+    path = _shared_path(frame)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:

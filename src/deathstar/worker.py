@@ -200,6 +200,8 @@ class Worker:
         self.sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
         self.running = True
         self.socket_lock = threading.Lock()
+        self.shared: serialize.SharedFolder | None = None  # the current client's, for results
+        self.shared_name: Any = None
         self.pulse_stop = threading.Event()
         self.handlers: dict[str, Callable[[Message], None]] = {
             protocol.TASK: self.on_task,
@@ -390,8 +392,23 @@ class Worker:
             self.socket_lock.acquire()
         self.inputs_done += len(oks)
         payload = self._dump_results(values, oks, outputs)
+        extra: dict[str, Any] = {}
+        shared = self.results_folder(msg.env.get("rshm"))
+        if shared is not None:
+            payload, extra["shm"], _ = shared.share(payload)
         self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
-                                ok=oks, ts=stamps))
+                                ok=oks, ts=stamps, **extra))
+
+    def results_folder(self, rshm: Any) -> serialize.SharedFolder | None:
+        """Where large results go when the client is on this machine: its /dev/shm folder
+        named by the task's ``rshm``, checked once per client."""
+        if rshm is None:
+            return None
+        if self.shared is None or self.shared_name != rshm:
+            folder = serialize.shared_folder(rshm)
+            self.shared = None if folder is None else serialize.SharedFolder(into=folder)
+            self.shared_name = rshm
+        return self.shared
 
     @staticmethod
     def execute(fn: Callable[..., Any], common: dict[str, Any], msg: Message

@@ -3,13 +3,14 @@ arrays, and the bounded-memory path of a large CLI map."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import psutil
@@ -18,6 +19,7 @@ import pytest
 import deathstar
 from deathstar import serialize
 from deathstar.client import Cluster
+from deathstar.local import LocalDaemon
 from deathstar.errors import RemoteError, WorkerCrashed
 from tests import jobs
 from tests.conftest import ROOT, Daemon, wait_for, worker_pids
@@ -126,6 +128,38 @@ def test_large_arrays_reach_embedded_workers_through_shared_memory(tmp_path: Pat
         folder = shared.path
     assert marker.exists() and max(r.attempts for r in res.report) == 2
     assert list(res) == pytest.approx([float((a + 1).sum()) for a in arrays])
+    assert not os.path.exists(folder)
+
+
+def test_large_results_come_back_from_embedded_workers_through_shared_memory() -> None:
+    """Arrays of 1 MiB and more returned by the embedded daemon's workers are written into
+    the client's /dev/shm folder and mapped here: equal, writable, no file left behind,
+    and the folder gone with the client even though the workers live on."""
+    if not serialize.SharedFolder.available():
+        pytest.skip("no writable /dev/shm")
+
+    def backing(array: Any) -> Any:
+        while getattr(array, "base", None) is not None:
+            array = array.base
+        return getattr(array, "obj", array)
+
+    sizes = [300_000] * 6 + [10]
+    # each worker exits right after sending its result: the files it wrote must outlive it
+    local = LocalDaemon(2, ["--max-tasks-per-worker", "1"])
+    try:
+        with Cluster([local.address]) as c:
+            res = c.map(jobs.arange_doubled, sizes, chunksize=1)
+            for n, value in zip(sizes, res):
+                assert np.array_equal(value, np.arange(n, dtype=np.float64) * 2)
+            assert [isinstance(backing(v), mmap.mmap) for v in res] == [True] * 6 + [False]
+            # replaced as they went (a worker runs a task it already holds before leaving)
+            assert len({r.worker for r in res.report}) >= 4
+            res[0][0] = 7.0  # writable here too
+            assert c.engine.shared is not None
+            folder = c.engine.shared.path
+            assert folder is not None and os.listdir(folder) == []  # each taken here
+    finally:
+        local.stop()
     assert not os.path.exists(folder)
 
 

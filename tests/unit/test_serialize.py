@@ -84,9 +84,20 @@ def test_shared_buffers_map_copy_on_write_and_only_from_deathstar_folders(tmp_pa
         frames, shared, paths = folder.share(serialize.dumps(big))
         folder.release(paths)  # never taken: the sender removes it
         assert not os.path.exists(paths[0])
+        # a worker writes its results into the client's folder, and never removes it
+        assert serialize.shared_folder(folder.path) == os.path.realpath(folder.path)
+        borrowed = serialize.SharedFolder(into=serialize.shared_folder(folder.path))
+        frames, shared, paths = borrowed.share(serialize.dumps(big))
+        assert os.path.dirname(paths[0]) == folder.path
+        borrowed.close()
+        assert os.path.exists(paths[0])
+        serialize.discard_shared(frames, shared)  # a late result: the client drops it
+        assert not os.path.exists(paths[0])
     finally:
         folder.close()
     assert folder.path is None
+    for bad in (str(tmp_path), "/dev/shm/../tmp", "/dev/shm/deathstar-none", 7, None):
+        assert serialize.shared_folder(bad) is None
     outside = tmp_path / "secret"
     outside.write_bytes(b"x" * 10)
     for bad in (str(outside), "/dev/shm/../etc/passwd", "/dev/shm/other-1/0"):
@@ -101,8 +112,7 @@ def test_a_full_shared_memory_falls_back_to_the_socket(tmp_path: Path) -> None:
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
     try:
-        folder = serialize.SharedFolder()
-        folder.path = str(small)  # a folder on a 1 MiB tmpfs instead of a fresh one
+        folder = serialize.SharedFolder(into=str(small))  # on a 1 MiB tmpfs
         frames = serialize.dumps(np.ones(serialize.SHARED_MIN_BYTES // 4))  # 2 MiB
         out, shared, paths = folder.share(frames)
         assert out is frames and shared == [] and paths == []
