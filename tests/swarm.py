@@ -72,7 +72,8 @@ class Swarm:
         self.tasks[i] += 1
         sock.send_multipart(protocol.pack(
             protocol.RESULT, serialize.dumps(values), id=msg.env["id"], worker=f"swarm-{i}",
-            ok=[True] * len(values), ts=[[start, end]] * len(values)), copy=False)
+            **protocol.outcome_fields([True] * len(values), [start, end] * len(values))),
+            copy=False)
 
     def close(self) -> None:
         self.stopping.set()

@@ -379,43 +379,49 @@ class Engine(threading.Thread):
         job.outstanding -= 1
         if job.cancelled:
             return
-        worker = msg.env["worker"]
-        oks, stamps = msg.env["ok"], msg.env["ts"]
         n = len(task.indices)
+        oks, starts, ends = protocol.result_outcomes(msg)
         try:
             if len(oks) != n:
                 raise ValueError(f"{len(oks)} outcomes for {n} inputs")
-            values = serialize.loads(msg.payload, shared)
-            outputs = [""] * n
-            if job.capture:
-                values, outputs = values
-            if not isinstance(values, list) or len(values) != n or len(outputs) != n:
-                raise ValueError("result list of the wrong shape")
+            values, outputs = self.result_values(job, msg, shared, n)
         except Exception as exc:
             reason = f"the result could not be unpickled here: {exc!r}"
             values = [{"type": "deathstar.ResultError", "message": reason, "traceback": ""}] * n
             outputs = [""] * n
-            oks = [False] * n
-            stamps = [[0.0, 0.0]] * n if len(stamps) != n else stamps
+            oks = bytes(n)
+            if len(starts) != n:
+                starts = ends = [0.0] * n
         outcomes: list[Outcome] = []
-        busy = 0.0
-        for index, ok, value, stamp, output in zip(task.indices, oks, values, stamps, outputs):
-            start, end = float(stamp[0]), float(stamp[1])
-            busy += end - start
+        name, worker, attempts = node.name, msg.env["worker"], task.attempts
+        for index, ok, value, start, end, output in zip(task.indices, oks, values, starts,
+                                                        ends, outputs):
             if ok:
-                record = TaskRecord(index, node.name, worker, start, end, task.attempts, OK,
-                                    output=output)
+                record = TaskRecord(index, name, worker, start, end, attempts, OK, "", output)
                 outcomes.append((index, True, value, record))
-                node.done += 1
             else:
-                error = self.remote_error(value, index, node.name, worker)
-                record = TaskRecord(index, node.name, worker, start, end, task.attempts, ERROR,
+                error = self.remote_error(value, index, name, worker)
+                record = TaskRecord(index, name, worker, start, end, attempts, ERROR,
                                     f"{error.type_name}: {error.message}", output)
                 outcomes.append((index, False, error, record))
-                node.failed += 1
-        per_item = busy / max(n, 1)
+        failed = oks.count(0)
+        node.done += n - failed
+        node.failed += failed
+        per_item = (sum(ends) - sum(starts)) / max(n, 1)
         job.per_item_s = per_item if job.per_item_s is None else 0.5 * (job.per_item_s + per_item)
         job.deliver(outcomes)
+
+    @staticmethod
+    def result_values(job: Job, msg: Message, shared: list[int], n: int
+                      ) -> tuple[list[Any], list[str]]:
+        """A result's values and captured outputs; raises if they cannot be read."""
+        values = serialize.loads(msg.payload, shared)
+        outputs = [""] * n
+        if job.capture:
+            values, outputs = values
+        if not isinstance(values, list) or len(values) != n or len(outputs) != n:
+            raise ValueError("result list of the wrong shape")
+        return values, outputs
 
     @staticmethod
     def remote_error(info: Any, index: int, node: str, worker: str) -> RemoteError:

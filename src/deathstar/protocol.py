@@ -23,6 +23,12 @@ payload frames that name shared-memory files (the embedded daemon's workers only
 ``rshm``, the client's shared-memory folder, where the worker may put large results (a
 result's ``shm`` then names them).
 
+A result says how each of its inputs went in two byte strings (built and read by
+``outcome_fields`` and ``result_outcomes``), so that a result of thousands of inputs is
+two fields to decode, not thousands of list items: ``ok``, one byte per input (1 ran, 0
+raised), and ``ts``, each input's start and end (seconds since the epoch) as
+little-endian float64 pairs.
+
 Every envelope is validated against ``SCHEMA`` before use; a message that fails is a
 ``ProtocolError`` for the receiver to log and drop. Nothing here unpickles.
 """
@@ -30,12 +36,14 @@ Every envelope is validated against ``SCHEMA`` before use; a message that fails 
 from __future__ import annotations
 
 import platform
+import sys
+from array import array
 from dataclasses import dataclass
 from typing import Any, Final, Sequence
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 
 # Message types.
 HELLO: Final = "hello"
@@ -69,7 +77,7 @@ SCHEMA: Final[dict[str, dict[str, tuple[type, ...]]]] = {
     FETCH: {"h": (str,)},
     MISSING: {"h": (str,)},
     TASK: {"id": (int,), "fn": (str,), "n": (int,), "nb": (int,), "timeout": _OPT_NUM},
-    RESULT: {"id": (int,), "worker": (str,), "ok": _LIST, "ts": _LIST, "nb": (int,)},
+    RESULT: {"id": (int,), "worker": (str,), "ok": (bytes,), "ts": (bytes,), "nb": (int,)},
     LOST: {"ids": _LIST, "reason": (str,), "worker": (str,)},
     CANCEL: {"ids": _LIST},
     HEARTBEAT: {},
@@ -132,6 +140,24 @@ def shared_frames(msg: Message) -> list[int]:
             for k in shared):
         raise ProtocolError("task message: bad 'shm' frame list")
     return shared
+
+
+def outcome_fields(oks: Sequence[bool], stamps: Sequence[float]) -> dict[str, bytes]:
+    """A result's ``ok`` and ``ts`` fields from each input's success and the flat list
+    start0, end0, start1, end1, ... of their times."""
+    times = array("d", stamps)
+    if sys.byteorder == "big":
+        times.byteswap()
+    return {"ok": bytes(oks), "ts": times.tobytes()}
+
+
+def result_outcomes(msg: Message) -> tuple[bytes, Sequence[float], Sequence[float]]:
+    """A result's outcomes: one byte per input (nonzero: it ran), the inputs' start times
+    and their end times."""
+    times = array("d", msg.env["ts"])
+    if sys.byteorder == "big":
+        times.byteswap()
+    return msg.env["ok"], times[0::2], times[1::2]
 
 
 def task_estimate(env: dict[str, Any]) -> float | None:
@@ -205,7 +231,7 @@ def decode(frames: list[Any]) -> Message:
         raise ProtocolError(f"{env['t']} message: bad content hash")
     if env["t"] == TASK and not 0 < env["n"] <= 1 << 20:
         raise ProtocolError("task message: bad item count")
-    if env["t"] == RESULT and len(env["ok"]) != len(env["ts"]):
+    if env["t"] == RESULT and 16 * len(env["ok"]) != len(env["ts"]):
         raise ProtocolError("result message: 'ok' and 'ts' differ in length")
     return Message(env, payload, frames[0])
 

@@ -397,7 +397,7 @@ class Worker:
         if shared is not None:
             payload, extra["shm"], _ = shared.share(payload)
         self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
-                                ok=oks, ts=stamps, **extra))
+                                **protocol.outcome_fields(oks, stamps), **extra))
 
     def results_folder(self, rshm: Any) -> serialize.SharedFolder | None:
         """Where large results go when the client is on this machine: its /dev/shm folder
@@ -412,14 +412,15 @@ class Worker:
 
     @staticmethod
     def execute(fn: Callable[..., Any], common: dict[str, Any], msg: Message
-                ) -> tuple[list[Any], list[bool], list[list[float]], list[str] | None]:
+                ) -> tuple[list[Any], list[bool], list[float], list[str] | None]:
         """Call ``fn`` on each input of the message: values (or error info), whether each
-        succeeded, each one's start and end time, and (when the task asks, ``cap``) what
+        succeeded, each one's start and end time (flat: start0, end0, start1, ...), and
+        (when the task asks, ``cap``) what
         each printed. With ``seed``, Python's and numpy's generators are seeded with
         seed + the input's index (``ix``) before each input."""
         values: list[Any] = []
         oks: list[bool] = []
-        stamps: list[list[float]] = []
+        stamps: list[float] = []
         n = msg.env["n"]
         capture = bool(msg.env.get("cap"))
         outputs: list[str] | None = [] if capture else None
@@ -430,7 +431,7 @@ class Worker:
             info = _error_info(exc)
             info["message"] = f"the task could not be read here: {exc}"
             now = time.time()
-            return [info] * n, [False] * n, [[now, now]] * n, [""] * n if capture else None
+            return [info] * n, [False] * n, [now] * (2 * n), [""] * n if capture else None
         for k, (args, kwargs) in enumerate(items):
             if seeds is not None:
                 seed_generators(seeds[k])
@@ -445,7 +446,7 @@ class Worker:
                 except (Exception, SystemExit) as exc:
                     values.append(_error_info(exc))
                     oks.append(False)
-            stamps.append([start, time.time()])
+            stamps += (start, time.time())
             if outputs is not None:
                 outputs.append(captured.text())
         return values, oks, stamps, outputs

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import deathstar
+from deathstar import protocol
 from tests.conftest import ROOT, Daemon
 
 pytestmark = pytest.mark.timeout(90)
@@ -167,7 +168,7 @@ def test_status_json_and_table(daemon: Daemon) -> None:
     assert [r["node"] for r in rows] == [daemon.address, "127.0.0.1:9"]
     good, bad = rows
     assert good["error"] == "" and good["workers"] == 2 and good["mismatch"] == []
-    assert good["versions"]["protocol"] == "1"
+    assert good["versions"]["protocol"] == str(protocol.PROTOCOL_VERSION)
     for key in ("hostname", "idle", "busy", "queued", "tasks_done", "uptime_s", "load1"):
         assert key in good
     assert "no answer" in bad["error"]

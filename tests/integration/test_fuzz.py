@@ -67,7 +67,8 @@ def envelopes(draw: Any) -> bytes:
     """A map that looks like an envelope: right or wrong version, a known or unknown
     type, its schema's fields with right or wrong types, extra fields."""
     msg_type = draw(st.one_of(st.sampled_from(MESSAGE_TYPES), st.text(max_size=8)))
-    env: dict[Any, Any] = {"v": draw(st.sampled_from([protocol.PROTOCOL_VERSION, 0, 2, "1"])),
+    version = protocol.PROTOCOL_VERSION
+    env: dict[Any, Any] = {"v": draw(st.sampled_from([version, 0, version + 1, "1"])),
                            "t": msg_type}
     for field in protocol.SCHEMA.get(msg_type, {}):
         if draw(st.booleans()):

@@ -5,6 +5,8 @@ import pytest
 
 from deathstar import protocol
 
+V = protocol.PROTOCOL_VERSION
+
 
 def test_envelope_round_trip_keeps_fields_and_payload() -> None:
     frames = protocol.pack(protocol.TASK, [b"pickle", b"buffer"], id=7, fn="abc", n=2,
@@ -30,21 +32,36 @@ def test_other_protocol_version_names_both_versions() -> None:
     ([b"\xc1garbage"], "undecodable"),
     ([msgpack.packb([1, 2, 3])], "not a map"),
     ([msgpack.packb({"t": "hb"})], "no protocol version"),
-    ([msgpack.packb({"v": 1, "t": "launch-missiles"})], "unknown message type"),
-    ([msgpack.packb({"v": 1, "t": "task", "id": "x", "fn": "h", "n": 1, "nb": 0,
+    ([msgpack.packb({"v": V, "t": "launch-missiles"})], "unknown message type"),
+    ([msgpack.packb({"v": V, "t": "task", "id": "x", "fn": "h", "n": 1, "nb": 0,
                      "timeout": None})], "field 'id'"),
-    ([msgpack.packb({"v": 1, "t": "task", "id": 1, "fn": "h", "n": 1, "nb": 2,
+    ([msgpack.packb({"v": V, "t": "task", "id": 1, "fn": "h", "n": 1, "nb": 2,
                      "timeout": None}), b"only-one"], "declares 2 payload"),
-    ([msgpack.packb({"v": 1, "t": "hb"}), b"stray"], "declares 0 payload"),
+    ([msgpack.packb({"v": V, "t": "hb"}), b"stray"], "declares 0 payload"),
     ([msgpack.packb({"v": True, "t": "hb"})], "no protocol version"),
+    ([msgpack.packb({"v": V, "t": "result", "id": 1, "worker": "w", "ok": [True],
+                     "ts": [[1.0, 2.0]], "nb": 0})], "field 'ok'"),
+    ([msgpack.packb({"v": V, "t": "result", "id": 1, "worker": "w", "ok": b"\x01\x01",
+                     "ts": bytes(16), "nb": 0})], "differ in length"),
 ])
 def test_malformed_messages_raise_protocol_error(frames: list[bytes], fragment: str) -> None:
     with pytest.raises(protocol.ProtocolError, match=fragment):
         protocol.decode(frames)
 
 
+def test_result_outcomes_round_trip_as_two_byte_strings() -> None:
+    frames = protocol.pack(protocol.RESULT, [b"pickle"], id=3, worker="w",
+                           **protocol.outcome_fields([True, False, True],
+                                                     [1.5, 2.5, 3.0, 3.25, 4.0, 9.0]))
+    msg = protocol.decode(frames)
+    oks, starts, ends = protocol.result_outcomes(msg)
+    assert list(oks) == [1, 0, 1]
+    assert list(starts) == [1.5, 3.0, 4.0] and list(ends) == [2.5, 3.25, 9.0]
+    assert isinstance(msg.env["ts"], bytes) and len(msg.env["ts"]) == 48
+
+
 def test_oversized_envelope_is_refused_before_decoding() -> None:
-    big = msgpack.packb({"v": 1, "t": "hb", "pad": "x" * (protocol.MAX_ENVELOPE_BYTES + 1)})
+    big = msgpack.packb({"v": V, "t": "hb", "pad": "x" * (protocol.MAX_ENVELOPE_BYTES + 1)})
     with pytest.raises(protocol.ProtocolError, match="exceeds"):
         protocol.decode([big])
 
