@@ -397,7 +397,8 @@ def status(
             table.add_row(row["node"], str(row.get("hostname")), str(row.get("workers")),
                           str(row.get("idle")), str(row.get("busy")), str(row.get("queued")),
                           str(row.get("tasks_done")), str(row.get("tasks_lost")),
-                          str(row.get("worker_restarts")), str(row.get("clients")), _fmt_uptime(row.get("uptime_s", 0)),
+                          str(row.get("worker_restarts")), str(row.get("clients")),
+                          _fmt_uptime(row.get("uptime_s", 0)),
                           f"{row.get('load1', 0):.2f}", text)
         Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH).print(table)
     if all(r["error"] for r in rows):

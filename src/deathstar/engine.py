@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable
 
-import cloudpickle
 import zmq
 
 from deathstar import config, protocol, serialize
-from deathstar.errors import RemoteError, TaskFailed, WorkerCrashed
+from deathstar.errors import TaskFailed, WorkerCrashed
 from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
 from deathstar.job import FINISHED, Job, Outcome, Task
-from deathstar.report import CRASHED, ERROR, OK, TaskRecord
+from deathstar.report import CRASHED
 
 log = logging.getLogger("deathstar.client")
 
@@ -379,63 +378,11 @@ class Engine(threading.Thread):
         job.outstanding -= 1
         if job.cancelled:
             return
-        n = len(task.indices)
         oks, starts, ends = protocol.result_outcomes(msg)
-        try:
-            if len(oks) != n:
-                raise ValueError(f"{len(oks)} outcomes for {n} inputs")
-            values, outputs = self.result_values(job, msg, shared, n)
-        except Exception as exc:
-            reason = f"the result could not be unpickled here: {exc!r}"
-            values = [{"type": "deathstar.ResultError", "message": reason, "traceback": ""}] * n
-            outputs = [""] * n
-            oks = bytes(n)
-            if len(starts) != n:
-                starts = ends = [0.0] * n
-        outcomes: list[Outcome] = []
-        name, worker, attempts = node.name, msg.env["worker"], task.attempts
-        for index, ok, value, start, end, output in zip(task.indices, oks, values, starts,
-                                                        ends, outputs):
-            if ok:
-                record = TaskRecord(index, name, worker, start, end, attempts, OK, "", output)
-                outcomes.append((index, True, value, record))
-            else:
-                error = self.remote_error(value, index, name, worker)
-                record = TaskRecord(index, name, worker, start, end, attempts, ERROR,
-                                    f"{error.type_name}: {error.message}", output)
-                outcomes.append((index, False, error, record))
-        failed = oks.count(0)
-        node.done += n - failed
+        failed = job.complete(task, node.name, msg.env["worker"], oks, starts, ends,
+                              msg.payload, shared)
+        node.done += len(task.indices) - failed
         node.failed += failed
-        per_item = (sum(ends) - sum(starts)) / max(n, 1)
-        job.per_item_s = per_item if job.per_item_s is None else 0.5 * (job.per_item_s + per_item)
-        job.deliver(outcomes)
-
-    @staticmethod
-    def result_values(job: Job, msg: Message, shared: list[int], n: int
-                      ) -> tuple[list[Any], list[str]]:
-        """A result's values and captured outputs; raises if they cannot be read."""
-        values = serialize.loads(msg.payload, shared)
-        outputs = [""] * n
-        if job.capture:
-            values, outputs = values
-        if not isinstance(values, list) or len(values) != n or len(outputs) != n:
-            raise ValueError("result list of the wrong shape")
-        return values, outputs
-
-    @staticmethod
-    def remote_error(info: Any, index: int, node: str, worker: str) -> RemoteError:
-        if not isinstance(info, dict):
-            info = {"type": "deathstar.ResultError", "message": repr(info), "traceback": ""}
-        exception = None
-        if info.get("pickled"):
-            try:
-                exception = cloudpickle.loads(info["pickled"])
-            except Exception:
-                exception = None  # its class does not exist here; the text remains
-        return RemoteError(str(info.get("type")), str(info.get("message")),
-                           str(info.get("traceback", "")), index=index, node=node,
-                           worker=worker, exception=exception)
 
     def on_lost(self, node: Node, msg: Message) -> None:
         """The node will not answer these tasks. ``code`` says why: ``blob`` (send the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import cloudpickle
+
 
 class TaskFailed(Exception):
     """One input did not produce a result. The map goes on with the others."""
@@ -84,3 +86,20 @@ class TaskTimeout(TaskFailed):
         )
         self.timeout_s = timeout_s
         self.attempts = attempts
+
+
+def remote_error(info: Any, *, index: int, node: str, worker: str) -> RemoteError:
+    """The RemoteError for a worker's error info (a dict: type, message, traceback, and
+    the exception ``pickled`` when it could be); the original exception is unpickled
+    when its class exists here."""
+    if not isinstance(info, dict):
+        info = {"type": "deathstar.ResultError", "message": repr(info), "traceback": ""}
+    exception = None
+    if info.get("pickled"):
+        try:
+            exception = cloudpickle.loads(info["pickled"])
+        except Exception:
+            exception = None  # its class does not exist here; the text remains
+    return RemoteError(str(info.get("type")), str(info.get("message")),
+                       str(info.get("traceback", "")), index=index, node=node, worker=worker,
+                       exception=exception)

@@ -8,11 +8,11 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from deathstar import config, serialize
-from deathstar.errors import TaskFailed, TaskTimeout, WorkerCrashed
-from deathstar.report import CRASHED, TIMEOUT, TaskRecord
+from deathstar.errors import TaskFailed, TaskTimeout, WorkerCrashed, remote_error
+from deathstar.report import CRASHED, ERROR, OK, TIMEOUT, TaskRecord
 
 #: One delivered input: (index, succeeded, value or exception, record).
 Outcome = tuple[int, bool, Any, TaskRecord]
@@ -153,6 +153,55 @@ class Job:
         timeout = self.timeout_s or 0.0
         self.fail_task(task, node, worker, lambda i: TaskTimeout(
             timeout, task.attempts, index=i, node=node, worker=worker), TIMEOUT)
+
+    # ------------------------------------------------------------------ results
+
+    def complete(self, task: Task, node: str, worker: str, oks: bytes,
+                 starts: Sequence[float], ends: Sequence[float], payload: list[Any],
+                 shared: list[int]) -> int:
+        """Deliver the outcomes of a result for ``task`` (``oks``: a byte per input,
+        nonzero if it ran; the payload: the pickled values, and outputs when captured).
+        A payload that cannot be read fails every input with a ResultError. Returns how
+        many inputs failed."""
+        n = len(task.indices)
+        try:
+            if len(oks) != n:
+                raise ValueError(f"{len(oks)} outcomes for {n} inputs")
+            values, outputs = self._read_values(payload, shared, n)
+        except Exception as exc:
+            reason = f"the result could not be unpickled here: {exc!r}"
+            values = [{"type": "deathstar.ResultError", "message": reason, "traceback": ""}] * n
+            outputs = [""] * n
+            oks = bytes(n)
+            if len(starts) != n:
+                starts = ends = [0.0] * n
+        outcomes: list[Outcome] = []
+        attempts = task.attempts
+        for index, ok, value, start, end, output in zip(task.indices, oks, values, starts,
+                                                        ends, outputs):
+            if ok:
+                record = TaskRecord(index, node, worker, start, end, attempts, OK, "", output)
+                outcomes.append((index, True, value, record))
+            else:
+                error = remote_error(value, index=index, node=node, worker=worker)
+                record = TaskRecord(index, node, worker, start, end, attempts, ERROR,
+                                    f"{error.type_name}: {error.message}", output)
+                outcomes.append((index, False, error, record))
+        per_item = (sum(ends) - sum(starts)) / max(n, 1)
+        self.per_item_s = per_item if self.per_item_s is None else 0.5 * (self.per_item_s
+                                                                          + per_item)
+        self.deliver(outcomes)
+        return oks.count(0)
+
+    def _read_values(self, payload: list[Any], shared: list[int], n: int
+                     ) -> tuple[list[Any], list[str]]:
+        values = serialize.loads(payload, shared)
+        outputs = [""] * n
+        if self.capture:
+            values, outputs = values
+        if not isinstance(values, list) or len(values) != n or len(outputs) != n:
+            raise ValueError("result list of the wrong shape")
+        return values, outputs
 
     def fail_task(self, task: Task, node: str, worker: str,
                   make_error: Callable[[int], TaskFailed], outcome: str) -> None:

@@ -79,8 +79,9 @@ def parse_cluster(spec: str | Sequence[str | NodeAddress] | None,
                   _named: frozenset[str] = frozenset()) -> list[NodeAddress] | None:
     """Turn a cluster given by the user into node addresses; None means embedded local.
 
-    Accepts a list of node names (or ``NodeAddress``es), a comma-separated string, ``@path`` to a file of node
-    names, ``ec2:NAME``, and names of clusters in the config file's ``[clusters]``.
+    Accepts a list of node names (or ``NodeAddress``es), a comma-separated string,
+    ``@path`` to a file of node names, ``ec2:NAME``, and names of clusters in the config
+    file's ``[clusters]``.
     ``None`` falls back to ``DEATHSTAR_CLUSTER``, and to None when unset.
     """
     if spec is None:
