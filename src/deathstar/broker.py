@@ -1,8 +1,8 @@
 """The daemon: one per node. Routes task messages from clients to workers and their
 results back, and answers status queries. A worker gets a message when idle, and a
-second one behind it when its current one is short (by the client's estimate), so it never
-waits a round trip between short messages yet cannot hoard long ones. It reads envelopes only: payload frames pass
-through untouched and are never unpickled here.
+second one behind it when its current one is short (by the client's estimate), so it
+never waits a round trip between short messages yet cannot hoard long ones. It reads
+envelopes only: payload frames pass through untouched and are never unpickled here.
 
 Sockets (all ROUTER; the identity frame comes first on every message received):
 
@@ -27,9 +27,11 @@ import zmq
 
 from deathstar import config, protocol
 from deathstar.keys import Gatekeeper, ServerKeys
+from deathstar.ports import Ports
 from deathstar.peers import Assignment, ClientConn, Counters, RateLimitedLog, WorkerConn
 from deathstar.protocol import Message
 from deathstar.supervisor import Exited, Supervisor
+from deathstar.worker import slot_value
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -67,7 +69,8 @@ class Broker:
                                      f"ipc://{self.ipc_dir}/workers",
                                      max_tasks=max_tasks_per_worker,
                                      max_memory=max_worker_memory, heartbeat_s=heartbeat_s,
-                                     env=self.gate.worker_env(), log_dir=log_dir)
+                                     env=self.gate.worker_env(), log_dir=log_dir,
+                                     slot_dir=self.ipc_dir)
         self.clients: dict[bytes, ClientConn] = {}
         self.workers: dict[bytes, WorkerConn] = {}
         self.idle: deque[bytes] = deque()  # workers holding nothing
@@ -103,65 +106,22 @@ class Broker:
 
     # ------------------------------------------------------------------ setup
 
-    def _router(self, max_bytes: int) -> zmq.Socket[bytes]:
-        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer keeps its identity
-        # Cut TCP sessions to peers that vanished without a FIN; liveness is ours to judge.
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * config.LIVENESS * 1000))
-        self.gate.secure(sock)
-        return sock
-
-    def _bind_all(self) -> None:
-        """Bind exec P, status P+1 and workers (default P+2). With port 0, find a free
-        P for which P+1 (and P+2) are free too, so the port convention always holds."""
-        for _ in range(50):
-            port = self.port
-            if port == 0:
-                port = self.front.bind_to_random_port(f"tcp://{self.host}", 20000, 60000)
-            else:
-                self.front.bind(f"tcp://{self.host}:{port}")
-            worker_port = port + 2 if self.worker_port is None else self.worker_port
-            bound = [self.front]
-            try:
-                for sock, p in ((self.status, port + 1), (self.back, worker_port)):
-                    sock.bind(f"tcp://{self.host}:{p}")
-                    bound.append(sock)
-            except zmq.ZMQError:
-                if self.port != 0:
-                    raise
-                for sock in bound:  # taken: try another P
-                    sock.unbind(sock.last_endpoint)
-                continue
-            self.port, self.worker_port = port, worker_port
-            return
-        raise zmq.ZMQError(msg="no three free consecutive ports found")
-
     def bind(self) -> dict[str, Any]:
         """Open the exec, status and worker ports (port 0 picks free ones), or with
         ``ipc`` the exec and status sockets in that folder. Returns the ports (and
         ``ipc``)."""
         self.gate.start()
-        self.front = self._router(config.MAX_MESSAGE_BYTES)
-        self.status = self._router(config.MAX_STATUS_MESSAGE_BYTES)
-        self.back = self._router(config.MAX_MESSAGE_BYTES)
-        if self.ipc is None:
-            self._bind_all()
-            status_port = self.port + 1
-        else:
-            self.front.bind(f"ipc://{self.ipc}/exec")
-            self.status.bind(f"ipc://{self.ipc}/status")
-            self.port = self.worker_port = status_port = 0
-        self.back.bind(self.supervisor.connect)
+        self.ports = Ports(self.ctx, self.gate, host=self.host, port=self.port,
+                           worker_port=self.worker_port, ipc=self.ipc,
+                           heartbeat_s=self.heartbeat_s)
+        self.front, self.status, self.back = self.ports.front, self.ports.status, self.ports.back
+        bound = self.ports.bind(self.supervisor.connect)
         self.poller = zmq.Poller()
         for sock in (self.front, self.back, self.status):
             self.poller.register(sock, zmq.POLLIN)
         if self.gate.zap_socket is not None:
             self.poller.register(self.gate.zap_socket, zmq.POLLIN)
-        return {"exec": self.port, "status": status_port, "workers": self.worker_port,
-                "ipc": self.ipc}
+        return bound
 
     # ------------------------------------------------------------------ main loop
 
@@ -210,9 +170,9 @@ class Broker:
             self.next_supervise = now + config.SUPERVISE_INTERVAL_S
             exits = self.supervisor.poll(now)
             if exits:
-                # A dead worker's last result (sent before it ran the message that killed
-                # it) may wait in the socket: read it first, or that message would be
-                # blamed for the death and the one that did it would go unpunished.
+                # A dead worker's last result may wait in the socket: read it first, so
+                # the message it was running is the one held responsible (its slot file
+                # covers a result that died unsent).
                 self.drain(self.back, self.on_worker_message)
             for exited in exits:
                 self.on_process_exit(exited)
@@ -264,8 +224,7 @@ class Broker:
                  "%d handshakes refused", c.tasks_done, c.tasks_lost, c.tasks_timed_out,
                  c.bad_messages, self.gate.refused)
         self.supervisor.stop()
-        for sock in (self.front, self.back, self.status):
-            sock.close(linger=0)
+        self.ports.close()
         self.gate.stop()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
@@ -521,7 +480,7 @@ class Broker:
         for worker in list(self.workers.values()):
             if worker.pid == exited.pid:
                 self.forget_worker(worker, f"worker {worker.name} died: {exited.reason}",
-                                   sig=max(0, -exited.returncode))
+                                   sig=max(0, -exited.returncode), running=exited.running)
 
     def expire_workers(self, now: float) -> None:
         """Drop workers silent past the liveness window (a hung process cannot beat);
@@ -536,25 +495,31 @@ class Broker:
                 self.forget_worker(worker, reason)
 
     def forget_worker(self, worker: WorkerConn, reason: str, code: str = "crash",
-                      sig: int = 0) -> None:
+                      sig: int = 0, running: int | None = None) -> None:
         """Drop a worker; the tasks it held are reported lost to their clients: the one it
         ran with ``code`` (a crash costs that message an attempt), the one waiting behind
-        it as ``unstarted`` (it never ran: sent again at no cost)."""
+        it as ``unstarted`` (it never ran: sent again at no cost). ``running``: the id its
+        slot file says it last started; when that is the second, it had finished the
+        first, whose result died with it: that one goes again at no cost instead."""
         self.workers.pop(worker.ident, None)
         try:
             self.idle.remove(worker.ident)
         except ValueError:
             pass
-        for position, job in enumerate(worker.assigned):
+        held = worker.assigned
+        if running is not None and len(held) > 1 and slot_value(held[1].id) == running \
+                and slot_value(held[0].id) != running:
+            held.rotate(-1)  # the one it died running first, then the finished one
+        for position, job in enumerate(held):
             self.counters.tasks_lost += 1
             if job.client in self.clients:
                 if position == 0:
                     self.send_lost(job.client, [job.id], reason, worker.name, code=code,
                                    sig=sig)
                 else:
-                    self.send_lost(job.client, [job.id], f"{reason} before it started",
-                                   worker.name, code="unstarted")
-        worker.assigned.clear()
+                    self.send_lost(job.client, [job.id], f"{reason} before it started, or "
+                                   "before its result left", worker.name, code="unstarted")
+        held.clear()
 
     # ------------------------------------------------------------------ scheduling
 

@@ -1,4 +1,9 @@
-"""The daemon's local worker processes: start them, notice when one exits, replace it."""
+"""The daemon's local worker processes: start them, notice when one exits, replace it.
+
+Each worker gets a slot file: it writes there the id of each task message as it starts
+it (a store into shared pages, no system call), so when it dies the daemon knows which
+of the two messages it held it was running, even though the result it sent for the first
+one died with it, unsent."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from deathstar.worker import EXIT_RECYCLED
+from deathstar.worker import EXIT_RECYCLED, SLOT_BYTES
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -34,10 +39,12 @@ def describe_exit(returncode: int) -> str:
 
 @dataclass
 class Exited:
-    """A worker process that has exited, as the supervisor reports it."""
+    """A worker process that has exited, as the supervisor reports it: with the id of the
+    task message it last started (``running``, from its slot file; None if unknown)."""
 
     pid: int
     returncode: int
+    running: int | None = None
 
     @property
     def reason(self) -> str:
@@ -59,11 +66,14 @@ class Supervisor:
     heartbeat_s: float | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the workers' environment
     log_dir: str | None = None  # each worker's output goes to worker-PID.log there
+    slot_dir: str | None = None  # where each worker's slot file goes (see ``slot_file``)
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
+    slots: dict[int, str] = field(default_factory=dict)  # pid -> its slot file
     restarts: int = 0
     recycled: int = 0
     _backoff_s: float = RESPAWN_BACKOFF_S
     _next_spawn: float = 0.0
+    _spawned: int = 0
 
     def start(self) -> None:
         while len(self.procs) < self.count:
@@ -72,13 +82,36 @@ class Supervisor:
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "deathstar.worker", "--connect", self.connect,
                "--parent-pid", str(os.getpid())]
+        slot = None
+        if self.slot_dir is not None:
+            self._spawned += 1
+            slot = os.path.join(self.slot_dir, f"slot-{self._spawned}")
+            with open(slot, "wb") as fh:
+                fh.write(bytes(SLOT_BYTES))
         for flag, value in (("--max-tasks", self.max_tasks), ("--max-memory", self.max_memory),
-                            ("--heartbeat", self.heartbeat_s), ("--log-dir", self.log_dir)):
+                            ("--heartbeat", self.heartbeat_s), ("--log-dir", self.log_dir),
+                            ("--slot", slot)):
             if value is not None:
                 cmd += [flag, str(value)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
                                 env={**os.environ, **self.env} if self.env else None)
         self.procs[proc.pid] = (proc, time.monotonic())
+        if slot is not None:
+            self.slots[proc.pid] = slot
+
+    def _read_slot(self, pid: int) -> int | None:
+        """The task message id a dead worker last started (None: none, or no slot)."""
+        path = self.slots.pop(pid, None)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read(SLOT_BYTES)
+            os.unlink(path)
+        except OSError:
+            return None
+        value = int.from_bytes(raw, "little") if len(raw) == SLOT_BYTES else 0
+        return value or None
 
     def poll(self, now: float) -> list[Exited]:
         """Reap exited workers and start replacements; returns what exited."""
@@ -88,12 +121,13 @@ class Supervisor:
             if code is None:
                 continue
             del self.procs[pid]
+            running = self._read_slot(pid)
             if code == EXIT_RECYCLED:
                 self.recycled += 1
                 log.info("worker %d reached its task or memory limit; replacing it", pid)
                 continue
             self.restarts += 1
-            exited.append(Exited(pid, code))
+            exited.append(Exited(pid, code, running))
             if now - started < EARLY_DEATH_S:
                 self._next_spawn = now + self._backoff_s
                 self._backoff_s = min(self._backoff_s * 2, RESPAWN_BACKOFF_MAX_S)

@@ -11,6 +11,7 @@ import ctypes
 import importlib.util
 import io
 import logging
+import mmap
 import os
 import random
 import signal
@@ -181,8 +182,9 @@ class Worker:
     def __init__(self, connect: str, *, parent_pid: int | None = None,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
                  max_tasks: int | None = None, max_memory: int | None = None,
-                 curve: tuple[bytes, bytes, bytes] | None = None):
+                 curve: tuple[bytes, bytes, bytes] | None = None, slot: str | None = None):
         self.connect = connect
+        self.slot = _map_slot(slot)  # the daemon reads the task we last started here
         self.curve = curve  # (our public, our secret, the daemon's public key)
         self.max_tasks = max_tasks
         self.max_memory = max_memory
@@ -385,6 +387,8 @@ class Worker:
         """Run every input of a task message and send one result message back."""
         fn, common = self.functions[msg.env["fn"]]
         self.functions.move_to_end(msg.env["fn"])
+        if self.slot is not None:
+            self.slot[:SLOT_BYTES] = slot_value(msg.env["id"]).to_bytes(SLOT_BYTES, "little")
         self.socket_lock.release()  # the pulse thread beats while user code runs
         try:
             values, oks, stamps, outputs = self.execute(fn, common, msg)
@@ -471,11 +475,30 @@ class Worker:
         return serialize.dumps(values if outputs is None else (values, outputs))
 
 
+#: Bytes of a worker's slot file: the id of the task message it last started.
+SLOT_BYTES = 8
+
+
+def slot_value(send_id: int) -> int:
+    """How a task message's id is written in a slot (ids are the client's to choose)."""
+    return send_id & ((1 << 8 * SLOT_BYTES) - 1)
+
+
+def _map_slot(path: str | None) -> mmap.mmap | None:
+    if path is None:
+        return None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, SLOT_BYTES)
+    finally:
+        os.close(fd)
+
+
 def main(connect: str, parent_pid: int | None = None, *,
          heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, max_tasks: int | None = None,
          max_memory: int | None = None,
          curve: tuple[bytes, bytes, bytes] | None = None,
-         log_dir: str | None = None) -> int:
+         log_dir: str | None = None, slot: str | None = None) -> int:
     """Entry point of a worker process (``deathstar worker`` and the daemon's children).
     ``curve``: (public, secret, daemon public) keys; a daemon's own workers get theirs
     from the environment."""
@@ -496,7 +519,7 @@ def main(connect: str, parent_pid: int | None = None, *,
     if curve is None:
         curve = keys.worker_curve_from_env()
     return Worker(connect, parent_pid=parent_pid, heartbeat_s=heartbeat_s,
-                  max_tasks=max_tasks, max_memory=max_memory, curve=curve).run()
+                  max_tasks=max_tasks, max_memory=max_memory, curve=curve, slot=slot).run()
 
 
 if __name__ == "__main__":
@@ -509,6 +532,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-tasks", type=int, default=None)
     parser.add_argument("--max-memory", type=int, default=None)
     parser.add_argument("--log-dir", default=None)
+    parser.add_argument("--slot", default=None)
     ns = parser.parse_args()
     sys.exit(main(ns.connect, ns.parent_pid, heartbeat_s=ns.heartbeat, max_tasks=ns.max_tasks,
-                  max_memory=ns.max_memory, log_dir=ns.log_dir))
+                  max_memory=ns.max_memory, log_dir=ns.log_dir, slot=ns.slot))

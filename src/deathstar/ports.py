@@ -1,0 +1,89 @@
+"""A daemon's three ROUTER sockets and how they are bound.
+
+    exec     clients: TCP port P (or ``ipc`` folder/exec)
+    status   anyone: TCP port P+1 (or ``ipc`` folder/status)
+    workers  the daemon's own workers over ipc, hand-started ones on TCP port P+2 (or
+             ``worker_port``; not on TCP at all with ``ipc``)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from deathstar import config
+from deathstar.keys import Gatekeeper
+
+
+class Ports:
+    """The sockets ``front`` (exec), ``status`` and ``back`` (workers), made secure by
+    ``gate``; ``bind`` opens them, ``close`` closes them."""
+
+    def __init__(self, ctx: zmq.Context[Any], gate: Gatekeeper, *, host: str, port: int,
+                 worker_port: int | None, ipc: str | None, heartbeat_s: float):
+        self.host = host
+        self.port = port
+        self.worker_port = worker_port
+        self.ipc = ipc  # a folder: exec and status are ipc sockets there, no TCP at all
+        self.heartbeat_s = heartbeat_s
+        self.gate = gate
+        self.front = self._router(ctx, config.MAX_MESSAGE_BYTES)
+        self.status = self._router(ctx, config.MAX_STATUS_MESSAGE_BYTES)
+        self.back = self._router(ctx, config.MAX_MESSAGE_BYTES)
+
+    def _router(self, ctx: zmq.Context[Any], max_bytes: int) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer keeps its identity
+        # Cut TCP sessions to peers that vanished without a FIN; liveness is ours to judge.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * config.LIVENESS * 1000))
+        self.gate.secure(sock)
+        return sock
+
+    def bind(self, workers_endpoint: str) -> dict[str, Any]:
+        """Open exec and status (port 0 picks free ones) and the workers' port, plus
+        ``workers_endpoint`` for the daemon's own workers. Returns the ports (and
+        ``ipc``)."""
+        if self.ipc is None:
+            self._bind_tcp()
+            status_port = self.port + 1
+        else:
+            self.front.bind(f"ipc://{self.ipc}/exec")
+            self.status.bind(f"ipc://{self.ipc}/status")
+            self.port = status_port = 0
+            self.worker_port = 0
+        self.back.bind(workers_endpoint)
+        return {"exec": self.port, "status": status_port, "workers": self.worker_port,
+                "ipc": self.ipc}
+
+    def _bind_tcp(self) -> None:
+        """Bind exec P, status P+1 and workers (default P+2). With port 0, find a free
+        P for which P+1 (and P+2) are free too, so the port convention always holds."""
+        for _ in range(50):
+            port = self.port
+            if port == 0:
+                port = self.front.bind_to_random_port(f"tcp://{self.host}", 20000, 60000)
+            else:
+                self.front.bind(f"tcp://{self.host}:{port}")
+            worker_port = port + 2 if self.worker_port is None else self.worker_port
+            bound = [self.front]
+            try:
+                for sock, p in ((self.status, port + 1), (self.back, worker_port)):
+                    sock.bind(f"tcp://{self.host}:{p}")
+                    bound.append(sock)
+            except zmq.ZMQError:
+                if self.port != 0:
+                    raise
+                for sock in bound:  # taken: try another P
+                    sock.unbind(sock.last_endpoint)
+                continue
+            self.port, self.worker_port = port, worker_port
+            return
+        raise zmq.ZMQError(msg="no three free consecutive ports found")
+
+    def close(self) -> None:
+        for sock in (self.front, self.back, self.status):
+            sock.close(linger=0)
