@@ -28,7 +28,8 @@ import zmq
 from deathstar import config, protocol
 from deathstar.keys import Gatekeeper, ServerKeys
 from deathstar.ports import Ports
-from deathstar.peers import Assignment, ClientConn, Counters, RateLimitedLog, WorkerConn
+from deathstar.peers import (Assignment, BlobCache, ClientConn, Counters, RateLimitedLog,
+                             WorkerConn)
 from deathstar.protocol import Message
 from deathstar.supervisor import Exited, Supervisor
 from deathstar.worker import slot_value
@@ -76,7 +77,7 @@ class Broker:
         self.idle: deque[bytes] = deque()  # workers holding nothing
         self.prefetchable: deque[bytes] = deque()  # workers running one short message
         self.ready_clients: deque[bytes] = deque()  # clients with queued tasks, round robin
-        self.blobs: dict[str, list[Any]] = {}
+        self.blobs = BlobCache(config.BLOB_CACHE_BYTES)
         self.counters = Counters()
         self.bad_log = RateLimitedLog()
         self.stopping = False
@@ -303,14 +304,14 @@ class Broker:
     def on_blob(self, ident: bytes, msg: Message) -> None:
         self.counters.blobs_received += 1
         self.counters.blob_bytes_received += sum(len(f) for f in msg.payload)
-        self.blobs[msg.env["h"]] = msg.payload
+        self.blobs.put(msg.env["h"], msg.payload)
         self.clients[ident].blobs.add(msg.env["h"])
 
     def on_task(self, ident: bytes, msg: Message) -> None:
         client = self.clients[ident]
         if self.stopping:
             self.send_lost(ident, [msg.env["id"]], "the daemon is stopping", "", code="stopping")
-        elif msg.env["fn"] not in self.blobs:
+        elif self.blobs.get(msg.env["fn"]) is None:
             self.send_lost(ident, [msg.env["id"]], "function not cached here", "", code="blob")
         else:
             if not client.queue:
@@ -384,7 +385,7 @@ class Broker:
         self.kill_running(lambda a: a.client == ident, "its client is gone")
         in_use = set().union(*(c.blobs for c in self.clients.values()))
         for h in client.blobs - in_use:
-            self.blobs.pop(h, None)
+            self.blobs.discard(h)
 
     def expire_clients(self, now: float) -> None:
         for ident, client in list(self.clients.items()):
@@ -587,6 +588,9 @@ class Broker:
             "worker_restarts": self.supervisor.restarts,
             "workers_recycled": self.supervisor.recycled,
             "blobs_received": self.counters.blobs_received,
+            "blobs_cached": len(self.blobs),
+            "blob_cache_bytes": self.blobs.bytes,
+            "blobs_evicted": self.blobs.evicted,
             "blob_bytes_received": self.counters.blob_bytes_received,
             "bad_messages": self.counters.bad_messages,
             "refused_handshakes": self.gate.refused,

@@ -61,7 +61,9 @@ class Node:
     hostname: str = ""
     versions: dict[str, Any] = field(default_factory=dict)
     inflight: dict[int, Task] = field(default_factory=dict)
-    blobs_sent: set[str] = field(default_factory=set)
+    # blob hash -> the send id of the first task sent after it (the node has it, unless
+    # it dropped it from its cache since)
+    blobs_sent: dict[str, int] = field(default_factory=dict)
     deadline: float = 0.0  # handshake deadline, or next reconnect when down
     backoff_s: float = RECONNECT_MIN_S
     last_seen: float = 0.0
@@ -399,7 +401,10 @@ class Engine(threading.Thread):
             self.release(send_id)
             task.job.outstanding -= 1
             if code == "blob":
-                node.blobs_sent.discard(task.job.fn_hash)
+                # the node lacked the blob for this task: send it again, unless that was
+                # already done after this task went out
+                if node.blobs_sent.get(task.job.fn_hash, send_id) <= send_id:
+                    node.blobs_sent.pop(task.job.fn_hash, None)
                 task.job.requeue(task, charge=False)
             elif code == "stopping":
                 task.avoid = node.name
@@ -573,7 +578,7 @@ class Engine(threading.Thread):
         job = task.job
         if job.fn_hash not in node.blobs_sent:
             self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
-            node.blobs_sent.add(job.fn_hash)
+            node.blobs_sent[job.fn_hash] = self.next_send_id
             node.bytes_sent += job.blob_bytes
         send_id = self.next_send_id
         self.next_send_id += 1

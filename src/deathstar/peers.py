@@ -1,11 +1,12 @@
 """What a daemon knows of its peers: clients (their queues, liveness, blobs) and workers
-(the task messages they hold), plus its counters and a rate-limited log."""
+(the task messages they hold), plus the blobs it caches for them, its counters and a
+rate-limited log."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,47 @@ class ClientConn:
     last_sent: float = 0.0
     queue: deque[Message] = field(default_factory=deque)
     blobs: set[str] = field(default_factory=set)
+
+
+class BlobCache:
+    """Function-and-common-argument blobs by content hash, at most ``limit_bytes`` of
+    them: past that the least recently used go first (the newest always stays). Evicting
+    is safe: a task or a worker's fetch naming a blob that is gone is answered lost with
+    code ``blob``, and the client sends the blob again."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.bytes = 0
+        self.evicted = 0
+        self._blobs: OrderedDict[str, tuple[list[Any], int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+    def put(self, h: str, payload: list[Any]) -> None:
+        self.discard(h)
+        size = sum(len(f) for f in payload)
+        self._blobs[h] = (payload, size)
+        self.bytes += size
+        while self.bytes > self.limit_bytes and len(self._blobs) > 1:
+            old, (_, old_size) = self._blobs.popitem(last=False)
+            self.bytes -= old_size
+            self.evicted += 1
+            log.info("blob cache over %d bytes: dropped blob %s (%d bytes)",
+                     self.limit_bytes, old, old_size)
+
+    def get(self, h: str) -> list[Any] | None:
+        """The blob, now the most recently used; None if not cached."""
+        entry = self._blobs.get(h)
+        if entry is None:
+            return None
+        self._blobs.move_to_end(h)
+        return entry[0]
+
+    def discard(self, h: str) -> None:
+        entry = self._blobs.pop(h, None)
+        if entry is not None:
+            self.bytes -= entry[1]
 
 
 @dataclass

@@ -190,6 +190,22 @@ def test_a_changed_common_argument_is_sent_again(daemon: Daemon) -> None:
     assert daemon.status()["blobs_received"] == 2
 
 
+def test_the_blob_cache_is_bounded_and_an_evicted_blob_is_sent_again(
+        daemons: Callable[..., Daemon]) -> None:
+    """A daemon keeps at most DEATHSTAR_BLOB_CACHE_BYTES of blobs, least recently used out
+    first; a map whose blob was dropped still gets right results: its client sends the
+    blob again when the daemon reports it missing."""
+    daemon = daemons(2, env={**os.environ, "DEATHSTAR_BLOB_CACHE_BYTES": "3000000"})
+    arrays = {name: np.full(250_000, float(k)) for k, name in enumerate("abc", 1)}  # 2 MB
+    with Cluster([daemon.address]) as c:
+        for name in "abca":  # a's blob was dropped for b's, then sent again
+            res = c.map(_scaled_sum, range(10), data=arrays[name])
+            assert list(res) == [float(arrays[name].sum()) * i for i in range(10)], name
+            status = daemon.status()
+            assert status["blob_cache_bytes"] <= 3_000_000 or status["blobs_cached"] == 1
+    assert status["blobs_received"] == 4 and status["blobs_evicted"] == 3
+
+
 def test_a_new_worker_fetches_the_function_on_a_miss(daemon: Daemon) -> None:
     big = np.arange(300_000, dtype=np.float64)
     with Cluster([daemon.address]) as c:
