@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -78,7 +78,7 @@ class Ports:
                 if self.port != 0:
                     raise
                 for sock in bound:  # taken: try another P
-                    sock.unbind(sock.last_endpoint)
+                    sock.unbind(cast(bytes, sock.last_endpoint))
                 continue
             self.port, self.worker_port = port, worker_port
             return
