@@ -303,8 +303,7 @@ class Broker:
 
     def on_blob(self, ident: bytes, msg: Message) -> None:
         self.counters.blobs_received += 1
-        self.counters.blob_bytes_received += sum(len(f) for f in msg.payload)
-        self.blobs.put(msg.env["h"], msg.payload)
+        self.counters.blob_bytes_received += self.blobs.put(msg.env["h"], msg.payload)
         self.clients[ident].blobs.add(msg.env["h"])
 
     def on_task(self, ident: bytes, msg: Message) -> None:

@@ -42,7 +42,8 @@ class BlobCache:
     def __len__(self) -> int:
         return len(self._blobs)
 
-    def put(self, h: str, payload: list[Any]) -> None:
+    def put(self, h: str, payload: list[Any]) -> int:
+        """Cache a blob (the most recently used now); returns its size in bytes."""
         self.discard(h)
         size = sum(len(f) for f in payload)
         self._blobs[h] = (payload, size)
@@ -53,6 +54,7 @@ class BlobCache:
             self.evicted += 1
             log.info("blob cache over %d bytes: dropped blob %s (%d bytes)",
                      self.limit_bytes, old, old_size)
+        return size
 
     def get(self, h: str) -> list[Any] | None:
         """The blob, now the most recently used; None if not cached."""

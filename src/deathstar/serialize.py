@@ -155,25 +155,26 @@ class SharedFolder:
             self.path = None
 
 
+def _is_shared_folder(folder: str) -> bool:
+    """Whether a real path is a deathstar folder of /dev/shm: the only place a peer may
+    make us open, write or remove files."""
+    return os.path.dirname(folder) == SHARED_ROOT and \
+        os.path.basename(folder).startswith(_SHARED_PREFIX)
+
+
 def shared_folder(path: Any) -> str | None:
-    """``path`` if it names an existing deathstar folder of /dev/shm, else None (a peer
-    must not make us write anywhere else)."""
+    """``path`` if it names an existing deathstar folder of /dev/shm, else None."""
     if not isinstance(path, str):
         return None
     real = os.path.realpath(path)
-    if os.path.dirname(real) != SHARED_ROOT or \
-            not os.path.basename(real).startswith(_SHARED_PREFIX) or not os.path.isdir(real):
-        return None
-    return real
+    return real if _is_shared_folder(real) and os.path.isdir(real) else None
 
 
 def _shared_path(frame: Any) -> str:
     """The file a shared frame names; SerializationError unless it is in a deathstar
-    folder of /dev/shm (a peer must not make us open or remove anything else)."""
+    folder of /dev/shm."""
     path = os.path.realpath(bytes(frame).decode(errors="replace"))
-    folder = os.path.dirname(path)
-    if os.path.dirname(folder) != SHARED_ROOT or \
-            not os.path.basename(folder).startswith(_SHARED_PREFIX):
+    if not _is_shared_folder(os.path.dirname(path)):
         raise SerializationError(f"{path!r} is not a deathstar shared-memory file")
     return path
 

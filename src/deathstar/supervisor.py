@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from deathstar.worker import EXIT_RECYCLED, SLOT_BYTES
+from deathstar.worker import EXIT_RECYCLED, make_slot, read_slot
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -66,7 +66,7 @@ class Supervisor:
     heartbeat_s: float | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the workers' environment
     log_dir: str | None = None  # each worker's output goes to worker-PID.log there
-    slot_dir: str | None = None  # where each worker's slot file goes (see ``slot_file``)
+    slot_dir: str | None = None  # where each worker's slot file goes (see the docstring)
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
     slots: dict[int, str] = field(default_factory=dict)  # pid -> its slot file
     restarts: int = 0
@@ -86,8 +86,7 @@ class Supervisor:
         if self.slot_dir is not None:
             self._spawned += 1
             slot = os.path.join(self.slot_dir, f"slot-{self._spawned}")
-            with open(slot, "wb") as fh:
-                fh.write(bytes(SLOT_BYTES))
+            make_slot(slot)
         for flag, value in (("--max-tasks", self.max_tasks), ("--max-memory", self.max_memory),
                             ("--heartbeat", self.heartbeat_s), ("--log-dir", self.log_dir),
                             ("--slot", slot)):
@@ -99,20 +98,6 @@ class Supervisor:
         if slot is not None:
             self.slots[proc.pid] = slot
 
-    def _read_slot(self, pid: int) -> int | None:
-        """The task message id a dead worker last started (None: none, or no slot)."""
-        path = self.slots.pop(pid, None)
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as fh:
-                raw = fh.read(SLOT_BYTES)
-            os.unlink(path)
-        except OSError:
-            return None
-        value = int.from_bytes(raw, "little") if len(raw) == SLOT_BYTES else 0
-        return value or None
-
     def poll(self, now: float) -> list[Exited]:
         """Reap exited workers and start replacements; returns what exited."""
         exited = []
@@ -121,7 +106,8 @@ class Supervisor:
             if code is None:
                 continue
             del self.procs[pid]
-            running = self._read_slot(pid)
+            slot = self.slots.pop(pid, None)
+            running = None if slot is None else read_slot(slot)
             if code == EXIT_RECYCLED:
                 self.recycled += 1
                 log.info("worker %d reached its task or memory limit; replacing it", pid)

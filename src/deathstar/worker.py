@@ -202,8 +202,8 @@ class Worker:
         self.sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
         self.running = True
         self.socket_lock = threading.Lock()
-        self.shared: serialize.SharedFolder | None = None  # the current client's, for results
-        self.shared_name: Any = None
+        # the last task's rshm and the folder it names (None: not a usable folder)
+        self.results_to: tuple[Any, serialize.SharedFolder | None] = (None, None)
         self.pulse_stop = threading.Event()
         self.handlers: dict[str, Callable[[Message], None]] = {
             protocol.TASK: self.on_task,
@@ -388,7 +388,7 @@ class Worker:
         fn, common = self.functions[msg.env["fn"]]
         self.functions.move_to_end(msg.env["fn"])
         if self.slot is not None:
-            self.slot[:SLOT_BYTES] = slot_value(msg.env["id"]).to_bytes(SLOT_BYTES, "little")
+            self.slot[:] = slot_value(msg.env["id"]).to_bytes(SLOT_BYTES, "little")
         self.socket_lock.release()  # the pulse thread beats while user code runs
         try:
             values, oks, stamps, outputs = self.execute(fn, common, msg)
@@ -408,11 +408,11 @@ class Worker:
         named by the task's ``rshm``, checked once per client."""
         if rshm is None:
             return None
-        if self.shared is None or self.shared_name != rshm:
+        if self.results_to[0] != rshm:
             folder = serialize.shared_folder(rshm)
-            self.shared = None if folder is None else serialize.SharedFolder(into=folder)
-            self.shared_name = rshm
-        return self.shared
+            self.results_to = (rshm, None if folder is None
+                               else serialize.SharedFolder(into=folder))
+        return self.results_to[1]
 
     @staticmethod
     def execute(fn: Callable[..., Any], common: dict[str, Any], msg: Message
@@ -475,13 +475,35 @@ class Worker:
         return serialize.dumps(values if outputs is None else (values, outputs))
 
 
-#: Bytes of a worker's slot file: the id of the task message it last started.
+# A daemon-started worker's slot file: the id of the task message it last started,
+# SLOT_BYTES little-endian, written through a shared mapping (no system call), read by
+# the daemon when the worker dies. All of its format is here.
 SLOT_BYTES = 8
 
 
 def slot_value(send_id: int) -> int:
     """How a task message's id is written in a slot (ids are the client's to choose)."""
     return send_id & ((1 << 8 * SLOT_BYTES) - 1)
+
+
+def make_slot(path: str) -> None:
+    """Create an empty slot file (nothing started yet)."""
+    with open(path, "wb") as fh:
+        fh.write(bytes(SLOT_BYTES))
+
+
+def read_slot(path: str) -> int | None:
+    """The slot value a worker left in ``path`` (None: it started nothing, or the file is
+    unreadable); the file is removed."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(SLOT_BYTES)
+        os.unlink(path)
+    except OSError:
+        return None
+    if len(raw) != SLOT_BYTES:
+        return None
+    return int.from_bytes(raw, "little") or None
 
 
 def _map_slot(path: str | None) -> mmap.mmap | None:
