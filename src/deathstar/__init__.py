@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 
 from deathstar.client import Cluster, MapResult, NoNodesError, map  # noqa: E402
 from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed  # noqa: E402
-from deathstar.executor import Executor  # noqa: E402
-from deathstar.joblib_backend import register_joblib  # noqa: E402
+from deathstar.client.executor import Executor  # noqa: E402
+from deathstar.client.joblib_backend import register_joblib  # noqa: E402
 from deathstar.report import TaskRecord, node_summary  # noqa: E402
 
 __all__ = [

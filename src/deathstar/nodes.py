@@ -103,7 +103,7 @@ def parse_cluster(spec: str | Sequence[str | NodeAddress] | None,
                 nodes.extend(parse_cluster(config.named_clusters()[piece],
                                            _named | {piece}) or [])
             elif piece.startswith("ec2:"):
-                from deathstar.ec2 import cluster_nodes
+                from deathstar.deploy.ec2 import cluster_nodes
 
                 nodes.extend(cluster_nodes(piece[4:]))
             elif piece:

@@ -22,7 +22,8 @@ moto_server = pytest.importorskip("moto.server")
 import boto3  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
 
-from deathstar import ec2, keys  # noqa: E402
+from deathstar import keys
+from deathstar.deploy import ec2  # noqa: E402
 from deathstar.client import query_status  # noqa: E402
 from deathstar.nodes import parse_cluster  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402

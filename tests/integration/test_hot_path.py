@@ -19,7 +19,7 @@ import pytest
 import deathstar
 from deathstar import serialize
 from deathstar.client import Cluster
-from deathstar.local import LocalDaemon
+from deathstar.client.embedded import LocalDaemon
 from deathstar.errors import RemoteError, WorkerCrashed
 from tests import jobs
 from tests.conftest import ROOT, Daemon, wait_for, worker_pids

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from deathstar.inputs import InputError, load_function, parse_kwargs, read_calls
+from deathstar.cli.inputs import InputError, load_function, parse_kwargs, read_calls
 
 
 def test_jsonl_shapes_become_calls(tmp_path: Path) -> None:

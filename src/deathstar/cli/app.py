@@ -9,11 +9,9 @@ Exit codes (also in the README):
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -24,7 +22,9 @@ from rich.table import Table
 
 import deathstar
 from deathstar import config
-from deathstar.client import query_status
+from deathstar.client.cluster import query_status
+from deathstar.daemon.loop import run_daemon
+from deathstar.daemon.guard import UnsafeBind
 from deathstar.keys import (CLIENT, NODE, KeyFileError, default_dir, load_client_keys,
                             load_server_keys, resolve_dir)
 from deathstar.keys import keygen as keygen_keys
@@ -74,18 +74,6 @@ def _setup_logging(prefix: str, level: str = "info") -> None:
 
 
 # ---------------------------------------------------------------------- daemon / worker
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except OSError:
-            return False
 
 
 def _scaled(text: str, units: dict[str, float], example: str) -> float:
@@ -160,8 +148,6 @@ def daemon(
 
     With keys (deathstar keygen) it serves only the clients whose public keys are in the
     key folder's authorized/; without, it listens only on loopback unless --insecure."""
-    from deathstar.broker import run_daemon
-
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise _fail(f"--log-level {log_level}: use debug, info, warning or error", EXIT_USAGE)
     _setup_logging("daemon", log_level)
@@ -182,16 +168,7 @@ def daemon(
         server_keys = load_server_keys(folder) if folder is not None else None
     except KeyFileError as exc:
         raise _fail(f"{exc}", EXIT_USAGE) from None
-    local = ipc is not None or _is_loopback(host)
-    if server_keys is None and not local and not insecure:
-        raise _fail(
-            f"refusing to listen on {host} without keys: anyone who can reach it could run "
-            "code here. Make keys with 'deathstar keygen' (then --keys DIR), listen on "
-            "127.0.0.1, or pass --insecure on a network you trust.", EXIT_USAGE)
-    if server_keys is None and not local:
-        err.print(f"[bold yellow]WARNING:[/] listening on {host} with no authentication "
-                  "(--insecure): anyone who can reach these ports can run code as this user.")
-    elif server_keys is not None:
+    if server_keys is not None:
         logging.getLogger("deathstar.daemon").info(
             "CurveZMQ on: serving the %d key(s) in %s", len(server_keys.authorized),
             server_keys.folder / "authorized")
@@ -212,7 +189,9 @@ def daemon(
                    max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=memory,
                    keys=server_keys, zap=zap, idle_shutdown_s=idle_s,
                    max_lifetime_s=lifetime_s, log_dir=str(log_dir or default_log_dir()),
-                   ipc=None if ipc is None else str(ipc))
+                   ipc=None if ipc is None else str(ipc), insecure=insecure)
+    except UnsafeBind as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
     except OSError as exc:  # zmq.ZMQError is an OSError: port in use, bad address
         raise _fail(f"cannot listen on {host}:{port}: {exc}", EXIT_USAGE) from None
 
@@ -229,7 +208,7 @@ def worker(
 
     With keys, it uses the client keypair (which the daemon must authorize) and the
     node's public key."""
-    from deathstar.worker import main as worker_main
+    from deathstar.worker.process import main as worker_main
 
     curve = None
     try:
@@ -409,9 +388,9 @@ def main() -> None:
     """Console-script entry point."""
     import importlib
 
-    from deathstar.cli_ec2 import ec2_app
+    from deathstar.cli.ec2 import ec2_app
 
-    importlib.import_module("deathstar.cli_map")  # registers the map command on the app
+    importlib.import_module("deathstar.cli.map")  # registers the map command on the app
 
     if config.FILE_ERROR:
         err.print(f"[bold red]error:[/] {config.FILE_ERROR}", highlight=False)

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from deathstar.worker import EXIT_RECYCLED, make_slot, read_slot
+from deathstar.worker.process import EXIT_RECYCLED, make_slot, read_slot
 
 log = logging.getLogger("deathstar.daemon")
 

@@ -26,13 +26,14 @@ from typing import Any, Callable
 import zmq
 
 from deathstar import config, protocol
+from deathstar.daemon.guard import check_bind
 from deathstar.keys import Gatekeeper, ServerKeys
-from deathstar.ports import Ports
-from deathstar.peers import (Assignment, BlobCache, ClientConn, Counters, RateLimitedLog,
+from deathstar.daemon.sockets import Ports
+from deathstar.daemon.books import (Assignment, BlobCache, ClientConn, Counters, RateLimitedLog,
                              WorkerConn)
 from deathstar.protocol import Message
-from deathstar.supervisor import Exited, Supervisor
-from deathstar.worker import slot_value
+from deathstar.daemon.supervisor import Exited, Supervisor
+from deathstar.worker.process import slot_value
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -623,9 +624,14 @@ class Broker:
 
 
 def run_daemon(*, on_ready: Callable[[dict[str, Any]], None] | None = None,
-               **options: Any) -> None:
-    """Bind, report the ports through ``on_ready``, serve until SIGTERM/SIGINT drains.
-    ``options`` are ``Broker``'s."""
+               insecure: bool = False, **options: Any) -> None:
+    """Check the bind against ``guard.check_bind`` (``UnsafeBind`` if a keyless daemon
+    would listen on a network address without ``insecure``), bind, report the ports
+    through ``on_ready``, serve until SIGTERM/SIGINT drains. ``options`` are ``Broker``'s."""
+    warning = check_bind(options.get("host", "0.0.0.0"), options.get("keys"),
+                         insecure=insecure, ipc=options.get("ipc"))
+    if warning is not None:
+        log.warning("%s", warning)
     broker = Broker(**options)
     ports = broker.bind()
     signal.signal(signal.SIGTERM, broker.stop)

@@ -28,7 +28,7 @@ from deathstar.errors import TaskFailed, WorkerCrashed
 from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
-from deathstar.job import FINISHED, Job, Outcome, Task
+from deathstar.client.job import FINISHED, Job, Outcome, Task
 from deathstar.report import CRASHED
 
 log = logging.getLogger("deathstar.client")

@@ -30,13 +30,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from deathstar import config, serialize
-from deathstar.client import Cluster, MapOptions
-from deathstar.engine import NoNodesError
-from deathstar.job import FINISHED, Job
+from deathstar.client.cluster import Cluster, MapOptions
+from deathstar.client.engine import NoNodesError
+from deathstar.client.job import FINISHED, Job
 
 __all__ = ["Executor", "LIVENESS_CHECK_S"]
 
-log = logging.getLogger("deathstar.executor")
+log = logging.getLogger("deathstar.client.executor")
 
 #: Seconds between checks, while the executor waits for outcomes, that its Cluster is
 #: still open: a Cluster closed under a busy executor fails the executor's futures.

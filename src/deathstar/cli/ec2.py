@@ -1,5 +1,5 @@
 """The ``deathstar ec2`` commands (part of the CLI: parsing and rendering only; the work is
-in ``deathstar.ec2``)."""
+in ``deathstar.deploy.ec2``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from deathstar import ec2
-from deathstar.cli import err, parse_duration
+from deathstar.deploy import ec2
+from deathstar.cli.app import err, parse_duration
 
 ec2_app = typer.Typer(help="Clusters on EC2: up, list, nodes, down (needs the ec2 extra: boto3).",
                       no_args_is_help=True)
@@ -100,7 +100,7 @@ def list_command(
 ) -> None:
     """Every deathstar instance (found by tag): cluster, id, type, state, spot, address,
     uptime, daemon status."""
-    from deathstar.client import query_status
+    from deathstar.client.cluster import query_status
     from deathstar.nodes import NodeAddress
 
     try:

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Se
 import zmq
 
 from deathstar import config, protocol, serialize
-from deathstar.engine import FINISHED, Engine, Job, NoNodesError, Outcome
+from deathstar.client.engine import FINISHED, Engine, Job, NoNodesError, Outcome
 from deathstar.errors import TaskFailed
 from deathstar.keys import CLIENT, ClientKeys, connect_with, load_client_keys, resolve_dir
-from deathstar.local import LocalDaemon
+from deathstar.client.embedded import LocalDaemon
 from deathstar.nodes import NodeAddress, parse_cluster
 from deathstar.report import TaskRecord
 
 if TYPE_CHECKING:
-    from deathstar.executor import Executor
+    from deathstar.client.executor import Executor
 
 log = logging.getLogger("deathstar.client")
 
@@ -281,7 +281,7 @@ class Cluster:
         options, progress, common = MapOptions.split(options_and_common)
         job = self.make_job(fn, calls, options, common, total=total, indices=indices)
         if progress is True:
-            from deathstar.cli_map import progress_bar  # the terminal is the CLI's business
+            from deathstar.cli.map import progress_bar  # the terminal is the CLI's business
 
             progress = progress_bar(total)
         return self._stream(job, progress or None, deadline)
@@ -331,7 +331,7 @@ class Cluster:
         """A ``concurrent.futures.Executor`` on this cluster (``map``'s options apply to
         every call; see ``deathstar.Executor``). Shutting it down leaves the cluster
         open."""
-        from deathstar.executor import Executor
+        from deathstar.client.executor import Executor
 
         return Executor(self, **options)
 

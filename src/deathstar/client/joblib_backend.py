@@ -24,9 +24,9 @@ import functools
 import os
 from typing import Any, Callable, Sequence
 
-from deathstar.client import Cluster, MapOptions, query_status
+from deathstar.client.cluster import Cluster, MapOptions, query_status
 from deathstar.errors import RemoteError
-from deathstar.executor import Executor
+from deathstar.client.executor import Executor
 from deathstar.nodes import parse_cluster
 
 __all__ = ["register_joblib", "backend_class"]

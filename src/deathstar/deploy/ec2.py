@@ -389,7 +389,7 @@ def watch(opts: UpOptions, deadline_s: float, probe: bool = True,
     """Yield the cluster's rows (instance, state, address, daemon) until every instance's
     daemon answers on its status port (or, with ``probe`` False, is running); raises
     Ec2Error at the deadline."""
-    from deathstar.client import query_status
+    from deathstar.client.cluster import query_status
 
     aws = Aws(opts.region)
     deadline = time.monotonic() + deadline_s

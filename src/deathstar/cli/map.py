@@ -15,15 +15,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deathstar import config
-from deathstar.cli import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NO_NODES, EXIT_OK,
+from deathstar.cli.app import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NO_NODES, EXIT_OK,
                            EXIT_TASKS_FAILED, EXIT_USAGE, KeysOption, _fail, _plot,
                            _setup_logging, app, err, summary_table)
 from deathstar.client import Cluster, NoNodesError, ordered
 from deathstar.errors import TaskFailed
-from deathstar.inputs import InputError, load_function, parse_kwargs, read_calls
+from deathstar.cli.inputs import InputError, load_function, parse_kwargs, read_calls
 from deathstar.keys import KeyFileError
 from deathstar.nodes import ClusterSpecError
-from deathstar.output import OutputError, ResultWriter, read_previous
+from deathstar.cli.output import OutputError, ResultWriter, read_previous
 from deathstar.report import ReportWriter, Tally, TaskRecord
 from deathstar.serialize import SerializationError
 

@@ -544,7 +544,8 @@ def main(connect: str, parent_pid: int | None = None, *,
                   max_tasks=max_tasks, max_memory=max_memory, curve=curve, slot=slot).run()
 
 
-if __name__ == "__main__":
+def cli_main() -> int:
+    """``python -m deathstar.worker``: the daemon starts its own workers this way."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m deathstar.worker")
@@ -556,5 +557,5 @@ if __name__ == "__main__":
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--slot", default=None)
     ns = parser.parse_args()
-    sys.exit(main(ns.connect, ns.parent_pid, heartbeat_s=ns.heartbeat, max_tasks=ns.max_tasks,
-                  max_memory=ns.max_memory, log_dir=ns.log_dir, slot=ns.slot))
+    return main(ns.connect, ns.parent_pid, heartbeat_s=ns.heartbeat, max_tasks=ns.max_tasks,
+                max_memory=ns.max_memory, log_dir=ns.log_dir, slot=ns.slot)

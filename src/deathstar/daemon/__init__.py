@@ -1,0 +1,1 @@
+"""The node: the daemon's loop, its sockets, the supervision of its workers, its books."""

@@ -1,0 +1,1 @@
+"""Where nodes come from: providers that start daemons and name them (EC2 today)."""

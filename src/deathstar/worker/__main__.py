@@ -1,0 +1,3 @@
+from deathstar.worker.process import cli_main
+
+raise SystemExit(cli_main())
