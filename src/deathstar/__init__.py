@@ -10,13 +10,12 @@ The public API::
     deathstar.RemoteError                              an exception raised by the user's function
 """
 
-__version__ = "0.1.0"
-
-from deathstar.client import Cluster, MapResult, NoNodesError, map  # noqa: E402
-from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed  # noqa: E402
-from deathstar.client.executor import Executor  # noqa: E402
-from deathstar.client.joblib_backend import register_joblib  # noqa: E402
-from deathstar.report import TaskRecord, node_summary  # noqa: E402
+from deathstar._version import __version__
+from deathstar.client import Cluster, MapResult, NoNodesError, map
+from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed
+from deathstar.client.executor import Executor
+from deathstar.client.joblib_backend import register_joblib
+from deathstar.report import TaskRecord, node_summary
 
 __all__ = [
     "Cluster",

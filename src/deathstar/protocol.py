@@ -41,7 +41,10 @@ from array import array
 from dataclasses import dataclass
 from typing import Any, Final, Sequence
 
+import cloudpickle
 import msgpack
+
+from deathstar._version import __version__
 
 PROTOCOL_VERSION: Final = 2
 
@@ -241,10 +244,6 @@ def decode(frames: list[Any]) -> Message:
 
 def local_versions() -> dict[str, str]:
     """The versions a peer announces in its first message."""
-    import cloudpickle
-
-    from deathstar import __version__
-
     return {
         "protocol": str(PROTOCOL_VERSION),
         "deathstar": __version__,

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-import deathstar
+from deathstar._version import __version__
 from deathstar import config
 from deathstar.client.cluster import query_status
 from deathstar.daemon.loop import run_daemon
@@ -52,7 +52,7 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"deathstar {deathstar.__version__}")
+        typer.echo(f"deathstar {__version__}")
         raise typer.Exit()
 
 

@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 import zmq.auth
 
-from deathstar import __version__, config, keys
+from deathstar import config, keys
+from deathstar._version import __version__
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
 TAG_CLUSTER = "deathstar:cluster"
