@@ -19,6 +19,7 @@ from deathstar.cli.app import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NO_NODES, 
                            EXIT_TASKS_FAILED, EXIT_USAGE, KeysOption, _fail, _plot,
                            _setup_logging, app, err, summary_table)
 from deathstar.client import Cluster, NoNodesError, ordered
+from deathstar.client.progress import progress_bar  # noqa: F401 (the bar lives there now)
 from deathstar.errors import TaskFailed
 from deathstar.cli.inputs import InputError, load_function, parse_kwargs, read_calls
 from deathstar.keys import KeyFileError
@@ -70,24 +71,6 @@ class _Display:
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()
-
-
-def progress_bar(total: int | None) -> Callable[[int, "int | None"], None]:
-    """A ``(done, total)`` callback that draws a bar on stderr when it is a terminal (for
-    ``progress=True`` in the library), and does nothing otherwise."""
-    if not err.is_terminal:
-        return lambda done, total: None
-    bar = Progress(TextColumn("deathstar"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=err)
-    task = bar.add_task("map", total=total)
-    bar.start()
-
-    def update(done: int, total_now: int | None) -> None:
-        bar.update(task, completed=done, total=total_now)
-        if total_now is not None and done >= total_now:
-            bar.stop()
-
-    return update
 
 
 def _node_table(rows: list[dict[str, Any]]) -> Table:
