@@ -125,12 +125,17 @@ def _attack(endpoint: str, messages: list[list[bytes]], rounds: int,
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100000)
+        # A refused handshake drops the pipe, and a DEALER without one blocks in send.
+        sock.setsockopt(zmq.SNDTIMEO, 1000)
         if curve is not None:
             keymod.connect_with(sock, *curve)
         sock.connect(endpoint)
-        for _ in range(20):
-            for frames in messages:
-                sock.send_multipart(frames)
+        try:
+            for _ in range(20):
+                for frames in messages:
+                    sock.send_multipart(frames)
+        except zmq.Again:
+            pass
         sock.poll(50)  # give the handshake a chance; any answer is read and ignored
         sock.close()
 

@@ -345,6 +345,10 @@ class Engine(threading.Thread):
         self.check_connected()
 
     def on_refused(self, node: Node, msg: Message) -> None:
+        if msg.env.get("code") == "hello" and node.state == CONNECTING:
+            # A restarted daemon answers each message that was queued while it was down
+            # with "say hello first"; the hello we sent after the first one is on its way.
+            return
         if msg.env.get("code") == "hello" and node.state == READY:
             # The daemon does not know us (it restarted): our tasks there are gone.
             node.downs += 1
