@@ -31,7 +31,7 @@ def config_path() -> Path:
     explicit = os.environ.get("DEATHSTAR_CONFIG")
     if explicit:
         return Path(explicit).expanduser()
-    from click import get_app_dir  # typer's own helper: XDG on Linux
+    from typer import get_app_dir  # XDG on Linux; typer >= 0.16 does not depend on click
 
     return Path(get_app_dir("deathstar")) / "config.toml"
 
