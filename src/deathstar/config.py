@@ -36,6 +36,21 @@ def config_path() -> Path:
     return Path(get_app_dir("deathstar")) / "config.toml"
 
 
+def cache_dir() -> Path:
+    """The user's cache folder for deathstar (node bundles): ``$DEATHSTAR_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/deathstar``, else ``~/Library/Caches/deathstar`` on macOS and
+    ``~/.cache/deathstar`` elsewhere. It need not exist."""
+    explicit = os.environ.get("DEATHSTAR_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "deathstar"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "deathstar"
+    return Path.home() / ".cache" / "deathstar"
+
+
 def _load_file() -> dict[str, Any]:
     path = config_path()
     try:
