@@ -11,7 +11,8 @@ The public API::
 """
 
 from deathstar._version import __version__
-from deathstar.client import Cluster, MapResult, NoNodesError, map
+from deathstar import deploy  # registers the providers' cluster specs (ec2:NAME)
+from deathstar.client import Cluster, MapResult, NoNodesError, map, query_status
 from deathstar.errors import RemoteError, TaskFailed, TaskTimeout, WorkerCrashed
 from deathstar.client.executor import Executor
 from deathstar.client.joblib_backend import register_joblib
@@ -28,7 +29,9 @@ __all__ = [
     "TaskTimeout",
     "WorkerCrashed",
     "__version__",
+    "deploy",
     "map",
     "node_summary",
+    "query_status",
     "register_joblib",
 ]

@@ -1,9 +1,11 @@
 """Node addresses: how a user names nodes, and where their ports are.
 
 ``node`` means exec port 6000 and status port 6001; ``node:P`` means exec P, status P+1.
-A cluster is a comma list, ``@file`` (one node a line, ``#`` comments), ``ec2:NAME`` (the
-running instances of an ``ec2 up`` cluster, found by tag), or, when none is given, the
-``DEATHSTAR_CLUSTER`` variable. No cluster at all means the embedded local one.
+A cluster is a comma list, ``@file`` (one node a line, ``#`` comments), ``PROVIDER:NAME``
+(the nodes of a deployed cluster, such as ``ec2:NAME``: resolved by whatever registered that
+prefix with ``register_resolver``; ``deathstar.deploy`` registers its providers), or, when
+none is given, the ``DEATHSTAR_CLUSTER`` variable. No cluster at all means the embedded
+local one.
 """
 
 from __future__ import annotations
@@ -11,13 +13,32 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from deathstar import config
 
 
 class ClusterSpecError(ValueError):
     """A node or cluster specification that cannot be understood; the message says why."""
+
+
+#: Turns the NAME of a ``PREFIX:NAME`` cluster spec into its nodes; raises ClusterSpecError.
+Resolver = Callable[[str], "list[NodeAddress]"]
+
+_resolvers: dict[str, Resolver] = {}
+
+
+def register_resolver(prefix: str, resolver: Resolver) -> None:
+    """Make ``PREFIX:NAME`` in a cluster spec mean ``resolver(NAME)`` (a deploy provider's
+    nodes). Registering a prefix again replaces its resolver."""
+    if not prefix.isidentifier():
+        raise ValueError(f"a cluster prefix must be a word, not {prefix!r}")
+    _resolvers[prefix] = resolver
+
+
+def resolvers() -> dict[str, Resolver]:
+    """The registered ``PREFIX:`` resolvers (a copy)."""
+    return dict(_resolvers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +101,7 @@ def parse_cluster(spec: str | Sequence[str | NodeAddress] | None,
     """Turn a cluster given by the user into node addresses; None means embedded local.
 
     Accepts a list of node names (or ``NodeAddress``es), a comma-separated string,
-    ``@path`` to a file of node names, ``ec2:NAME``, and names of clusters in the config
+    ``@path`` to a file of node names, ``PROVIDER:NAME`` (registered resolvers), and names of clusters in the config
     file's ``[clusters]``.
     ``None`` falls back to ``DEATHSTAR_CLUSTER``, and to None when unset.
     """
@@ -102,10 +123,9 @@ def parse_cluster(spec: str | Sequence[str | NodeAddress] | None,
                     raise ClusterSpecError(f"cluster {piece!r} names itself")
                 nodes.extend(parse_cluster(config.named_clusters()[piece],
                                            _named | {piece}) or [])
-            elif piece.startswith("ec2:"):
-                from deathstar.deploy.ec2 import cluster_nodes
-
-                nodes.extend(cluster_nodes(piece[4:]))
+            elif piece.partition(":")[0] in _resolvers:  # a deployed cluster: ec2:NAME...
+                prefix, _, name = piece.partition(":")
+                nodes.extend(_resolvers[prefix](name))
             elif piece:
                 nodes.append(parse_node(piece))
     if not nodes:

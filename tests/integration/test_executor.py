@@ -20,6 +20,7 @@ import pytest
 
 import deathstar
 from deathstar.client import Cluster
+from deathstar.client.executor import Executor
 from deathstar.errors import RemoteError, TaskTimeout, WorkerCrashed
 from deathstar.serialize import SerializationError
 from tests import jobs
@@ -250,10 +251,10 @@ def test_remote_errors_carry_the_original_and_where_it_ran(daemon: Daemon) -> No
 
 def test_timeouts_and_crashes_give_their_own_errors(daemon: Daemon, gate: Gate) -> None:
     with Cluster([daemon.address]) as c:
-        with c.executor(timeout=0.5) as ex:
+        with Executor(c, timeout=0.5) as ex:
             exc = ex.submit(gated, 1, gate.name).exception(timeout=30)
         assert isinstance(exc, TaskTimeout)
-        with c.executor(max_attempts=1) as ex:
+        with Executor(c, max_attempts=1) as ex:
             exc = ex.submit(jobs.segfault_on, 1, bad=1).exception(timeout=30)
             assert isinstance(exc, WorkerCrashed)
             assert ex.submit(jobs.square, 5).result(timeout=30) == 25  # the map goes on
@@ -270,7 +271,7 @@ def test_consecutive_calls_share_jobs(daemon: Daemon, monkeypatch: pytest.Monkey
             return job_from_blob(*args, **kwargs)
 
         monkeypatch.setattr(c, "job_from_blob", counting)
-        with c.executor() as ex:
+        with Executor(c) as ex:
             futures = [ex.submit(jobs.square, i) for i in range(1000)]
             assert [f.result(timeout=30) for f in futures] == [i * i for i in range(1000)]
         assert 1 <= len(made) < 100
@@ -279,7 +280,7 @@ def test_consecutive_calls_share_jobs(daemon: Daemon, monkeypatch: pytest.Monkey
 
 def test_an_executor_on_a_cluster_leaves_it_and_the_daemon_running(daemon: Daemon) -> None:
     with Cluster([daemon.address]) as c:
-        with c.executor() as ex:
+        with Executor(c) as ex:
             assert ex.submit(jobs.square, 4).result(timeout=30) == 16
         assert c.map(jobs.square, [5]) == [25]  # the cluster is still open
     assert daemon.status()["workers"] == 2
@@ -319,7 +320,7 @@ def test_an_open_map_outlives_shutdown_and_then_closes_the_cluster(daemon: Daemo
 
 def test_shutdown_cancel_futures_stops_running_calls(daemon: Daemon, gate: Gate) -> None:
     with Cluster([daemon.address]) as c:
-        ex = c.executor()
+        ex = Executor(c)
         futures = [ex.submit(gated, 0, gate.name)]
         results = ex.map(gated, [1, 2], ["", gate.name])
         assert next(results) == 1
@@ -336,7 +337,7 @@ def test_shutdown_cancel_futures_stops_running_calls(daemon: Daemon, gate: Gate)
 
 def test_a_closed_cluster_fails_the_calls_it_had(daemon: Daemon, gate: Gate) -> None:
     c = Cluster([daemon.address])
-    ex = c.executor()
+    ex = Executor(c)
     future = ex.submit(gated, 1, gate.name)
     wait_for(lambda: gate.started() >= 1, 30, "the call to start")
     c.close()

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from deathstar._version import __version__
 from deathstar import config
-from deathstar.client.cluster import query_status
+from deathstar.client.status import query_status
 from deathstar.daemon.loop import run_daemon
 from deathstar.daemon.guard import UnsafeBind
 from deathstar.keys import (CLIENT, NODE, KeyFileError, default_dir, load_client_keys,

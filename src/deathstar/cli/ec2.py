@@ -100,7 +100,7 @@ def list_command(
 ) -> None:
     """Every deathstar instance (found by tag): cluster, id, type, state, spot, address,
     uptime, daemon status."""
-    from deathstar.client.cluster import query_status
+    from deathstar.client.status import query_status
     from deathstar.nodes import NodeAddress
 
     try:

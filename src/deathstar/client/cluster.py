@@ -14,27 +14,24 @@ import logging
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import zmq
 
 from deathstar import config, protocol, serialize
 from deathstar.client.engine import FINISHED, Engine, Job, NoNodesError, Outcome
 from deathstar.errors import TaskFailed
-from deathstar.keys import CLIENT, ClientKeys, connect_with, load_client_keys, resolve_dir
 from deathstar.client.embedded import LocalDaemon
+from deathstar.client.progress import ProgressFn, resolve as resolve_progress
+from deathstar.client.status import load_keys, query_status
 from deathstar.nodes import NodeAddress, parse_cluster
 from deathstar.report import TaskRecord
-
-if TYPE_CHECKING:
-    from deathstar.client.executor import Executor
 
 log = logging.getLogger("deathstar.client")
 
 OnError = Literal["raise", "return"]
-ProgressFn = Callable[[int, "int | None"], None]
 
-__all__ = ["Cluster", "MapResult", "NoNodesError", "map", "ordered", "query_status"]
+__all__ = ["Cluster", "MapResult", "NoNodesError", "map", "ordered"]
 
 
 class MapResult(list[Any]):
@@ -280,11 +277,7 @@ class Cluster:
         common argument cannot be pickled, ``NoNodesError`` when no node is left."""
         options, progress, common = MapOptions.split(options_and_common)
         job = self.make_job(fn, calls, options, common, total=total, indices=indices)
-        if progress is True:
-            from deathstar.cli.map import progress_bar  # the terminal is the CLI's business
-
-            progress = progress_bar(total)
-        return self._stream(job, progress or None, deadline)
+        return self._stream(job, resolve_progress(progress, total), deadline)
 
     def make_job(self, fn: Callable[..., Any],
                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]],
@@ -326,14 +319,6 @@ class Cluster:
         """Raise RuntimeError when this Cluster is closed (or its I/O thread failed)."""
         if self.engine.crashed is not None or not self.engine.is_alive():
             raise RuntimeError("this Cluster is closed")
-
-    def executor(self, **options: Any) -> Executor:
-        """A ``concurrent.futures.Executor`` on this cluster (``map``'s options apply to
-        every call; see ``deathstar.Executor``). Shutting it down leaves the cluster
-        open."""
-        from deathstar.client.executor import Executor
-
-        return Executor(self, **options)
 
     def _stream(self, job: Job, progress: ProgressFn | None,
                 deadline: float | None = None) -> Iterator[Outcome]:
@@ -401,77 +386,6 @@ def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
                 break
             yield pending.pop(expected)
             position += 1
-
-
-def load_keys(keys: str | Path | None, addresses: list[NodeAddress]) -> ClientKeys | None:
-    """The client keys to use (``keys``, ``$DEATHSTAR_KEYS``, or the default folder when it
-    has a client key; ``"none"`` for none), checked to hold every node's public key.
-    Raises ``KeyFileError`` naming the file that is missing or too open."""
-    folder = resolve_dir(keys, CLIENT)
-    if folder is None:
-        return None
-    client_keys = load_client_keys(folder)
-    for address in addresses:
-        client_keys.server_key(address)
-    return client_keys
-
-
-def query_status(nodes: str | Sequence[str] | Sequence[NodeAddress],
-                 timeout: float = config.CONNECT_TIMEOUT_S,
-                 keys: str | Path | None = None) -> list[dict[str, Any]]:
-    """Ask every node's status port at once. Returns one map per node, in the order
-    given: the node's status fields plus ``node`` (as named) and ``error`` (empty when
-    it answered, else why not). Blocks at most ``timeout`` seconds. ``keys`` as for
-    ``Cluster`` (none are used for ``NodeAddress``es of the embedded daemon)."""
-    if not isinstance(nodes, str) and nodes and isinstance(nodes[0], NodeAddress):
-        addresses = list(nodes)  # type: ignore[arg-type]
-    else:
-        addresses = parse_cluster(nodes) or []  # type: ignore[arg-type]
-    remote = [a for a in addresses if a.ipc is None]
-    client_keys = load_keys(keys, remote) if remote else None
-    ctx = zmq.Context.instance()
-    socks: dict[zmq.Socket[bytes], NodeAddress] = {}
-    answers: dict[str, dict[str, Any]] = {}
-    poller = zmq.Poller()
-    try:
-        for address in addresses:
-            sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-            if client_keys is not None and address.ipc is None:
-                connect_with(sock, client_keys.public, client_keys.secret,
-                             client_keys.server_key(address))
-            sock.connect(address.status_endpoint)
-            sock.send_multipart(protocol.pack(protocol.STATUS))
-            socks[sock] = address
-            poller.register(sock, zmq.POLLIN)
-        deadline = time.monotonic() + timeout
-        while len(answers) < len(addresses):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            for sock, _ in poller.poll(int(remaining * 1000)):
-                address = socks[sock]
-                frames = sock.recv_multipart()
-                try:
-                    env = protocol.decode_envelope(frames[0])
-                except protocol.VersionMismatch as exc:
-                    answers[address.name] = {"error": str(exc)}
-                except protocol.ProtocolError as exc:
-                    answers[address.name] = {"error": f"bad status reply: {exc}"}
-                else:
-                    answers[address.name] = {k: v for k, v in env.items() if k not in "vt"}
-                poller.unregister(sock)
-    finally:
-        for sock in socks:
-            sock.close(linger=0)
-    rows = []
-    for address in addresses:
-        row = {"node": address.name, "error": ""}
-        row.update(answers.get(address.name) or {
-            "error": f"no answer from {address.status_endpoint} within {timeout:g} s"})
-        rows.append(row)
-    return rows
 
 
 def _deliver(ok: bool, value: Any, on_error: OnError) -> Any:

@@ -24,7 +24,8 @@ import functools
 import os
 from typing import Any, Callable, Sequence
 
-from deathstar.client.cluster import Cluster, MapOptions, query_status
+from deathstar.client.cluster import Cluster, MapOptions
+from deathstar.client.status import query_status
 from deathstar.errors import RemoteError
 from deathstar.client.executor import Executor
 from deathstar.nodes import parse_cluster

@@ -24,6 +24,7 @@ import zmq.auth
 
 from deathstar import config, keys
 from deathstar._version import __version__
+from deathstar.client.status import query_status
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
 TAG_CLUSTER = "deathstar:cluster"
@@ -390,8 +391,6 @@ def watch(opts: UpOptions, deadline_s: float, probe: bool = True,
     """Yield the cluster's rows (instance, state, address, daemon) until every instance's
     daemon answers on its status port (or, with ``probe`` False, is running); raises
     Ec2Error at the deadline."""
-    from deathstar.client.cluster import query_status
-
     aws = Aws(opts.region)
     deadline = time.monotonic() + deadline_s
     server_key = make_cluster_keys(opts.name)[0]
