@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from typer import get_app_dir  # XDG on Linux; typer >= 0.16 does not depend on click
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -26,14 +28,18 @@ class ConfigError(ValueError):
     """A config file or variable that cannot be used; the message names it."""
 
 
+def config_dir() -> Path:
+    """The per-user config folder (XDG on Linux: ``~/.config/deathstar``), which holds the
+    default keys, ``config.toml`` and deployed clusters' state. It need not exist."""
+    return Path(get_app_dir("deathstar"))
+
+
 def config_path() -> Path:
     """Where the config file is (it need not exist)."""
     explicit = os.environ.get("DEATHSTAR_CONFIG")
     if explicit:
         return Path(explicit).expanduser()
-    from typer import get_app_dir  # XDG on Linux; typer >= 0.16 does not depend on click
-
-    return Path(get_app_dir("deathstar")) / "config.toml"
+    return config_dir() / "config.toml"
 
 
 def cache_dir() -> Path:

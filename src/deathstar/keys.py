@@ -25,6 +25,7 @@ import zmq
 import zmq.auth
 import zmq.utils.z85
 
+from deathstar import config
 from deathstar.nodes import NodeAddress
 
 NODE = "node"
@@ -45,17 +46,13 @@ class KeyFileError(Exception):
 
 def default_dir() -> Path:
     """The default key folder, inside the per-user config folder (XDG on Linux)."""
-    import typer
-
-    return Path(typer.get_app_dir("deathstar")) / "keys"
+    return config.config_dir() / "keys"
 
 
 def resolve_dir(explicit: str | Path | None, role: str) -> Path | None:
     """The key folder to use: ``explicit``, else ``$DEATHSTAR_KEYS``, else the config
     file's ``keys``, else the default folder when it holds ``role``'s secret key; None
     means no keys (``none`` too)."""
-    from deathstar import config
-
     chosen = explicit if explicit is not None else (
         os.environ.get("DEATHSTAR_KEYS") or config.file_keys_dir())
     if chosen is not None:

@@ -268,9 +268,7 @@ class _Wheel:
 
 
 def _deathstar_source() -> _Source:
-    import deathstar
-
-    package_dir = Path(deathstar.__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parent.parent  # src/deathstar (deploy's parent)
     tree = package_dir.parent.parent
     pyproject = tree / "pyproject.toml"
     if package_dir.parent.name == "src" and pyproject.is_file() \

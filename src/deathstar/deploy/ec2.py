@@ -25,6 +25,7 @@ import zmq.auth
 from deathstar import config, keys
 from deathstar._version import __version__
 from deathstar.client.status import query_status
+from deathstar.deploy.provider import cluster_dir
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
 TAG_CLUSTER = "deathstar:cluster"
@@ -142,11 +143,6 @@ def translate(exc: Any) -> Ec2Error:
 
 
 # ------------------------------------------------------------------------ keys and user-data
-
-
-def cluster_dir(name: str) -> Path:
-    """Where a cluster's node keypair (and nothing else) is kept on the client."""
-    return keys.default_dir().parent / "clusters" / name
 
 
 def make_cluster_keys(name: str) -> tuple[bytes, bytes]:
