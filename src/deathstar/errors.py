@@ -20,11 +20,12 @@ class TaskFailed(Exception):
         return (_rebuild, (type(self), self.__dict__.copy(), self.args))
 
 
-def _rebuild(cls: type, state: dict[str, Any], args: tuple[Any, ...]) -> TaskFailed:
+def _rebuild(cls: type[TaskFailed], state: dict[str, Any], args: tuple[Any, ...]
+             ) -> TaskFailed:
     obj = cls.__new__(cls)
     Exception.__init__(obj, *args)
     obj.__dict__.update(state)
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 class RemoteError(TaskFailed):

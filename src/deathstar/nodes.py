@@ -143,7 +143,7 @@ def _read_node_file(path: str) -> list[str]:
         text = Path(path).read_text()
     except OSError as exc:
         raise ClusterSpecError(f"cannot read node file {path}: {exc.strerror}") from None
-    names = []
+    names: list[str] = []
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         names.extend(p.strip() for p in line.split(",") if p.strip())

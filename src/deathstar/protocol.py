@@ -35,15 +35,17 @@ Every envelope is validated against ``SCHEMA`` before use; a message that fails 
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 from array import array
 from dataclasses import dataclass
-from typing import Any, Final, Sequence
+from typing import Any, Callable, Final, Sequence
 
 import cloudpickle
 import msgpack
 
+from deathstar import config
 from deathstar._version import __version__
 
 PROTOCOL_VERSION: Final = 2
@@ -65,28 +67,112 @@ BYE: Final = "bye"
 STOP: Final = "stop"
 STATUS: Final = "status"
 
-_NUM = (int, float)
-_OPT_NUM = (int, float, type(None))
-_LIST = (list,)
+# LOST codes: why a node will not answer a task message (the client's reaction differs).
+LOST_CRASH: Final = "crash"  # its worker died running it: costs the input an attempt
+LOST_TIMEOUT: Final = "timeout"  # it ran past its timeout and its worker was killed
+LOST_BLOB: Final = "blob"  # the node lacks its function: send the blob again, no charge
+LOST_STOPPING: Final = "stopping"  # the node is draining: send it elsewhere, no charge
+LOST_UNSTARTED: Final = "unstarted"  # it waited behind a message whose worker died
+LOST_CODES: Final = frozenset({LOST_CRASH, LOST_TIMEOUT, LOST_BLOB, LOST_STOPPING,
+                               LOST_UNSTARTED})
 
-#: Required fields per message type with the types they must have. Fields not listed are
-#: allowed (a newer minor peer may add some) but never read.
-SCHEMA: Final[dict[str, dict[str, tuple[type, ...]]]] = {
-    HELLO: {"versions": (dict,), "hb": _NUM},
-    WELCOME: {"versions": (dict,), "hb": _NUM, "node": (str,), "workers": (int,)},
-    REFUSED: {"reason": (str,)},
-    READY: {"versions": (dict,), "hb": _NUM, "worker": (str,), "pid": (int,)},
-    BLOB: {"h": (str,), "nb": (int,)},
-    FETCH: {"h": (str,)},
-    MISSING: {"h": (str,)},
-    TASK: {"id": (int,), "fn": (str,), "n": (int,), "nb": (int,), "timeout": _OPT_NUM},
-    RESULT: {"id": (int,), "worker": (str,), "ok": (bytes,), "ts": (bytes,), "nb": (int,)},
-    LOST: {"ids": _LIST, "reason": (str,), "worker": (str,)},
-    CANCEL: {"ids": _LIST},
-    HEARTBEAT: {},
-    BYE: {},
-    STOP: {},
-    STATUS: {},
+# REFUSED codes (absent: a final refusal, such as a version mismatch).
+REFUSED_HELLO: Final = "hello"  # the daemon does not know this peer: say hello/ready first
+REFUSED_CODES: Final = frozenset({REFUSED_HELLO})
+
+# Optional envelope fields.
+F_CODE: Final = "code"  # lost, refused: one of the codes above
+F_SIG: Final = "sig"  # lost: the signal that killed the worker (0: none)
+F_SEED: Final = "seed"  # task: workers seed random and numpy with seed + input index
+F_IX: Final = "ix"  # task: the inputs' indices (for the seed)
+F_CAP: Final = "cap"  # task: capture what each input prints
+F_EST: Final = "est"  # task: the client's estimate of the seconds the message runs
+F_SHM: Final = "shm"  # task, result: payload frames that name shared-memory files
+F_RSHM: Final = "rshm"  # task: the client's shared-memory folder for large results
+F_WORKERS: Final = "workers"  # heartbeat (daemon -> client): the node's capacity now
+
+#: Bounds of envelope values: a field past them makes the message invalid.
+MAX_IDS: Final = 1 << 16  # ids in one lost or cancel message
+MAX_INT: Final = (1 << 63) - 1
+MAX_TEXT: Final = 1 << 12  # reasons, names
+_MAX_HASH_LEN: Final = 128
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
+
+
+def _num(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0 <= value < 1e12)
+
+
+def _opt_num(value: Any) -> bool:
+    return value is None or _num(value)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_TEXT
+
+
+def _hash(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= _MAX_HASH_LEN
+
+
+def _bytes(value: Any) -> bool:
+    return isinstance(value, bytes)
+
+
+def _ids(value: Any) -> bool:
+    return isinstance(value, list) and len(value) <= MAX_IDS and all(_int(v) for v in value)
+
+
+def _versions(value: Any) -> bool:
+    return (isinstance(value, dict) and len(value) <= 32
+            and all(_text(k) and _text(v) for k, v in value.items()))
+
+
+def _flag(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _in(codes: frozenset[str]) -> Callable[[Any], bool]:
+    return lambda value: value in codes
+
+
+_ANY: Final[dict[str, Callable[[Any], bool]]] = {}
+
+#: Per message type, the required fields and a check each value must pass. Fields not
+#: listed here or in ``OPTIONAL`` are allowed (a newer minor peer may add some) but never
+#: read.
+SCHEMA: Final[dict[str, dict[str, Callable[[Any], bool]]]] = {
+    HELLO: {"versions": _versions, "hb": _num},
+    WELCOME: {"versions": _versions, "hb": _num, "node": _text, "workers": _int},
+    REFUSED: {"reason": _text},
+    READY: {"versions": _versions, "hb": _num, "worker": _text, "pid": _int},
+    BLOB: {"h": _hash, "nb": _int},
+    FETCH: {"h": _hash},
+    MISSING: {"h": _hash},
+    TASK: {"id": _int, "fn": _hash, "n": lambda v: _int(v) and 0 < v <= 1 << 20, "nb": _int,
+           "timeout": _opt_num},
+    RESULT: {"id": _int, "worker": _text, "ok": _bytes, "ts": _bytes, "nb": _int},
+    LOST: {"ids": _ids, "reason": _text, "worker": _text},
+    CANCEL: {"ids": _ids},
+    HEARTBEAT: _ANY,
+    BYE: _ANY,
+    STOP: _ANY,
+    STATUS: _ANY,
+}
+
+#: Optional fields that are read, with their checks (absent is fine; present must pass).
+OPTIONAL: Final[dict[str, dict[str, Callable[[Any], bool]]]] = {
+    REFUSED: {F_CODE: _in(REFUSED_CODES)},
+    LOST: {F_CODE: _in(LOST_CODES), F_SIG: _int},
+    TASK: {F_SEED: lambda v: isinstance(v, int) and not isinstance(v, bool)
+           and abs(v) <= MAX_INT, F_IX: _ids, F_CAP: _flag, F_EST: _num, F_SHM: _ids,
+           F_RSHM: _text},
+    RESULT: {F_SHM: _ids},
+    HEARTBEAT: {F_WORKERS: _int},
 }
 
 #: Message types that carry payload frames ("nb" of them).
@@ -101,7 +187,6 @@ _UNPACK_LIMITS: Final = dict(
     max_map_len=1 << 10,
     max_ext_len=0,
 )
-_MAX_HASH_LEN: Final = 128
 
 
 class ProtocolError(Exception):
@@ -133,15 +218,87 @@ def pack(msg_type: str, payload: Sequence[Any] = (), **fields: Any) -> list[Any]
     return [msgpack.packb(env, use_bin_type=True), *payload]
 
 
+# ---------------------------------------------------------------- builders
+# Every message a peer sends is made here, so its fields are named in one place.
+
+
+def hello(hb: float) -> list[Any]:
+    """A client's first message to a daemon: our versions and heartbeat interval."""
+    return pack(HELLO, versions=local_versions(), hb=hb)
+
+
+def ready(hb: float, worker: str, pid: int) -> list[Any]:
+    """A worker's first message to its daemon."""
+    return pack(READY, versions=local_versions(), hb=hb, worker=worker, pid=pid)
+
+
+def welcome(hb: float, node: str, workers: int) -> list[Any]:
+    """A daemon's answer to hello or ready: our versions, heartbeat and capacity."""
+    return pack(WELCOME, versions=local_versions(), hb=hb, node=node, workers=workers)
+
+
+def refused(reason: str, code: str | None = None) -> list[Any]:
+    """A refusal; ``code`` ``REFUSED_HELLO`` asks the peer to introduce itself first."""
+    return pack(REFUSED, reason=reason, **({F_CODE: code} if code else {}))
+
+
+def lost(ids: list[int], reason: str, worker: str, code: str = LOST_CRASH,
+         sig: int = 0) -> list[Any]:
+    """Task messages that will not be answered, and why (one of ``LOST_CODES``)."""
+    return pack(LOST, ids=ids, reason=reason, worker=worker, code=code, sig=sig)
+
+
+def cancel(ids: list[int]) -> list[Any]:
+    """Drop these task messages (every one of this client's when ``ids`` is empty)."""
+    return pack(CANCEL, ids=ids)
+
+
+def heartbeat(workers: int | None = None) -> list[Any]:
+    """A beat; a daemon's beat to a client carries its capacity."""
+    return pack(HEARTBEAT) if workers is None else pack(HEARTBEAT, workers=workers)
+
+
+# ---------------------------------------------------------------- heartbeats
+
+#: A peer's announced heartbeat interval is held to this range (seconds): a peer that asks
+#: for 1e300 must still expire, one that asks for 0 must not flood.
+HEARTBEAT_MIN_S: Final = 0.05
+HEARTBEAT_MAX_S: Final = 60.0
+
+
+def clamp_heartbeat(hb: float) -> float:
+    """A peer's heartbeat interval, held to ``HEARTBEAT_MIN_S``..``HEARTBEAT_MAX_S``."""
+    return min(HEARTBEAT_MAX_S, max(HEARTBEAT_MIN_S, float(hb)))
+
+
+def liveness_window(peer_hb: float, own_hb: float) -> float:
+    """Seconds of silence after which a peer counts as gone: ``LIVENESS`` beats of the
+    slower of the two intervals."""
+    return max(clamp_heartbeat(peer_hb), own_hb) * config.LIVENESS
+
+
+class StallClock:
+    """Notices that this process itself was frozen (a debugger, SIGSTOP, swap, a suspended
+    laptop): then its peers were not silent, it was deaf, and it must not judge them by
+    the gap. Call ``stalled(now)`` once per loop turn."""
+
+    def __init__(self, heartbeat_s: float, now: float):
+        self.limit_s = max(2 * heartbeat_s, 1.0)
+        self.last = now
+
+    def stalled(self, now: float) -> float:
+        """The seconds this process was frozen since the last call (0.0 when it was not)."""
+        gap, self.last = now - self.last, now
+        return gap if gap > self.limit_s else 0.0
+
+
 def shared_frames(msg: Message) -> list[int]:
     """A task's or result's optional ``shm``: the payload frames (1-based: 0 is the pickle
     stream) that are paths of shared-memory files rather than buffers. ProtocolError if
     malformed."""
-    shared = msg.env.get("shm", [])
-    if not isinstance(shared, list) or not all(
-            isinstance(k, int) and not isinstance(k, bool) and 0 < k < len(msg.payload)
-            for k in shared):
-        raise ProtocolError("task message: bad 'shm' frame list")
+    shared: list[int] = msg.env.get(F_SHM, [])
+    if not all(0 < k < len(msg.payload) for k in shared):
+        raise ProtocolError(f"{msg.type} message: 'shm' names a frame it does not carry")
     return shared
 
 
@@ -166,10 +323,8 @@ def result_outcomes(msg: Message) -> tuple[bytes, Sequence[float], Sequence[floa
 def task_estimate(env: dict[str, Any]) -> float | None:
     """A task envelope's optional ``est``: the client's estimate of the seconds the message
     will run (None when absent or not a sane number)."""
-    est = env.get("est")
-    if isinstance(est, (int, float)) and not isinstance(est, bool) and 0 <= est < 1e9:
-        return float(est)
-    return None
+    est = env.get(F_EST)
+    return None if est is None else float(est)
 
 
 def frame_bytes(frame: Any) -> bytes:
@@ -209,10 +364,13 @@ def decode_envelope(frame: Any) -> dict[str, Any]:
     schema = SCHEMA.get(msg_type) if isinstance(msg_type, str) else None
     if schema is None:
         raise ProtocolError(f"unknown message type {msg_type!r}")
-    for field, types in schema.items():
+    for field, valid in schema.items():
         value = env.get(field, _MISSING)
-        if value is _MISSING or not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolError(f"{msg_type} message: field {field!r} missing or mistyped")
+        if value is _MISSING or not valid(value):
+            raise ProtocolError(f"{msg_type} message: field {field!r} missing or invalid")
+    for field, valid in OPTIONAL.get(str(msg_type), _ANY).items():
+        if field in env and not valid(env[field]):
+            raise ProtocolError(f"{msg_type} message: optional field {field!r} invalid")
     return env
 
 
@@ -230,10 +388,6 @@ def decode(frames: list[Any]) -> Message:
         raise ProtocolError(
             f"{env['t']} message declares {expected} payload frame(s), carries {len(payload)}"
         )
-    if env["t"] in (BLOB, FETCH, MISSING) and not 0 < len(env["h"]) <= _MAX_HASH_LEN:
-        raise ProtocolError(f"{env['t']} message: bad content hash")
-    if env["t"] == TASK and not 0 < env["n"] <= 1 << 20:
-        raise ProtocolError("task message: bad item count")
     if env["t"] == RESULT and 16 * len(env["ok"]) != len(env["ts"]):
         raise ProtocolError("result message: 'ok' and 'ts' differ in length")
     return Message(env, payload, frames[0])
@@ -242,6 +396,7 @@ def decode(frames: list[Any]) -> Message:
 # ---------------------------------------------------------------- versions
 
 
+@functools.cache
 def local_versions() -> dict[str, str]:
     """The versions a peer announces in its first message."""
     return {
@@ -251,6 +406,13 @@ def local_versions() -> dict[str, str]:
         "cloudpickle": cloudpickle.__version__,
         "msgpack": ".".join(str(p) for p in msgpack.version),
     }
+
+
+def handshake(theirs: dict[str, Any], peer: str) -> list[str]:
+    """The version check every first message gets (hello, ready, welcome), on both sides:
+    ``compare_versions`` of ``peer``'s announced versions against ours. Returns warnings;
+    raises ``VersionMismatch`` naming both sides."""
+    return compare_versions(local_versions(), theirs, peer)
 
 
 def compare_versions(ours: dict[str, Any], theirs: dict[str, Any], peer: str) -> list[str]:

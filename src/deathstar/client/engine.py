@@ -96,12 +96,11 @@ class Engine(threading.Thread):
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
                  keys: ClientKeys | None = None):
         super().__init__(name="deathstar-client", daemon=True)
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.nodes = [Node(a) for a in addresses]
         self.connect_timeout = connect_timeout
         self.heartbeat_s = heartbeat_s
         self.keys = keys
-        self.versions = protocol.local_versions()
         self.jobs: dict[int, Job] = {}
         self.commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe()
@@ -120,13 +119,26 @@ class Engine(threading.Thread):
         self.rates: dict[str, tuple[float, int, float]] = {}
         self.next_snapshot = 0.0
         self.poller_stale = True
-        self.last_housekeeping = time.monotonic()
+        self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
         self.handlers: dict[str, Callable[[Node, Message], None]] = {
             protocol.WELCOME: self.on_welcome,
             protocol.REFUSED: self.on_refused,
             protocol.RESULT: self.on_result,
             protocol.LOST: self.on_lost,
             protocol.HEARTBEAT: self.on_heartbeat,
+        }
+        self.lost_handlers: dict[str, Callable[[Node, int, Task, Message], None]] = {
+            protocol.LOST_BLOB: self.lost_blob,
+            protocol.LOST_STOPPING: self.lost_stopping,
+            protocol.LOST_UNSTARTED: self.lost_unstarted,
+            protocol.LOST_TIMEOUT: self.lost_timeout,
+            protocol.LOST_CRASH: self.lost_crash,
+        }
+        self.command_handlers: dict[str, Callable[[Any], None]] = {
+            "job": self.add_job,
+            "cancel": self.cancel_job,
+            "close": self.start_closing,
+            "wake": lambda _: None,  # the loop goes round and tops the nodes up
         }
 
     # ------------------------------------------------------------------ user side
@@ -249,14 +261,14 @@ class Engine(threading.Thread):
                 what, arg = self.commands.get_nowait()
             except queue.Empty:
                 return
-            if what == "job":
-                self.jobs[arg.id] = arg
-                self.fail_if_no_nodes()
-            elif what == "cancel":
-                self.cancel_job(arg)
-            elif what == "close":
-                self.closing = True
-            # "wake": nothing to do; the loop goes round and tops the nodes up
+            self.command_handlers[what](arg)
+
+    def add_job(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        self.fail_if_no_nodes()
+
+    def start_closing(self, _: None) -> None:
+        self.closing = True
 
     # ------------------------------------------------------------------ connections
 
@@ -275,8 +287,7 @@ class Engine(threading.Thread):
         if node.state != DOWN:
             node.state = CONNECTING
             node.deadline = now + self.connect_timeout
-        self.send(node, protocol.pack(protocol.HELLO, versions=self.versions,
-                                      hb=self.heartbeat_s))
+        self.send(node, protocol.hello(self.heartbeat_s))
 
     def disconnect(self, node: Node, say_bye: bool = False) -> None:
         if node.sock is None:
@@ -329,8 +340,7 @@ class Engine(threading.Thread):
 
     def on_welcome(self, node: Node, msg: Message) -> None:
         try:
-            for warning in protocol.compare_versions(self.versions, msg.env["versions"],
-                                                     f"node {node.name}"):
+            for warning in protocol.handshake(msg.env["versions"], f"node {node.name}"):
                 log.warning("%s", warning)
         except protocol.VersionMismatch as exc:
             self.mark_failed(node, REFUSED, str(exc))
@@ -338,33 +348,33 @@ class Engine(threading.Thread):
             return
         node.state, node.error = READY, ""
         node.capacity = max(0, int(msg.env["workers"]))
-        node.heartbeat_s = float(msg.env["hb"])
+        node.heartbeat_s = protocol.clamp_heartbeat(msg.env["hb"])
         node.hostname = str(msg.env["node"])
         node.versions = dict(msg.env["versions"])
         node.backoff_s = RECONNECT_MIN_S
         self.check_connected()
 
     def on_refused(self, node: Node, msg: Message) -> None:
-        if msg.env.get("code") == "hello" and node.state == CONNECTING:
+        hello_first = msg.env.get(protocol.F_CODE) == protocol.REFUSED_HELLO
+        if hello_first and node.state == CONNECTING:
             # A restarted daemon answers each message that was queued while it was down
             # with "say hello first"; the hello we sent after the first one is on its way.
             return
-        if msg.env.get("code") == "hello" and node.state == READY:
+        if hello_first and node.state == READY:
             # The daemon does not know us (it restarted): our tasks there are gone.
             node.downs += 1
             self.requeue_inflight(node)
             node.blobs_sent.clear()
             node.state = CONNECTING
             node.deadline = time.monotonic() + self.connect_timeout
-            self.send(node, protocol.pack(protocol.HELLO, versions=self.versions,
-                                          hb=self.heartbeat_s))
+            self.send(node, protocol.hello(self.heartbeat_s))
             return
         self.mark_failed(node, REFUSED, f"node {node.name} refused us: {msg.env['reason']}")
         self.disconnect(node)
 
     def on_heartbeat(self, node: Node, msg: Message) -> None:
-        workers = msg.env.get("workers")
-        if isinstance(workers, int) and workers >= 0:
+        workers = msg.env.get(protocol.F_WORKERS)
+        if workers is not None:
             node.capacity = workers
 
     def on_result(self, node: Node, msg: Message) -> None:
@@ -391,37 +401,44 @@ class Engine(threading.Thread):
         node.failed += failed
 
     def on_lost(self, node: Node, msg: Message) -> None:
-        """The node will not answer these tasks. ``code`` says why: ``blob`` (send the
-        function again), ``stopping`` (the node is draining: no one's fault), ``timeout``
-        (the input ran too long), ``unstarted`` (it waited behind a message whose worker
-        died: no one's fault), else ``crash`` (the worker died: costs an attempt)."""
-        code = msg.env.get("code")
-        sig = msg.env.get("sig")
-        worker = msg.env["worker"]
+        """The node will not answer these tasks; ``code`` says why, and ``lost_handlers``
+        what to do about it (an unknown or missing code is a crash)."""
+        handler = self.lost_handlers.get(msg.env.get(protocol.F_CODE, protocol.LOST_CRASH),
+                                         self.lost_crash)
         for send_id in msg.env["ids"]:
-            task = node.inflight.pop(send_id, None) if isinstance(send_id, int) else None
+            task = node.inflight.pop(send_id, None)
             if task is None:
                 continue
             self.release(send_id)
             task.job.outstanding -= 1
-            if code == "blob":
-                # the node lacked the blob for this task: send it again, unless that was
-                # already done after this task went out
-                if node.blobs_sent.get(task.job.fn_hash, send_id) <= send_id:
-                    node.blobs_sent.pop(task.job.fn_hash, None)
-                task.job.requeue(task, charge=False)
-            elif code == "stopping":
-                task.avoid = node.name
-                task.job.requeue(task, charge=False)
-            elif code == "unstarted":
-                task.job.requeue(task, charge=False)
-            elif code == "timeout":
-                task.job.timed_out(task, node.name, worker)
-            else:
-                task.last_reason = f"{msg.env['reason']} (node {node.name})"
-                task.avoid = node.name
-                task.job.requeue(task, charge=True, node=node.name, worker=worker,
-                             sig=sig if isinstance(sig, int) else 0)
+            handler(node, send_id, task, msg)
+
+    def lost_blob(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
+        """The node lacked the blob: send it again (unless that was already done after
+        this task went out), then the task, at no cost."""
+        if node.blobs_sent.get(task.job.fn_hash, send_id) <= send_id:
+            node.blobs_sent.pop(task.job.fn_hash, None)
+        task.job.requeue(task, charge=False)
+
+    def lost_stopping(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
+        """The node is draining: no one's fault; elsewhere if possible."""
+        task.avoid = node.name
+        task.job.requeue(task, charge=False)
+
+    def lost_unstarted(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
+        """It waited behind a message whose worker died: no one's fault."""
+        task.job.requeue(task, charge=False)
+
+    def lost_timeout(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
+        """An input ran past its timeout."""
+        task.job.timed_out(task, node.name, msg.env["worker"])
+
+    def lost_crash(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
+        """The worker died under it: costs an attempt; elsewhere if possible."""
+        task.last_reason = f"{msg.env['reason']} (node {node.name})"
+        task.avoid = node.name
+        task.job.requeue(task, charge=True, node=node.name, worker=msg.env["worker"],
+                         sig=msg.env.get(protocol.F_SIG, 0))
 
     # ------------------------------------------------------------------ retries
 
@@ -461,17 +478,14 @@ class Engine(threading.Thread):
                 del node.inflight[sid]
                 self.release(sid)
             if ids and node.sock is not None and node.state == READY:
-                self.send(node, protocol.pack(protocol.CANCEL, ids=ids))
+                self.send(node, protocol.cancel(ids))
 
     # ------------------------------------------------------------------ housekeeping
 
     def housekeeping(self, now: float) -> None:
-        if now - self.last_housekeeping > max(2 * self.heartbeat_s, 1.0):
-            # This process was frozen (a debugger, swap, a suspended laptop): the nodes
-            # were not silent, we were deaf. Judge them from now on.
+        if self.stall.stalled(now):  # we were frozen, not the nodes silent
             for node in self.nodes:
                 node.last_seen = max(node.last_seen, now)
-        self.last_housekeeping = now
         for node in self.nodes:
             if node.state == CONNECTING and now >= node.deadline:
                 self.disconnect(node)
@@ -482,12 +496,12 @@ class Engine(threading.Thread):
                                  f"node {node.name} ({node.address.exec_endpoint}) did not "
                                  f"answer within {self.connect_timeout:g} s{hint}")
             elif node.state == READY:
-                window = max(node.heartbeat_s, self.heartbeat_s) * config.LIVENESS
-                if now - node.last_seen > window:
+                if now - node.last_seen > protocol.liveness_window(node.heartbeat_s,
+                                                                   self.heartbeat_s):
                     self.node_down(node, now, f"node {node.name} silent for "
                                               f"{now - node.last_seen:.1f} s")
                 elif now - node.last_sent >= self.heartbeat_s * 0.9:
-                    self.send(node, protocol.pack(protocol.HEARTBEAT))
+                    self.send(node, protocol.heartbeat())
             elif node.state == DOWN and now >= node.deadline:
                 self.disconnect(node)
                 self.connect(node, now)
@@ -590,18 +604,18 @@ class Engine(threading.Thread):
         job.outstanding += 1
         extra: dict[str, Any] = {}
         if job.seed is not None:
-            extra.update(seed=job.seed, ix=task.indices)
+            extra.update({protocol.F_SEED: job.seed, protocol.F_IX: task.indices})
         if job.capture:
-            extra["cap"] = True
+            extra[protocol.F_CAP] = True
         est = job.message_estimate(len(task.indices))
         if est is not None:  # lets the daemon queue a message behind a short one
-            extra["est"] = est
+            extra[protocol.F_EST] = est
         payload = task.payload
         if node.address.ipc is not None and self.shared is not None:
             # a node on this machine: large buffers go through /dev/shm, one copy, both
             # ways (rshm: the folder its worker may write large results into)
-            payload, extra["shm"], paths = self.shared.share(payload)
-            extra["rshm"] = self.shared.folder()
+            payload, extra[protocol.F_SHM], paths = self.shared.share(payload)
+            extra[protocol.F_RSHM] = self.shared.folder()
             if paths:
                 self.shared_files[send_id] = paths
         self.send(node, protocol.pack(protocol.TASK, payload, id=send_id, fn=job.fn_hash,

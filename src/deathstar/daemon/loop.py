@@ -21,7 +21,8 @@ import socket
 import tempfile
 import time
 from collections import deque
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import zmq
 
@@ -29,11 +30,11 @@ from deathstar import config, protocol
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import Gatekeeper, ServerKeys
 from deathstar.daemon.sockets import Ports
-from deathstar.daemon.books import (Assignment, BlobCache, ClientConn, Counters, RateLimitedLog,
-                             WorkerConn)
+from deathstar.daemon.books import (Assignment, BlobCache, ClientConn, Counters,
+                                    RateLimitedLog, WorkerConn)
 from deathstar.protocol import Message
 from deathstar.daemon.supervisor import Exited, Supervisor
-from deathstar.worker.process import slot_value
+from deathstar.slot import slot_value
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -44,7 +45,25 @@ DRAIN_BATCH = 256
 DRAIN_TIMEOUT_S = config._env_float("DRAIN_TIMEOUT", 30.0)
 
 
-class Broker:
+#: A port's handler of one message type: (the sending peer's session, the frames after the
+#: identity, the decoded message).
+Handler = Callable[[Any, list[Any], Message], None]
+
+
+@dataclass
+class Port:
+    """A ROUTER port's routing: its greeting message type and what answers it, the sessions
+    it opened (by peer identity), and the handlers of everything else."""
+
+    name: str
+    sock: zmq.Socket[bytes]
+    greeting: str
+    greet: Callable[[bytes, Message], None]
+    peers: Mapping[bytes, ClientConn | WorkerConn]
+    handlers: dict[str, Handler]
+
+
+class Daemon:
     """A node's daemon. ``bind`` opens the ports, ``serve`` blocks until stopped."""
 
     def __init__(self, *, host: str = "0.0.0.0", port: int = config.DEFAULT_PORT,
@@ -62,9 +81,8 @@ class Broker:
         self.heartbeat_s = heartbeat_s
         self.parent_pid = parent_pid
         self.node_name = socket.gethostname()
-        self.versions = protocol.local_versions()
         self.started = time.monotonic()
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.gate = Gatekeeper(self.ctx, keys, zap)
         self.ipc_dir = tempfile.mkdtemp(prefix="deathstar-")
         self.supervisor = Supervisor(os.cpu_count() or 1 if workers is None else workers,
@@ -85,25 +103,25 @@ class Broker:
         self.stop_deadline = 0.0
         self.next_supervise = 0.0
         self.next_heartbeat = 0.0
-        self.last_housekeeping = time.monotonic()
+        self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
         # The dead-man's switch: stop after this long without work, or this long in all.
         self.idle_shutdown_s = idle_shutdown_s
         self.max_lifetime_s = max_lifetime_s
         self.last_work = time.monotonic()
-        self.client_handlers: dict[str, Callable[[bytes, Message], None]] = {
+        self.client_handlers: dict[str, Handler] = {
             protocol.BLOB: self.on_blob,
             protocol.TASK: self.on_task,
             protocol.CANCEL: self.on_cancel,
-            protocol.HEARTBEAT: lambda ident, msg: None,
-            protocol.BYE: lambda ident, msg: self.drop_client(ident),
+            protocol.HEARTBEAT: lambda client, frames, msg: None,
+            protocol.BYE: lambda client, frames, msg: self.drop_client(client.ident),
         }
-        self.worker_handlers: dict[str, Callable[[WorkerConn, list[Any], Message], None]] = {
+        self.worker_handlers: dict[str, Handler] = {
             protocol.RESULT: self.on_result,
             protocol.LOST: self.on_worker_lost,
             protocol.FETCH: self.on_fetch,
-            protocol.HEARTBEAT: lambda w, frames, msg: None,
-            protocol.BYE: lambda w, frames, msg: self.forget_worker(
-                w, f"worker {w.name} stopped", code="stopping"),
+            protocol.HEARTBEAT: lambda worker, frames, msg: None,
+            protocol.BYE: lambda worker, frames, msg: self.forget_worker(
+                worker, f"worker {worker.name} stopped", code=protocol.LOST_STOPPING),
         }
 
     # ------------------------------------------------------------------ setup
@@ -118,6 +136,10 @@ class Broker:
                            heartbeat_s=self.heartbeat_s)
         self.front, self.status, self.back = self.ports.front, self.ports.status, self.ports.back
         bound = self.ports.bind(self.supervisor.connect)
+        self.exec_port = Port("exec", self.front, protocol.HELLO, self.on_hello,
+                              self.clients, self.client_handlers)
+        self.worker_port_ = Port("workers", self.back, protocol.READY, self.on_ready,
+                                 self.workers, self.worker_handlers)
         self.poller = zmq.Poller()
         for sock in (self.front, self.back, self.status):
             self.poller.register(sock, zmq.POLLIN)
@@ -161,13 +183,13 @@ class Broker:
     def housekeeping(self, now: float) -> None:
         """Supervise processes, enforce timeouts, expire silent peers, send heartbeats:
         each on its clock."""
-        if now - self.last_housekeeping > max(2 * self.heartbeat_s, 1.0):
-            # We were frozen (SIGSTOP, swap): our peers were not silent, we were deaf.
-            log.warning("this daemon stalled for %.1f s; not judging peers by it",
-                        now - self.last_housekeeping)
-            for peer in [*self.clients.values(), *self.workers.values()]:
+        stalled = self.stall.stalled(now)
+        if stalled:
+            log.warning("this daemon stalled for %.1f s; not judging peers by it", stalled)
+            peers: list[ClientConn | WorkerConn] = [*self.clients.values(),
+                                                    *self.workers.values()]
+            for peer in peers:
                 peer.last_seen = now
-        self.last_housekeeping = now
         if now >= self.next_supervise:
             self.next_supervise = now + config.SUPERVISE_INTERVAL_S
             exits = self.supervisor.poll(now)
@@ -255,73 +277,85 @@ class Broker:
             return ident, protocol.decode(rest)
         except protocol.VersionMismatch as exc:
             log.warning("refused a peer on the %s port: %s", port, exc)
-            sock.send_multipart([protocol.frame_bytes(frames[0]),
-                                 *protocol.pack(protocol.REFUSED, reason=str(exc))])
+            sock.send_multipart([protocol.frame_bytes(frames[0]), *protocol.refused(str(exc))])
         except protocol.ProtocolError as exc:
             self.bad_message(port, exc)
         return None
 
-    def on_client_message(self, frames: list[Any]) -> None:
-        received = self.receive("exec", self.front, frames)
+    def route(self, port: Port, frames: list[Any]) -> None:
+        """One message on a ROUTER port: the greeting (hello, ready) opens a session; any
+        other message from a peer without one is answered "introduce yourself"; the rest
+        go to the port's handler table. A handler that fails on a message is a counted bad
+        message, never the end of the daemon."""
+        received = self.receive(port.name, port.sock, frames)
         if received is None:
             return
         ident, msg = received
-        client = self.clients.get(ident)
-        if msg.type == protocol.HELLO:
-            self.on_hello(ident, msg)
-            return
-        if client is None:
-            # A client we do not know (we restarted, or it never said hello): ask it to.
-            self.send_client(ident, protocol.pack(protocol.REFUSED, reason="say hello first",
-                                                  code="hello"))
-            return
-        client.last_seen = time.monotonic()
-        handler = self.client_handlers.get(msg.type)
-        if handler is None:
-            self.bad_message("exec", f"unexpected {msg.type} message from a client")
-            return
-        handler(ident, msg)
+        try:
+            if msg.type == port.greeting:
+                port.greet(ident, msg)
+                return
+            peer = port.peers.get(ident)
+            if peer is None:  # we restarted, or expired it, or it never said hello
+                port.sock.send_multipart([ident, *protocol.refused(
+                    f"say {port.greeting} first", code=protocol.REFUSED_HELLO)])
+                return
+            peer.last_seen = time.monotonic()
+            handler = port.handlers.get(msg.type)
+            if handler is None:
+                self.bad_message(port.name, f"unexpected {msg.type} message")
+                return
+            handler(peer, frames[1:], msg)
+        except Exception as exc:  # noqa: BLE001 - a peer's message must never stop us
+            log.exception("handling a %s message on the %s port failed", msg.type, port.name)
+            self.bad_message(port.name, f"{msg.type} message: {type(exc).__name__}: {exc}")
+
+    def on_client_message(self, frames: list[Any]) -> None:
+        self.route(self.exec_port, frames)
+
+    def on_worker_message(self, frames: list[Any]) -> None:
+        self.route(self.worker_port_, frames)
 
     def on_hello(self, ident: bytes, msg: Message) -> None:
         try:
-            warnings = protocol.compare_versions(self.versions, msg.env["versions"], "client")
+            warnings = protocol.handshake(msg.env["versions"], "client")
         except protocol.VersionMismatch as exc:
-            self.send_client(ident, protocol.pack(protocol.REFUSED, reason=str(exc)))
+            self.send_client(ident, protocol.refused(str(exc)))
             return
         for warning in warnings:
             log.warning("%s", warning)
         if self.stopping:
-            self.send_client(ident, protocol.pack(protocol.REFUSED,
-                                                  reason="the daemon is stopping"))
+            self.send_client(ident, protocol.refused("the daemon is stopping"))
             return
         if ident in self.clients:
             self.drop_client(ident)  # a client that reconnected starts afresh
-        hb = max(0.01, float(msg.env["hb"]))
+        hb = protocol.clamp_heartbeat(msg.env["hb"])
         self.clients[ident] = ClientConn(ident, hb, time.monotonic())
-        self.send_client(ident, protocol.pack(
-            protocol.WELCOME, versions=self.versions, hb=self.heartbeat_s,
-            node=self.node_name, workers=self.capacity()))
+        self.send_client(ident, protocol.welcome(self.heartbeat_s, self.node_name,
+                                                 self.capacity()))
 
-    def on_blob(self, ident: bytes, msg: Message) -> None:
+    def on_blob(self, client: ClientConn, frames: list[Any], msg: Message) -> None:
         self.counters.blobs_received += 1
         self.counters.blob_bytes_received += self.blobs.put(msg.env["h"], msg.payload)
-        self.clients[ident].blobs.add(msg.env["h"])
+        client.blobs.add(msg.env["h"])
 
-    def on_task(self, ident: bytes, msg: Message) -> None:
-        client = self.clients[ident]
+    def on_task(self, client: ClientConn, frames: list[Any], msg: Message) -> None:
+        ident = client.ident
         if self.stopping:
-            self.send_lost(ident, [msg.env["id"]], "the daemon is stopping", "", code="stopping")
+            self.send_lost(ident, [msg.env["id"]], "the daemon is stopping", "",
+                           code=protocol.LOST_STOPPING)
         elif self.blobs.get(msg.env["fn"]) is None:
-            self.send_lost(ident, [msg.env["id"]], "function not cached here", "", code="blob")
+            self.send_lost(ident, [msg.env["id"]], "function not cached here", "",
+                           code=protocol.LOST_BLOB)
         else:
             if not client.queue:
                 self.ready_clients.append(ident)
             client.queue.append(msg)
 
-    def on_cancel(self, ident: bytes, msg: Message) -> None:
+    def on_cancel(self, client: ClientConn, frames: list[Any], msg: Message) -> None:
         """Drop the named task messages (all of the client's when ``ids`` is empty) from
         the queue, and kill the workers running any of them."""
-        client = self.clients[ident]
+        ident = client.ident
         ids = set(msg.env["ids"])
         client.queue = deque(m for m in client.queue if ids and m.env["id"] not in ids)
         self.unready(client)
@@ -352,7 +386,7 @@ class Broker:
             log.warning("worker %s: %s; killing it", worker.name, reason)
             self.counters.tasks_timed_out += 1
             self.supervisor.kill(worker.pid)
-            self.forget_worker(worker, reason, code="timeout")
+            self.forget_worker(worker, reason, code=protocol.LOST_TIMEOUT)
 
     def return_queued(self, client: ClientConn, reason: str) -> None:
         """Hand a client's queued tasks back as lost, so it sends them elsewhere."""
@@ -360,7 +394,7 @@ class Broker:
         client.queue.clear()
         self.unready(client)
         if ids:
-            self.send_lost(client.ident, ids, reason, "", code="stopping")
+            self.send_lost(client.ident, ids, reason, "", code=protocol.LOST_STOPPING)
 
     def unready(self, client: ClientConn) -> None:
         """Take a client whose queue emptied out of the round robin."""
@@ -368,12 +402,10 @@ class Broker:
             self.ready_clients.remove(client.ident)
 
     def send_lost(self, ident: bytes, ids: list[int], reason: str, worker: str,
-                  code: str = "crash", sig: int = 0) -> None:
-        """Tell a client its task messages will not be answered, and why (``code``:
-        crash, timeout, blob, stopping, unstarted; ``sig`` the signal that killed the
-        worker)."""
-        self.send_client(ident, protocol.pack(protocol.LOST, ids=ids, reason=reason,
-                                              worker=worker, code=code, sig=sig))
+                  code: str = protocol.LOST_CRASH, sig: int = 0) -> None:
+        """Tell a client its task messages will not be answered, and why (``code``, one
+        of ``protocol.LOST_CODES``; ``sig`` the signal that killed the worker)."""
+        self.send_client(ident, protocol.lost(ids, reason, worker, code, sig))
 
     def drop_client(self, ident: bytes) -> None:
         """Forget a client: its queued tasks and its cached blobs no other client uses."""
@@ -389,57 +421,37 @@ class Broker:
 
     def expire_clients(self, now: float) -> None:
         for ident, client in list(self.clients.items()):
-            if now - client.last_seen > max(client.heartbeat_s, self.heartbeat_s) * config.LIVENESS:
+            if now - client.last_seen > protocol.liveness_window(client.heartbeat_s,
+                                                                 self.heartbeat_s):
                 log.warning("client silent for %.1f s; dropping its work",
                             now - client.last_seen)
                 self.drop_client(ident)
 
     def heartbeat_clients(self, now: float) -> None:
-        beat = protocol.pack(protocol.HEARTBEAT, workers=self.capacity())
+        beat = protocol.heartbeat(self.capacity())
         for ident, client in self.clients.items():
             if now - client.last_sent >= self.heartbeat_s * 0.9:
                 self.send_client(ident, beat)
 
     # ------------------------------------------------------------------ workers
 
-    def on_worker_message(self, frames: list[Any]) -> None:
-        received = self.receive("workers", self.back, frames)
-        if received is None:
-            return
-        ident, msg = received
-        if msg.type == protocol.READY:
-            self.on_ready(ident, msg)
-            return
-        worker = self.workers.get(ident)
-        if worker is None:
-            # A worker we do not know (we restarted, or expired it): ask it to say ready.
-            self.back.send_multipart([ident, *protocol.pack(
-                protocol.REFUSED, reason="say ready first", code="hello")])
-            return
-        worker.last_seen = time.monotonic()
-        handler = self.worker_handlers.get(msg.type)
-        if handler is None:
-            self.bad_message("workers", f"unexpected {msg.type} message from a worker")
-            return
-        handler(worker, frames[1:], msg)
-
     def on_ready(self, ident: bytes, msg: Message) -> None:
         try:
-            for warning in protocol.compare_versions(self.versions, msg.env["versions"],
-                                                     f"worker {msg.env['worker']}"):
+            for warning in protocol.handshake(msg.env["versions"],
+                                              f"worker {msg.env['worker']}"):
                 log.warning("%s", warning)
         except protocol.VersionMismatch as exc:
             log.warning("refused worker %s: %s", msg.env["worker"], exc)
-            self.back.send_multipart([ident, *protocol.pack(protocol.REFUSED, reason=str(exc))])
+            self.back.send_multipart([ident, *protocol.refused(str(exc))])
             return
         if ident in self.workers:
             self.forget_worker(self.workers[ident], "it said ready again")
         self.workers[ident] = WorkerConn(ident, msg.env["worker"], msg.env["pid"],
-                                         float(msg.env["hb"]), time.monotonic())
+                                         protocol.clamp_heartbeat(msg.env["hb"]),
+                                         time.monotonic())
         self.idle.append(ident)
-        self.back.send_multipart([ident, *protocol.pack(
-            protocol.WELCOME, versions=self.versions, hb=self.heartbeat_s,
-            node=self.node_name, workers=self.capacity())])
+        self.back.send_multipart([ident, *protocol.welcome(
+            self.heartbeat_s, self.node_name, self.capacity())])
 
     def on_result(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
         job = worker.take(msg.env["id"])
@@ -459,7 +471,7 @@ class Broker:
             self.slot_freed(worker)
             if job.client in self.clients:
                 self.send_lost(job.client, [job.id], msg.env["reason"], worker.name,
-                               code="blob")
+                               code=protocol.LOST_BLOB)
 
     def slot_freed(self, worker: WorkerConn) -> None:
         """A message left ``worker``: it is idle, or may take a message behind its short
@@ -487,15 +499,15 @@ class Broker:
         """Drop workers silent past the liveness window (a hung process cannot beat);
         a local one is killed so the supervisor starts a fresh one."""
         for worker in list(self.workers.values()):
-            window = max(worker.heartbeat_s, self.heartbeat_s) * config.LIVENESS
-            if now - worker.last_seen > window:
+            if now - worker.last_seen > protocol.liveness_window(worker.heartbeat_s,
+                                                                 self.heartbeat_s):
                 reason = f"worker {worker.name} hung: silent for {now - worker.last_seen:.1f} s"
                 log.warning("%s", reason)
                 if self.supervisor.owns(worker.pid):
                     self.supervisor.kill(worker.pid)
                 self.forget_worker(worker, reason)
 
-    def forget_worker(self, worker: WorkerConn, reason: str, code: str = "crash",
+    def forget_worker(self, worker: WorkerConn, reason: str, code: str = protocol.LOST_CRASH,
                       sig: int = 0, running: int | None = None) -> None:
         """Drop a worker; the tasks it held are reported lost to their clients: the one it
         ran with ``code`` (a crash costs that message an attempt), the one waiting behind
@@ -519,7 +531,8 @@ class Broker:
                                    sig=sig)
                 else:
                     self.send_lost(job.client, [job.id], f"{reason} before it started, or "
-                                   "before its result left", worker.name, code="unstarted")
+                                   "before its result left", worker.name,
+                                   code=protocol.LOST_UNSTARTED)
         held.clear()
 
     # ------------------------------------------------------------------ scheduling
@@ -574,7 +587,7 @@ class Broker:
             load1 = -1.0
         return {
             "hostname": self.node_name,
-            "versions": self.versions,
+            "versions": protocol.local_versions(),
             "workers": len(self.workers),
             "idle": len(self.workers) - busy,
             "busy": busy,
@@ -627,15 +640,15 @@ def run_daemon(*, on_ready: Callable[[dict[str, Any]], None] | None = None,
                insecure: bool = False, **options: Any) -> None:
     """Check the bind against ``guard.check_bind`` (``UnsafeBind`` if a keyless daemon
     would listen on a network address without ``insecure``), bind, report the ports
-    through ``on_ready``, serve until SIGTERM/SIGINT drains. ``options`` are ``Broker``'s."""
+    through ``on_ready``, serve until SIGTERM/SIGINT drains. ``options`` are ``Daemon``'s."""
     warning = check_bind(options.get("host", "0.0.0.0"), options.get("keys"),
                          insecure=insecure, ipc=options.get("ipc"))
     if warning is not None:
         log.warning("%s", warning)
-    broker = Broker(**options)
-    ports = broker.bind()
-    signal.signal(signal.SIGTERM, broker.stop)
-    signal.signal(signal.SIGINT, broker.stop)
+    daemon = Daemon(**options)
+    ports = daemon.bind()
+    signal.signal(signal.SIGTERM, daemon.stop)
+    signal.signal(signal.SIGINT, daemon.stop)
     if on_ready is not None:
         on_ready(ports)
-    broker.serve()
+    daemon.serve()

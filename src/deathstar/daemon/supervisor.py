@@ -15,7 +15,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from deathstar.worker.process import EXIT_RECYCLED, make_slot, read_slot
+from deathstar.exitcodes import ExitCode
+from deathstar.slot import make_slot, read_slot
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -108,7 +109,7 @@ class Supervisor:
             del self.procs[pid]
             slot = self.slots.pop(pid, None)
             running = None if slot is None else read_slot(slot)
-            if code == EXIT_RECYCLED:
+            if code == ExitCode.WORKER_RECYCLED:
                 self.recycled += 1
                 log.info("worker %d reached its task or memory limit; replacing it", pid)
                 continue

@@ -28,6 +28,8 @@ import cloudpickle
 import zmq
 
 from deathstar import config, keys, protocol, serialize
+from deathstar.exitcodes import ExitCode
+from deathstar.slot import SLOT_BYTES, slot_value
 from deathstar.protocol import Message
 
 log = logging.getLogger("deathstar.worker")
@@ -35,11 +37,6 @@ log = logging.getLogger("deathstar.worker")
 #: Function blobs a worker keeps unpickled (most recently used first out).
 FUNCTION_CACHE_ENTRIES = 16
 
-#: Exit codes.
-EXIT_OK = 0
-EXIT_REFUSED = 3  # the daemon refused us (version mismatch)
-EXIT_PARENT_GONE = 4
-EXIT_RECYCLED = 5  # reached --max-tasks/--max-memory: the supervisor replaces it, no crash
 
 
 def resident_bytes() -> int:
@@ -110,7 +107,7 @@ def _error_info(exc: BaseException) -> dict[str, Any]:
 
 def _task_seeds(env: dict[str, Any], n: int) -> list[int] | None:
     """Per-input seeds from a task's ``seed`` and ``ix`` (the inputs' indices)."""
-    seed, indices = env.get("seed"), env.get("ix")
+    seed, indices = env.get(protocol.F_SEED), env.get(protocol.F_IX)
     if seed is None:
         return None
     if not isinstance(seed, int) or not isinstance(indices, list) or len(indices) != n or \
@@ -140,8 +137,8 @@ class _Capture:
     def __enter__(self) -> _Capture:
         if self.enabled:
             self.saved = sys.stdout, sys.stderr
-            sys.stdout = _Tee(self.buffer, self.saved[0])  # type: ignore[assignment]
-            sys.stderr = _Tee(self.buffer, self.saved[1])  # type: ignore[assignment]
+            sys.stdout = _Tee(self.buffer, self.saved[0])
+            sys.stderr = _Tee(self.buffer, self.saved[1])
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -196,7 +193,7 @@ class Worker:
         self.waiting: deque[Message] = deque()  # tasks whose function is being fetched
         self.fetching: set[str] = set()
         self.last_sent = 0.0
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
@@ -229,22 +226,22 @@ class Worker:
             pulse.start()
             while self.running:
                 if self.parent_gone():
-                    return EXIT_PARENT_GONE
+                    return ExitCode.WORKER_PARENT_GONE
                 if self.sock.poll(int(self.heartbeat_s * 1000)):
                     code = self.handle(self.sock.recv_multipart(copy=False))
                     if code is not None:
                         return code
                 if self.worn_out():
                     self.send(protocol.pack(protocol.BYE))
-                    return EXIT_RECYCLED
+                    return ExitCode.WORKER_RECYCLED
                 self.heartbeat()
-            return EXIT_OK
+            return ExitCode.OK
         except _Terminate:
             try:  # goodbye if it can go now; never block on a daemon that isn't there
                 self.sock.send_multipart(protocol.pack(protocol.BYE), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-            return EXIT_OK
+            return ExitCode.OK
         finally:
             self.pulse_stop.set()
             for sig, handler in previous.items():
@@ -266,10 +263,7 @@ class Worker:
         return False
 
     def say_ready(self) -> None:
-        self.send(protocol.pack(
-            protocol.READY, versions=protocol.local_versions(), hb=self.heartbeat_s,
-            worker=self.name, pid=os.getpid(),
-        ))
+        self.send(protocol.ready(self.heartbeat_s, self.name, os.getpid()))
 
     def _terminate(self, signum: int, frame: Any) -> None:
         if not self.running:
@@ -281,7 +275,7 @@ class Worker:
         """Heartbeats while user code holds the main thread (see the class docstring)."""
         while not self.pulse_stop.wait(self.heartbeat_s / 2):
             if self.parent_gone():
-                os._exit(EXIT_PARENT_GONE)
+                os._exit(ExitCode.WORKER_PARENT_GONE)
             if self.socket_lock.acquire(blocking=False):
                 try:
                     if not self.pulse_stop.is_set():
@@ -296,17 +290,20 @@ class Worker:
         except protocol.ProtocolError as exc:
             log.warning("dropped a message from the daemon: %s", exc)
             return None
-        if msg.type == protocol.REFUSED and msg.env.get("code") == "hello":
+        if msg.type == protocol.REFUSED and msg.env.get(protocol.F_CODE) == protocol.REFUSED_HELLO:
             log.info("the daemon does not know this worker (it restarted?): saying ready")
             self.say_ready()
             return None
         if msg.type == protocol.REFUSED:
             log.error("daemon refused this worker: %s", msg.env["reason"])
-            return EXIT_REFUSED
+            return ExitCode.WORKER_REFUSED
         if msg.type == protocol.WELCOME:
-            for warning in protocol.compare_versions(
-                    protocol.local_versions(), msg.env["versions"], "daemon"):
-                log.warning("%s", warning)
+            try:
+                for warning in protocol.handshake(msg.env["versions"], "daemon"):
+                    log.warning("%s", warning)
+            except protocol.VersionMismatch as exc:
+                log.error("leaving: %s", exc)
+                return ExitCode.WORKER_REFUSED
             return None
         handler = self.handlers.get(msg.type)
         if handler is None:
@@ -320,7 +317,7 @@ class Worker:
 
     def heartbeat(self) -> None:
         if time.monotonic() - self.last_sent >= self.heartbeat_s:
-            self.send(protocol.pack(protocol.HEARTBEAT))
+            self.send(protocol.heartbeat())
 
     def send(self, frames: list[Any]) -> None:
         self.sock.send_multipart(frames, copy=False)
@@ -375,8 +372,8 @@ class Worker:
         keep: deque[Message] = deque()
         for msg in self.waiting:
             if msg.env["fn"] == fn_hash:
-                self.send(protocol.pack(protocol.LOST, ids=[msg.env["id"]], reason=reason,
-                                        worker=self.name))
+                self.send(protocol.lost([msg.env["id"]], reason, self.name,
+                                        code=protocol.LOST_BLOB))
             else:
                 keep.append(msg)
         self.waiting = keep
@@ -397,9 +394,9 @@ class Worker:
         self.inputs_done += len(oks)
         payload = self._dump_results(values, oks, outputs)
         extra: dict[str, Any] = {}
-        shared = self.results_folder(msg.env.get("rshm"))
+        shared = self.results_folder(msg.env.get(protocol.F_RSHM))
         if shared is not None:
-            payload, extra["shm"], _ = shared.share(payload)
+            payload, extra[protocol.F_SHM], _ = shared.share(payload)
         self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
                                 **protocol.outcome_fields(oks, stamps), **extra))
 
@@ -426,7 +423,7 @@ class Worker:
         oks: list[bool] = []
         stamps: list[float] = []
         n = msg.env["n"]
-        capture = bool(msg.env.get("cap"))
+        capture = bool(msg.env.get(protocol.F_CAP))
         outputs: list[str] | None = [] if capture else None
         try:
             items = serialize.loads(msg.payload, protocol.shared_frames(msg))
@@ -473,37 +470,6 @@ class Worker:
                                    f"pickled: {exc}")
                 values[i], oks[i] = info, False
         return serialize.dumps(values if outputs is None else (values, outputs))
-
-
-# A daemon-started worker's slot file: the id of the task message it last started,
-# SLOT_BYTES little-endian, written through a shared mapping (no system call), read by
-# the daemon when the worker dies. All of its format is here.
-SLOT_BYTES = 8
-
-
-def slot_value(send_id: int) -> int:
-    """How a task message's id is written in a slot (ids are the client's to choose)."""
-    return send_id & ((1 << 8 * SLOT_BYTES) - 1)
-
-
-def make_slot(path: str) -> None:
-    """Create an empty slot file (nothing started yet)."""
-    with open(path, "wb") as fh:
-        fh.write(bytes(SLOT_BYTES))
-
-
-def read_slot(path: str) -> int | None:
-    """The slot value a worker left in ``path`` (None: it started nothing, or the file is
-    unreadable); the file is removed."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(SLOT_BYTES)
-        os.unlink(path)
-    except OSError:
-        return None
-    if len(raw) != SLOT_BYTES:
-        return None
-    return int.from_bytes(raw, "little") or None
 
 
 def _map_slot(path: str | None) -> mmap.mmap | None:
