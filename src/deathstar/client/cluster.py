@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 import zmq
 
 from deathstar import config, protocol, serialize
-from deathstar.client.engine import FINISHED, Engine, Job, NoNodesError, Outcome
+from deathstar.client.engine import Engine, NoNodesError
+from deathstar.client.job import Job, Outcome, ordered
 from deathstar.errors import TaskFailed
 from deathstar.client.embedded import LocalDaemon
 from deathstar.client.progress import ProgressFn, resolve as resolve_progress
@@ -324,32 +325,21 @@ class Cluster:
                 deadline: float | None = None) -> Iterator[Outcome]:
         self.engine.submit(job)
         done = 0
-        finished = False
         try:
             while True:
-                if deadline is None:
-                    item = job.out.get()
-                else:
-                    try:
-                        item = job.out.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        raise TimeoutError("the results did not come in time") from None
-                if item is FINISHED:
-                    finished = True
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    batch = job.take(timeout)
+                except queue.Empty:
+                    raise TimeoutError("the results did not come in time") from None
+                if batch is None:
                     return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                done += len(item)
-                job.consumed = done
-                if job.throttled and job.delivered - done <= config.MAX_PENDING_RESULTS // 2:
-                    job.throttled = False
-                    self.engine.wake()
+                done += len(batch)
                 if progress is not None:
                     progress(done, job.total)
-                yield from item
+                yield from batch
         finally:
-            if not finished:
+            if not job.ended:
                 self.engine.cancel(job)
 
 
@@ -368,24 +358,6 @@ def map(fn: Callable[..., Any], items: Iterable[Any], *,
     """
     with Cluster(cluster, connect_timeout=connect_timeout, keys=keys) as c:
         return c.map(fn, items, **options_and_common)
-
-
-def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
-            ) -> Iterator[Outcome]:
-    """Put a completion-order stream of outcomes back into input order, holding an outcome
-    only until its predecessors have arrived. The indices are 0, 1, 2, ... or, when given,
-    ``order`` (which may grow while this runs, as inputs are read)."""
-    pending: dict[int, Outcome] = {}
-    position = 0
-    for outcome in outcomes:
-        pending[outcome[0]] = outcome
-        while True:
-            expected = position if order is None else (
-                order[position] if position < len(order) else None)
-            if expected is None or expected not in pending:
-                break
-            yield pending.pop(expected)
-            position += 1
 
 
 def _deliver(ok: bool, value: Any, on_error: OnError) -> Any:

@@ -144,6 +144,8 @@ class Engine(threading.Thread):
     # ------------------------------------------------------------------ user side
 
     def submit(self, job: Job) -> None:
+        """Start ``job`` (any thread); its outcomes arrive on ``job.out``."""
+        job.wake = self.wake
         self._command("job", job)
 
     def cancel(self, job: Job) -> None:

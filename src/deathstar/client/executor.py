@@ -29,10 +29,10 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from deathstar import config, serialize
+from deathstar import serialize
 from deathstar.client.cluster import Cluster, MapOptions
 from deathstar.client.engine import NoNodesError
-from deathstar.client.job import FINISHED, Job
+from deathstar.client.job import FINISHED, Job, Outcome, ordered
 
 __all__ = ["Executor", "LIVENESS_CHECK_S"]
 
@@ -239,7 +239,7 @@ class Executor(cf.Executor):
                 _settle_future(future, ok, value)
                 done.append(future)
         if feed.job is not None:
-            self._consumed(feed.job, len(outcomes))
+            feed.job.mark_consumed(len(outcomes))
         with self._lock:
             self._settle_locked(done)
 
@@ -285,14 +285,6 @@ class Executor(cf.Executor):
         if not self._unfinished:
             self._idle.notify_all()
 
-    def _consumed(self, job: Job, count: int) -> None:
-        """``count`` outcomes of ``job`` were taken off its queue: lift its back-pressure
-        once the backlog has halved (as ``Cluster`` does for a map)."""
-        job.consumed += count
-        if job.throttled and job.delivered - job.consumed <= config.MAX_PENDING_RESULTS // 2:
-            job.throttled = False
-            self._cluster.engine.wake()
-
     def _cluster_usable(self) -> bool:
         engine = self._cluster.engine
         return engine.crashed is None and engine.is_alive()
@@ -329,47 +321,39 @@ class Executor(cf.Executor):
     def _results(self, job: Job, deadline: float | None) -> Iterator[Any]:
         engine = self._cluster.engine
         engine.submit(job)
-        finished = False
         try:
             yield None  # primed by ``map``
-            held: dict[int, tuple[bool, Any]] = {}
             position = 0
-            while True:
-                item = self._next_outcomes(job, deadline)
-                if item is FINISHED:
-                    finished = True
-                    break
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                self._consumed(job, len(item))
-                for index, ok, value, _ in item:
-                    held[index] = (ok, value)
-                while position in held:
-                    ok, value = held.pop(position)
-                    position += 1
-                    if not ok:
-                        raise value
-                    yield value
+            for _, ok, value, _ in ordered(self._outcomes(job, deadline)):
+                position += 1
+                if not ok:
+                    raise value
+                yield value
             if not job.exhausted or position < job.read:  # it was cancelled
                 raise cf.CancelledError(_CANCELLED)
         finally:
-            if not finished and engine.is_alive():
+            if not job.ended and engine.is_alive():
                 engine.cancel(job)
             with self._lock:
                 self._maps.discard(job)
             self._release_if_idle()
 
-    def _next_outcomes(self, job: Job, deadline: float | None) -> Any:
+    def _outcomes(self, job: Job, deadline: float | None) -> Iterator[Outcome]:
+        """A map's outcomes in completion order, checking every ``LIVENESS_CHECK_S`` that
+        the cluster is still usable; ``cf.TimeoutError`` past ``deadline``."""
         while True:
             left = LIVENESS_CHECK_S if deadline is None else deadline - time.monotonic()
             try:
-                return job.out.get(timeout=min(LIVENESS_CHECK_S, max(0.0, left)))
+                batch = job.take(timeout=min(LIVENESS_CHECK_S, max(0.0, left)))
             except queue.Empty:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise cf.TimeoutError("the map's results did not come in time") from None
                 if not self._cluster_usable():
                     raise RuntimeError("the executor's Cluster was closed") from None
+                continue
+            if batch is None:
+                return
+            yield from batch
 
     # ------------------------------------------------------------------ shutdown
 

@@ -8,7 +8,7 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from deathstar import config, serialize
 from deathstar.errors import TaskFailed, TaskTimeout, WorkerCrashed, remote_error
@@ -19,6 +19,24 @@ Outcome = tuple[int, bool, Any, TaskRecord]
 
 #: Put on a job's queue after its last outcome.
 FINISHED = object()
+
+def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
+            ) -> Iterator[Outcome]:
+    """Put a completion-order stream of outcomes back into input order, holding an outcome
+    only until its predecessors have arrived. The indices are 0, 1, 2, ... or, when given,
+    ``order`` (which may grow while this runs, as inputs are read)."""
+    pending: dict[int, Outcome] = {}
+    position = 0
+    for outcome in outcomes:
+        pending[outcome[0]] = outcome
+        while True:
+            expected = position if order is None else (
+                order[position] if position < len(order) else None)
+            if expected is None or expected not in pending:
+                break
+            yield pending.pop(expected)
+            position += 1
+
 
 @dataclass(eq=False)
 class Task:
@@ -60,16 +78,41 @@ class Job:
     delivered: int = 0
     consumed: int = 0
     throttled: bool = False
+    ended: bool = False  # the consumer took FINISHED or the job's exception
+    wake: Callable[[], None] = lambda: None  # set by the I/O thread's submit
 
     def deliver(self, outcomes: list[Any]) -> None:
-        """Hand a list of outcomes to the consumer."""
+        """Hand a list of outcomes to the consumer (I/O thread)."""
         self.delivered += len(outcomes)
         self.out.put(outcomes)
 
     def backlogged(self) -> bool:
-        """Too many outcomes wait for the consumer: read no more inputs for now."""
+        """Too many outcomes wait for the consumer: read no more inputs for now (I/O
+        thread)."""
         self.throttled = self.delivered - self.consumed > config.MAX_PENDING_RESULTS
         return self.throttled
+
+    def take(self, timeout: float | None = None) -> list[Outcome] | None:
+        """The next list of outcomes (consumer thread), blocking at most ``timeout``
+        seconds (``queue.Empty`` past it); None once the job has finished; raises the
+        exception that ended the job. What it returns counts as consumed."""
+        item = self.out.get(timeout=timeout)
+        if item is FINISHED:
+            self.ended = True
+            return None
+        if isinstance(item, BaseException):
+            self.ended = True
+            raise item
+        self.mark_consumed(len(item))
+        return list(item)
+
+    def mark_consumed(self, count: int) -> None:
+        """``count`` outcomes were taken by the consumer: once the backlog has halved, a
+        throttled job reads inputs again (the I/O thread is woken)."""
+        self.consumed += count
+        if self.throttled and self.delivered - self.consumed <= config.MAX_PENDING_RESULTS // 2:
+            self.throttled = False
+            self.wake()
 
     @property
     def blob_bytes(self) -> int:
