@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any, Callable
 
 import zmq
@@ -28,65 +27,14 @@ from deathstar.errors import TaskFailed, WorkerCrashed
 from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
-from deathstar.client.job import FINISHED, Job, Outcome, Task
+from deathstar.client.job import FINISHED, Job, JobInputError, Outcome, Task
+from deathstar.client.node import CONNECTING, DOWN, READY, REFUSED, RECONNECT_MAX_S, RECONNECT_MIN_S, UNREACHABLE, Node
 from deathstar.report import CRASHED
 
 log = logging.getLogger("deathstar.client")
 
-#: Node states.
-CONNECTING = "connecting"
-READY = "ready"
-UNREACHABLE = "unreachable"
-REFUSED = "refused"
-DOWN = "down"  # was ready, went silent or restarted; reconnecting with backoff
-
-RECONNECT_MIN_S = 1.0
-RECONNECT_MAX_S = 32.0
-
-
 class NoNodesError(ConnectionError):
     """No node of the cluster could be used; the message names each and why."""
-
-
-@dataclass(eq=False)
-class Node:
-    """The client's view of one node: its socket, state, and tasks in flight there."""
-
-    address: NodeAddress
-    sock: zmq.Socket[bytes] | None = None
-    state: str = CONNECTING
-    error: str = ""
-    capacity: int = 0
-    heartbeat_s: float = config.HEARTBEAT_INTERVAL_S
-    hostname: str = ""
-    versions: dict[str, Any] = field(default_factory=dict)
-    inflight: dict[int, Task] = field(default_factory=dict)
-    # blob hash -> the send id of the first task sent after it (the node has it, unless
-    # it dropped it from its cache since)
-    blobs_sent: dict[str, int] = field(default_factory=dict)
-    deadline: float = 0.0  # handshake deadline, or next reconnect when down
-    backoff_s: float = RECONNECT_MIN_S
-    last_seen: float = 0.0
-    last_sent: float = 0.0
-    done: int = 0
-    failed: int = 0
-    downs: int = 0  # times it was declared lost (silent, restarted) while in use
-    bytes_sent: int = 0  # payload bytes: function blobs and inputs
-
-    @property
-    def name(self) -> str:
-        return self.address.name
-
-    def window(self, short: bool) -> int:
-        """Messages to keep in flight here: one per worker plus a few queued at the
-        daemon; with short messages (``short``) also one waiting behind each worker's
-        current one, and more queued, since each is over quickly."""
-        if short:
-            return 2 * self.capacity + config.PREFETCH_SHORT
-        return self.capacity + config.PREFETCH_PER_NODE
-
-    def items_in_flight(self) -> int:
-        return sum(len(t.indices) for t in self.inflight.values())
 
 
 class Engine(threading.Thread):
@@ -116,7 +64,6 @@ class Engine(threading.Thread):
         self.shared_files: dict[int, list[str]] = {}  # send id -> files not yet taken
         self.late_results = 0
         self.snapshot: list[dict[str, Any]] = []
-        self.rates: dict[str, tuple[float, int, float]] = {}
         self.next_snapshot = 0.0
         self.poller_stale = True
         self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
@@ -520,20 +467,7 @@ class Engine(threading.Thread):
         node.deadline = now + node.backoff_s
 
     def take_snapshot(self, now: float) -> None:
-        rows = []
-        for node in self.nodes:
-            t0, done0, rate = self.rates.get(node.name, (now, node.done, 0.0))
-            if now - t0 >= 1.0:
-                rate = (node.done - done0) / (now - t0)
-                self.rates[node.name] = (now, node.done, rate)
-            elif node.name not in self.rates:
-                self.rates[node.name] = (t0, done0, rate)
-            rows.append({"node": node.name, "state": node.state, "workers": node.capacity,
-                         "in_flight": node.items_in_flight(), "done": node.done,
-                         "failed": node.failed, "rate": rate, "error": node.error,
-                         "downs": node.downs, "late_results": self.late_results,
-                         "bytes_sent": node.bytes_sent})
-        self.snapshot = rows
+        self.snapshot = [node.stats(now, self.late_results) for node in self.nodes]
 
     # ------------------------------------------------------------------ sending work
 
@@ -569,30 +503,13 @@ class Engine(threading.Thread):
         return None
 
     def read_batch(self, job: Job, capacity: int) -> Task | None:
-        size = job.batch_size(capacity)
+        """The job's next batch of fresh inputs; a job whose inputs cannot be read or
+        pickled fails (its consumer raises why)."""
         try:
-            chunk = list(islice(job.items, size))
-        except Exception as exc:  # the user's input iterator failed (a malformed line...)
-            self.fail_job(job, exc)
+            return job.read_batch(capacity)
+        except JobInputError as exc:
+            self.fail_job(job, exc.cause)
             return None
-        if len(chunk) < size:
-            job.exhausted = True
-        if not chunk:
-            return None
-        job.read += len(chunk)
-        items = [(args, kwargs) for _, args, kwargs in chunk]
-        try:
-            payload = serialize.dumps(items)
-        except Exception:
-            for index, args, kwargs in chunk:
-                try:
-                    serialize.dumps((args, kwargs))
-                except Exception as exc:
-                    self.fail_job(job, serialize.SerializationError(
-                        f"input {index} cannot be pickled: {type(exc).__name__}: {exc}"))
-                    return None
-            raise
-        return Task(job, [index for index, _, _ in chunk], payload)
 
     def send_task(self, node: Node, task: Task) -> None:
         job = task.job

@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import time
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -36,6 +37,15 @@ def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
                 break
             yield pending.pop(expected)
             position += 1
+
+
+class JobInputError(Exception):
+    """A job's inputs cannot be read (the user's iterator raised) or pickled; ``cause`` is
+    what its consumer raises."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass(eq=False)
@@ -91,6 +101,33 @@ class Job:
         thread)."""
         self.throttled = self.delivered - self.consumed > config.MAX_PENDING_RESULTS
         return self.throttled
+
+    def read_batch(self, capacity: int) -> Task | None:
+        """Read and pickle the next batch of inputs (``batch_size`` of them) as a Task;
+        None when none are left. Raises JobInputError when the input iterator fails or an
+        input cannot be pickled (naming its index)."""
+        size = self.batch_size(capacity)
+        try:
+            chunk = list(islice(self.items, size))
+        except Exception as exc:  # the user's input iterator failed (a malformed line...)
+            raise JobInputError(exc) from exc
+        if len(chunk) < size:
+            self.exhausted = True
+        if not chunk:
+            return None
+        self.read += len(chunk)
+        try:
+            payload = serialize.dumps([(args, kwargs) for _, args, kwargs in chunk])
+        except Exception:
+            for index, args, kwargs in chunk:
+                try:
+                    serialize.dumps((args, kwargs))
+                except Exception as exc:
+                    raise JobInputError(serialize.SerializationError(
+                        f"input {index} cannot be pickled: {type(exc).__name__}: {exc}")
+                    ) from exc
+            raise
+        return Task(self, [index for index, _, _ in chunk], payload)
 
     def take(self, timeout: float | None = None) -> list[Outcome] | None:
         """The next list of outcomes (consumer thread), blocking at most ``timeout``

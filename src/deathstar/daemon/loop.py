@@ -21,8 +21,7 @@ import socket
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import zmq
 
@@ -31,7 +30,8 @@ from deathstar.daemon.guard import check_bind
 from deathstar.keys import Gatekeeper, ServerKeys
 from deathstar.daemon.sockets import Ports
 from deathstar.daemon.books import (Assignment, BlobCache, ClientConn, Counters,
-                                    RateLimitedLog, WorkerConn)
+                                    WorkerConn)
+from deathstar.daemon.routing import Handler, Port, Router
 from deathstar.protocol import Message
 from deathstar.daemon.supervisor import Exited, Supervisor
 from deathstar.slot import slot_value
@@ -43,24 +43,6 @@ DRAIN_BATCH = 256
 
 #: Seconds a stopping daemon lets running tasks finish before it kills them.
 DRAIN_TIMEOUT_S = config._env_float("DRAIN_TIMEOUT", 30.0)
-
-
-#: A port's handler of one message type: (the sending peer's session, the frames after the
-#: identity, the decoded message).
-Handler = Callable[[Any, list[Any], Message], None]
-
-
-@dataclass
-class Port:
-    """A ROUTER port's routing: its greeting message type and what answers it, the sessions
-    it opened (by peer identity), and the handlers of everything else."""
-
-    name: str
-    sock: zmq.Socket[bytes]
-    greeting: str
-    greet: Callable[[bytes, Message], None]
-    peers: Mapping[bytes, ClientConn | WorkerConn]
-    handlers: dict[str, Handler]
 
 
 class Daemon:
@@ -98,7 +80,7 @@ class Daemon:
         self.ready_clients: deque[bytes] = deque()  # clients with queued tasks, round robin
         self.blobs = BlobCache(config.BLOB_CACHE_BYTES)
         self.counters = Counters()
-        self.bad_log = RateLimitedLog()
+        self.router = Router(self.gate, self.counters)
         self.stopping = False
         self.stop_deadline = 0.0
         self.next_supervise = 0.0
@@ -264,57 +246,11 @@ class Daemon:
         """Workers this node has or is starting: what a client may keep busy here."""
         return max(len(self.workers), self.supervisor.count)
 
-    def receive(self, port: str, sock: zmq.Socket[bytes], frames: list[Any]
-                ) -> tuple[bytes, Message] | None:
-        """Admit and decode a message from a ROUTER: (identity, message), or None when it
-        was dropped (unauthenticated, malformed: counted) or refused (another protocol
-        version: the peer is told, naming both)."""
-        if not self.gate.admits(frames):
-            self.bad_message(port, "a message from an unauthenticated peer")
-            return None
-        try:
-            ident, rest = protocol.split_identity(frames)
-            return ident, protocol.decode(rest)
-        except protocol.VersionMismatch as exc:
-            log.warning("refused a peer on the %s port: %s", port, exc)
-            sock.send_multipart([protocol.frame_bytes(frames[0]), *protocol.refused(str(exc))])
-        except protocol.ProtocolError as exc:
-            self.bad_message(port, exc)
-        return None
-
-    def route(self, port: Port, frames: list[Any]) -> None:
-        """One message on a ROUTER port: the greeting (hello, ready) opens a session; any
-        other message from a peer without one is answered "introduce yourself"; the rest
-        go to the port's handler table. A handler that fails on a message is a counted bad
-        message, never the end of the daemon."""
-        received = self.receive(port.name, port.sock, frames)
-        if received is None:
-            return
-        ident, msg = received
-        try:
-            if msg.type == port.greeting:
-                port.greet(ident, msg)
-                return
-            peer = port.peers.get(ident)
-            if peer is None:  # we restarted, or expired it, or it never said hello
-                port.sock.send_multipart([ident, *protocol.refused(
-                    f"say {port.greeting} first", code=protocol.REFUSED_HELLO)])
-                return
-            peer.last_seen = time.monotonic()
-            handler = port.handlers.get(msg.type)
-            if handler is None:
-                self.bad_message(port.name, f"unexpected {msg.type} message")
-                return
-            handler(peer, frames[1:], msg)
-        except Exception as exc:  # noqa: BLE001 - a peer's message must never stop us
-            log.exception("handling a %s message on the %s port failed", msg.type, port.name)
-            self.bad_message(port.name, f"{msg.type} message: {type(exc).__name__}: {exc}")
-
     def on_client_message(self, frames: list[Any]) -> None:
-        self.route(self.exec_port, frames)
+        self.router.route(self.exec_port, frames)
 
     def on_worker_message(self, frames: list[Any]) -> None:
-        self.route(self.worker_port_, frames)
+        self.router.route(self.worker_port_, frames)
 
     def on_hello(self, ident: bytes, msg: Message) -> None:
         try:
@@ -613,27 +549,10 @@ class Daemon:
         }
 
     def on_status_request(self, frames: list[Any]) -> None:
-        if not self.gate.admits(frames):
-            self.bad_message("status", "a request from an unauthenticated peer")
-            return
-        try:
-            ident, rest = protocol.split_identity(frames)
-            if len(rest) != 1:
-                raise protocol.ProtocolError(f"status request of {len(rest)} frames")
-            msg = protocol.decode(rest)
-        except protocol.VersionMismatch:
-            msg = None  # still answer: the reply names our version, the peer compares
-        except protocol.ProtocolError as exc:
-            self.bad_message("status", exc)
-            return
-        if msg is not None and msg.type != protocol.STATUS:
-            self.bad_message("status", f"unexpected {msg.type} message")
-            return
-        self.status.send_multipart([ident, *protocol.pack(protocol.STATUS, **self.status_map())])
+        self.router.answer_status(self.status, frames, self.status_map)
 
     def bad_message(self, port: str, why: object) -> None:
-        self.counters.bad_messages += 1
-        self.bad_log.warning("dropped a bad message on the %s port: %s", port, why)
+        self.router.bad_message(port, why)
 
 
 def run_daemon(*, on_ready: Callable[[dict[str, Any]], None] | None = None,

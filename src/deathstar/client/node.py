@@ -1,0 +1,79 @@
+"""The client's view of one node: its socket, state, tasks in flight, and figures."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from deathstar import config
+from deathstar.client.job import Task
+from deathstar.nodes import NodeAddress
+
+#: Node states.
+CONNECTING = "connecting"
+READY = "ready"
+UNREACHABLE = "unreachable"
+REFUSED = "refused"
+DOWN = "down"  # was ready, went silent or restarted; reconnecting with backoff
+
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 32.0
+
+
+@dataclass(eq=False)
+class Node:
+    """The client's view of one node: its socket, state, and tasks in flight there."""
+
+    address: NodeAddress
+    sock: zmq.Socket[bytes] | None = None
+    state: str = CONNECTING
+    error: str = ""
+    capacity: int = 0
+    heartbeat_s: float = config.HEARTBEAT_INTERVAL_S
+    hostname: str = ""
+    versions: dict[str, Any] = field(default_factory=dict)
+    inflight: dict[int, Task] = field(default_factory=dict)
+    # blob hash -> the send id of the first task sent after it (the node has it, unless
+    # it dropped it from its cache since)
+    blobs_sent: dict[str, int] = field(default_factory=dict)
+    deadline: float = 0.0  # handshake deadline, or next reconnect when down
+    backoff_s: float = RECONNECT_MIN_S
+    last_seen: float = 0.0
+    last_sent: float = 0.0
+    done: int = 0
+    failed: int = 0
+    downs: int = 0  # times it was declared lost (silent, restarted) while in use
+    bytes_sent: int = 0  # payload bytes: function blobs and inputs
+    rate: float = 0.0  # inputs done per second, as last measured
+    rate_since: float = field(default_factory=time.monotonic)
+    rate_done: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.address.name
+
+    def window(self, short: bool) -> int:
+        """Messages to keep in flight here: one per worker plus a few queued at the
+        daemon; with short messages (``short``) also one waiting behind each worker's
+        current one, and more queued, since each is over quickly."""
+        if short:
+            return 2 * self.capacity + config.PREFETCH_SHORT
+        return self.capacity + config.PREFETCH_PER_NODE
+
+    def items_in_flight(self) -> int:
+        return sum(len(t.indices) for t in self.inflight.values())
+
+    def stats(self, now: float, late_results: int) -> dict[str, Any]:
+        """This node's row of ``Cluster.node_stats`` (the rate over the last second or
+        more)."""
+        if now - self.rate_since >= 1.0:
+            self.rate = (self.done - self.rate_done) / (now - self.rate_since)
+            self.rate_since, self.rate_done = now, self.done
+        return {"node": self.name, "state": self.state, "workers": self.capacity,
+                "in_flight": self.items_in_flight(), "done": self.done,
+                "failed": self.failed, "rate": self.rate, "error": self.error,
+                "downs": self.downs, "late_results": late_results,
+                "bytes_sent": self.bytes_sent}

@@ -1,0 +1,118 @@
+"""How a message reaches its handler in the daemon: admitted (authenticated), decoded and
+validated, matched to its peer's session, dispatched through the port's handler table.
+Nothing a peer sends can stop the daemon: a message that fails any step, or whose handler
+raises, is a counted, rate-limited "bad message" log line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import zmq
+
+from deathstar import protocol
+from deathstar.daemon.books import ClientConn, Counters, RateLimitedLog, WorkerConn
+from deathstar.keys import Gatekeeper
+from deathstar.protocol import Message
+
+log = logging.getLogger("deathstar.daemon")
+
+#: A port's handler of one message type: (the sending peer's session, the frames after the
+#: identity, the decoded message).
+Handler = Callable[[Any, list[Any], Message], None]
+
+
+@dataclass
+class Port:
+    """A ROUTER port's routing: its greeting message type and what answers it, the sessions
+    it opened (by peer identity), and the handlers of everything else."""
+
+    name: str
+    sock: zmq.Socket[bytes]
+    greeting: str
+    greet: Callable[[bytes, Message], None]
+    peers: Mapping[bytes, ClientConn | WorkerConn]
+    handlers: dict[str, Handler]
+
+
+class Router:
+    """Admits, decodes and routes the messages of the daemon's ROUTER ports."""
+
+    def __init__(self, gate: Gatekeeper, counters: Counters):
+        self.gate = gate
+        self.counters = counters
+        self.bad_log = RateLimitedLog()
+
+    def receive(self, port: str, sock: zmq.Socket[bytes], frames: list[Any]
+                ) -> tuple[bytes, Message] | None:
+        """Admit and decode a message from a ROUTER: (identity, message), or None when it
+        was dropped (unauthenticated, malformed: counted) or refused (another protocol
+        version: the peer is told, naming both)."""
+        if not self.gate.admits(frames):
+            self.bad_message(port, "a message from an unauthenticated peer")
+            return None
+        try:
+            ident, rest = protocol.split_identity(frames)
+            return ident, protocol.decode(rest)
+        except protocol.VersionMismatch as exc:
+            log.warning("refused a peer on the %s port: %s", port, exc)
+            sock.send_multipart([protocol.frame_bytes(frames[0]), *protocol.refused(str(exc))])
+        except protocol.ProtocolError as exc:
+            self.bad_message(port, exc)
+        return None
+
+    def route(self, port: Port, frames: list[Any]) -> None:
+        """One message on a ROUTER port: the greeting (hello, ready) opens a session; any
+        other message from a peer without one is answered "introduce yourself"; the rest
+        go to the port's handler table. A handler that fails on a message is a counted bad
+        message, never the end of the daemon."""
+        received = self.receive(port.name, port.sock, frames)
+        if received is None:
+            return
+        ident, msg = received
+        try:
+            if msg.type == port.greeting:
+                port.greet(ident, msg)
+                return
+            peer = port.peers.get(ident)
+            if peer is None:  # we restarted, or expired it, or it never said hello
+                port.sock.send_multipart([ident, *protocol.refused(
+                    f"say {port.greeting} first", code=protocol.REFUSED_HELLO)])
+                return
+            peer.last_seen = time.monotonic()
+            handler = port.handlers.get(msg.type)
+            if handler is None:
+                self.bad_message(port.name, f"unexpected {msg.type} message")
+                return
+            handler(peer, frames[1:], msg)
+        except Exception as exc:  # noqa: BLE001 - a peer's message must never stop us
+            log.exception("handling a %s message on the %s port failed", msg.type, port.name)
+            self.bad_message(port.name, f"{msg.type} message: {type(exc).__name__}: {exc}")
+
+    def answer_status(self, sock: zmq.Socket[bytes], frames: list[Any],
+                      status_map: Callable[[], dict[str, Any]]) -> None:
+        """Answer a status request (also one of another protocol version: the reply names
+        ours, and the peer compares)."""
+        if not self.gate.admits(frames):
+            self.bad_message("status", "a request from an unauthenticated peer")
+            return
+        try:
+            ident, rest = protocol.split_identity(frames)
+            if len(rest) != 1:
+                raise protocol.ProtocolError(f"status request of {len(rest)} frames")
+            msg: Message | None = protocol.decode(rest)
+        except protocol.VersionMismatch:
+            msg = None
+        except protocol.ProtocolError as exc:
+            self.bad_message("status", exc)
+            return
+        if msg is not None and msg.type != protocol.STATUS:
+            self.bad_message("status", f"unexpected {msg.type} message")
+            return
+        sock.send_multipart([ident, *protocol.pack(protocol.STATUS, **status_map())])
+
+    def bad_message(self, port: str, why: object) -> None:
+        self.counters.bad_messages += 1
+        self.bad_log.warning("dropped a bad message on the %s port: %s", port, why)
