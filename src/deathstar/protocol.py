@@ -137,7 +137,7 @@ def _flag(value: Any) -> bool:
 
 
 def _in(codes: frozenset[str]) -> Callable[[Any], bool]:
-    return lambda value: value in codes
+    return lambda value: isinstance(value, str) and value in codes
 
 
 _ANY: Final[dict[str, Callable[[Any], bool]]] = {}

@@ -156,3 +156,80 @@ def test_the_daemon_survived_unchanged(target: tuple[Daemon, dict[str, zmq.Socke
              f"messages ({settled} KiB)")
     now = rss_kib(pid)
     assert now - STARTED_RSS[pid] < 128 * 1024, f"grew {now - STARTED_RSS[pid]} KiB in all"
+
+
+#: Wrong values for any field: wrong types, nested lists (``ids=[[1]]`` once killed the
+#: daemon), out-of-range numbers, oversized strings and lists, bools where ints go.
+WRONG = [None, True, -1, 2**64 - 1, 1e300, float("nan"), "x", "x" * 70_000, b"\x00" * 3,
+         [[1]], [1] * 70_000, {"a": [1]}, [None], ["1"], {}]
+
+
+def _valid(msg_type: str) -> dict[str, Any]:
+    """A well-formed envelope of ``msg_type`` (no payload frames)."""
+    versions = protocol.local_versions()
+    return {protocol.HELLO: {"versions": versions, "hb": 1.0},
+            protocol.WELCOME: {"versions": versions, "hb": 1.0, "node": "n", "workers": 1},
+            protocol.REFUSED: {"reason": "r"},
+            protocol.READY: {"versions": versions, "hb": 1.0, "worker": "w", "pid": 1},
+            protocol.BLOB: {"h": "abc", "nb": 0},
+            protocol.FETCH: {"h": "abc"}, protocol.MISSING: {"h": "abc"},
+            protocol.TASK: {"id": 1, "fn": "abc", "n": 1, "nb": 0, "timeout": None},
+            protocol.RESULT: {"id": 1, "worker": "w", "ok": b"", "ts": b"", "nb": 0},
+            protocol.LOST: {"ids": [1], "reason": "r", "worker": "w"},
+            protocol.CANCEL: {"ids": [1]}}.get(msg_type, {})
+
+
+def _mistyped() -> Iterator[bytes]:
+    """Every message type with each of its fields (required and optional) replaced by
+    each wrong value, one at a time."""
+    for msg_type in MESSAGE_TYPES:
+        fields = [*protocol.SCHEMA[msg_type], *protocol.OPTIONAL.get(msg_type, {})]
+        for field in fields:
+            for wrong in WRONG:
+                env = {"v": protocol.PROTOCOL_VERSION, "t": msg_type, **_valid(msg_type),
+                       field: wrong}
+                yield msgpack.packb(env, use_bin_type=True)
+
+
+def _admitted(ctx: zmq.Context[Any], endpoint: str, greeting: list[bytes]
+              ) -> zmq.Socket[bytes]:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.connect(endpoint)
+    sock.send_multipart(greeting)
+    assert sock.poll(10_000), f"no welcome from {endpoint}"
+    reply = protocol.decode(sock.recv_multipart())
+    assert reply.type == protocol.WELCOME, reply.env
+    return sock
+
+
+def test_an_admitted_peer_cannot_kill_the_daemon_with_any_field() -> None:
+    """As a client that said hello and as a worker that said ready, every message type
+    with every field wrong in every way: the daemon stays the same process, counts each
+    invalid one, and a map afterwards is exact."""
+    d = start_daemon(1)
+    ctx = zmq.Context.instance()
+    try:
+        client = _admitted(ctx, f"tcp://127.0.0.1:{d.port}", protocol.hello(1.0))
+        worker = _admitted(ctx, f"tcp://127.0.0.1:{d.port + 2}",
+                           protocol.ready(1.0, "fuzz", 1))
+        counted = d.status()["bad_messages"]
+        sent = 0
+        for envelope in _mistyped():
+            for sock in (client, worker):
+                sock.send_multipart([envelope])
+                sent += 1
+        # most are invalid; the rest (a wrong value that happens to be valid) are handled
+        wait_for(lambda: d.status()["bad_messages"] >= counted + sent // 2, 60,
+                 f"the daemon to count most of {sent} mistyped messages")
+        worker.send_multipart(protocol.pack(protocol.BYE))
+        assert d.proc.poll() is None
+        wait_for(lambda: d.status()["workers"] == 1, 30, "only the real worker to remain")
+        res = deathstar.map(jobs.square, range(200), cluster=[d.address])
+        assert list(res) == [x * x for x in range(200)]
+        assert d.proc.poll() is None
+        client.close()
+        worker.close()
+    finally:
+        d.stop()
