@@ -536,7 +536,7 @@ def run_w7_workers(sizes: Sizes, res: Results) -> None:
 
     log("deathstar: W7 daemon CPU per task with 2 and 300 workers")
     cmd = [str(Path(sys.executable).parent / "deathstar"), "daemon", "--host", "127.0.0.1",
-           "--port", "0", "--workers", "0", "--ready-json", "--keys", "none",
+           "--port", "0", "--workers", "0", "--ready-json", "--keys", "none", "--insecure",
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:

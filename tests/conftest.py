@@ -77,6 +77,8 @@ def start_daemon(workers: int = 2, *extra: str, host: str = "127.0.0.1",
                  stderr: int | None = None, wait_workers: bool = True) -> Daemon:
     """Start a daemon, wait until its status port reports its workers, and return it.
     ``keys``: its key folder, or "none"."""
+    if keys == "none" and "--insecure" not in extra:
+        extra = ("--insecure", *extra)  # plaintext TCP is never the default
     cmd = daemon_command("--host", host, "--port", str(port), "--workers", str(workers),
                          "--ready-json", "--heartbeat", FAST_HEARTBEAT, "--keys", keys, *extra)
     proc = subprocess.Popen((wrap or []) + cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,

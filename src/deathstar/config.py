@@ -12,6 +12,7 @@ file (``heartbeat_interval = 0.2``), else the default here. The config file is
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,45 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "deathstar"
 
 
+def trust_problem(path: Path, open_bits: int = 0o022) -> str | None:
+    """Why ``path`` (a file or folder that grants trust: keys, ``authorized/``, the config
+    file) cannot be trusted, or None: it is a symbolic link, belongs to another user than
+    this process's (root's are trusted), or has any of ``open_bits`` set (by default,
+    group or others may write it). Raises FileNotFoundError when it does not exist."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link; use the real path"
+    if st.st_uid not in (os.getuid(), 0):
+        return (f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}) "
+                "or root")
+    if st.st_mode & open_bits:
+        fix = "chmod 700" if stat.S_ISDIR(st.st_mode) else (
+            "chmod 600" if open_bits & 0o044 else "chmod go-w")
+        return (f"{path} has loose permissions ({stat.filemode(st.st_mode)}): others can "
+                f"{'read or write' if open_bits & 0o044 else 'write'} it; run: {fix} {path}")
+    return None
+
+
+def make_private_dir(path: Path) -> Path:
+    """Make ``path`` and any missing parent folder 0700, whatever the umask (so that a
+    first run under umask 000 does not leave ``~/.config/deathstar`` open to others)."""
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        folder.chmod(0o700)
+    return path
+
+
 def _load_file() -> dict[str, Any]:
     path = config_path()
+    try:
+        problem = trust_problem(path)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    if problem:  # it can say keys = "none" and redefine clusters: it must be ours
+        raise ConfigError(f"config file not used: {problem}")
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)

@@ -6,6 +6,8 @@ A key folder (``deathstar keygen``; default ``<config folder>/keys``) holds::
     node.key  node.key_secret        the daemon's keypair
     client.key  client.key_secret    this user's keypair (clients and hand-started workers)
     authorized/*.key                 public keys a daemon serves (keygen puts client.key here)
+    authorized_workers/*.key         public keys that may serve as hand-started workers on
+                                     the worker port (none by default)
     nodes/HOST.key, nodes/HOST_PORT.key   optional: the public key of one node, when nodes
                                      do not share node.key
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from deathstar.nodes import NodeAddress
 NODE = "node"
 CLIENT = "client"
 AUTHORIZED = "authorized"
+AUTHORIZED_WORKERS = "authorized_workers"
 NODES = "nodes"
 
 #: ``--keys none`` (or DEATHSTAR_KEYS=none): use no keys even if the default folder has some.
@@ -49,16 +51,36 @@ def default_dir() -> Path:
     return config.config_dir() / "keys"
 
 
-def resolve_dir(explicit: str | Path | None, role: str) -> Path | None:
-    """The key folder to use: ``explicit``, else ``$DEATHSTAR_KEYS``, else the config
-    file's ``keys``, else the default folder when it holds ``role``'s secret key; None
-    means no keys (``none`` too)."""
+def chosen_dir(explicit: str | Path | None) -> Path | str | None:
+    """What the user chose: ``explicit``, else ``$DEATHSTAR_KEYS``, else the config file's
+    ``keys``: a folder, ``NO_KEYS``, or None when nothing was chosen."""
     chosen = explicit if explicit is not None else (
         os.environ.get("DEATHSTAR_KEYS") or config.file_keys_dir())
+    if chosen is None:
+        return None
+    return NO_KEYS if str(chosen) == NO_KEYS else Path(chosen).expanduser()
+
+
+def resolve_dir(explicit: str | Path | None, role: str) -> Path | None:
+    """The key folder to use: the one chosen (``chosen_dir``), else the default folder
+    when it holds ``role``'s secret key; None means no keys (``none`` too)."""
+    chosen = chosen_dir(explicit)
     if chosen is not None:
-        return None if str(chosen) == NO_KEYS else Path(chosen).expanduser()
+        return None if chosen == NO_KEYS else Path(chosen)
     default = default_dir()
     return default if (default / f"{role}.key_secret").exists() else None
+
+
+def ensure_keys(folder: Path) -> bool:
+    """Make keys in ``folder`` (``keygen``) unless it has them; True when it made them.
+    Safe when two processes race to make them: the loser uses the winner's."""
+    if (folder / f"{NODE}.key_secret").exists() and (folder / f"{CLIENT}.key_secret").exists():
+        return False
+    try:
+        keygen(folder)
+    except KeyFileError:
+        return False  # another process made them first
+    return True
 
 
 def keygen(folder: Path, force: bool = False) -> list[Path]:
@@ -71,8 +93,7 @@ def keygen(folder: Path, force: bool = False) -> list[Path]:
         raise KeyFileError(f"{existing[0]} exists already; pass --force to replace the keys "
                         "(clients and nodes using them will need the new ones)")
     for d in (folder, folder / AUTHORIZED):
-        d.mkdir(parents=True, exist_ok=True)
-        d.chmod(0o700)
+        config.make_private_dir(d)
     written = []
     for name in (NODE, CLIENT):
         for suffix in (".key", ".key_secret"):
@@ -89,17 +110,15 @@ def keygen(folder: Path, force: bool = False) -> list[Path]:
 
 
 def check_permissions(path: Path, secret: bool) -> None:
-    """Refuse a secret file others can read or write, and a folder others can write
+    """Refuse a file or folder that grants trust unless it is this user's (or root's), not a
+    symbolic link, and closed: a secret others can read or write, a folder others can write
     (someone who can write ``authorized/`` can let themselves in)."""
     try:
-        mode = path.stat().st_mode
+        problem = config.trust_problem(path, 0o077 if secret else 0o022)
     except OSError as exc:
         raise KeyFileError(f"{path}: {exc.strerror}") from None
-    loose = mode & (0o077 if secret else 0o022)
-    if loose:
-        fix = "chmod 600" if secret and not stat.S_ISDIR(mode) else "chmod 700"
-        raise KeyFileError(f"{path} has loose permissions ({stat.filemode(mode)}): others can "
-                        f"{'read or write' if secret else 'write'} it; run: {fix} {path}")
+    if problem:
+        raise KeyFileError(problem)
 
 
 def _load_pair(folder: Path, name: str) -> tuple[bytes, bytes]:
@@ -129,19 +148,31 @@ class ServerKeys:
 
     public: bytes
     secret: bytes
-    authorized: frozenset[bytes]
+    authorized: frozenset[bytes]  # clients: may submit work (exec and status ports)
     folder: Path
+    workers: frozenset[bytes] = frozenset()  # may serve as workers (worker port only)
+
+
+def _load_authorized(folder: Path, required: bool) -> frozenset[bytes]:
+    """The public keys in ``folder`` (each checked like the folder: ours, closed)."""
+    if not required and not os.path.lexists(folder):
+        return frozenset()
+    check_permissions(folder, secret=False)
+    files = sorted(folder.glob("*.key"))
+    for path in files:
+        check_permissions(path, secret=False)
+    return frozenset(_load_public(p) for p in files)
 
 
 def load_server_keys(folder: Path) -> ServerKeys:
     public, secret = _load_pair(folder, NODE)
     auth_dir = folder / AUTHORIZED
-    check_permissions(auth_dir, secret=False)
-    authorized = frozenset(_load_public(p) for p in sorted(auth_dir.glob("*.key")))
+    authorized = _load_authorized(auth_dir, required=True)
     if not authorized:
         raise KeyFileError(f"{auth_dir} holds no public key: nobody could use this daemon; "
                         "copy clients' client.key files there")
-    return ServerKeys(public, secret, authorized, folder)
+    workers = _load_authorized(folder / AUTHORIZED_WORKERS, required=False)
+    return ServerKeys(public, secret, authorized, folder, workers)
 
 
 @dataclass(frozen=True)
@@ -186,19 +217,27 @@ def connect_with(sock: zmq.Socket[bytes], public: bytes, secret: bytes,
     sock.curve_serverkey = server_public
 
 
+#: Roles of a daemon's sockets: who may connect to each.
+CLIENTS = "clients"  # exec and status ports: keys in authorized/
+WORKERS = "workers"  # the worker port: keys in authorized_workers/ and the daemon's own
+
+
 class Gatekeeper:
     """A daemon's door. With keys, every socket is a CURVE server, and the daemon's own
-    loop answers ZAP (RFC 27) requests on ``zap_socket``: only authorized public keys get
-    in, with their key as ``User-Id``. ``admits`` checks each message's ``User-Id`` again,
-    because CURVE without a ZAP handler accepts anyone who knows the node's public key:
-    should the handler ever be missing, the daemon fails closed.
+    loop answers ZAP (RFC 27) requests on ``zap_socket``: a key gets in only on the
+    sockets of its role (``CLIENTS``: keys in ``authorized/``; ``WORKERS``: keys in
+    ``authorized_workers/`` and the daemon's own workers' ephemeral key), with the key as
+    ``User-Id``. ``admits`` checks each message's ``User-Id`` again, because CURVE without
+    a ZAP handler accepts anyone who knows the node's public key: should the handler ever
+    be missing, the daemon fails closed.
 
-    The daemon's own workers get an ephemeral keypair (through their environment) that
-    is admitted too. Without keys, everything is admitted (loopback or ``--insecure``).
-    """
+    The daemon's own workers get their ephemeral keypair through a 0600 file in the
+    daemon's private folder that each worker removes once read (``write_worker_curve``),
+    never through the environment (``/proc/PID/environ`` keeps it). Without keys,
+    everything is admitted (an ipc folder, or ``--insecure``)."""
 
-    WORKER_ENV = "DEATHSTAR_WORKER_CURVE"
     ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+    DOMAINS = {CLIENTS: ZAP_DOMAIN, WORKERS: ZAP_DOMAIN + b"-workers"}
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], keys: ServerKeys | None,
                  zap: bool = True):
@@ -206,13 +245,15 @@ class Gatekeeper:
         self.keys = keys
         self.zap = zap
         self.zap_socket: zmq.Socket[bytes] | None = None
-        self.allowed: set[str] = set()
+        self.allowed: dict[str, set[str]] = {CLIENTS: set(), WORKERS: set()}
         self.worker_pair: tuple[bytes, bytes] | None = None
         self.refused = 0
         if keys is not None:
             self.worker_pair = zmq.curve_keypair()
-            self.allowed = {k.decode("ascii") for k in keys.authorized}
-            self.allowed.add(self.worker_pair[0].decode("ascii"))
+            self.allowed[CLIENTS] = {k.decode("ascii") for k in keys.authorized}
+            self.allowed[WORKERS] = {k.decode("ascii") for k in keys.workers}
+            self.allowed[WORKERS].add(self.worker_pair[0].decode("ascii"))
+        self.by_domain = {domain: self.allowed[role] for role, domain in self.DOMAINS.items()}
 
     def start(self) -> None:
         """Bind the ZAP handler socket (before any CURVE socket binds)."""
@@ -228,8 +269,8 @@ class Gatekeeper:
             self.zap_socket = None
 
     def handle_zap(self) -> None:
-        """Answer every pending ZAP request: 200 with the z85 key as User-Id for an
-        authorized CURVE key, 400 for anything else."""
+        """Answer every pending ZAP request: 200 with the z85 key as User-Id for a CURVE
+        key authorized on the requesting socket's role, 400 for anything else."""
         assert self.zap_socket is not None
         while True:
             try:
@@ -239,45 +280,65 @@ class Gatekeeper:
             # [peer, b"", version, request id, domain, address, identity, mechanism, key]
             if len(frames) < 8:
                 continue
-            peer, request_id, mechanism = frames[0], frames[3], frames[7]
+            peer, request_id, domain, mechanism = frames[0], frames[3], frames[4], frames[7]
+            allowed = self.by_domain.get(domain, set())
             user = b""
             if mechanism == b"CURVE" and len(frames) >= 9 and len(frames[8]) == 32:
                 key = zmq.utils.z85.encode(frames[8])
-                if key.decode("ascii") in self.allowed:
+                if key.decode("ascii") in allowed:
                     user = key
             if not user:
                 self.refused += 1
             status = (b"200", b"OK") if user else (b"400", b"not authorized")
             self.zap_socket.send_multipart([peer, b"", b"1.0", request_id, *status, user, b""])
 
-    def secure(self, sock: zmq.Socket[bytes]) -> None:
+    def secure(self, sock: zmq.Socket[bytes], role: str) -> None:
+        """Make ``sock`` a CURVE server for the keys of ``role`` (before it binds)."""
         if self.keys is not None:
             serve_with(sock, self.keys)
+            sock.zap_domain = self.DOMAINS[role]
 
-    def admits(self, frames: list[zmq.Frame]) -> bool:
-        """Whether a received message (identity frame first) comes from an authorized
-        key. Without keys: always."""
+    def user(self, frames: list[zmq.Frame], role: str) -> str | None:
+        """The authenticated key (z85) a received message (identity frame first) came
+        with, when it is authorized for ``role``; else None. Without keys: "" for all."""
         if self.keys is None:
-            return True
+            return ""
         if len(frames) < 2:
-            return False
+            return None
         try:
             user = frames[1].get("User-Id")
         except (zmq.ZMQError, AttributeError, TypeError):
-            return False
-        return isinstance(user, str) and user in self.allowed
+            return None
+        return user if isinstance(user, str) and user in self.allowed[role] else None
 
-    def worker_env(self) -> dict[str, str]:
-        """Environment for a local worker: its keypair and the node's public key."""
+    def admits(self, frames: list[zmq.Frame], role: str) -> bool:
+        """Whether a received message comes from a key authorized for ``role``."""
+        return self.user(frames, role) is not None
+
+    def worker_curve(self) -> tuple[bytes, bytes, bytes] | None:
+        """A local worker's (public, secret, node public) keys; None without keys."""
         if self.keys is None or self.worker_pair is None:
-            return {}
-        public, secret = self.worker_pair
-        # z85 keys use ':' among their characters, never ','
-        return {self.WORKER_ENV: b",".join((public, secret, self.keys.public)).decode()}
+            return None
+        return (*self.worker_pair, self.keys.public)
 
 
-def worker_curve_from_env() -> tuple[bytes, bytes, bytes] | None:
-    """A local worker's (public, secret, server public) from its daemon, if any."""
-    raw = os.environ.pop(Gatekeeper.WORKER_ENV, "")
-    parts = raw.encode().split(b",")
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+def write_worker_curve(path: str, curve: tuple[bytes, bytes, bytes]) -> None:
+    """Hand a local worker its keys: a new 0600 file in the daemon's private folder."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(b",".join(curve))  # z85 keys use ':' among their characters, never ','
+
+
+def read_worker_curve(path: str) -> tuple[bytes, bytes, bytes]:
+    """A local worker's keys from its daemon's file, which is removed once read. Raises
+    KeyFileError when the file is missing or malformed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh:
+            parts = fh.read(512).split(b",")
+        os.unlink(path)
+    except OSError as exc:
+        raise KeyFileError(f"worker keys {path}: {exc.strerror}") from None
+    if len(parts) != 3:
+        raise KeyFileError(f"worker keys {path}: malformed")
+    return parts[0], parts[1], parts[2]

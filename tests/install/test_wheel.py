@@ -80,7 +80,7 @@ def test_daemon_answers_status(venv: Venv) -> None:
     log = (venv.work / f"daemon-{port}.log").open("wb")
     daemon = subprocess.Popen(
         [venv.deathstar, "daemon", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--heartbeat", "0.2"],
+         "--workers", "1", "--heartbeat", "0.2", "--insecure"],
         cwd=venv.work, env=venv.env(), stdin=subprocess.DEVNULL, stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import pickle
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -208,8 +209,15 @@ def _bad_messages(d: Daemon) -> int:
     return int(match.group(1))
 
 
+def _authorize_worker(keydir: Path, public: Path) -> None:
+    workers = keydir / keymod.AUTHORIZED_WORKERS
+    workers.mkdir(mode=0o700, exist_ok=True)
+    shutil.copyfile(public, workers / public.name)
+
+
 def test_hand_started_worker_needs_an_authorized_key(daemons: Callable[..., Daemon],
                                                      keydir: Path) -> None:
+    _authorize_worker(keydir, keydir / "client.key")
     d = daemons(0, keys=str(keydir))
     endpoint = f"tcp://127.0.0.1:{d.port + 2}"
     rogue = subprocess.Popen([EXE, "worker", "--connect", endpoint, "--keys", "none"],
@@ -225,6 +233,33 @@ def test_hand_started_worker_needs_an_authorized_key(daemons: Callable[..., Daem
         for p in (rogue, good):
             p.terminate()
             p.wait(10)
+
+
+def test_a_client_key_cannot_serve_as_a_worker(daemons: Callable[..., Daemon],
+                                               keydir: Path, tmp_path: Path) -> None:
+    """A colleague's key in authorized/ may submit work, but signing up as a worker would
+    hand it the victim's tasks and let its results run code in the victim's client."""
+    colleague = tmp_path / "colleague"
+    subprocess.run([EXE, "keygen", str(colleague)], check=True, capture_output=True)
+    shutil.copyfile(colleague / "client.key", keydir / "authorized" / "colleague.key")
+    shutil.copyfile(keydir / "node.key", colleague / "node.key")  # it knows the node
+    d = daemons(1, keys=str(keydir))
+    endpoint = f"tcp://127.0.0.1:{d.port + 2}"
+    rogue = subprocess.Popen([EXE, "worker", "--connect", endpoint, "--keys", str(colleague)],
+                             stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # the colleague's key is a client key: it maps fine...
+        res = deathstar.map(jobs.whoami, range(20), cluster=[d.address], keys=colleague)
+        assert len(res) == 20
+        # ...but its worker is never admitted, and every task ran on the daemon's own
+        wait_for(lambda: d.status()["refused_handshakes"] >= 1, 20,
+                 "the colleague's worker handshake to be refused")
+        assert d.status()["workers"] == 1
+        res = deathstar.map(jobs.whoami, range(30), cluster=[d.address], keys=keydir)
+        assert str(rogue.pid) not in {r.rpartition(":")[2] for r in res}
+    finally:
+        rogue.terminate()
+        rogue.wait(10)
 
 
 def test_client_refuses_a_loosely_permitted_secret(keydir: Path) -> None:

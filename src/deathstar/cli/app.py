@@ -24,7 +24,7 @@ from deathstar._version import __version__
 from deathstar import config
 from deathstar.client.status import query_status
 from deathstar.daemon.loop import run_daemon
-from deathstar.daemon.guard import UnsafeBind
+from deathstar.daemon.guard import UnsafeBind, daemon_keys
 from deathstar.keys import (CLIENT, NODE, KeyFileError, default_dir, load_client_keys,
                             load_server_keys, resolve_dir)
 from deathstar.keys import keygen as keygen_keys
@@ -164,10 +164,12 @@ def daemon(
     except ValueError as exc:
         raise _fail(f"{exc}", EXIT_USAGE) from None
     try:
-        folder = resolve_dir(keys, NODE)
-        server_keys = load_server_keys(folder) if folder is not None else None
+        server_keys, note = daemon_keys(keys, ipc=None if ipc is None else str(ipc),
+                                        insecure=insecure)
     except KeyFileError as exc:
         raise _fail(f"{exc}", EXIT_USAGE) from None
+    if note:
+        err.print(f"[bold]note:[/] {note}", highlight=False)
     if server_keys is not None:
         logging.getLogger("deathstar.daemon").info(
             "CurveZMQ on: serving the %d key(s) in %s", len(server_keys.authorized),

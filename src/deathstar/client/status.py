@@ -4,6 +4,7 @@ to a TCP node uses."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,19 +12,28 @@ from typing import Any, Sequence
 import zmq
 
 from deathstar import config, protocol
-from deathstar.keys import CLIENT, ClientKeys, connect_with, load_client_keys, resolve_dir
+from deathstar.keys import (NO_KEYS, ClientKeys, chosen_dir, connect_with, default_dir,
+                            ensure_keys, load_client_keys)
 from deathstar.nodes import NodeAddress, parse_cluster
 
 __all__ = ["load_keys", "query_status"]
 
+log = logging.getLogger("deathstar.client")
+
 
 def load_keys(keys: str | Path | None, addresses: list[NodeAddress]) -> ClientKeys | None:
-    """The client keys to use (``keys``, ``$DEATHSTAR_KEYS``, or the default folder when it
-    has a client key; ``"none"`` for none), checked to hold every node's public key.
-    Raises ``KeyFileError`` naming the file that is missing or too open."""
-    folder = resolve_dir(keys, CLIENT)
-    if folder is None:
+    """The client keys to use with TCP nodes: ``keys``, else ``$DEATHSTAR_KEYS`` or the
+    config file's, else the default folder, where they are made when the user has none
+    yet (the connection is never plaintext unless told ``"none"``, for nodes started with
+    ``--insecure``). Checked to hold every node's public key. Raises ``KeyFileError``
+    naming the file that is missing, not the user's, or too open."""
+    chosen = chosen_dir(keys)
+    if chosen == NO_KEYS:
         return None
+    folder = Path(chosen) if chosen is not None else default_dir()
+    if chosen is None and ensure_keys(folder):
+        log.warning("made keys in %s (the first connection without keys): nodes must "
+                    "have your client.key in their authorized/ folder", folder)
     client_keys = load_client_keys(folder)
     for address in addresses:
         client_keys.server_key(address)

@@ -23,7 +23,9 @@ class ClientConn:
     heartbeat_s: float
     last_seen: float
     last_sent: float = 0.0
+    user: str = ""  # the authenticated key that opened the session ("" without keys)
     queue: deque[Message] = field(default_factory=deque)
+    queued_bytes: int = 0  # payload bytes of the queued messages
     blobs: set[str] = field(default_factory=set)
 
 
@@ -99,6 +101,7 @@ class WorkerConn:
     pid: int
     heartbeat_s: float
     last_seen: float
+    user: str = ""  # the authenticated key that opened the session ("" without keys)
     assigned: deque[Assignment] = field(default_factory=deque)
 
     def can_prefetch(self) -> bool:

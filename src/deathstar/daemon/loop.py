@@ -27,7 +27,7 @@ import zmq
 
 from deathstar import config, protocol
 from deathstar.daemon.guard import check_bind
-from deathstar.keys import Gatekeeper, ServerKeys
+from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
 from deathstar.daemon.sockets import Ports
 from deathstar.daemon.books import (Assignment, BlobCache, ClientConn, Counters,
                                     WorkerConn)
@@ -71,7 +71,7 @@ class Daemon:
                                      f"ipc://{self.ipc_dir}/workers",
                                      max_tasks=max_tasks_per_worker,
                                      max_memory=max_worker_memory, heartbeat_s=heartbeat_s,
-                                     env=self.gate.worker_env(), log_dir=log_dir,
+                                     curve=self.gate.worker_curve(), log_dir=log_dir,
                                      slot_dir=self.ipc_dir)
         self.clients: dict[bytes, ClientConn] = {}
         self.workers: dict[bytes, WorkerConn] = {}
@@ -118,9 +118,9 @@ class Daemon:
                            heartbeat_s=self.heartbeat_s)
         self.front, self.status, self.back = self.ports.front, self.ports.status, self.ports.back
         bound = self.ports.bind(self.supervisor.connect)
-        self.exec_port = Port("exec", self.front, protocol.HELLO, self.on_hello,
+        self.exec_port = Port("exec", CLIENTS, self.front, protocol.HELLO, self.on_hello,
                               self.clients, self.client_handlers)
-        self.worker_port_ = Port("workers", self.back, protocol.READY, self.on_ready,
+        self.worker_port_ = Port("workers", WORKERS, self.back, protocol.READY, self.on_ready,
                                  self.workers, self.worker_handlers)
         self.poller = zmq.Poller()
         for sock in (self.front, self.back, self.status):
@@ -252,7 +252,7 @@ class Daemon:
     def on_worker_message(self, frames: list[Any]) -> None:
         self.router.route(self.worker_port_, frames)
 
-    def on_hello(self, ident: bytes, msg: Message) -> None:
+    def on_hello(self, ident: bytes, user: str, msg: Message) -> None:
         try:
             warnings = protocol.handshake(msg.env["versions"], "client")
         except protocol.VersionMismatch as exc:
@@ -266,7 +266,7 @@ class Daemon:
         if ident in self.clients:
             self.drop_client(ident)  # a client that reconnected starts afresh
         hb = protocol.clamp_heartbeat(msg.env["hb"])
-        self.clients[ident] = ClientConn(ident, hb, time.monotonic())
+        self.clients[ident] = ClientConn(ident, hb, time.monotonic(), user=user)
         self.send_client(ident, protocol.welcome(self.heartbeat_s, self.node_name,
                                                  self.capacity()))
 
@@ -371,7 +371,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ workers
 
-    def on_ready(self, ident: bytes, msg: Message) -> None:
+    def on_ready(self, ident: bytes, user: str, msg: Message) -> None:
         try:
             for warning in protocol.handshake(msg.env["versions"],
                                               f"worker {msg.env['worker']}"):
@@ -384,7 +384,7 @@ class Daemon:
             self.forget_worker(self.workers[ident], "it said ready again")
         self.workers[ident] = WorkerConn(ident, msg.env["worker"], msg.env["pid"],
                                          protocol.clamp_heartbeat(msg.env["hb"]),
-                                         time.monotonic())
+                                         time.monotonic(), user=user)
         self.idle.append(ident)
         self.back.send_multipart([ident, *protocol.welcome(
             self.heartbeat_s, self.node_name, self.capacity())])

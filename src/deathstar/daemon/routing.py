@@ -14,7 +14,7 @@ import zmq
 
 from deathstar import protocol
 from deathstar.daemon.books import ClientConn, Counters, RateLimitedLog, WorkerConn
-from deathstar.keys import Gatekeeper
+from deathstar.keys import CLIENTS, Gatekeeper
 from deathstar.protocol import Message
 
 log = logging.getLogger("deathstar.daemon")
@@ -30,9 +30,10 @@ class Port:
     it opened (by peer identity), and the handlers of everything else."""
 
     name: str
+    role: str  # keys.CLIENTS or keys.WORKERS: whose keys this port admits
     sock: zmq.Socket[bytes]
     greeting: str
-    greet: Callable[[bytes, Message], None]
+    greet: Callable[[bytes, str, Message], None]
     peers: Mapping[bytes, ClientConn | WorkerConn]
     handlers: dict[str, Handler]
 
@@ -45,22 +46,24 @@ class Router:
         self.counters = counters
         self.bad_log = RateLimitedLog()
 
-    def receive(self, port: str, sock: zmq.Socket[bytes], frames: list[Any]
-                ) -> tuple[bytes, Message] | None:
-        """Admit and decode a message from a ROUTER: (identity, message), or None when it
-        was dropped (unauthenticated, malformed: counted) or refused (another protocol
-        version: the peer is told, naming both)."""
-        if not self.gate.admits(frames):
-            self.bad_message(port, "a message from an unauthenticated peer")
+    def receive(self, port: Port, frames: list[Any]
+                ) -> tuple[bytes, str, Message] | None:
+        """Admit and decode a message from a ROUTER: (identity, authenticated key, message),
+        or None when it was dropped (unauthenticated, malformed: counted) or refused
+        (another protocol version: the peer is told, naming both)."""
+        user = self.gate.user(frames, port.role)
+        if user is None:
+            self.bad_message(port.name, "a message from an unauthenticated peer")
             return None
         try:
             ident, rest = protocol.split_identity(frames)
-            return ident, protocol.decode(rest)
+            return ident, user, protocol.decode(rest)
         except protocol.VersionMismatch as exc:
-            log.warning("refused a peer on the %s port: %s", port, exc)
-            sock.send_multipart([protocol.frame_bytes(frames[0]), *protocol.refused(str(exc))])
+            log.warning("refused a peer on the %s port: %s", port.name, exc)
+            port.sock.send_multipart([protocol.frame_bytes(frames[0]),
+                                      *protocol.refused(str(exc))])
         except protocol.ProtocolError as exc:
-            self.bad_message(port, exc)
+            self.bad_message(port.name, exc)
         return None
 
     def route(self, port: Port, frames: list[Any]) -> None:
@@ -68,15 +71,19 @@ class Router:
         other message from a peer without one is answered "introduce yourself"; the rest
         go to the port's handler table. A handler that fails on a message is a counted bad
         message, never the end of the daemon."""
-        received = self.receive(port.name, port.sock, frames)
+        received = self.receive(port, frames)
         if received is None:
             return
-        ident, msg = received
+        ident, user, msg = received
         try:
             if msg.type == port.greeting:
-                port.greet(ident, msg)
+                port.greet(ident, user, msg)
                 return
             peer = port.peers.get(ident)
+            if peer is not None and peer.user != user:
+                # a session belongs to the key that opened it, not to a routing id
+                self.bad_message(port.name, f"{msg.type} message for another key's session")
+                return
             if peer is None:  # we restarted, or expired it, or it never said hello
                 port.sock.send_multipart([ident, *protocol.refused(
                     f"say {port.greeting} first", code=protocol.REFUSED_HELLO)])
@@ -95,7 +102,7 @@ class Router:
                       status_map: Callable[[], dict[str, Any]]) -> None:
         """Answer a status request (also one of another protocol version: the reply names
         ours, and the peer compares)."""
-        if not self.gate.admits(frames):
+        if not self.gate.admits(frames, CLIENTS):
             self.bad_message("status", "a request from an unauthenticated peer")
             return
         try:

@@ -13,7 +13,7 @@ from typing import Any, cast
 import zmq
 
 from deathstar import config
-from deathstar.keys import Gatekeeper
+from deathstar.keys import CLIENTS, WORKERS, Gatekeeper
 
 
 class Ports:
@@ -28,11 +28,11 @@ class Ports:
         self.ipc = ipc  # a folder: exec and status are ipc sockets there, no TCP at all
         self.heartbeat_s = heartbeat_s
         self.gate = gate
-        self.front = self._router(ctx, config.MAX_MESSAGE_BYTES)
-        self.status = self._router(ctx, config.MAX_STATUS_MESSAGE_BYTES)
-        self.back = self._router(ctx, config.MAX_MESSAGE_BYTES)
+        self.front = self._router(ctx, config.MAX_MESSAGE_BYTES, CLIENTS)
+        self.status = self._router(ctx, config.MAX_STATUS_MESSAGE_BYTES, CLIENTS)
+        self.back = self._router(ctx, config.MAX_MESSAGE_BYTES, WORKERS)
 
-    def _router(self, ctx: zmq.Context[Any], max_bytes: int) -> zmq.Socket[bytes]:
+    def _router(self, ctx: zmq.Context[Any], max_bytes: int, role: str) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
@@ -40,7 +40,7 @@ class Ports:
         # Cut TCP sessions to peers that vanished without a FIN; liveness is ours to judge.
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * config.LIVENESS * 1000))
-        self.gate.secure(sock)
+        self.gate.secure(sock, role)
         return sock
 
     def bind(self, workers_endpoint: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ one died with it, unsent."""
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from deathstar.exitcodes import ExitCode
+from deathstar.keys import write_worker_curve
 from deathstar.slot import make_slot, read_slot
 
 log = logging.getLogger("deathstar.daemon")
@@ -65,11 +67,12 @@ class Supervisor:
     max_tasks: int | None = None
     max_memory: int | None = None
     heartbeat_s: float | None = None
-    env: dict[str, str] = field(default_factory=dict)  # added to the workers' environment
+    curve: tuple[bytes, bytes, bytes] | None = None  # the workers' keys (keys.Gatekeeper)
     log_dir: str | None = None  # each worker's output goes to worker-PID.log there
     slot_dir: str | None = None  # where each worker's slot file goes (see the docstring)
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
     slots: dict[int, str] = field(default_factory=dict)  # pid -> its slot file
+    curve_files: dict[int, str] = field(default_factory=dict)  # pid -> its keys, unread
     restarts: int = 0
     recycled: int = 0
     _backoff_s: float = RESPAWN_BACKOFF_S
@@ -88,16 +91,21 @@ class Supervisor:
             self._spawned += 1
             slot = os.path.join(self.slot_dir, f"slot-{self._spawned}")
             make_slot(slot)
+        curve_file = None
+        if self.curve is not None and self.slot_dir is not None:
+            curve_file = os.path.join(self.slot_dir, f"curve-{self._spawned}")
+            write_worker_curve(curve_file, self.curve)
         for flag, value in (("--max-tasks", self.max_tasks), ("--max-memory", self.max_memory),
                             ("--heartbeat", self.heartbeat_s), ("--log-dir", self.log_dir),
-                            ("--slot", slot)):
+                            ("--slot", slot), ("--curve-file", curve_file)):
             if value is not None:
                 cmd += [flag, str(value)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
-                                env={**os.environ, **self.env} if self.env else None)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
         self.procs[proc.pid] = (proc, time.monotonic())
         if slot is not None:
             self.slots[proc.pid] = slot
+        if curve_file is not None:
+            self.curve_files[proc.pid] = curve_file
 
     def poll(self, now: float) -> list[Exited]:
         """Reap exited workers and start replacements; returns what exited."""
@@ -108,6 +116,8 @@ class Supervisor:
                 continue
             del self.procs[pid]
             slot = self.slots.pop(pid, None)
+            with contextlib.suppress(OSError):  # a worker that died before reading it
+                os.unlink(self.curve_files.pop(pid, ""))
             running = None if slot is None else read_slot(slot)
             if code == ExitCode.WORKER_RECYCLED:
                 self.recycled += 1

@@ -486,10 +486,11 @@ def main(connect: str, parent_pid: int | None = None, *,
          heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, max_tasks: int | None = None,
          max_memory: int | None = None,
          curve: tuple[bytes, bytes, bytes] | None = None,
-         log_dir: str | None = None, slot: str | None = None) -> int:
+         log_dir: str | None = None, slot: str | None = None,
+         curve_file: str | None = None) -> int:
     """Entry point of a worker process (``deathstar worker`` and the daemon's children).
     ``curve``: (public, secret, daemon public) keys; a daemon's own workers get theirs
-    from the environment."""
+    from ``curve_file``, which is removed once read."""
     logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO,
                         format=f"%(asctime)s worker {os.getpid()} %(levelname)s %(message)s")
     if parent_pid is not None:
@@ -504,8 +505,8 @@ def main(connect: str, parent_pid: int | None = None, *,
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-    if curve is None:
-        curve = keys.worker_curve_from_env()
+    if curve is None and curve_file is not None:
+        curve = keys.read_worker_curve(curve_file)
     return Worker(connect, parent_pid=parent_pid, heartbeat_s=heartbeat_s,
                   max_tasks=max_tasks, max_memory=max_memory, curve=curve, slot=slot).run()
 
@@ -522,6 +523,8 @@ def cli_main() -> int:
     parser.add_argument("--max-memory", type=int, default=None)
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--slot", default=None)
+    parser.add_argument("--curve-file", default=None)
     ns = parser.parse_args()
     return main(ns.connect, ns.parent_pid, heartbeat_s=ns.heartbeat, max_tasks=ns.max_tasks,
-                max_memory=ns.max_memory, log_dir=ns.log_dir, slot=ns.slot)
+                max_memory=ns.max_memory, log_dir=ns.log_dir, slot=ns.slot,
+                curve_file=ns.curve_file)
