@@ -218,6 +218,18 @@ MAX_STATUS_MESSAGE_BYTES = _env_int("MAX_STATUS_MESSAGE_BYTES", 4096)
 #: Bytes of function-and-common-argument blobs a daemon keeps cached.
 BLOB_CACHE_BYTES = _env_int("BLOB_CACHE_BYTES", 2 * 1024 * 1024 * 1024)
 
+#: Blobs a daemon caches at most, whatever their size (each also counts 1 KiB).
+BLOB_CACHE_ENTRIES = _env_int("BLOB_CACHE_ENTRIES", 4096)
+
+#: Clients a daemon serves at once; a hello past it is refused.
+MAX_CLIENTS = _env_int("MAX_CLIENTS", 256)
+
+#: Task messages and payload bytes one client may have queued at a daemon; past either,
+#: a task is answered lost "busy" and the client backs off (an empty queue always takes
+#: one message, however large).
+CLIENT_QUEUE_MESSAGES = _env_int("CLIENT_QUEUE_MESSAGES", 4096)
+CLIENT_QUEUE_BYTES = _env_int("CLIENT_QUEUE_BYTES", 512 * 1024 * 1024)
+
 #: Seconds between checks of the daemon's worker processes (exit is noticed this fast).
 SUPERVISE_INTERVAL_S = _env_float("SUPERVISE_INTERVAL", 0.1)
 

@@ -73,8 +73,9 @@ LOST_TIMEOUT: Final = "timeout"  # it ran past its timeout and its worker was ki
 LOST_BLOB: Final = "blob"  # the node lacks its function: send the blob again, no charge
 LOST_STOPPING: Final = "stopping"  # the node is draining: send it elsewhere, no charge
 LOST_UNSTARTED: Final = "unstarted"  # it waited behind a message whose worker died
+LOST_BUSY: Final = "busy"  # the client's queue there is full: back off, no charge
 LOST_CODES: Final = frozenset({LOST_CRASH, LOST_TIMEOUT, LOST_BLOB, LOST_STOPPING,
-                               LOST_UNSTARTED})
+                               LOST_UNSTARTED, LOST_BUSY})
 
 # REFUSED codes (absent: a final refusal, such as a version mismatch).
 REFUSED_HELLO: Final = "hello"  # the daemon does not know this peer: say hello/ready first

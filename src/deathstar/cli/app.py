@@ -25,6 +25,7 @@ from deathstar import config
 from deathstar.client.status import query_status
 from deathstar.daemon.loop import run_daemon
 from deathstar.daemon.guard import UnsafeBind, daemon_keys
+from deathstar.daemon.sockets import UnsafeFolder
 from deathstar.keys import (CLIENT, NODE, KeyFileError, default_dir, load_client_keys,
                             load_server_keys, resolve_dir)
 from deathstar.keys import keygen as keygen_keys
@@ -192,7 +193,7 @@ def daemon(
                    keys=server_keys, zap=zap, idle_shutdown_s=idle_s,
                    max_lifetime_s=lifetime_s, log_dir=str(log_dir or default_log_dir()),
                    ipc=None if ipc is None else str(ipc), insecure=insecure)
-    except UnsafeBind as exc:
+    except (UnsafeBind, UnsafeFolder) as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     except OSError as exc:  # zmq.ZMQError is an OSError: port in use, bad address
         raise _fail(f"cannot listen on {host}:{port}: {exc}", EXIT_USAGE) from None

@@ -28,7 +28,9 @@ from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
 from deathstar.client.job import FINISHED, Job, JobInputError, Outcome, Task
-from deathstar.client.node import CONNECTING, DOWN, READY, REFUSED, RECONNECT_MAX_S, RECONNECT_MIN_S, UNREACHABLE, Node
+from deathstar.client.node import (BUSY_BACKOFF_MAX_S, BUSY_BACKOFF_MIN_S, CONNECTING, DOWN,
+                                   READY, RECONNECT_MAX_S, RECONNECT_MIN_S, REFUSED,
+                                   UNREACHABLE, Node)
 from deathstar.report import CRASHED
 
 log = logging.getLogger("deathstar.client")
@@ -80,6 +82,7 @@ class Engine(threading.Thread):
             protocol.LOST_UNSTARTED: self.lost_unstarted,
             protocol.LOST_TIMEOUT: self.lost_timeout,
             protocol.LOST_CRASH: self.lost_crash,
+            protocol.LOST_BUSY: self.lost_busy,
         }
         self.command_handlers: dict[str, Callable[[Any], None]] = {
             "job": self.add_job,
@@ -173,6 +176,7 @@ class Engine(threading.Thread):
 
     def next_deadline(self, now: float) -> float:
         deadlines = [now + self.heartbeat_s, self.next_snapshot]
+        deadlines += [n.busy_until for n in self.nodes if n.busy_until > now]
         deadlines += [n.deadline for n in self.nodes if n.state in (CONNECTING, DOWN)]
         return min(deadlines)
 
@@ -341,6 +345,7 @@ class Engine(threading.Thread):
             return
         job = task.job
         job.outstanding -= 1
+        node.busy_backoff_s = BUSY_BACKOFF_MIN_S
         if job.cancelled:
             return
         oks, starts, ends = protocol.result_outcomes(msg)
@@ -376,6 +381,14 @@ class Engine(threading.Thread):
 
     def lost_unstarted(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
         """It waited behind a message whose worker died: no one's fault."""
+        task.job.requeue(task, charge=False)
+
+    def lost_busy(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
+        """Our queue at the node is full: no one's fault; hold off that node a while."""
+        now = time.monotonic()
+        if node.busy_until <= now:
+            node.busy_until = now + node.busy_backoff_s
+            node.busy_backoff_s = min(2 * node.busy_backoff_s, BUSY_BACKOFF_MAX_S)
         task.job.requeue(task, charge=False)
 
     def lost_timeout(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
@@ -478,7 +491,10 @@ class Engine(threading.Thread):
         ready = self.ready_nodes()
         capacity = sum(n.capacity for n in ready)
         short = all(job.short_messages() for job in self.jobs.values())
+        now = time.monotonic()
         for node in ready:
+            if node.busy_until > now:
+                continue
             while len(node.inflight) < node.window(short):
                 task = self.next_task(node, capacity, alone=len(ready) == 1)
                 if task is None:

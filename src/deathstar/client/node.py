@@ -20,6 +20,9 @@ REFUSED = "refused"
 DOWN = "down"  # was ready, went silent or restarted; reconnecting with backoff
 
 RECONNECT_MIN_S = 1.0
+#: How long to hold off a node whose daemon answered "busy" (doubling up to the max).
+BUSY_BACKOFF_MIN_S = 0.05
+BUSY_BACKOFF_MAX_S = 2.0
 RECONNECT_MAX_S = 32.0
 
 
@@ -47,6 +50,8 @@ class Node:
     failed: int = 0
     downs: int = 0  # times it was declared lost (silent, restarted) while in use
     bytes_sent: int = 0  # payload bytes: function blobs and inputs
+    busy_until: float = 0.0  # the daemon said our queue there is full: send nothing till
+    busy_backoff_s: float = BUSY_BACKOFF_MIN_S
     rate: float = 0.0  # inputs done per second, as last measured
     rate_since: float = field(default_factory=time.monotonic)
     rate_done: int = 0

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from deathstar.protocol import Message
 
@@ -28,15 +28,49 @@ class ClientConn:
     queued_bytes: int = 0  # payload bytes of the queued messages
     blobs: set[str] = field(default_factory=set)
 
+    def has_room(self, msg: Message, max_messages: int, max_bytes: int) -> bool:
+        """Whether ``msg`` may queue: an empty queue takes any one message; else both
+        bounds must hold with it."""
+        if not self.queue:
+            return True
+        return (len(self.queue) < max_messages
+                and self.queued_bytes + _size(msg) <= max_bytes)
+
+    def enqueue(self, msg: Message) -> None:
+        self.queue.append(msg)
+        self.queued_bytes += _size(msg)
+
+    def dequeue(self) -> Message:
+        msg = self.queue.popleft()
+        self.queued_bytes -= _size(msg)
+        return msg
+
+    def keep(self, wanted: Callable[[Message], bool]) -> list[Message]:
+        """Keep the queued messages ``wanted`` says to; returns the others."""
+        dropped = [m for m in self.queue if not wanted(m)]
+        self.queue = deque(m for m in self.queue if wanted(m))
+        self.queued_bytes = sum(_size(m) for m in self.queue)
+        return dropped
+
+
+def _size(msg: Message) -> int:
+    return sum(len(frame) for frame in msg.payload)
+
 
 class BlobCache:
     """Function-and-common-argument blobs by content hash, at most ``limit_bytes`` of
-    them: past that the least recently used go first (the newest always stays). Evicting
-    is safe: a task or a worker's fetch naming a blob that is gone is answered lost with
-    code ``blob``, and the client sends the blob again."""
+    them and at most ``limit_entries``: past either the least recently used go first (the
+    newest always stays). Each entry counts ``ENTRY_OVERHEAD`` bytes besides its frames,
+    so that empty blobs are not free. Evicting is safe: a task or a worker's fetch naming
+    a blob that is gone is answered lost with code ``blob``, and the client sends the blob
+    again."""
 
-    def __init__(self, limit_bytes: int):
+    #: Bytes an entry costs besides its frames (its key, frames list, bookkeeping).
+    ENTRY_OVERHEAD = 1024
+
+    def __init__(self, limit_bytes: int, limit_entries: int = 4096):
         self.limit_bytes = limit_bytes
+        self.limit_entries = limit_entries
         self.bytes = 0
         self.evicted = 0
         self._blobs: OrderedDict[str, tuple[list[Any], int]] = OrderedDict()
@@ -47,15 +81,16 @@ class BlobCache:
     def put(self, h: str, payload: list[Any]) -> int:
         """Cache a blob (the most recently used now); returns its size in bytes."""
         self.discard(h)
-        size = sum(len(f) for f in payload)
+        size = sum(len(f) for f in payload) + self.ENTRY_OVERHEAD
         self._blobs[h] = (payload, size)
         self.bytes += size
-        while self.bytes > self.limit_bytes and len(self._blobs) > 1:
+        while (self.bytes > self.limit_bytes or len(self._blobs) > self.limit_entries) \
+                and len(self._blobs) > 1:
             old, (_, old_size) = self._blobs.popitem(last=False)
             self.bytes -= old_size
             self.evicted += 1
-            log.info("blob cache over %d bytes: dropped blob %s (%d bytes)",
-                     self.limit_bytes, old, old_size)
+            log.info("blob cache over %d bytes or %d entries: dropped blob %s (%d bytes)",
+                     self.limit_bytes, self.limit_entries, old, old_size)
         return size
 
     def get(self, h: str) -> list[Any] | None:
@@ -128,6 +163,7 @@ class Counters:
     tasks_timed_out: int = 0
     tasks_killed: int = 0  # running tasks of clients that cancelled or vanished
     tasks_prefetched: int = 0  # messages given to a worker behind its current one
+    tasks_busy: int = 0  # messages answered "busy": their client's queue was full
     blobs_received: int = 0  # functions + common arguments, each sent once per client
     blob_bytes_received: int = 0
     bad_messages: int = 0

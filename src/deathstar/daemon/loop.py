@@ -78,7 +78,7 @@ class Daemon:
         self.idle: deque[bytes] = deque()  # workers holding nothing
         self.prefetchable: deque[bytes] = deque()  # workers running one short message
         self.ready_clients: deque[bytes] = deque()  # clients with queued tasks, round robin
-        self.blobs = BlobCache(config.BLOB_CACHE_BYTES)
+        self.blobs = BlobCache(config.BLOB_CACHE_BYTES, config.BLOB_CACHE_ENTRIES)
         self.counters = Counters()
         self.router = Router(self.gate, self.counters)
         self.stopping = False
@@ -265,6 +265,10 @@ class Daemon:
             return
         if ident in self.clients:
             self.drop_client(ident)  # a client that reconnected starts afresh
+        if len(self.clients) >= config.MAX_CLIENTS:
+            self.send_client(ident, protocol.refused(
+                f"this daemon serves {config.MAX_CLIENTS} clients already (max_clients)"))
+            return
         hb = protocol.clamp_heartbeat(msg.env["hb"])
         self.clients[ident] = ClientConn(ident, hb, time.monotonic(), user=user)
         self.send_client(ident, protocol.welcome(self.heartbeat_s, self.node_name,
@@ -283,17 +287,23 @@ class Daemon:
         elif self.blobs.get(msg.env["fn"]) is None:
             self.send_lost(ident, [msg.env["id"]], "function not cached here", "",
                            code=protocol.LOST_BLOB)
+        elif not client.has_room(msg, config.CLIENT_QUEUE_MESSAGES, config.CLIENT_QUEUE_BYTES):
+            self.counters.tasks_busy += 1
+            self.send_lost(ident, [msg.env["id"]], (
+                f"this client's queue here is full ({len(client.queue)} messages, "
+                f"{client.queued_bytes} bytes; limits {config.CLIENT_QUEUE_MESSAGES}, "
+                f"{config.CLIENT_QUEUE_BYTES})"), "", code=protocol.LOST_BUSY)
         else:
             if not client.queue:
                 self.ready_clients.append(ident)
-            client.queue.append(msg)
+            client.enqueue(msg)
 
     def on_cancel(self, client: ClientConn, frames: list[Any], msg: Message) -> None:
         """Drop the named task messages (all of the client's when ``ids`` is empty) from
         the queue, and kill the workers running any of them."""
         ident = client.ident
         ids = set(msg.env["ids"])
-        client.queue = deque(m for m in client.queue if ids and m.env["id"] not in ids)
+        client.keep(lambda m: bool(ids) and m.env["id"] not in ids)
         self.unready(client)
         self.kill_running(lambda a: a.client == ident and (not ids or a.id in ids),
                           "its client cancelled it")
@@ -326,8 +336,7 @@ class Daemon:
 
     def return_queued(self, client: ClientConn, reason: str) -> None:
         """Hand a client's queued tasks back as lost, so it sends them elsewhere."""
-        ids = [m.env["id"] for m in client.queue]
-        client.queue.clear()
+        ids = [m.env["id"] for m in client.keep(lambda m: False)]
         self.unready(client)
         if ids:
             self.send_lost(client.ident, ids, reason, "", code=protocol.LOST_STOPPING)
@@ -485,7 +494,7 @@ class Daemon:
             if client is None or not client.queue:
                 self.ready_clients.popleft()
                 continue
-            msg = client.queue.popleft()
+            msg = client.dequeue()
             if client.queue:
                 self.ready_clients.rotate(-1)
             else:
@@ -528,6 +537,15 @@ class Daemon:
             "idle": len(self.workers) - busy,
             "busy": busy,
             "queued": sum(len(c.queue) for c in self.clients.values()),
+            "queued_bytes": sum(c.queued_bytes for c in self.clients.values()),
+            "tasks_busy": self.counters.tasks_busy,
+            "blob_cache_entries": len(self.blobs),
+            "limits": {"clients": config.MAX_CLIENTS,
+                       "client_queue_messages": config.CLIENT_QUEUE_MESSAGES,
+                       "client_queue_bytes": config.CLIENT_QUEUE_BYTES,
+                       "blob_cache_bytes": config.BLOB_CACHE_BYTES,
+                       "blob_cache_entries": config.BLOB_CACHE_ENTRIES,
+                       "heartbeat_s": [protocol.HEARTBEAT_MIN_S, protocol.HEARTBEAT_MAX_S]},
             "clients": len(self.clients),
             "tasks_done": self.counters.tasks_done,
             "tasks_lost": self.counters.tasks_lost,

@@ -8,12 +8,30 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, cast
 
 import zmq
 
 from deathstar import config
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper
+
+
+class UnsafeFolder(ValueError):
+    """An ipc folder others could write to (and so swap or reach the sockets in it)."""
+
+
+def check_ipc_folder(folder: str) -> None:
+    """Refuse an ``--ipc`` folder that is not this user's (or root's), is a symbolic link,
+    or that group or others may write: they could replace the sockets or connect to
+    them and run code as this user."""
+    try:
+        problem = config.trust_problem(Path(folder))
+    except OSError as exc:
+        raise UnsafeFolder(f"--ipc {folder}: {exc.strerror}") from None
+    if problem:
+        raise UnsafeFolder(f"--ipc folder refused: {problem}")
 
 
 class Ports:
@@ -47,15 +65,20 @@ class Ports:
         """Open exec and status (port 0 picks free ones) and the workers' port, plus
         ``workers_endpoint`` for the daemon's own workers. Returns the ports (and
         ``ipc``)."""
-        if self.ipc is None:
-            self._bind_tcp()
-            status_port = self.port + 1
-        else:
-            self.front.bind(f"ipc://{self.ipc}/exec")
-            self.status.bind(f"ipc://{self.ipc}/status")
-            self.port = status_port = 0
-            self.worker_port = 0
-        self.back.bind(workers_endpoint)
+        old_umask = os.umask(0o077)  # ipc socket files: this user's only
+        try:
+            if self.ipc is None:
+                self._bind_tcp()
+                status_port = self.port + 1
+            else:
+                check_ipc_folder(self.ipc)
+                self.front.bind(f"ipc://{self.ipc}/exec")
+                self.status.bind(f"ipc://{self.ipc}/status")
+                self.port = status_port = 0
+                self.worker_port = 0
+            self.back.bind(workers_endpoint)
+        finally:
+            os.umask(old_umask)
         return {"exec": self.port, "status": status_port, "workers": self.worker_port,
                 "ipc": self.ipc}
 
