@@ -1,12 +1,12 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   creates .venv, installs deathstar, maps estimate_pi on the embedded cluster
-#   make test   the whole suite (what CI runs)
+#   make test   mypy --strict, then the whole suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo typecheck test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,10 @@ demo: $(STAMP)
 		--kwargs '{"draws": 100000}' --out out/pi.jsonl --report out/report.json
 	$(PY) -m examples.pi out/pi.jsonl
 
-test: $(STAMP)
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+test: typecheck
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)

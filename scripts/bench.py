@@ -22,25 +22,14 @@ import argparse
 import functools
 import json
 import logging
-import math
-import multiprocessing as mp
 import os
-import pickle
 import platform
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -55,120 +44,18 @@ os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
 import numpy as np  # noqa: E402
 
 import bench_tasks as T  # noqa: E402
+from bench_common import (FULL, QUICK, MB, BenchTimeout, Sizes, hard_deadline, log,  # noqa: E402
+                          run_reps, time_limit, w1_data, w3_seeds, w4_arrays, w5_durations,
+                          w6_data)
+from bench_floors import run_floors  # noqa: E402
 from bench_report import ALL_PEERS, Results, render, rows_for  # noqa: E402
 from bench_systems import SYSTEMS, DeathstarSystem, System, importable  # noqa: E402
+from bench_w7 import run_w7, run_w7_workers  # noqa: E402
 
-MB = 1e6
 ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
-class BenchTimeout(Exception):
-    pass
-
-
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise BenchTimeout in the main thread after ``seconds`` (SIGALRM)."""
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise BenchTimeout(f"over {seconds:g} s")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def hard_deadline(seconds: float) -> None:
-    """A watchdog: past ``seconds`` kill the processes this run started and exit."""
-    def fire() -> None:
-        print(f"\nbench: hard deadline of {seconds:g} s passed; stopping", file=sys.stderr,
-              flush=True)
-        try:
-            import psutil
-            for child in psutil.Process().children(recursive=True):
-                try:
-                    child.kill()
-                except psutil.Error:
-                    pass
-        finally:
-            os._exit(3)
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-
-
-# ---------------------------------------------------------------------- sizes
-
-
-@dataclass
-class Sizes:
-    reps: int
-    w1_n: int
-    w2_n: int
-    w3_n: int
-    w3_draws: int
-    w4_n: int
-    w4_elems: int  # float64 elements per array
-    w5_n: int
-    w5_mean_s: float
-    w6_n: int
-    w6_elems: int
-    w7_n: int
-    floor_rtt_n: int
-    step_limit_s: float
-    run_limit_s: float
-
-
-FULL = Sizes(reps=3, w1_n=20_000, w2_n=300, w3_n=400, w3_draws=200_000, w4_n=32,
-             w4_elems=2_000_000, w5_n=120, w5_mean_s=0.020, w6_n=200, w6_elems=6_250_000,
-             w7_n=1_000_000, floor_rtt_n=2000, step_limit_s=180.0, run_limit_s=3600.0)
-QUICK = Sizes(reps=1, w1_n=2_000, w2_n=50, w3_n=40, w3_draws=200_000, w4_n=8,
-              w4_elems=2_000_000, w5_n=30, w5_mean_s=0.020, w6_n=20, w6_elems=6_250_000,
-              w7_n=50_000, floor_rtt_n=300, step_limit_s=60.0, run_limit_s=900.0)
-
-
-# ---------------------------------------------------------------------- fresh data
-
-
-def w1_data(n: int, rep: int) -> list[int]:
-    return np.random.default_rng(1000 + rep).integers(0, 1 << 30, n).tolist()
-
-
-def w3_seeds(n: int, rep: int) -> list[int]:
-    return list(range(rep * 1_000_000, rep * 1_000_000 + n))
-
-
-def w4_arrays(n: int, elems: int, rep: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(4000 + rep)
-    return [rng.random(elems) for _ in range(n)]
-
-
-def w5_durations(n: int, mean_s: float, rep: int) -> list[float]:
-    sigma = 1.0  # heavy tail; lognormal mean = exp(mu + sigma^2 / 2)
-    mu = math.log(mean_s) - sigma ** 2 / 2
-    return np.random.default_rng(5000 + rep).lognormal(mu, sigma, n).tolist()
-
-
-def w6_data(elems: int, rep: int) -> np.ndarray:
-    return np.random.default_rng(6000 + rep).random(elems)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- workloads
-
-
-def run_reps(sizes: Sizes, one_rep: Callable[[int], dict[str, float]],
-             record: Callable[[str, float], None]) -> None:
-    """One warm-up (rep 0, discarded), then ``sizes.reps`` measured reps (1, 2, ...)."""
-    with time_limit(sizes.step_limit_s):
-        one_rep(0)
-    for rep in range(1, sizes.reps + 1):
-        with time_limit(sizes.step_limit_s):
-            for key, value in one_rep(rep).items():
-                record(key, value)
 
 
 def w1(system: System, sizes: Sizes, record) -> None:
@@ -335,280 +222,6 @@ def _safe_stop(system: System) -> None:
         log(f"{system.name}: stop failed: {type(exc).__name__}: {exc}")
 
 
-# ---------------------------------------------------------------------- floors
-
-
-def _server(target: Callable) -> tuple[Any, int]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=target, args=(q, 600.0), daemon=True)
-    proc.start()
-    return proc, q.get(timeout=60)
-
-
-def _stop_server(proc: Any, sock: Any) -> None:
-    try:
-        sock.send_multipart([b"STOP"])
-        sock.poll(5000)
-    finally:
-        sock.close(0)
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
-def run_chain_floor(ctx: Any, sizes: Sizes, workers: int, res: Results) -> None:
-    """The brokered floor: client -> a bare pyzmq broker -> ``workers`` bare workers and
-    back (bench_tasks.chain_broker), the shape deathstar has with nothing else in it.
-    One task per message: W1 one/msg through the same in-flight window deathstar keeps
-    (2 x workers + 6), and W2 round trips."""
-    import zmq
-    log("floor: brokered pyzmq chain")
-    ctx_mp = mp.get_context("spawn")
-    q = ctx_mp.Queue()
-    folder = tempfile.mkdtemp(prefix="bench-chain-")
-    proc = ctx_mp.Process(target=T.chain_broker, args=(q, folder, workers, 600.0), daemon=True)
-    proc.start()
-    helpers = [ctx_mp.Process(target=T.chain_worker, args=(f"ipc://{folder}/back",),
-                              daemon=True) for _ in range(workers)]
-    for helper in helpers:
-        helper.start()
-    endpoint = q.get(timeout=60)
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    window = 2 * workers + 6
-
-    def recv() -> int:
-        if not sock.poll(10_000):
-            raise BenchTimeout("brokered chain silent")
-        return pickle.loads(sock.recv_multipart()[-1])
-
-    try:
-        def w1(rep: int) -> dict[str, float]:
-            data = w1_data(sizes.w1_n, rep)
-            t0 = time.perf_counter()
-            sent = got = 0
-            while got < len(data):
-                while sent < len(data) and sent - got < window:
-                    sock.send_multipart([b"task", pickle.dumps(data[sent])])
-                    sent += 1
-                recv()
-                got += 1
-            return {"W1.one.tasks_s": len(data) / (time.perf_counter() - t0)}
-
-        def w2(rep: int) -> dict[str, float]:
-            lat = []
-            for i in range(sizes.w2_n):
-                t0 = time.perf_counter()
-                sock.send_multipart([b"task", pickle.dumps(i)])
-                assert recv() == i + 1
-                lat.append(time.perf_counter() - t0)
-            lat_us = np.array(lat) * 1e6
-            return {"W2.median_us": float(np.median(lat_us)),
-                    "W2.p99_us": float(np.percentile(lat_us, 99))}
-        run_reps(sizes, w1, lambda k, v: res.add("chain", k, v))
-        run_reps(sizes, w2, lambda k, v: res.add("chain", k, v))
-    finally:
-        _stop_server(proc, sock)
-        for helper in helpers:
-            helper.kill()
-            helper.join()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def run_floors(sizes: Sizes, only: list[str], workers: int, res: Results) -> None:
-    """Raw pyzmq across processes on loopback: a DEALER/ROUTER round trip (for W2) and a
-    16 MB array sent zero-copy to a process that maps it without copying (for W4)."""
-    import zmq
-    ctx = zmq.Context()
-    try:
-        if "W2" in only:
-            log("floor: raw pyzmq round trip")
-            proc, port = _server(T.echo_server)
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://127.0.0.1:{port}")
-            try:
-                def one(rep: int) -> dict[str, float]:
-                    lat = []
-                    for i in range(sizes.floor_rtt_n):
-                        payload = str(i).encode()
-                        t0 = time.perf_counter()
-                        sock.send(payload)
-                        if not sock.poll(10_000):
-                            raise BenchTimeout("echo server silent")
-                        assert sock.recv() == payload
-                        lat.append(time.perf_counter() - t0)
-                    lat_us = np.array(lat) * 1e6
-                    return {"W2.median_us": float(np.median(lat_us)),
-                            "W2.p99_us": float(np.percentile(lat_us, 99))}
-                run_reps(sizes, one, lambda k, v: res.add("floor", k, v))
-            finally:
-                _stop_server(proc, sock)
-        if "W4" in only:
-            log("floor: raw 16 MB zero-copy transfer")
-            proc, port = _server(T.sink_server)
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://127.0.0.1:{port}")
-            try:
-                def one(rep: int) -> dict[str, float]:
-                    arrays = w4_arrays(sizes.w4_n, sizes.w4_elems, rep)
-                    t0 = time.perf_counter()
-                    for a in arrays:
-                        sock.send(a, copy=False)
-                    for a in arrays:
-                        if not sock.poll(30_000):
-                            raise BenchTimeout("sink server silent")
-                        assert int(sock.recv()) == a.size
-                    wall = time.perf_counter() - t0
-                    return {"W4.MB_s": sum(a.nbytes for a in arrays) / MB / wall}
-                run_reps(sizes, one, lambda k, v: res.add("floor", k, v))
-            finally:
-                _stop_server(proc, sock)
-        if "W1" in only or "W2" in only:
-            run_chain_floor(ctx, sizes, workers, res)
-    except Exception as exc:
-        log(f"floor failed: {type(exc).__name__}: {exc}")
-        res.error("floor", "W2" if "W2" in only else "W4", f"{type(exc).__name__}: {exc}")
-    finally:
-        ctx.term()
-
-
-# ---------------------------------------------------------------------- W7: the CLI
-
-
-POOL_SCRIPT = r"""
-import json, sys, multiprocessing as mp
-from bench_tasks import inc
-def inputs(path):
-    with open(path) as fh:
-        for line in fh:
-            yield json.loads(line)
-if __name__ == "__main__":
-    src, dst, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    with mp.Pool(workers) as pool, open(dst, "w") as out:
-        for r in pool.imap(inc, inputs(src), chunksize=1000):
-            out.write(json.dumps(r) + "\n")
-"""
-
-
-def measure_child(cmd: list[str], cwd: Path, limit_s: float) -> tuple[float, float, int]:
-    """Run ``cmd``; return (wall s, peak RSS MB of that process alone, exit code). RSS is
-    polled every 10 ms with psutil (the process's own, not its children's)."""
-    import psutil
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    deadline = time.monotonic() + limit_s
-    while proc.poll() is None:
-        try:
-            peak = max(peak, ps.memory_info().rss)
-        except psutil.Error:
-            pass
-        if time.monotonic() > deadline:
-            for child in ps.children(recursive=True):
-                child.kill()
-            proc.kill()
-            proc.wait()
-            raise BenchTimeout(f"{cmd[0]} over {limit_s:g} s")
-        time.sleep(0.01)
-    wall = time.perf_counter() - t0
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {stderr.strip()[-300:]}")
-    return wall, peak / MB, proc.returncode
-
-
-def run_w7_workers(sizes: Sizes, res: Results) -> None:
-    """W7, the daemon side: its CPU per task (one task per message) with 2 and with 300
-    connected workers (lightweight ones, tests/swarm.py), to show it does not grow."""
-    import psutil
-
-    from deathstar.client import Cluster
-    from tests.swarm import Swarm
-
-    log("deathstar: W7 daemon CPU per task with 2 and 300 workers")
-    cmd = [str(Path(sys.executable).parent / "deathstar"), "daemon", "--host", "127.0.0.1",
-           "--port", "0", "--workers", "0", "--ready-json", "--keys", "none", "--insecure",
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        assert proc.stdout is not None
-        port = int(json.loads(proc.stdout.readline())["exec"])
-        daemon = psutil.Process(proc.pid)
-        n = max(2000, sizes.w1_n // 2)
-        for count in (2, 300):
-            with Swarm(f"tcp://127.0.0.1:{port + 2}", count, T.inc) as swarm, \
-                    Cluster([f"127.0.0.1:{port}"]) as cluster:
-                deadline = time.monotonic() + 60
-                while cluster.status()[0].get("workers") != count:
-                    if time.monotonic() > deadline:
-                        raise BenchTimeout(f"{count} swarm workers did not register")
-                    time.sleep(0.05)
-                cluster.map(T.inc, range(200), chunksize=1)  # warm-up
-
-                def one(rep: int) -> dict[str, float]:
-                    before = sum(daemon.cpu_times()[:2])
-                    out = cluster.map(T.inc, w1_data(n, rep), chunksize=1)
-                    assert len(out) == n
-                    return {f"W7.daemon_us_{count}": (sum(daemon.cpu_times()[:2]) - before)
-                            / n * 1e6}
-                run_reps(sizes, one, lambda k, v: res.add("deathstar", k, v))
-                assert sum(1 for t in swarm.tasks if t) > count // 2
-    except Exception as exc:
-        log(f"deathstar: W7 workers failed: {type(exc).__name__}: {exc}")
-        res.error("deathstar", "W7.daemon_us_300", f"{type(exc).__name__}: {exc}")
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def run_w7(workers: int, sizes: Sizes, peers: list[str], res: Results) -> None:
-    cli = Path(sys.executable).parent / "deathstar"
-    variants = {"deathstar": lambda src, dst: [
-        str(cli), "map", "bench_tasks:inc", "--args", str(src), "--out", str(dst),
-        "--workers", str(workers), "--quiet"]}
-    if "pool" in peers:
-        variants["pool"] = lambda src, dst: [sys.executable, "-c", POOL_SCRIPT, str(src),
-                                             str(dst), str(workers)]
-    with tempfile.TemporaryDirectory(prefix="deathstar-bench-") as tmp:
-        tmpdir = Path(tmp)
-        for name, make_cmd in variants.items():
-            log(f"{name}: W7 ({sizes.w7_n:,} inputs through "
-                f"{'the CLI' if name == 'deathstar' else 'a Pool.imap script'})")
-            try:
-                for rep in range(0, sizes.reps + 1):
-                    n = sizes.w7_n if rep else min(sizes.w7_n, 20_000)  # small warm-up
-                    src = tmpdir / f"in{rep}.jsonl"
-                    dst = tmpdir / f"out{rep}.jsonl"
-                    rng = np.random.default_rng(7000 + rep)
-                    with open(src, "w") as fh:
-                        fh.write("\n".join(map(str, rng.integers(0, 1 << 30, n).tolist())))
-                        fh.write("\n")
-                    wall, rss, _ = measure_child(make_cmd(src, dst), SCRIPTS,
-                                                 sizes.step_limit_s)
-                    with open(dst, "rb") as fh:
-                        lines = sum(1 for _ in fh)
-                    if lines != n:
-                        raise RuntimeError(f"{lines} output lines for {n} inputs")
-                    if rep:
-                        res.add(name, "W7.tasks_s", n / wall)
-                        res.add(name, "W7.peak_rss_MB", rss)
-                    src.unlink()
-                    dst.unlink()
-                log(f"{name}: W7 done")
-            except Exception as exc:
-                log(f"{name}: W7 failed: {type(exc).__name__}: {exc}")
-                res.error(name, "W7", f"{type(exc).__name__}: {str(exc)[:120]}")
-
-
 # ---------------------------------------------------------------------- main
 
 
@@ -619,7 +232,8 @@ def _load1() -> float:
         return -1.0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with ``only`` (workloads) and ``wanted`` (peers) as checked lists."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes, one rep (smoke run)")
     ap.add_argument("--only", default=",".join(ALL_WORKLOADS),
@@ -629,19 +243,42 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated peers (default: all importable)")
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-
-    sizes = QUICK if args.quick else FULL
-    only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
-    bad = [w for w in only if w not in ALL_WORKLOADS]
+    args.only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
+    bad = [w for w in args.only if w not in ALL_WORKLOADS]
     if bad:
         ap.error(f"unknown workload(s) {bad}; choose from {ALL_WORKLOADS}")
-    wanted = [p.strip().lower() for p in args.peers.split(",") if p.strip()]
-    unknown = [p for p in wanted if p not in ALL_PEERS]
+    args.wanted = [p.strip().lower() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in args.wanted if p not in ALL_PEERS]
     if unknown:
         ap.error(f"unknown peer(s) {unknown}; choose from {ALL_PEERS}")
-    peers = [p for p in wanted if importable(p)]
+    return args
+
+
+def closing_notes(res: Results, only: list[str]) -> None:
+    """The notes on how the peers were measured, for the workloads that ran."""
+    if "W6" in only and res.get("deathstar", "W6.sent_MB") is None:
+        res.notes.append("W6 bytes: no byte counter found on the deathstar client")
+    if "W1" in only:
+        res.notes.append("W1 batched: ProcessPoolExecutor and loky get Pool's default chunksize "
+                         "(their own default is 1); Dask and Ray run one task per future/call")
+    if "W6" in only:
+        res.notes.append("W6: Dask scatters (broadcast) and Ray ray.put()s the common array "
+                         "once; Pool/PPE/loky pickle it into every chunk (functools.partial). "
+                         "deathstar's bytes are the blob bytes its daemon reports on the status port; "
+                         "peers' bytes are not measured")
+    if "W7" in only:
+        res.notes.append("W7: deathstar = `deathstar map` CLI end to end (embedded cluster "
+                         "start included); Pool = a script reading the JSONL lazily through "
+                         "Pool.imap(chunksize=1000); RSS = the client process alone")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    only = args.only
+    peers = [p for p in args.wanted if importable(p)]
     res = Results()
-    for p in wanted:
+    for p in args.wanted:
         if p not in peers:
             res.notes.append(f"{p} is not importable: left out")
     hard_deadline(sizes.run_limit_s)
@@ -664,20 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         run_w7_workers(sizes, res)
     if "W3" in only:
         share_w3_serial(res, args.workers)
-    if "W6" in only and res.get("deathstar", "W6.sent_MB") is None:
-        res.notes.append("W6 bytes: no byte counter found on the deathstar client")
-    if "W1" in only:
-        res.notes.append("W1 batched: ProcessPoolExecutor and loky get Pool's default chunksize "
-                         "(their own default is 1); Dask and Ray run one task per future/call")
-    if "W6" in only:
-        res.notes.append("W6: Dask scatters (broadcast) and Ray ray.put()s the common array "
-                         "once; Pool/PPE/loky pickle it into every chunk (functools.partial). "
-                         "deathstar's bytes are the blob bytes its daemon reports on the status port; "
-                         "peers' bytes are not measured")
-    if "W7" in only:
-        res.notes.append("W7: deathstar = `deathstar map` CLI end to end (embedded cluster "
-                         "start included); Pool = a script reading the JSONL lazily through "
-                         "Pool.imap(chunksize=1000); RSS = the client process alone")
+    closing_notes(res, only)
 
     import deathstar
     columns = [c for c in ["pool", "ppe", "loky", "dask", "ray", "floor", "chain"]

@@ -4,6 +4,7 @@ issue 5's targets hold."""
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import sys
 from dataclasses import dataclass
@@ -163,11 +164,32 @@ def cell(res: Results, system: str, key: str, fmt: str, ds: float | None,
 
 def render(res: Results, rows: list[Row], columns: list[str], workers: int,
            meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Print the table (rich when importable, else plain lines), the targets and the
+    notes; return the table's rows as data (for --json)."""
     judged = targets(res, workers)
-    table_rows = []
+    table_rows = table_data(res, rows, columns, judged)
     header = (f"deathstar vs peers, {workers} workers, {meta['cpus']} cores, "
               f"median of {meta['reps']} after a warm-up. Peer cells: figure (ratio); "
               f"ratio = deathstar/peer oriented so that > 1 means deathstar is better.")
+    if importlib.util.find_spec("rich") is None:  # without rich: plain lines
+        _print_plain(res, rows, columns, table_rows, header)
+    else:
+        _print_rich(res, rows, columns, table_rows, header)
+    print("\nTargets (issue 5):")
+    for row in rows:
+        t = judged.get(row.key)
+        if t is not None:
+            mark = "HOLDS" if t[1] else "MISSED" if t[1] is False else "?"
+            print(f"  {mark:<6} {row.workload} {row.metric}: {t[0]} — {t[2]}")
+    for note in res.notes:
+        print(f"  note: {note}")
+    return table_rows
+
+
+def table_data(res: Results, rows: list[Row], columns: list[str],
+               judged: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry a row: deathstar's figure, each peer's, the ratios and the target."""
+    table_rows = []
     for row in rows:
         ds = res.get("deathstar", row.key)
         entry: dict[str, Any] = {"workload": row.workload, "metric": row.metric,
@@ -184,54 +206,50 @@ def render(res: Results, rows: list[Row], columns: list[str], workers: int,
         if t is not None:
             entry["target"], entry["holds"], entry["judged_on"] = t
         table_rows.append(entry)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None  # type: ignore[assignment]
-    if Console is not None:
-        console = Console(width=None if sys.stdout.isatty() else 200)
-        table = Table(title=header, title_justify="left", show_lines=True)
-        table.add_column("workload")
-        table.add_column("metric")
-        table.add_column("deathstar", justify="right", style="bold")
-        for col in columns:
-            table.add_column(PEER_TITLES[col], justify="right")
-        table.add_column("target")
-        table.add_column("holds")
-        for row, entry in zip(rows, table_rows):
-            ds = entry["deathstar"]
-            cells = [row.workload, row.metric,
-                     cell(res, "deathstar", row.key, row.fmt, None, row.higher_better, False)]
-            for col in columns:
-                system = row.peers.get(col)
-                cells.append("" if system is None else
-                             cell(res, system, row.key, row.fmt, ds, row.higher_better, True))
-            holds = entry.get("holds")
-            cells += [entry.get("target", ""),
-                      "" if "target" not in entry else
-                      ("[green]yes[/]" if holds else "[red]no[/]" if holds is False else "?")]
-            table.add_row(*cells)
-        console.print(table)
-    else:
-        print(header)
-        for row, entry in zip(rows, table_rows):
-            parts = [f"{row.workload:<11} {row.metric:<16} "
-                     f"{cell(res, 'deathstar', row.key, row.fmt, None, True, False):>12}"]
-            for col in columns:
-                system = row.peers.get(col)
-                parts.append(f"{col}=" + ("" if system is None else
-                             cell(res, system, row.key, row.fmt, entry['deathstar'],
-                                  row.higher_better, True)))
-            if "target" in entry:
-                parts.append(f"target {entry['target']}: {'yes' if entry['holds'] else 'no'}")
-            print("  ".join(parts))
-    print("\nTargets (issue 5):")
-    for row in rows:
-        t = judged.get(row.key)
-        if t is not None:
-            mark = "HOLDS" if t[1] else "MISSED" if t[1] is False else "?"
-            print(f"  {mark:<6} {row.workload} {row.metric}: {t[0]} — {t[2]}")
-    for note in res.notes:
-        print(f"  note: {note}")
     return table_rows
+
+
+def _print_rich(res: Results, rows: list[Row], columns: list[str],
+                table_rows: list[dict[str, Any]], header: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    table = Table(title=header, title_justify="left", show_lines=True)
+    table.add_column("workload")
+    table.add_column("metric")
+    table.add_column("deathstar", justify="right", style="bold")
+    for col in columns:
+        table.add_column(PEER_TITLES[col], justify="right")
+    table.add_column("target")
+    table.add_column("holds")
+    for row, entry in zip(rows, table_rows):
+        ds = entry["deathstar"]
+        cells = [row.workload, row.metric,
+                 cell(res, "deathstar", row.key, row.fmt, None, row.higher_better, False)]
+        for col in columns:
+            system = row.peers.get(col)
+            cells.append("" if system is None else
+                         cell(res, system, row.key, row.fmt, ds, row.higher_better, True))
+        holds = entry.get("holds")
+        cells += [entry.get("target", ""),
+                  "" if "target" not in entry else
+                  ("[green]yes[/]" if holds else "[red]no[/]" if holds is False else "?")]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def _print_plain(res: Results, rows: list[Row], columns: list[str],
+                 table_rows: list[dict[str, Any]], header: str) -> None:
+    print(header)
+    for row, entry in zip(rows, table_rows):
+        parts = [f"{row.workload:<11} {row.metric:<16} "
+                 f"{cell(res, 'deathstar', row.key, row.fmt, None, True, False):>12}"]
+        for col in columns:
+            system = row.peers.get(col)
+            parts.append(f"{col}=" + ("" if system is None else
+                         cell(res, system, row.key, row.fmt, entry['deathstar'],
+                              row.higher_better, True)))
+        if "target" in entry:
+            parts.append(f"target {entry['target']}: {'yes' if entry['holds'] else 'no'}")
+        print("  ".join(parts))

@@ -8,12 +8,10 @@ import functools
 import logging
 import multiprocessing as mp
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import bench_tasks as T
-
-if TYPE_CHECKING:
-    from bench import Sizes
+from bench_common import Sizes
 
 
 def pool_default_chunksize(n: int, workers: int) -> int:

@@ -1,5 +1,7 @@
-"""The ``deathstar`` command: the typer app and one module per command group."""
+"""The ``deathstar`` command: the typer app (assembled in ``cli.main``), one module per
+command group, the helpers they share in ``cli.common``; exit codes are
+``deathstar.exitcodes``."""
 
-from deathstar.cli.app import app, main
+from deathstar.cli.main import app, main
 
 __all__ = ["app", "main"]

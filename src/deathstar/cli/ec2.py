@@ -1,29 +1,30 @@
-"""The ``deathstar ec2`` commands (part of the CLI: parsing and rendering only; the work is
-in ``deathstar.deploy.ec2``)."""
+"""``deathstar ec2``: clusters on EC2 (up, list, nodes, down). Parsing and rendering only;
+the work is in ``deathstar.deploy.ec2``, whose errors carry their exit codes (20-29 of
+``deathstar.exitcodes``)."""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypedDict
 
 import typer
+import zmq.auth
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from deathstar.cli.common import err, fail, parse_duration
+from deathstar.client.status import query_status
 from deathstar.deploy import ec2
-from deathstar.cli.app import err, parse_duration
+from deathstar.deploy.provider import cluster_dir
+from deathstar.exitcodes import ExitCode
+from deathstar.nodes import ClusterSpecError, NodeAddress
 
 ec2_app = typer.Typer(help="Clusters on EC2: up, list, nodes, down (needs the ec2 extra: boto3).",
                       no_args_is_help=True)
 
 Region = Annotated[Optional[str], typer.Option(help="AWS region [default: AWS config].")]
-
-
-def _fail(exc: ec2.Ec2Error) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return typer.Exit(exc.code)
 
 
 @ec2_app.command("up")
@@ -54,7 +55,7 @@ def up_command(
 ) -> None:
     """Launch a keyed deathstar cluster; nodes serve only your client key."""
     if count < 1:
-        raise _fail(ec2.Ec2Error("--count must be at least 1", 2))
+        raise fail("--count must be at least 1", ExitCode.USAGE)
     try:
         opts = ec2.UpOptions(name=name, count=count, instance_type=instance_type, spot=spot,
                              region=region, image_parameter=image_parameter,
@@ -64,7 +65,7 @@ def up_command(
                              key_name=key_name)
         deadline_s = parse_duration(wait_timeout)
     except ValueError as exc:
-        raise _fail(ec2.Ec2Error(str(exc), 2)) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     try:
         instances = ec2.up(opts, keys)
         err.print(f"cluster {name}: {len(instances)} instance(s) "
@@ -72,22 +73,35 @@ def up_command(
         rows: list[dict[str, Any]] = []
         with Live(console=err, refresh_per_second=2, transient=False) as live:
             for rows in ec2.watch(opts, deadline_s, probe=wait):
-                live.update(_rows_table(rows))
+                live.update(_watch_table(rows))
     except ec2.Ec2Error as exc:
-        raise _fail(exc) from None
+        raise fail(str(exc), exc.code) from None
     for row in rows:
         typer.echo(f"{row['address']}:{opts.port}")
     err.print(f"use it: deathstar map ... --cluster ec2:{name}   "
               f"(then: deathstar ec2 down --name {name})", highlight=False)
 
 
-def _rows_table(rows: list[dict[str, Any]]) -> Table:
+def _watch_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="instances")
     for col in ("instance", "state", "address", "daemon"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["id"], r["state"], r["address"] or "-", r["daemon"] or "-")
     return table
+
+
+class ListRow(TypedDict):
+    """One line of ``deathstar ec2 list`` (the keys of its --json, in order)."""
+
+    cluster: str
+    id: str
+    type: str
+    state: str
+    spot: bool
+    address: str
+    uptime_s: int
+    daemon: str
 
 
 @ec2_app.command("list")
@@ -100,29 +114,17 @@ def list_command(
 ) -> None:
     """Every deathstar instance (found by tag): cluster, id, type, state, spot, address,
     uptime, daemon status."""
-    from deathstar.client.status import query_status
-    from deathstar.nodes import NodeAddress
-
     try:
         instances = ec2.find_instances(ec2.Aws(region), name)
     except ec2.Ec2Error as exc:
-        raise _fail(exc) from None
+        raise fail(str(exc), exc.code) from None
     now = time.time()
-    rows = [{"cluster": i.cluster, "id": i.id, "type": i.type, "state": i.state,
-             "spot": i.spot, "address": i.address,
-             "uptime_s": round(now - i.launched) if i.launched else 0, "daemon": ""}
+    rows = [ListRow(cluster=i.cluster, id=i.id, type=i.type, state=i.state, spot=i.spot,
+                    address=i.address,
+                    uptime_s=round(now - i.launched) if i.launched else 0, daemon="")
             for i in instances]
-    running = [(r, i) for r, i in zip(rows, instances) if i.state == "running" and i.address]
-    if probe and running:
-        nodes = []
-        for _, inst in running:
-            port = int(inst.tags.get("deathstar:port", 6000))
-            key_file = ec2.cluster_dir(inst.cluster) / "node.key"
-            server_key = ec2.zmq.auth.load_certificate(str(key_file))[0] \
-                if key_file.exists() else None
-            nodes.append(NodeAddress(f"{inst.address}:{port}", inst.address, port, server_key))
-        for (row, _), status in zip(running, query_status(nodes, timeout=2.0)):
-            row["daemon"] = f"{status['workers']} workers" if not status["error"] else "no answer"
+    if probe:
+        _probe_daemons(rows, instances)
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -135,19 +137,32 @@ def list_command(
     Console().print(table)
 
 
+def _probe_daemons(rows: list[ListRow], instances: list[ec2.Instance]) -> None:
+    """Fill the daemon column of the running instances from their status ports (with the
+    cluster's node key when this machine launched it)."""
+    running = [(r, i) for r, i in zip(rows, instances) if i.state == "running" and i.address]
+    if not running:
+        return
+    nodes = []
+    for _, inst in running:
+        port = int(inst.tags.get("deathstar:port", 6000))
+        key_file = cluster_dir(inst.cluster) / "node.key"
+        server_key = zmq.auth.load_certificate(str(key_file))[0] if key_file.exists() else None
+        nodes.append(NodeAddress(f"{inst.address}:{port}", inst.address, port, server_key))
+    for (row, _), status in zip(running, query_status(nodes, timeout=2.0)):
+        row["daemon"] = f"{status['workers']} workers" if not status["error"] else "no answer"
+
+
 @ec2_app.command("nodes")
 def nodes_command(
     name: Annotated[str, typer.Argument(help="The cluster.")],
     region: Region = None,
 ) -> None:
     """Print the running nodes of a cluster, one a line (what --cluster ec2:NAME uses)."""
-    from deathstar.nodes import ClusterSpecError
-
     try:
         nodes = ec2.cluster_nodes(f"{name}@{region}" if region else name)
     except ClusterSpecError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(ec2.EXIT_AWS) from None
+        raise fail(str(exc), ExitCode.EC2_AWS) from None
     for node in nodes:
         typer.echo(node.name)
 
@@ -163,6 +178,6 @@ def down_command(
     try:
         result = ec2.down(name, region, wait_s=parse_duration(wait_timeout))
     except ec2.Ec2Error as exc:
-        raise _fail(exc) from None
+        raise fail(str(exc), exc.code) from None
     err.print(f"cluster {name}: terminated {len(result['terminated'])} instance(s), deleted "
               f"{len(result['security_groups'])} security group(s)", highlight=False)

@@ -1,12 +1,12 @@
-"""The ``deathstar map`` command and its terminal display (part of the CLI: parsing and
-rendering only; the work is in the library). Registered on the app by ``deathstar.cli``."""
+"""``deathstar map``: run a function over the inputs of a file on a cluster, and its
+terminal display (parsing and rendering only; the work is in ``deathstar.client``)."""
 
 from __future__ import annotations
 
 import itertools
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from rich.console import Group
@@ -15,24 +15,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deathstar import config
-from deathstar.cli.app import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NO_NODES, EXIT_OK,
-                           EXIT_TASKS_FAILED, EXIT_USAGE, KeysOption, _fail, _plot,
-                           _setup_logging, app, err, summary_table)
-from deathstar.client import Cluster, NoNodesError, ordered
-from deathstar.client.progress import progress_bar  # noqa: F401 (the bar lives there now)
-from deathstar.errors import TaskFailed
+from deathstar.cli.common import KeysOption, err, fail, setup_logging, summary_table, write_plot
 from deathstar.cli.inputs import InputError, load_function, parse_kwargs, read_calls
+from deathstar.cli.output import OutputError, Previous, ResultWriter, read_previous
+from deathstar.client import Cluster, NoNodesError, ordered
+from deathstar.errors import TaskFailed
+from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError
 from deathstar.nodes import ClusterSpecError
-from deathstar.cli.output import OutputError, ResultWriter, read_previous
 from deathstar.report import ReportWriter, Tally, TaskRecord
 from deathstar.serialize import SerializationError
+
 
 class _Display:
     """Progress on stderr: a bar and a live per-node table on a terminal, else a plain
     line every few seconds."""
 
-    def __init__(self, cluster: Cluster, total: int | None, enabled: bool):
+    def __init__(self, cluster: Cluster, total: int | None, enabled: bool) -> None:
         self.cluster = cluster
         self.total = total
         self.done = 0
@@ -63,8 +62,8 @@ class _Display:
             self.progress.update(self.bar, completed=self.done, rate=f"{rate:,.0f}/s")
         elif self.enabled and time.monotonic() >= self.next_line:
             self.next_line = time.monotonic() + 5.0
-            total = "?" if self.total is None else str(self.total)
-            err.print(f"deathstar: {self.done}/{total} done, {self.failed} failed, "
+            shown = "?" if self.total is None else str(self.total)
+            err.print(f"deathstar: {self.done}/{shown} done, {self.failed} failed, "
                       f"{self.done / (time.monotonic() - self.started):,.0f} tasks/s",
                       highlight=False)
 
@@ -83,7 +82,6 @@ def _node_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-@app.command("map")
 def map_command(
     function: Annotated[str, typer.Argument(help="MODULE:FUNCTION, imported with the "
                                             "current folder on the path.")],
@@ -125,43 +123,47 @@ def map_command(
     = False,
 ) -> None:
     """Run FUNCTION over every input in --args on the cluster; results in input order."""
-    _setup_logging("client")
+    setup_logging("client")
     try:
         fn = load_function(function)
         common = parse_kwargs(kwargs)
         calls, total = read_calls(args)
         _check_map_options(out, report, resume, retry_failed, timeout, max_attempts,
                            chunksize)
-        skip: set[int] = set()
-        earlier_failures = 0
-        if resume and out is not None:
-            previous = read_previous(out, retry_failed)
-            skip = previous.succeeded | previous.failed
-            earlier_failures = len(previous.failed)
+        previous = read_previous(out, retry_failed) if resume and out is not None \
+            else Previous()
     except (InputError, OutputError) as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
-    try:
-        cl = Cluster(cluster, connect_timeout=connect_timeout, workers=workers, keys=keys)
-    except (ClusterSpecError, KeyFileError) as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
-    except NoNodesError as exc:
-        raise _fail(str(exc), EXIT_NO_NODES) from None
-    for problem in cl.unreachable:
-        err.print(f"[yellow]warning:[/] going on without {problem}", highlight=False)
+        raise fail(str(exc), ExitCode.BAD_INPUT) from None
+    cl = _connect(cluster, connect_timeout, workers, keys)
+    skip = previous.succeeded | previous.failed
     if skip:
         err.print(f"resuming: {len(skip)} input(s) already in {out} "
-                  f"({earlier_failures} of them failed)", highlight=False)
+                  f"({len(previous.failed)} of them failed)", highlight=False)
     run = _MapRun(cl, ResultWriter(out, append=resume),
                   ReportWriter(report) if report is not None else None,
-                  _Display(cl, total - len(skip), enabled=not quiet), quiet)
-    run.failed_count = earlier_failures  # the exit code speaks for the whole output
-    options = dict(chunksize=chunksize, timeout=timeout, max_attempts=max_attempts, seed=seed,
-                   capture_output=capture_output)
-    run.records = [] if plot is not None else None
+                  _Display(cl, total - len(skip), enabled=not quiet), quiet,
+                  earlier_failures=len(previous.failed), keep_records=plot is not None)
+    options: dict[str, Any] = dict(chunksize=chunksize, timeout=timeout,
+                                   max_attempts=max_attempts, seed=seed,
+                                   capture_output=capture_output)
     code = run.run(fn, common, calls, skip, total - len(skip), options)
     if plot is not None and run.records:
-        _plot(run.records, plot)
+        write_plot(run.records, plot)
     raise typer.Exit(code)
+
+
+def _connect(spec: str | None, connect_timeout: float, workers: int | None,
+             keys: str | None) -> Cluster:
+    """The cluster of ``--cluster``, warning about the nodes it goes on without."""
+    try:
+        cl = Cluster(spec, connect_timeout=connect_timeout, workers=workers, keys=keys)
+    except (ClusterSpecError, KeyFileError) as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
+    except NoNodesError as exc:
+        raise fail(str(exc), ExitCode.NO_NODES) from None
+    for problem in cl.unreachable:
+        err.print(f"[yellow]warning:[/] going on without {problem}", highlight=False)
+    return cl
 
 
 def _check_map_options(out: Path | None, report: Path | None, resume: bool,
@@ -188,19 +190,23 @@ class _MapRun:
     the display and the node tally; returns the exit code."""
 
     def __init__(self, cluster: Cluster, output: ResultWriter, report: ReportWriter | None,
-                 display: _Display, quiet: bool):
+                 display: _Display, quiet: bool, earlier_failures: int = 0,
+                 keep_records: bool = False) -> None:
         self.cluster = cluster
         self.output = output
         self.report = report
         self.display = display
         self.quiet = quiet
         self.tally = Tally()
-        self.records: list[TaskRecord] | None = None  # kept only for --plot
+        #: every record, kept only for --plot
+        self.records: list[TaskRecord] | None = [] if keep_records else None
         self.failed: list[TaskFailed] = []
-        self.failed_count = 0
+        #: with --resume, the failures already in the output: the exit code speaks for the
+        #: whole output
+        self.failed_count = earlier_failures
 
     def run(self, fn: Any, common: dict[str, Any], calls: Iterator[Any], skip: set[int],
-            total: int, options: dict[str, Any]) -> int:
+            total: int, options: dict[str, Any]) -> ExitCode:
         started = time.monotonic()
         kept: list[int] = []  # with --resume: the original index of each input sent
 
@@ -210,7 +216,7 @@ class _MapRun:
                     kept.append(index)
                     yield call
 
-        code = EXIT_OK
+        code = ExitCode.OK
         try:
             progress = self.display.progress_callback
             if skip:
@@ -224,12 +230,12 @@ class _MapRun:
             for index, ok, value, record in ordered(stream, kept if skip else None):
                 self.deliver(index, ok, value, record)
         except (InputError, SerializationError, OutputError) as exc:
-            code = self.stop(EXIT_BAD_INPUT, f"[bold red]error:[/] {exc}")
+            code = self.stop(ExitCode.BAD_INPUT, f"[bold red]error:[/] {exc}")
         except NoNodesError as exc:
-            code = self.stop(EXIT_NO_NODES, f"[bold red]error:[/] {exc}")
+            code = self.stop(ExitCode.NO_NODES, f"[bold red]error:[/] {exc}")
         except KeyboardInterrupt:
-            code = self.stop(EXIT_INTERRUPTED, "interrupted: queued inputs were cancelled and "
-                             "running ones stopped; finished results are in the output")
+            code = self.stop(ExitCode.INTERRUPTED, "interrupted: queued inputs were cancelled "
+                             "and running ones stopped; finished results are in the output")
         finally:
             self.display.close()
             self.output.close()
@@ -237,8 +243,8 @@ class _MapRun:
                 self.report.close()
             self.cluster.close()
         self.print_summary(time.monotonic() - started)
-        if code == EXIT_OK and self.failed_count:
-            code = EXIT_TASKS_FAILED
+        if code == ExitCode.OK and self.failed_count:
+            code = ExitCode.TASKS_FAILED
         return code
 
     def deliver(self, index: int, ok: bool, value: Any, record: TaskRecord) -> None:
@@ -252,10 +258,9 @@ class _MapRun:
             self.failed_count += 1
             if len(self.failed) < 3:
                 self.failed.append(value)
-        if not ok:
             self.display.failure()
 
-    def stop(self, code: int, message: str) -> int:
+    def stop(self, code: ExitCode, message: str) -> ExitCode:
         self.display.close()
         err.print(message, highlight=False)
         return code

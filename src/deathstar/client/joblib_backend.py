@@ -39,7 +39,7 @@ def register_joblib(name: str = "deathstar") -> None:
     """Make ``joblib.parallel_config(backend=name, cluster=..., **options)`` run joblib's
     batches on a deathstar cluster. Raises ImportError when joblib is not installed
     (``pip install deathstar[joblib]``)."""
-    from joblib import register_parallel_backend  # type: ignore[import-untyped]
+    from joblib import register_parallel_backend
 
     register_parallel_backend(name, backend_class())
 
@@ -53,7 +53,7 @@ def _call_batch(batch: Callable[[], Any]) -> Any:
 def backend_class() -> type:
     """The joblib backend class (built on first use, so importing deathstar does not
     import joblib)."""
-    from joblib.parallel import (  # type: ignore[import-untyped]
+    from joblib.parallel import (
         AutoBatchingMixin,
         ParallelBackendBase,
     )

@@ -47,13 +47,15 @@ def query_status(nodes: str | Sequence[str] | Sequence[NodeAddress],
     given: the node's status fields plus ``node`` (as named) and ``error`` (empty when
     it answered, else why not). Blocks at most ``timeout`` seconds. ``keys`` as for
     ``Cluster`` (none are used for ``NodeAddress``es of the embedded daemon)."""
-    if not isinstance(nodes, str) and nodes and isinstance(nodes[0], NodeAddress):
-        addresses = list(nodes)  # type: ignore[arg-type]
+    addresses: list[NodeAddress]
+    if not isinstance(nodes, str) and all(isinstance(n, NodeAddress) for n in nodes):
+        addresses = [n for n in nodes if isinstance(n, NodeAddress)]
     else:
-        addresses = parse_cluster(nodes) or []  # type: ignore[arg-type]
+        addresses = parse_cluster([str(n) for n in nodes] if not isinstance(nodes, str)
+                                  else nodes) or []
     remote = [a for a in addresses if a.ipc is None]
     client_keys = load_keys(keys, remote) if remote else None
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     socks: dict[zmq.Socket[bytes], NodeAddress] = {}
     answers: dict[str, dict[str, Any]] = {}
     poller = zmq.Poller()

@@ -26,6 +26,7 @@ from deathstar import config, keys
 from deathstar._version import __version__
 from deathstar.client.status import query_status
 from deathstar.deploy.provider import cluster_dir
+from deathstar.exitcodes import ExitCode
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
 TAG_CLUSTER = "deathstar:cluster"
@@ -36,14 +37,14 @@ LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 KEYS_ON_NODE = "/etc/deathstar/keys"
 
 # Exit codes of the ec2 commands (distinct per failure, as the CLI promises).
-EXIT_NO_BOTO3 = 20
-EXIT_NO_CREDENTIALS = 21
-EXIT_NO_DEFAULT_VPC = 22
-EXIT_TYPE_NOT_OFFERED = 23
-EXIT_QUOTA = 24
-EXIT_REGION = 25
-EXIT_NO_ADDRESS = 26
-EXIT_AWS = 27
+EXIT_NO_BOTO3 = ExitCode.EC2_NO_BOTO3
+EXIT_NO_CREDENTIALS = ExitCode.EC2_NO_CREDENTIALS
+EXIT_NO_DEFAULT_VPC = ExitCode.EC2_NO_DEFAULT_VPC
+EXIT_TYPE_NOT_OFFERED = ExitCode.EC2_TYPE_NOT_OFFERED
+EXIT_QUOTA = ExitCode.EC2_QUOTA
+EXIT_REGION = ExitCode.EC2_REGION
+EXIT_NO_ADDRESS = ExitCode.EC2_NO_ADDRESS
+EXIT_AWS = ExitCode.EC2_AWS
 
 
 class Ec2Error(Exception):
