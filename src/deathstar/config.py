@@ -218,6 +218,10 @@ MAX_STATUS_MESSAGE_BYTES = _env_int("MAX_STATUS_MESSAGE_BYTES", 4096)
 #: Bytes of function-and-common-argument blobs a daemon keeps cached.
 BLOB_CACHE_BYTES = _env_int("BLOB_CACHE_BYTES", 2 * 1024 * 1024 * 1024)
 
+#: The longest heartbeat interval a peer may announce (seconds); a longer one is held to
+#: it, so a peer that says 1e300 still expires after LIVENESS of these.
+HEARTBEAT_MAX_S = _env_float("HEARTBEAT_MAX", 60.0)
+
 #: Blobs a daemon caches at most, whatever their size (each also counts 1 KiB).
 BLOB_CACHE_ENTRIES = _env_int("BLOB_CACHE_ENTRIES", 4096)
 

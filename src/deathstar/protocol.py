@@ -264,7 +264,7 @@ def heartbeat(workers: int | None = None) -> list[Any]:
 #: A peer's announced heartbeat interval is held to this range (seconds): a peer that asks
 #: for 1e300 must still expire, one that asks for 0 must not flood.
 HEARTBEAT_MIN_S: Final = 0.05
-HEARTBEAT_MAX_S: Final = 60.0
+HEARTBEAT_MAX_S: Final = config.HEARTBEAT_MAX_S
 
 
 def clamp_heartbeat(hb: float) -> float:
