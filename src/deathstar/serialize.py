@@ -17,6 +17,7 @@ import mmap
 import os
 import pickle
 import shutil
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -156,24 +157,34 @@ class SharedFolder:
 
 
 def _is_shared_folder(folder: str) -> bool:
-    """Whether a real path is a deathstar folder of /dev/shm: the only place a peer may
-    make us open, write or remove files."""
-    return os.path.dirname(folder) == SHARED_ROOT and \
-        os.path.basename(folder).startswith(_SHARED_PREFIX)
+    """Whether a real path is a deathstar folder of /dev/shm that this user owns and no one
+    else may write: the only place a peer may make us open, write or remove files."""
+    if os.path.dirname(folder) != SHARED_ROOT or \
+            not os.path.basename(folder).startswith(_SHARED_PREFIX):
+        return False
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def shared_folder(path: Any) -> str | None:
     """``path`` if it names an existing deathstar folder of /dev/shm, else None."""
-    if not isinstance(path, str):
+    if not isinstance(path, str) or "\0" in path:
         return None
     real = os.path.realpath(path)
-    return real if _is_shared_folder(real) and os.path.isdir(real) else None
+    return real if _is_shared_folder(real) else None
 
 
 def _shared_path(frame: Any) -> str:
     """The file a shared frame names; SerializationError unless it is in a deathstar
     folder of /dev/shm."""
-    path = os.path.realpath(bytes(frame).decode(errors="replace"))
+    name = bytes(frame).decode(errors="replace")
+    if "\0" in name:
+        raise SerializationError(f"{name!r} is not a file name")
+    # the folder resolved, the file itself not: it is opened with O_NOFOLLOW
+    path = os.path.join(os.path.realpath(os.path.dirname(name)), os.path.basename(name))
     if not _is_shared_folder(os.path.dirname(path)):
         raise SerializationError(f"{path!r} is not a deathstar shared-memory file")
     return path
@@ -194,11 +205,14 @@ def map_shared(frame: Any) -> Any:
     anything else raises SerializationError."""
     path = _shared_path(frame)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
         raise SerializationError(f"shared buffer {path} cannot be opened: {exc}") from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
+            raise SerializationError(f"shared buffer {path} is not this user's file")
+        size = st.st_size
         mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else bytearray()
     finally:
         os.close(fd)

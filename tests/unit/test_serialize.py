@@ -120,3 +120,34 @@ def test_a_full_shared_memory_falls_back_to_the_socket(tmp_path: Path) -> None:
         assert np.array_equal(serialize.loads(out), np.ones(serialize.SHARED_MIN_BYTES // 4))
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_shared_paths_with_nul_bytes_or_foreign_owners_are_refused(tmp_path: Path) -> None:
+    """A peer names the files we map and unlink: a NUL byte, a folder another user owns
+    or others may write, and a symbolic link are each refused, never followed."""
+    if not serialize.SharedFolder.available():
+        pytest.skip("no writable /dev/shm")
+    ours = serialize.SharedFolder()
+    try:
+        _, _, paths = ours.share([b"head", bytearray(serialize.SHARED_MIN_BYTES)])
+        folder = ours.folder()
+        with pytest.raises(serialize.SerializationError, match="not a file name"):
+            serialize.map_shared(f"{folder}/x\0y".encode())
+        serialize.discard_shared([b"", f"{folder}/x\0y".encode()], [1])  # no raise
+        os.symlink(paths[0], f"{folder}/link")
+        with pytest.raises(serialize.SerializationError):
+            serialize.map_shared(f"{folder}/link".encode())
+        assert os.path.exists(paths[0])  # the link was not followed to its target
+        os.chmod(folder, 0o777)
+        with pytest.raises(serialize.SerializationError, match="not a deathstar"):
+            serialize.map_shared(paths[0].encode())
+        assert serialize.shared_folder(folder) is None
+        os.chmod(folder, 0o700)
+        if os.geteuid() == 0:
+            os.chown(folder, 65534, 65534)  # nobody's now
+            with pytest.raises(serialize.SerializationError, match="not a deathstar"):
+                serialize.map_shared(paths[0].encode())
+            os.chown(folder, 0, 0)
+        assert len(serialize.map_shared(paths[0].encode())) == serialize.SHARED_MIN_BYTES
+    finally:
+        ours.close()
