@@ -175,7 +175,12 @@ class Engine(threading.Thread):
         self.finish_jobs()
 
     def next_deadline(self, now: float) -> float:
-        deadlines = [now + self.heartbeat_s, self.next_snapshot]
+        """When the loop must wake with no message: heartbeats, handshake and reconnect
+        deadlines, a busy node's back-off, and the node figures' refresh while a map runs
+        (an idle connected client wakes once a heartbeat interval)."""
+        deadlines = [now + self.heartbeat_s]
+        if self.jobs:
+            deadlines.append(self.next_snapshot)
         deadlines += [n.busy_until for n in self.nodes if n.busy_until > now]
         deadlines += [n.deadline for n in self.nodes if n.state in (CONNECTING, DOWN)]
         return min(deadlines)
@@ -469,7 +474,7 @@ class Engine(threading.Thread):
                 self.connect(node, now)
                 node.deadline = now + node.backoff_s
                 node.backoff_s = min(node.backoff_s * 2, RECONNECT_MAX_S)
-        if now >= self.next_snapshot:
+        if now >= self.next_snapshot or not self.jobs:
             self.next_snapshot = now + 0.25
             self.take_snapshot(now)
 

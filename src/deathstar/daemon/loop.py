@@ -84,6 +84,8 @@ class Daemon:
         self.stopping = False
         self.stop_deadline = 0.0
         self.next_supervise = 0.0
+        self.next_timeout = float("inf")  # the earliest deadline of a running task
+        self.watched: set[int] = set()  # the workers' exit descriptors being polled
         self.next_heartbeat = 0.0
         self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
         # The dead-man's switch: stop after this long without work, or this long in all.
@@ -136,8 +138,11 @@ class Daemon:
         self.supervisor.start()
         try:
             while not self.finished():
+                self.watch_exits()
                 timeout_ms = max(0, int((self.next_deadline() - time.monotonic()) * 1000))
                 ready = dict(self.poller.poll(timeout_ms))
+                if self.watched.intersection(ready):
+                    self.next_supervise = 0.0  # a worker exited: supervise now
                 if self.gate.zap_socket in ready:
                     self.gate.handle_zap()  # handshakes wait on this: first
                 if self.front in ready:
@@ -152,7 +157,33 @@ class Daemon:
             self.close()
 
     def next_deadline(self) -> float:
-        return min(self.next_supervise, self.next_heartbeat)
+        """When the loop must wake with no message: the next heartbeat, supervision, a
+        running task's timeout, the end of a drain. Nothing wakes it more often: an idle
+        daemon sleeps a heartbeat interval at a time."""
+        due = min(self.next_supervise, self.next_heartbeat, self.next_timeout)
+        return min(due, self.stop_deadline) if self.stopping else due
+
+    def watch_exits(self) -> None:
+        """Poll the local workers' exit descriptors (pidfds) with the sockets, so that a
+        death is noticed at once without supervising on a timer."""
+        fds = self.supervisor.exit_fds() or set()
+        for fd in fds - self.watched:
+            self.poller.register(fd, zmq.POLLIN)
+        for fd in self.watched - fds:
+            self.poller.unregister(fd)
+        self.watched = fds
+
+    def supervise_due(self, now: float) -> float:
+        """When supervision must run next, short of an exit waking it: on the heartbeat
+        clock (the parent check and the dead man's switch ride on it), at a respawn, and
+        every SUPERVISE_INTERVAL_S where exits cannot be watched."""
+        due = now + self.heartbeat_s
+        spawn = self.supervisor.next_spawn()
+        if spawn is not None:
+            due = min(due, max(spawn, now + 0.01))
+        if self.supervisor.exit_fds() is None:
+            due = min(due, now + config.SUPERVISE_INTERVAL_S)
+        return due
 
     def drain(self, sock: zmq.Socket[bytes], handler: Callable[[list[Any]], None]) -> None:
         for _ in range(DRAIN_BATCH):
@@ -172,9 +203,9 @@ class Daemon:
                                                     *self.workers.values()]
             for peer in peers:
                 peer.last_seen = now
-        if now >= self.next_supervise:
-            self.next_supervise = now + config.SUPERVISE_INTERVAL_S
+        if now >= self.next_supervise or now >= self.next_timeout:
             exits = self.supervisor.poll(now)
+            self.next_supervise = self.supervise_due(now)
             if exits:
                 # A dead worker's last result may wait in the socket: read it first, so
                 # the message it was running is the one held responsible (its slot file
@@ -321,18 +352,27 @@ class Daemon:
 
     def enforce_timeouts(self, now: float) -> None:
         """Kill the workers whose task message ran past its deadline; the client is told
-        ``timeout``, and a fresh worker replaces a local one."""
+        ``timeout``, and a fresh worker replaces a local one. Sets the next deadline."""
+        self.next_timeout = float("inf")
         for worker in list(self.workers.values()):
             if not worker.assigned:
                 continue
             job = worker.assigned[0]
-            if job.deadline is None or now < job.deadline:
+            if job.deadline is None:
+                continue
+            if now < job.deadline:
+                self.next_timeout = min(self.next_timeout, job.deadline)
                 continue
             reason = f"input ran past its timeout of {job.timeout_s:g} s"
             log.warning("worker %s: %s; killing it", worker.name, reason)
             self.counters.tasks_timed_out += 1
             self.supervisor.kill(worker.pid)
             self.forget_worker(worker, reason, code=protocol.LOST_TIMEOUT)
+
+    def task_started(self, job: Assignment) -> None:
+        """A task message began running: its deadline may be the next one."""
+        if job.deadline is not None:
+            self.next_timeout = min(self.next_timeout, job.deadline)
 
     def return_queued(self, client: ClientConn, reason: str) -> None:
         """Hand a client's queued tasks back as lost, so it sends them elsewhere."""
@@ -423,7 +463,9 @@ class Daemon:
         current one."""
         if not worker.assigned:
             self.idle.append(worker.ident)
-        elif worker.can_prefetch():
+            return
+        self.task_started(worker.assigned[0])  # the one waiting behind started (take)
+        if worker.can_prefetch():
             self.prefetchable.append(worker.ident)
 
     def on_fetch(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
@@ -505,6 +547,7 @@ class Daemon:
             worker.assigned.append(job)
             if len(worker.assigned) == 1:
                 job.start(time.monotonic())
+                self.task_started(job)
                 if job.short:
                     self.prefetchable.append(worker.ident)
             else:

@@ -73,6 +73,7 @@ class Supervisor:
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
     slots: dict[int, str] = field(default_factory=dict)  # pid -> its slot file
     curve_files: dict[int, str] = field(default_factory=dict)  # pid -> its keys, unread
+    pidfds: dict[int, int] = field(default_factory=dict)  # pid -> a fd readable at its exit
     restarts: int = 0
     recycled: int = 0
     _backoff_s: float = RESPAWN_BACKOFF_S
@@ -102,6 +103,8 @@ class Supervisor:
                 cmd += [flag, str(value)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
         self.procs[proc.pid] = (proc, time.monotonic())
+        with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3; else polled
+            self.pidfds[proc.pid] = os.pidfd_open(proc.pid)
         if slot is not None:
             self.slots[proc.pid] = slot
         if curve_file is not None:
@@ -115,6 +118,8 @@ class Supervisor:
             if code is None:
                 continue
             del self.procs[pid]
+            with contextlib.suppress(KeyError, OSError):
+                os.close(self.pidfds.pop(pid))
             slot = self.slots.pop(pid, None)
             with contextlib.suppress(OSError):  # a worker that died before reading it
                 os.unlink(self.curve_files.pop(pid, ""))
@@ -136,6 +141,18 @@ class Supervisor:
             for _ in range(self.count - len(self.procs)):
                 self._spawn()
         return exited
+
+    def exit_fds(self) -> set[int] | None:
+        """File descriptors that become readable when a worker exits (poll them, and call
+        ``poll`` when one is); None when some worker has none, so ``poll`` must run on a
+        timer instead."""
+        if len(self.pidfds) < len(self.procs):
+            return None
+        return set(self.pidfds.values())
+
+    def next_spawn(self) -> float | None:
+        """When ``poll`` must run to start missing workers (None: none are missing)."""
+        return self._next_spawn if len(self.procs) < self.count else None
 
     def owns(self, pid: int) -> bool:
         """Whether ``pid`` is one of our worker processes (not a hand-started one)."""
@@ -160,3 +177,7 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        for fd in self.pidfds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pidfds.clear()

@@ -273,7 +273,7 @@ class Worker:
 
     def _pulse(self) -> None:
         """Heartbeats while user code holds the main thread (see the class docstring)."""
-        while not self.pulse_stop.wait(self.heartbeat_s / 2):
+        while not self.pulse_stop.wait(self.heartbeat_s * 0.9):
             if self.parent_gone():
                 os._exit(ExitCode.WORKER_PARENT_GONE)
             if self.socket_lock.acquire(blocking=False):
