@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from typer import get_app_dir  # XDG on Linux; typer >= 0.16 does not depend on click
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,8 +29,16 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The per-user config folder (XDG on Linux: ``~/.config/deathstar``), which holds the
-    default keys, ``config.toml`` and deployed clusters' state. It need not exist."""
+    """The per-user config folder (XDG on Linux: ``$XDG_CONFIG_HOME/deathstar``, else
+    ``~/.config/deathstar``), which holds the default keys, ``config.toml`` and deployed
+    clusters' state. It need not exist."""
+    if sys.platform.startswith("linux"):
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+        return Path(base) / "deathstar"
+    # elsewhere the platform's convention, as typer (the CLI's library) knows it; not
+    # imported on Linux, where every worker process reads this at start
+    from typer import get_app_dir
+
     return Path(get_app_dir("deathstar"))
 
 

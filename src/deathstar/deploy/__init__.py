@@ -2,12 +2,30 @@
 
 Importing this package registers each provider's ``PREFIX:NAME`` cluster specs with the
 address model (``deathstar.nodes.register_resolver``), so ``Cluster("ec2:burst")`` works
-without anything below this floor knowing a provider.
+without anything below this floor knowing a provider. A provider's module is loaded when
+a spec names it (the package face imports this package in every process, workers
+included, which never need a provider).
 """
 
-from deathstar.deploy import ec2
-from deathstar.nodes import register_resolver
+from __future__ import annotations
 
-register_resolver("ec2", ec2.cluster_nodes)
+import importlib
+from typing import Callable
 
-__all__ = ["ec2"]
+from deathstar.nodes import NodeAddress, register_resolver
+
+#: Cluster-spec prefix -> the provider module whose ``cluster_nodes`` resolves it.
+PROVIDERS = {"ec2": "deathstar.deploy.ec2"}
+
+
+def _resolver(module: str) -> Callable[[str], list[NodeAddress]]:
+    def resolve(name: str) -> list[NodeAddress]:
+        nodes: list[NodeAddress] = importlib.import_module(module).cluster_nodes(name)
+        return nodes
+    return resolve
+
+
+for _prefix, _module in PROVIDERS.items():
+    register_resolver(_prefix, _resolver(_module))
+
+__all__ = ["PROVIDERS"]
