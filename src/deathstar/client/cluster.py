@@ -22,7 +22,7 @@ from deathstar import config, protocol, serialize
 from deathstar.client.engine import Engine, NoNodesError
 from deathstar.client.job import Job, Outcome, ordered
 from deathstar.errors import TaskFailed
-from deathstar.client.embedded import LocalDaemon
+from deathstar.client.embedded import LocalDaemon, acquire_shared, release_shared
 from deathstar.client.progress import ProgressFn, resolve as resolve_progress
 from deathstar.client.status import load_keys, query_status
 from deathstar.nodes import NodeAddress, parse_cluster
@@ -88,6 +88,9 @@ class Cluster:
     ``nodes``: node names (``"host"``, ``"host:port"``), a comma-separated string,
     ``"@file"``, or None for ``DEATHSTAR_CLUSTER`` or, when that is unset, an embedded
     local daemon with ``workers`` workers (default one per core) that stops on ``close``.
+    ``shared``: with no nodes and no ``workers``, use the process's shared embedded daemon
+    instead (warm workers, kept across calls; ``deathstar.map``, ``Executor()`` and the
+    joblib backend do so), which ``close`` leaves running.
 
     The constructor blocks until every node has answered or ``connect_timeout`` passed.
     ``keys``: a key folder (``deathstar keygen``) to talk CurveZMQ with the nodes; default
@@ -104,11 +107,15 @@ class Cluster:
                  connect_timeout: float = config.CONNECT_TIMEOUT_S,
                  workers: int | None = None,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
-                 keys: str | Path | None = None):
+                 keys: str | Path | None = None, shared: bool = False):
         addresses = parse_cluster(nodes)
         self.local: LocalDaemon | None = None
+        self.shared: LocalDaemon | None = None
         client_keys = None
-        if addresses is None:
+        if addresses is None and shared and workers is None:
+            self.shared = acquire_shared()
+            addresses = [self.shared.address]
+        elif addresses is None:
             self.local = LocalDaemon(workers)
             addresses = [self.local.address]
         else:
@@ -131,11 +138,15 @@ class Cluster:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Disconnect from every node (and stop the embedded daemon). Idempotent."""
+        """Disconnect from every node (and stop its own embedded daemon, or let go of the
+        shared one). Idempotent."""
         self.engine.close()
         if self.local is not None:
             self.local.stop()
             self.local = None
+        if self.shared is not None:
+            release_shared(self.shared)
+            self.shared = None
 
     def __enter__(self) -> Cluster:
         return self
@@ -356,7 +367,7 @@ def map(fn: Callable[..., Any], items: Iterable[Any], *,
     timeout, max_attempts, timeout_retries, on_error, progress); every other keyword is
     a common argument of ``fn``.
     """
-    with Cluster(cluster, connect_timeout=connect_timeout, keys=keys) as c:
+    with Cluster(cluster, connect_timeout=connect_timeout, keys=keys, shared=True) as c:
         return c.map(fn, items, **options_and_common)
 
 

@@ -101,7 +101,7 @@ class Executor(cf.Executor):
     def __init__(self, cluster: Cluster | str | Sequence[str] | None = None, **options: Any):
         self._options = MapOptions(**options)
         self._owns = not isinstance(cluster, Cluster)
-        self._cluster = cluster if isinstance(cluster, Cluster) else Cluster(cluster)
+        self._cluster = cluster if isinstance(cluster, Cluster) else Cluster(cluster, shared=True)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when no future is left
         self._pending: deque[_Call] = deque()

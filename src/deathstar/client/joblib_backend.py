@@ -80,7 +80,7 @@ def backend_class() -> type:
             if self._executor is None:
                 if self._cluster is None:
                     spec = self.cluster_spec
-                    self._cluster = spec if isinstance(spec, Cluster) else Cluster(spec)
+                    self._cluster = spec if isinstance(spec, Cluster) else Cluster(spec, shared=True)
                 self._executor = Executor(self._cluster, **self.options)
             return self._executor
 
