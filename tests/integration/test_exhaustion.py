@@ -5,7 +5,7 @@ daemon's memory is read with psutil and held to generous bounds (no timing thres
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import psutil
 import pytest

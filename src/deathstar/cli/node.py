@@ -19,8 +19,8 @@ from deathstar.daemon.guard import UnsafeBind, daemon_keys
 from deathstar.daemon.sockets import UnsafeFolder
 from deathstar.daemon.loop import run_daemon
 from deathstar.exitcodes import ExitCode
-from deathstar.keys import (CLIENT, NODE, KeyFileError, ServerKeys, default_dir,
-                            load_client_keys, load_server_keys, resolve_dir)
+from deathstar.keys import (CLIENT, KeyFileError, ServerKeys, default_dir, load_client_keys,
+                            resolve_dir)
 from deathstar.keys import keygen as keygen_keys
 from deathstar.nodes import NodeAddress
 from deathstar.worker.process import main as worker_main

@@ -16,9 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
-import zmq
-
-from deathstar import config, protocol, serialize
+from deathstar import config, serialize
 from deathstar.client.engine import Engine, NoNodesError
 from deathstar.client.job import Job, Outcome, ordered
 from deathstar.errors import TaskFailed

@@ -29,12 +29,11 @@ from deathstar import config, protocol
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
 from deathstar.daemon.sockets import Ports
-from deathstar.daemon.books import (Assignment, BlobCache, ClientConn, Counters,
-                                    WorkerConn)
+from deathstar.daemon.books import BlobCache, ClientConn, Counters, WorkerConn
 from deathstar.daemon.routing import Handler, Port, Router
+from deathstar.daemon.workers import WorkerSessions
 from deathstar.protocol import Message
-from deathstar.daemon.supervisor import Exited, Supervisor
-from deathstar.slot import slot_value
+from deathstar.daemon.supervisor import Supervisor
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -74,17 +73,17 @@ class Daemon:
                                      curve=self.gate.worker_curve(), log_dir=log_dir,
                                      slot_dir=self.ipc_dir)
         self.clients: dict[bytes, ClientConn] = {}
-        self.workers: dict[bytes, WorkerConn] = {}
-        self.idle: deque[bytes] = deque()  # workers holding nothing
-        self.prefetchable: deque[bytes] = deque()  # workers running one short message
         self.ready_clients: deque[bytes] = deque()  # clients with queued tasks, round robin
         self.blobs = BlobCache(config.BLOB_CACHE_BYTES, config.BLOB_CACHE_ENTRIES)
         self.counters = Counters()
         self.router = Router(self.gate, self.counters)
+        self.pool = WorkerSessions(self.supervisor, self.counters, self.blobs,
+                                   heartbeat_s=heartbeat_s, node_name=self.node_name,
+                                   capacity=self.capacity, relay=self.relay,
+                                   lost=self.send_lost, bad_message=self.bad_message)
         self.stopping = False
         self.stop_deadline = 0.0
         self.next_supervise = 0.0
-        self.next_timeout = float("inf")  # the earliest deadline of a running task
         self.watched: set[int] = set()  # the workers' exit descriptors being polled
         self.next_heartbeat = 0.0
         self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
@@ -99,14 +98,6 @@ class Daemon:
             protocol.HEARTBEAT: lambda client, frames, msg: None,
             protocol.BYE: lambda client, frames, msg: self.drop_client(client.ident),
         }
-        self.worker_handlers: dict[str, Handler] = {
-            protocol.RESULT: self.on_result,
-            protocol.LOST: self.on_worker_lost,
-            protocol.FETCH: self.on_fetch,
-            protocol.HEARTBEAT: lambda worker, frames, msg: None,
-            protocol.BYE: lambda worker, frames, msg: self.forget_worker(
-                worker, f"worker {worker.name} stopped", code=protocol.LOST_STOPPING),
-        }
 
     # ------------------------------------------------------------------ setup
 
@@ -119,11 +110,12 @@ class Daemon:
                            worker_port=self.worker_port, ipc=self.ipc,
                            heartbeat_s=self.heartbeat_s)
         self.front, self.status, self.back = self.ports.front, self.ports.status, self.ports.back
+        self.pool.sock = self.back
         bound = self.ports.bind(self.supervisor.connect)
         self.exec_port = Port("exec", CLIENTS, self.front, protocol.HELLO, self.on_hello,
                               self.clients, self.client_handlers)
-        self.worker_port_ = Port("workers", WORKERS, self.back, protocol.READY, self.on_ready,
-                                 self.workers, self.worker_handlers)
+        self.worker_port_ = Port("workers", WORKERS, self.back, protocol.READY,
+                                 self.pool.greet, self.pool.workers, self.pool.handlers)
         self.poller = zmq.Poller()
         for sock in (self.front, self.back, self.status):
             self.poller.register(sock, zmq.POLLIN)
@@ -160,7 +152,7 @@ class Daemon:
         """When the loop must wake with no message: the next heartbeat, supervision, a
         running task's timeout, the end of a drain. Nothing wakes it more often: an idle
         daemon sleeps a heartbeat interval at a time."""
-        due = min(self.next_supervise, self.next_heartbeat, self.next_timeout)
+        due = min(self.next_supervise, self.next_heartbeat, self.pool.next_timeout)
         return min(due, self.stop_deadline) if self.stopping else due
 
     def watch_exits(self) -> None:
@@ -200,10 +192,10 @@ class Daemon:
         if stalled:
             log.warning("this daemon stalled for %.1f s; not judging peers by it", stalled)
             peers: list[ClientConn | WorkerConn] = [*self.clients.values(),
-                                                    *self.workers.values()]
+                                                    *self.pool.workers.values()]
             for peer in peers:
                 peer.last_seen = now
-        if now >= self.next_supervise or now >= self.next_timeout:
+        if now >= self.next_supervise or now >= self.pool.next_timeout:
             exits = self.supervisor.poll(now)
             self.next_supervise = self.supervise_due(now)
             if exits:
@@ -212,8 +204,8 @@ class Daemon:
                 # covers a result that died unsent).
                 self.drain(self.back, self.on_worker_message)
             for exited in exits:
-                self.on_process_exit(exited)
-            self.enforce_timeouts(now)
+                self.pool.on_exit(exited)
+            self.pool.enforce_timeouts(now)
             self.dead_mans_switch(now)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent process %d is gone; stopping", self.parent_pid)
@@ -221,7 +213,7 @@ class Daemon:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.heartbeat_s
             self.expire_clients(now)
-            self.expire_workers(now)
+            self.pool.expire(now)
             self.heartbeat_clients(now)
 
     def dead_mans_switch(self, now: float) -> None:
@@ -229,7 +221,7 @@ class Daemon:
         all, so a forgotten cloud node does not run up a bill."""
         if self.stopping:
             return
-        if self.running_count() or any(c.queue for c in self.clients.values()):
+        if self.pool.running_count() or any(c.queue for c in self.clients.values()):
             self.last_work = now
         elif self.idle_shutdown_s is not None and now - self.last_work > self.idle_shutdown_s:
             log.warning("no work for %.0f s (--idle-shutdown): stopping", now - self.last_work)
@@ -241,7 +233,8 @@ class Daemon:
     def stop(self, *_: Any) -> None:
         """Drain: accept no new tasks, let running ones finish (up to DRAIN_TIMEOUT_S)."""
         if not self.stopping:
-            log.info("stopping: draining %d running task message(s)", self.running_count())
+            log.info("stopping: draining %d running task message(s)",
+                     self.pool.running_count())
             self.stopping = True
             self.stop_deadline = time.monotonic() + DRAIN_TIMEOUT_S
             for client in self.clients.values():
@@ -250,10 +243,7 @@ class Daemon:
     def finished(self) -> bool:
         if not self.stopping:
             return False
-        return self.running_count() == 0 or time.monotonic() >= self.stop_deadline
-
-    def running_count(self) -> int:
-        return sum(len(w.assigned) for w in self.workers.values())
+        return self.pool.running_count() == 0 or time.monotonic() >= self.stop_deadline
 
     def close(self) -> None:
         c = self.counters
@@ -275,7 +265,7 @@ class Daemon:
 
     def capacity(self) -> int:
         """Workers this node has or is starting: what a client may keep busy here."""
-        return max(len(self.workers), self.supervisor.count)
+        return max(len(self.pool), self.supervisor.count)
 
     def on_client_message(self, frames: list[Any]) -> None:
         self.router.route(self.exec_port, frames)
@@ -336,43 +326,8 @@ class Daemon:
         ids = set(msg.env["ids"])
         client.keep(lambda m: bool(ids) and m.env["id"] not in ids)
         self.unready(client)
-        self.kill_running(lambda a: a.client == ident and (not ids or a.id in ids),
+        self.pool.kill_running(lambda a: a.client == ident and (not ids or a.id in ids),
                           "its client cancelled it")
-
-    def kill_running(self, match: Callable[[Assignment], bool], why: str) -> None:
-        """Stop running task messages that ``match``: a local worker is killed (and
-        replaced); a hand-started one cannot be, so its result will be dropped."""
-        for worker in list(self.workers.values()):
-            if worker.assigned and match(worker.assigned[0]) and \
-                    self.supervisor.owns(worker.pid):
-                log.info("killing worker %s: %s", worker.name, why)
-                self.counters.tasks_killed += 1
-                self.supervisor.kill(worker.pid)
-                self.forget_worker(worker, f"worker {worker.name} killed: {why}")
-
-    def enforce_timeouts(self, now: float) -> None:
-        """Kill the workers whose task message ran past its deadline; the client is told
-        ``timeout``, and a fresh worker replaces a local one. Sets the next deadline."""
-        self.next_timeout = float("inf")
-        for worker in list(self.workers.values()):
-            if not worker.assigned:
-                continue
-            job = worker.assigned[0]
-            if job.deadline is None:
-                continue
-            if now < job.deadline:
-                self.next_timeout = min(self.next_timeout, job.deadline)
-                continue
-            reason = f"input ran past its timeout of {job.timeout_s:g} s"
-            log.warning("worker %s: %s; killing it", worker.name, reason)
-            self.counters.tasks_timed_out += 1
-            self.supervisor.kill(worker.pid)
-            self.forget_worker(worker, reason, code=protocol.LOST_TIMEOUT)
-
-    def task_started(self, job: Assignment) -> None:
-        """A task message began running: its deadline may be the next one."""
-        if job.deadline is not None:
-            self.next_timeout = min(self.next_timeout, job.deadline)
 
     def return_queued(self, client: ClientConn, reason: str) -> None:
         """Hand a client's queued tasks back as lost, so it sends them elsewhere."""
@@ -389,8 +344,15 @@ class Daemon:
     def send_lost(self, ident: bytes, ids: list[int], reason: str, worker: str,
                   code: str = protocol.LOST_CRASH, sig: int = 0) -> None:
         """Tell a client its task messages will not be answered, and why (``code``, one
-        of ``protocol.LOST_CODES``; ``sig`` the signal that killed the worker)."""
-        self.send_client(ident, protocol.lost(ids, reason, worker, code, sig))
+        of ``protocol.LOST_CODES``; ``sig`` the signal that killed the worker). Nothing
+        when the client is gone."""
+        if ident in self.clients:
+            self.send_client(ident, protocol.lost(ids, reason, worker, code, sig))
+
+    def relay(self, ident: bytes, frames: list[Any]) -> None:
+        """A worker's result to its client (nothing when the client is gone)."""
+        if ident in self.clients:
+            self.send_client(ident, frames)
 
     def drop_client(self, ident: bytes) -> None:
         """Forget a client: its queued tasks and its cached blobs no other client uses."""
@@ -399,7 +361,7 @@ class Daemon:
             return
         client.queue.clear()
         self.unready(client)
-        self.kill_running(lambda a: a.client == ident, "its client is gone")
+        self.pool.kill_running(lambda a: a.client == ident, "its client is gone")
         in_use = set().union(*(c.blobs for c in self.clients.values()))
         for h in client.blobs - in_use:
             self.blobs.discard(h)
@@ -420,155 +382,31 @@ class Daemon:
 
     # ------------------------------------------------------------------ workers
 
-    def on_ready(self, ident: bytes, user: str, msg: Message) -> None:
-        try:
-            for warning in protocol.handshake(msg.env["versions"],
-                                              f"worker {msg.env['worker']}"):
-                log.warning("%s", warning)
-        except protocol.VersionMismatch as exc:
-            log.warning("refused worker %s: %s", msg.env["worker"], exc)
-            self.back.send_multipart([ident, *protocol.refused(str(exc))])
-            return
-        if ident in self.workers:
-            self.forget_worker(self.workers[ident], "it said ready again")
-        self.workers[ident] = WorkerConn(ident, msg.env["worker"], msg.env["pid"],
-                                         protocol.clamp_heartbeat(msg.env["hb"]),
-                                         time.monotonic(), user=user)
-        self.idle.append(ident)
-        self.back.send_multipart([ident, *protocol.welcome(
-            self.heartbeat_s, self.node_name, self.capacity())])
-
-    def on_result(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
-        job = worker.take(msg.env["id"])
-        if job is None:
-            self.bad_message("workers", f"result for a task worker {worker.name} does not hold")
-            return
-        self.counters.tasks_done += job.n
-        self.slot_freed(worker)
-        if job.client in self.clients:
-            self.send_client(job.client, frames)
-
-    def on_worker_lost(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
-        for send_id in msg.env["ids"]:
-            job = worker.take(send_id) if isinstance(send_id, int) else None
-            if job is None:
-                continue
-            self.slot_freed(worker)
-            if job.client in self.clients:
-                self.send_lost(job.client, [job.id], msg.env["reason"], worker.name,
-                               code=protocol.LOST_BLOB)
-
-    def slot_freed(self, worker: WorkerConn) -> None:
-        """A message left ``worker``: it is idle, or may take a message behind its short
-        current one."""
-        if not worker.assigned:
-            self.idle.append(worker.ident)
-            return
-        self.task_started(worker.assigned[0])  # the one waiting behind started (take)
-        if worker.can_prefetch():
-            self.prefetchable.append(worker.ident)
-
-    def on_fetch(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
-        payload = self.blobs.get(msg.env["h"])
-        if payload is None:
-            reply = protocol.pack(protocol.MISSING, h=msg.env["h"])
-        else:
-            reply = protocol.pack(protocol.BLOB, payload, h=msg.env["h"])
-        self.back.send_multipart([worker.ident, *reply], copy=False)
-
-    def on_process_exit(self, exited: Exited) -> None:
-        for worker in list(self.workers.values()):
-            if worker.pid == exited.pid:
-                self.forget_worker(worker, f"worker {worker.name} died: {exited.reason}",
-                                   sig=max(0, -exited.returncode), running=exited.running)
-
-    def expire_workers(self, now: float) -> None:
-        """Drop workers silent past the liveness window (a hung process cannot beat);
-        a local one is killed so the supervisor starts a fresh one."""
-        for worker in list(self.workers.values()):
-            if now - worker.last_seen > protocol.liveness_window(worker.heartbeat_s,
-                                                                 self.heartbeat_s):
-                reason = f"worker {worker.name} hung: silent for {now - worker.last_seen:.1f} s"
-                log.warning("%s", reason)
-                if self.supervisor.owns(worker.pid):
-                    self.supervisor.kill(worker.pid)
-                self.forget_worker(worker, reason)
-
-    def forget_worker(self, worker: WorkerConn, reason: str, code: str = protocol.LOST_CRASH,
-                      sig: int = 0, running: int | None = None) -> None:
-        """Drop a worker; the tasks it held are reported lost to their clients: the one it
-        ran with ``code`` (a crash costs that message an attempt), the one waiting behind
-        it as ``unstarted`` (it never ran: sent again at no cost). ``running``: the id its
-        slot file says it last started; when that is the second, it had finished the
-        first, whose result died with it: that one goes again at no cost instead."""
-        self.workers.pop(worker.ident, None)
-        try:
-            self.idle.remove(worker.ident)
-        except ValueError:
-            pass
-        held = worker.assigned
-        if running is not None and len(held) > 1 and slot_value(held[1].id) == running \
-                and slot_value(held[0].id) != running:
-            held.rotate(-1)  # the one it died running first, then the finished one
-        for position, job in enumerate(held):
-            self.counters.tasks_lost += 1
-            if job.client in self.clients:
-                if position == 0:
-                    self.send_lost(job.client, [job.id], reason, worker.name, code=code,
-                                   sig=sig)
-                else:
-                    self.send_lost(job.client, [job.id], f"{reason} before it started, or "
-                                   "before its result left", worker.name,
-                                   code=protocol.LOST_UNSTARTED)
-        held.clear()
-
     # ------------------------------------------------------------------ scheduling
 
     def dispatch(self) -> None:
         """Give queued task messages to workers, one client after another: idle workers
         first, then a second message to workers running a short one."""
         while self.ready_clients:
-            worker = self.free_worker()
-            if worker is None:
-                return
             client_ident = self.ready_clients[0]
             client = self.clients.get(client_ident)
             if client is None or not client.queue:
                 self.ready_clients.popleft()
                 continue
+            worker = self.pool.free_worker()
+            if worker is None:
+                return
             msg = client.dequeue()
             if client.queue:
                 self.ready_clients.rotate(-1)
             else:
                 self.ready_clients.popleft()
-            est = protocol.task_estimate(msg.env)
-            job = Assignment(client_ident, msg.env["id"], msg.env["n"], msg.env["timeout"],
-                             short=est is not None and est <= config.PREFETCH_MAX_EST_S)
-            worker.assigned.append(job)
-            if len(worker.assigned) == 1:
-                job.start(time.monotonic())
-                self.task_started(job)
-                if job.short:
-                    self.prefetchable.append(worker.ident)
-            else:
-                self.counters.tasks_prefetched += 1
-            self.back.send_multipart([worker.ident, msg.raw, *msg.payload], copy=False)
-
-    def free_worker(self) -> WorkerConn | None:
-        """An idle worker, else one that may take a message behind its short one (stale
-        entries are skipped), else None. The worker is taken off its list."""
-        if self.idle:
-            return self.workers[self.idle.popleft()]
-        while self.prefetchable:
-            worker = self.workers.get(self.prefetchable.popleft())
-            if worker is not None and worker.can_prefetch():
-                return worker
-        return None
+            self.pool.assign(worker, client_ident, msg)
 
     # ------------------------------------------------------------------ status
 
     def status_map(self) -> dict[str, Any]:
-        busy = sum(1 for w in self.workers.values() if w.assigned)
+        busy = self.pool.busy()
         try:
             load1 = os.getloadavg()[0]
         except OSError:
@@ -576,8 +414,8 @@ class Daemon:
         return {
             "hostname": self.node_name,
             "versions": protocol.local_versions(),
-            "workers": len(self.workers),
-            "idle": len(self.workers) - busy,
+            "workers": len(self.pool),
+            "idle": len(self.pool) - busy,
             "busy": busy,
             "queued": sum(len(c.queue) for c in self.clients.values()),
             "queued_bytes": sum(c.queued_bytes for c in self.clients.values()),

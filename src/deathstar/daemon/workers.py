@@ -1,0 +1,229 @@
+"""The daemon's workers: their sessions (ready, results, lost, fetch, exit, silence), the
+messages each holds (the one it runs, at most one prefetched behind a short one), which
+worker is free next, and killing the ones whose message must stop (a timeout, a cancel, a
+client gone). It talks to clients only through the two callbacks it is given: ``relay``
+(a result's frames) and ``lost`` (task messages that will not be answered); both ignore a
+client that is gone."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Callable
+
+import zmq
+
+from deathstar import config, protocol
+from deathstar.daemon.books import Assignment, BlobCache, Counters, WorkerConn
+from deathstar.daemon.supervisor import Exited, Supervisor
+from deathstar.protocol import Message
+from deathstar.slot import slot_value
+
+log = logging.getLogger("deathstar.daemon")
+
+#: Relay a result's frames to the client with this identity.
+Relay = Callable[[bytes, list[Any]], None]
+#: Tell a client these task messages will not be answered: (client, ids, reason, worker,
+#: code, sig).
+Lost = Callable[..., None]
+
+
+class WorkerSessions:
+    """The workers of one daemon, by identity. ``sock`` (the worker ROUTER) is set when
+    the daemon binds."""
+
+    def __init__(self, supervisor: Supervisor, counters: Counters, blobs: BlobCache, *,
+                 heartbeat_s: float, node_name: str, capacity: Callable[[], int],
+                 relay: Relay, lost: Lost, bad_message: Callable[[str, object], None]):
+        self.supervisor = supervisor
+        self.counters = counters
+        self.blobs = blobs
+        self.heartbeat_s = heartbeat_s
+        self.node_name = node_name
+        self.capacity = capacity
+        self.relay = relay
+        self.lost = lost
+        self.bad_message = bad_message
+        self.sock: zmq.Socket[bytes] | Any = None
+        self.workers: dict[bytes, WorkerConn] = {}
+        self.idle: deque[bytes] = deque()  # workers holding nothing
+        self.prefetchable: deque[bytes] = deque()  # workers running one short message
+        self.next_timeout = float("inf")  # the earliest deadline of a running task
+        self.handlers: dict[str, Callable[[Any, list[Any], Message], None]] = {
+            protocol.RESULT: self.on_result,
+            protocol.LOST: self.on_lost,
+            protocol.FETCH: self.on_fetch,
+            protocol.HEARTBEAT: lambda worker, frames, msg: None,
+            protocol.BYE: lambda worker, frames, msg: self.forget(
+                worker, f"worker {worker.name} stopped", code=protocol.LOST_STOPPING),
+        }
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def busy(self) -> int:
+        """Workers holding a message."""
+        return sum(1 for w in self.workers.values() if w.assigned)
+
+    def running_count(self) -> int:
+        return sum(len(w.assigned) for w in self.workers.values())
+
+    def kill_running(self, match: Callable[[Assignment], bool], why: str) -> None:
+        """Stop running task messages that ``match``: a local worker is killed (and
+        replaced); a hand-started one cannot be, so its result will be dropped."""
+        for worker in list(self.workers.values()):
+            if worker.assigned and match(worker.assigned[0]) and \
+                    self.supervisor.owns(worker.pid):
+                log.info("killing worker %s: %s", worker.name, why)
+                self.counters.tasks_killed += 1
+                self.supervisor.kill(worker.pid)
+                self.forget(worker, f"worker {worker.name} killed: {why}")
+
+    def enforce_timeouts(self, now: float) -> None:
+        """Kill the workers whose task message ran past its deadline; the client is told
+        ``timeout``, and a fresh worker replaces a local one. Sets the next deadline."""
+        self.next_timeout = float("inf")
+        for worker in list(self.workers.values()):
+            if not worker.assigned:
+                continue
+            job = worker.assigned[0]
+            if job.deadline is None:
+                continue
+            if now < job.deadline:
+                self.next_timeout = min(self.next_timeout, job.deadline)
+                continue
+            reason = f"input ran past its timeout of {job.timeout_s:g} s"
+            log.warning("worker %s: %s; killing it", worker.name, reason)
+            self.counters.tasks_timed_out += 1
+            self.supervisor.kill(worker.pid)
+            self.forget(worker, reason, code=protocol.LOST_TIMEOUT)
+
+    def task_started(self, job: Assignment) -> None:
+        """A task message began running: its deadline may be the next one."""
+        if job.deadline is not None:
+            self.next_timeout = min(self.next_timeout, job.deadline)
+
+    def greet(self, ident: bytes, user: str, msg: Message) -> None:
+        try:
+            for warning in protocol.handshake(msg.env["versions"],
+                                              f"worker {msg.env['worker']}"):
+                log.warning("%s", warning)
+        except protocol.VersionMismatch as exc:
+            log.warning("refused worker %s: %s", msg.env["worker"], exc)
+            self.sock.send_multipart([ident, *protocol.refused(str(exc))])
+            return
+        if ident in self.workers:
+            self.forget(self.workers[ident], "it said ready again")
+        self.workers[ident] = WorkerConn(ident, msg.env["worker"], msg.env["pid"],
+                                         protocol.clamp_heartbeat(msg.env["hb"]),
+                                         time.monotonic(), user=user)
+        self.idle.append(ident)
+        self.sock.send_multipart([ident, *protocol.welcome(
+            self.heartbeat_s, self.node_name, self.capacity())])
+
+    def on_result(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
+        job = worker.take(msg.env["id"])
+        if job is None:
+            self.bad_message("workers", f"result for a task worker {worker.name} does not hold")
+            return
+        self.counters.tasks_done += job.n
+        self.slot_freed(worker)
+        self.relay(job.client, frames)
+
+    def on_lost(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
+        for send_id in msg.env["ids"]:
+            job = worker.take(send_id) if isinstance(send_id, int) else None
+            if job is None:
+                continue
+            self.slot_freed(worker)
+            self.lost(job.client, [job.id], msg.env["reason"], worker.name,
+                      code=protocol.LOST_BLOB)
+
+    def slot_freed(self, worker: WorkerConn) -> None:
+        """A message left ``worker``: it is idle, or may take a message behind its short
+        current one."""
+        if not worker.assigned:
+            self.idle.append(worker.ident)
+            return
+        self.task_started(worker.assigned[0])  # the one waiting behind started (take)
+        if worker.can_prefetch():
+            self.prefetchable.append(worker.ident)
+
+    def on_fetch(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
+        payload = self.blobs.get(msg.env["h"])
+        if payload is None:
+            reply = protocol.pack(protocol.MISSING, h=msg.env["h"])
+        else:
+            reply = protocol.pack(protocol.BLOB, payload, h=msg.env["h"])
+        self.sock.send_multipart([worker.ident, *reply], copy=False)
+
+    def on_exit(self, exited: Exited) -> None:
+        for worker in list(self.workers.values()):
+            if worker.pid == exited.pid:
+                self.forget(worker, f"worker {worker.name} died: {exited.reason}",
+                                   sig=max(0, -exited.returncode), running=exited.running)
+
+    def expire(self, now: float) -> None:
+        """Drop workers silent past the liveness window (a hung process cannot beat);
+        a local one is killed so the supervisor starts a fresh one."""
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > protocol.liveness_window(worker.heartbeat_s,
+                                                                 self.heartbeat_s):
+                reason = f"worker {worker.name} hung: silent for {now - worker.last_seen:.1f} s"
+                log.warning("%s", reason)
+                if self.supervisor.owns(worker.pid):
+                    self.supervisor.kill(worker.pid)
+                self.forget(worker, reason)
+
+    def forget(self, worker: WorkerConn, reason: str, code: str = protocol.LOST_CRASH,
+               sig: int = 0, running: int | None = None) -> None:
+        """Drop a worker; the tasks it held are reported lost to their clients: the one it
+        ran with ``code`` (a crash costs that message an attempt), the one waiting behind
+        it as ``unstarted`` (it never ran: sent again at no cost). ``running``: the id its
+        slot file says it last started; when that is the second, it had finished the
+        first, whose result died with it: that one goes again at no cost instead."""
+        self.workers.pop(worker.ident, None)
+        try:
+            self.idle.remove(worker.ident)
+        except ValueError:
+            pass
+        held = worker.assigned
+        if running is not None and len(held) > 1 and slot_value(held[1].id) == running \
+                and slot_value(held[0].id) != running:
+            held.rotate(-1)  # the one it died running first, then the finished one
+        for position, job in enumerate(held):
+            self.counters.tasks_lost += 1
+            if position == 0:
+                self.lost(job.client, [job.id], reason, worker.name, code=code, sig=sig)
+            else:
+                self.lost(job.client, [job.id], f"{reason} before it started, or before "
+                          "its result left", worker.name, code=protocol.LOST_UNSTARTED)
+        held.clear()
+
+    def free_worker(self) -> WorkerConn | None:
+        """An idle worker, else one that may take a message behind its short one (stale
+        entries are skipped), else None. The worker is taken off its list."""
+        if self.idle:
+            return self.workers[self.idle.popleft()]
+        while self.prefetchable:
+            worker = self.workers.get(self.prefetchable.popleft())
+            if worker is not None and worker.can_prefetch():
+                return worker
+        return None
+
+    def assign(self, worker: WorkerConn, client: bytes, msg: Message) -> None:
+        """Give ``worker`` a client's task message: it runs it now if it holds nothing,
+        else (a short one running) right after."""
+        est = protocol.task_estimate(msg.env)
+        job = Assignment(client, msg.env["id"], msg.env["n"], msg.env["timeout"],
+                         short=est is not None and est <= config.PREFETCH_MAX_EST_S)
+        worker.assigned.append(job)
+        if len(worker.assigned) == 1:
+            job.start(time.monotonic())
+            self.task_started(job)
+            if job.short:
+                self.prefetchable.append(worker.ident)
+        else:
+            self.counters.tasks_prefetched += 1
+        self.sock.send_multipart([worker.ident, msg.raw, *msg.payload], copy=False)
