@@ -33,7 +33,6 @@ package sources pip is configured with; nodes need neither.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -43,7 +42,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +49,11 @@ from typing import Any, Sequence
 
 from deathstar import config
 from deathstar._version import __version__
+from deathstar.deploy.wheels import (BundleError, canonical, installed,
+                                     local_platform, marker_env, packaging_tools,
+                                     platform_tags, read_requirements, sha256_file,
+                                     wheel_from_distribution, wheel_name_version,
+                                     wheel_requires)
 
 #: The distribution name of deathstar on package indexes (the import package is deathstar).
 DIST_NAME = "deathstar-cluster"
@@ -70,13 +73,8 @@ CORE = ("pyzmq", "msgpack", "cloudpickle", "typer", "rich")
 #: Seconds one pip call (a wheel build or a download of many wheels) may take.
 PIP_TIMEOUT_S = config._env_float("BUNDLE_PIP_TIMEOUT", 600.0)
 
-#: Timestamp of every member of a repacked wheel and of the tar (reproducible bytes).
-_EPOCH = (2020, 2, 2, 0, 0, 0)
+#: Timestamp of every member of the tar (reproducible bytes).
 _EPOCH_S = 1580601600
-
-
-class BundleError(Exception):
-    """A bundle that cannot be built or does not check out; the message says why."""
 
 
 class MissingWheel(BundleError):
@@ -143,7 +141,7 @@ def build_bundle(platform: str | None = None, python: str | None = None, *,
         raise BundleError(f"python {python!r}: give a CPython minor such as 3.12")
     root = Path(cache_dir).expanduser() if cache_dir is not None else config.cache_dir()
     bundles = root / "bundles"
-    user_specs = list(pip) + (_read_requirements(Path(requirements)) if requirements else [])
+    user_specs = list(pip) + (read_requirements(Path(requirements)) if requirements else [])
     source = _deathstar_source()
     key = _cache_key(source, platform, python, user_specs)
     key_file = root / "keys" / f"{key}.json"
@@ -161,7 +159,7 @@ def build_bundle(platform: str | None = None, python: str | None = None, *,
         manifest = _manifest(platform, python, user_specs, wheels)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         (folder / INSTALL_SCRIPT).write_text(_install_script(python, manifest))
-        sums = "".join(f"{_sha256_file(folder / name)}  {name}\n"
+        sums = "".join(f"{sha256_file(folder / name)}  {name}\n"
                        for name in sorted(p.name for p in folder.iterdir()))
         (folder / SUMS).write_text(sums)
         digest = hashlib.sha256(sums.encode()).hexdigest()
@@ -204,48 +202,13 @@ def verify_bundle(folder: str | Path, sha256: str) -> None:
         path = folder / name
         if not path.is_file():
             raise BundleError(f"{path}: listed in {SUMS} but missing")
-        if _sha256_file(path) != digest:
+        if sha256_file(path) != digest:
             raise BundleError(f"{path}: sha256 does not match {SUMS}; the file was altered")
     extra = sorted(p.name for p in folder.iterdir() if p.name not in listed and p.name != SUMS)
     if extra:
         raise BundleError(f"{folder}: {extra[0]} is not listed in {SUMS}; the bundle was "
                           "altered")
 
-
-def local_platform() -> str:
-    """This machine's wheel platform tag: ``manylinux_2_X_<arch>`` on glibc Linux (X this
-    glibc's minor), else ``sysconfig``'s platform in wheel form."""
-    import platform as _platform
-    import sysconfig
-
-    plat = sysconfig.get_platform().replace("-", "_").replace(".", "_")
-    if plat.startswith("linux_"):
-        libc, version = _platform.libc_ver()
-        match = re.match(r"(\d+)\.(\d+)", version)
-        if libc == "glibc" and match:
-            return f"manylinux_{match.group(1)}_{match.group(2)}_{plat[len('linux_'):]}"
-    return plat
-
-
-def platform_tags(platform: str) -> list[str]:
-    """The wheel platform tags a node of ``platform`` runs, most specific first: a
-    ``manylinux_2_X_<arch>`` node runs every older glibc's wheels (and their legacy
-    names), a ``musllinux_1_X_<arch>`` one every older musl's; others only their own."""
-    match = re.fullmatch(r"(manylinux|musllinux)_(\d+)_(\d+)_(\w+)", platform)
-    if not match:
-        return [platform]
-    kind, major, minor, arch = match.group(1), int(match.group(2)), int(match.group(3)), \
-        match.group(4)
-    if kind == "musllinux":
-        return [f"musllinux_{major}_{m}_{arch}" for m in range(minor, -1, -1)]
-    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
-    tags = []
-    for m in range(minor, 4, -1) if major == 2 else [minor]:
-        tags.append(f"manylinux_{major}_{m}_{arch}")
-        # manylinux1 and 2010 exist only for x86; manylinux2014 for every arch
-        if major == 2 and m in legacy and (m == 17 or arch in ("x86_64", "i686")):
-            tags.append(f"{legacy[m]}_{arch}")
-    return tags
 
 
 # --- what is bundled --------------------------------------------------------------------
@@ -302,47 +265,9 @@ def _deathstar_wheel(source: _Source, folder: Path) -> _Wheel:
     else:
         assert source.dist is not None
         path = wheel_from_distribution(source.dist, folder)
-    name, version = _wheel_name_version(path.name)
+    name, version = wheel_name_version(path.name)
     return _Wheel(name, version, path.name, "deathstar")
 
-
-def wheel_from_distribution(dist: metadata.Distribution, folder: Path) -> Path:
-    """Repack an installed pure-Python distribution into a wheel in ``folder`` (its files
-    as installed, minus bytecode and the installer's own records) and return its path."""
-    name = _canonical(dist.metadata["Name"]).replace("-", "_")
-    version = dist.version
-    info = f"{name}-{version}.dist-info"
-    skip_info = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
-    members: dict[str, bytes] = {}
-    for file in dist.files or []:
-        parts = file.parts
-        if "__pycache__" in parts or file.suffix in (".pyc", ".pyo") or parts[0] == "..":
-            continue
-        if parts[0].endswith(".dist-info"):
-            if file.name in skip_info:
-                continue
-            arcname = f"{info}/{'/'.join(parts[1:])}"
-        else:
-            arcname = "/".join(parts)
-        members[arcname] = Path(str(dist.locate_file(file))).read_bytes()
-    if f"{info}/METADATA" not in members:
-        raise BundleError(f"{name} {version}: the installed distribution has no METADATA")
-    members.setdefault(f"{info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: deathstar\n"
-                                         b"Root-Is-Purelib: true\nTag: py3-none-any\n")
-    record = io.StringIO()
-    for arcname in sorted(members):
-        data = members[arcname]
-        digest = _b64(hashlib.sha256(data).digest())
-        record.write(f"{arcname},sha256={digest},{len(data)}\n")
-    record.write(f"{info}/RECORD,,\n")
-    members[f"{info}/RECORD"] = record.getvalue().encode()
-    path = folder / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for arcname in sorted(members, key=lambda a: (a.startswith(info), a)):
-            zi = zipfile.ZipInfo(arcname, _EPOCH)
-            zi.external_attr = 0o644 << 16
-            zf.writestr(zi, members[arcname], zipfile.ZIP_DEFLATED)
-    return path
 
 
 def _gather(own: _Wheel, platform: str, python: str, user_specs: list[str],
@@ -350,12 +275,12 @@ def _gather(own: _Wheel, platform: str, python: str, user_specs: list[str],
     """Fetch the closure of deathstar's and the user's requirements for the target into
     ``folder``: installed distributions at the client's versions (all in one pip call),
     others at the newest their requirement allows (then their requirements in turn)."""
-    Requirement, InvalidRequirement = _packaging()
-    env = _marker_env(platform, python)
-    installed = _installed()
+    Requirement, InvalidRequirement = packaging_tools()
+    env = marker_env(platform, python)
+    have = installed()
     chosen: dict[str, _Wheel] = {own.name: own}
     pending: list[tuple[Any, str]] = [(Requirement(r), "client") for r in
-                                      _wheel_requires(folder / own.file)]
+                                      wheel_requires(folder / own.file)]
     for spec in user_specs:
         try:
             pending.append((Requirement(spec), "user"))
@@ -364,12 +289,12 @@ def _gather(own: _Wheel, platform: str, python: str, user_specs: list[str],
     while pending:
         pins: dict[str, tuple[str, str]] = {}  # name -> (pip spec, why)
         for req, why in pending:
-            name = _canonical(req.name)
+            name = canonical(req.name)
             if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
                 continue
             if name in chosen or name in pins:
                 continue  # first come: deathstar's own pins, then the user's
-            dist = installed.get(name)
+            dist = have.get(name)
             if dist is not None and req.specifier.contains(dist.version, prereleases=True):
                 pins[name] = (f"{name}=={dist.version}", "client" if why != "user" else "user")
             else:
@@ -380,14 +305,14 @@ def _gather(own: _Wheel, platform: str, python: str, user_specs: list[str],
             break
         for file in _download([s for s, _ in pins.values()], platform, python, folder,
                               user_specs):
-            name, version = _wheel_name_version(file)
+            name, version = wheel_name_version(file)
             if name in chosen or name not in pins:
                 continue
             why = pins[name][1]
             chosen[name] = _Wheel(name, version, file, why)
-            dist = installed.get(name)
+            dist = have.get(name)
             requires = (dist.requires or []) if dist is not None and dist.version == version \
-                else _wheel_requires(folder / file)
+                else wheel_requires(folder / file)
             pending.extend((Requirement(r), why) for r in requires)
         missing = sorted(set(pins) - set(chosen))
         if missing:
@@ -410,17 +335,17 @@ def _download(specs: list[str], platform: str, python: str, folder: Path,
         match = re.search(r"(?:No matching distribution found for|satisfies the "
                           r"requirement) ([A-Za-z0-9._-]+)(\S*)", str(exc))
         if match:
-            name = _canonical(match.group(1))
-            spec = next((s for s in specs if _canonical(re.split(r"[=<>!~\[; ]", s)[0])
+            name = canonical(match.group(1))
+            spec = next((s for s in specs if canonical(re.split(r"[=<>!~\[; ]", s)[0])
                          == name), name)
             pinned = "==" in spec and not any(s == spec for s in user_specs)
             reason = ("the version this client runs; " if pinned else "") \
                 + _pip_reason(str(exc))
             raise MissingWheel(spec, platform, python, reason) from None
         raise
-    wanted = {_canonical(re.split(r"[=<>!~\[; ]", s)[0]) for s in specs}
+    wanted = {canonical(re.split(r"[=<>!~\[; ]", s)[0]) for s in specs}
     return sorted(p.name for p in folder.glob("*.whl")
-                  if _wheel_name_version(p.name)[0] in wanted)
+                  if wheel_name_version(p.name)[0] in wanted)
 
 
 def _pip_reason(text: str) -> str:
@@ -491,7 +416,7 @@ def _install_script(python: str, manifest: dict[str, Any]) -> str:
 def _cache_key(source: _Source, platform: str, python: str, user_specs: list[str]) -> str:
     """A hash of everything that decides a bundle's contents, known before building it:
     deathstar's source, the client's installed versions, the target, the user's specs."""
-    versions = sorted(f"{n}=={d.version}" for n, d in _installed().items())
+    versions = sorted(f"{n}=={d.version}" for n, d in installed().items())
     blob = json.dumps({"format": BUNDLE_FORMAT, "source": source.digest,
                        "platform": platform, "python": python, "specs": user_specs,
                        "installed": versions}, sort_keys=True)
@@ -516,7 +441,7 @@ def _from_cache(bundles: Path, key_file: Path) -> Bundle | None:
 def _load(folder: Path, archive: Path, *, cached: bool) -> Bundle:
     manifest = json.loads((folder / MANIFEST).read_text())
     return Bundle(path=folder, archive=archive, sha256=folder.name,
-                  archive_sha256=_sha256_file(archive), platform=manifest["platform"],
+                  archive_sha256=sha256_file(archive), platform=manifest["platform"],
                   python=manifest["python"], manifest=manifest, cached=cached)
 
 
@@ -555,105 +480,6 @@ def _pip(*args: str, what: str, log: Path | None = None) -> None:
                            if "is ignored: it is neither a file nor a directory" not in line)
         raise BundleError(f"{what}: pip exited {proc.returncode}:\n{errors.strip()}")
 
-
-def _packaging() -> tuple[Any, Any]:
-    """packaging's Requirement and InvalidRequirement: the real package when installed,
-    else the copy inside pip (which building a bundle needs anyway)."""
-    try:
-        from packaging.requirements import InvalidRequirement, Requirement
-    except ImportError:
-        try:
-            from pip._vendor.packaging.requirements import (  # type: ignore[assignment]
-                InvalidRequirement, Requirement)
-        except ImportError:
-            raise BundleError("building a bundle needs pip (or packaging) in "
-                              f"{sys.executable}") from None
-    return Requirement, InvalidRequirement
-
-
-def _marker_env(platform: str, python: str) -> dict[str, str]:
-    """PEP 508 marker values of a CPython ``python`` node on ``platform``."""
-    if platform.startswith(("manylinux", "musllinux", "linux")):
-        sys_platform, system, os_name = "linux", "Linux", "posix"
-    elif platform.startswith("macosx"):
-        sys_platform, system, os_name = "darwin", "Darwin", "posix"
-    elif platform.startswith("win"):
-        sys_platform, system, os_name = "win32", "Windows", "nt"
-    else:
-        sys_platform, system, os_name = platform, platform, "posix"
-    machine = next((m for m in ("x86_64", "aarch64", "arm64", "i686", "ppc64le", "s390x",
-                                "armv7l", "amd64") if platform.endswith(m)), "")
-    machine = {"amd64": "AMD64"}.get(machine, machine)
-    return {"python_version": python, "python_full_version": f"{python}.0",
-            "implementation_name": "cpython", "implementation_version": f"{python}.0",
-            "platform_python_implementation": "CPython", "sys_platform": sys_platform,
-            "platform_system": system, "os_name": os_name, "platform_machine": machine,
-            "platform_release": "", "platform_version": ""}
-
-
-def _installed() -> dict[str, metadata.Distribution]:
-    """Canonical name -> the distribution this client imports (first on sys.path)."""
-    out: dict[str, metadata.Distribution] = {}
-    for dist in metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            out.setdefault(_canonical(name), dist)
-    return out
-
-
-def _wheel_requires(path: Path) -> list[str]:
-    """The Requires-Dist lines of a wheel's METADATA."""
-    with zipfile.ZipFile(path) as zf:
-        name = next((n for n in zf.namelist()
-                     if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)), None)
-        if name is None:
-            raise BundleError(f"{path.name}: no METADATA")
-        text = zf.read(name).decode("utf-8")
-    from email.parser import HeaderParser
-
-    return HeaderParser().parsestr(text).get_all("Requires-Dist") or []
-
-
-def _read_requirements(path: Path) -> list[str]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise BundleError(f"--requirements {path}: {exc.strerror}") from None
-    specs = []
-    for number, raw in enumerate(lines, 1):
-        line = raw.split(" #", 1)[0].strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("-"):
-            raise BundleError(f"{path}, line {number}: {line!r}: option lines are not "
-                              "supported in a bundle's requirements (give specs only)")
-        specs.append(line)
-    return specs
-
-
-def _wheel_name_version(filename: str) -> tuple[str, str]:
-    parts = filename[:-len(".whl")].split("-")
-    if not filename.endswith(".whl") or len(parts) < 5:
-        raise BundleError(f"{filename}: not a wheel file name")
-    return _canonical(parts[0]), parts[1]
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _b64(digest: bytes) -> str:
-    import base64
-
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def _sh_quote(text: str) -> str:
