@@ -27,9 +27,9 @@ from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
 from deathstar.client.job import FINISHED, Job, JobInputError, Outcome, Task
-from deathstar.client.node import (BUSY_BACKOFF_MAX_S, BUSY_BACKOFF_MIN_S, CONNECTING, DOWN,
-                                   READY, RECONNECT_MAX_S, RECONNECT_MIN_S, REFUSED,
-                                   UNREACHABLE, Node)
+from deathstar.client.lost import LOST_HANDLERS, lost_crash
+from deathstar.client.node import (BUSY_BACKOFF_MIN_S, CONNECTING, DOWN, READY, RECONNECT_MAX_S,
+                                   RECONNECT_MIN_S, REFUSED, UNREACHABLE, Node)
 from deathstar.report import CRASHED
 
 log = logging.getLogger("deathstar.client")
@@ -74,14 +74,6 @@ class Engine(threading.Thread):
             protocol.RESULT: self.on_result,
             protocol.LOST: self.on_lost,
             protocol.HEARTBEAT: self.on_heartbeat,
-        }
-        self.lost_handlers: dict[str, Callable[[Node, int, Task, Message], None]] = {
-            protocol.LOST_BLOB: self.lost_blob,
-            protocol.LOST_STOPPING: self.lost_stopping,
-            protocol.LOST_UNSTARTED: self.lost_unstarted,
-            protocol.LOST_TIMEOUT: self.lost_timeout,
-            protocol.LOST_CRASH: self.lost_crash,
-            protocol.LOST_BUSY: self.lost_busy,
         }
         self.command_handlers: dict[str, Callable[[Any], None]] = {
             "job": self.add_job,
@@ -359,10 +351,10 @@ class Engine(threading.Thread):
         node.failed += failed
 
     def on_lost(self, node: Node, msg: Message) -> None:
-        """The node will not answer these tasks; ``code`` says why, and ``lost_handlers``
+        """The node will not answer these tasks; ``code`` says why, and ``LOST_HANDLERS``
         what to do about it (an unknown or missing code is a crash)."""
-        handler = self.lost_handlers.get(msg.env.get(protocol.F_CODE, protocol.LOST_CRASH),
-                                         self.lost_crash)
+        handler = LOST_HANDLERS.get(msg.env.get(protocol.F_CODE, protocol.LOST_CRASH),
+                                    lost_crash)
         for send_id in msg.env["ids"]:
             task = node.inflight.pop(send_id, None)
             if task is None:
@@ -370,41 +362,6 @@ class Engine(threading.Thread):
             self.release(send_id)
             task.job.outstanding -= 1
             handler(node, send_id, task, msg)
-
-    def lost_blob(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
-        """The node lacked the blob: send it again (unless that was already done after
-        this task went out), then the task, at no cost."""
-        if node.blobs_sent.get(task.job.fn_hash, send_id) <= send_id:
-            node.blobs_sent.pop(task.job.fn_hash, None)
-        task.job.requeue(task, charge=False)
-
-    def lost_stopping(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
-        """The node is draining: no one's fault; elsewhere if possible."""
-        task.avoid = node.name
-        task.job.requeue(task, charge=False)
-
-    def lost_unstarted(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
-        """It waited behind a message whose worker died: no one's fault."""
-        task.job.requeue(task, charge=False)
-
-    def lost_busy(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
-        """Our queue at the node is full: no one's fault; hold off that node a while."""
-        now = time.monotonic()
-        if node.busy_until <= now:
-            node.busy_until = now + node.busy_backoff_s
-            node.busy_backoff_s = min(2 * node.busy_backoff_s, BUSY_BACKOFF_MAX_S)
-        task.job.requeue(task, charge=False)
-
-    def lost_timeout(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
-        """An input ran past its timeout."""
-        task.job.timed_out(task, node.name, msg.env["worker"])
-
-    def lost_crash(self, node: Node, send_id: int, task: Task, msg: Message) -> None:
-        """The worker died under it: costs an attempt; elsewhere if possible."""
-        task.last_reason = f"{msg.env['reason']} (node {node.name})"
-        task.avoid = node.name
-        task.job.requeue(task, charge=True, node=node.name, worker=msg.env["worker"],
-                         sig=msg.env.get(protocol.F_SIG, 0))
 
     # ------------------------------------------------------------------ retries
 
