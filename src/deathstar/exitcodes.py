@@ -29,5 +29,7 @@ class ExitCode(IntEnum):
     EC2_REGION = 25
     EC2_NO_ADDRESS = 26
     EC2_AWS = 27  #: any other AWS error
+    EC2_BUNDLE = 28  #: the node bundle cannot be built (e.g. no wheel for the node)
+    EC2_NODE_FAILED = 29  #: a node reported that its boot failed
 
     INTERRUPTED = 130

@@ -9,7 +9,6 @@ import time
 from typing import Annotated, Any, Optional, TypedDict
 
 import typer
-import zmq.auth
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -17,9 +16,8 @@ from rich.table import Table
 from deathstar.cli.common import err, fail, parse_duration
 from deathstar.client.status import query_status
 from deathstar.deploy import ec2
-from deathstar.deploy.provider import cluster_dir
 from deathstar.exitcodes import ExitCode
-from deathstar.nodes import ClusterSpecError, NodeAddress
+from deathstar.nodes import ClusterSpecError
 
 ec2_app = typer.Typer(help="Clusters on EC2: up, list, nodes, down (needs the ec2 extra: boto3).",
                       no_args_is_help=True)
@@ -45,15 +43,25 @@ def up_command(
                                                "without work.")] = "30m",
     max_lifetime: Annotated[str, typer.Option(help="Nodes power off after this long.")]
     = "12h",
-    install: Annotated[str, typer.Option(help="What the nodes pip-install.")]
-    = ec2.UpOptions.install,
+    pip: Annotated[Optional[list[str]], typer.Option(
+        "--pip", help="A requirement the nodes get too, as a wheel in their bundle "
+        "(repeatable).")] = None,
+    requirements: Annotated[Optional[str], typer.Option(
+        help="A requirements file (specs only) the nodes get too, bundled.")] = None,
+    install: Annotated[Optional[str], typer.Option(
+        help="Instead of the bundle of this very deathstar: a pip requirement the nodes "
+        "install from the package index (your own published build).")] = None,
+    yes_world: Annotated[bool, typer.Option(
+        "--yes-world", help="Allow an --allow-cidr of /0 (anyone may reach the ports).")]
+    = False,
     keys: Annotated[Optional[str], typer.Option(help="Your key folder [default: "
                                                 "$DEATHSTAR_KEYS or the config folder].")]
     = None,
     wait: Annotated[bool, typer.Option(help="Wait until every daemon answers.")] = True,
     wait_timeout: Annotated[str, typer.Option(help="How long to wait.")] = "15m",
 ) -> None:
-    """Launch a keyed deathstar cluster; nodes serve only your client key."""
+    """Launch a keyed deathstar cluster booting this very deathstar (its node bundle, via
+    the account's deathstar S3 bucket); nodes serve only your client key."""
     if count < 1:
         raise fail("--count must be at least 1", ExitCode.USAGE)
     try:
@@ -62,10 +70,15 @@ def up_command(
                              allow_cidr=allow_cidr or ec2.find_caller_cidr(), ssh=ssh,
                              idle_shutdown_s=parse_duration(idle_shutdown),
                              max_lifetime_s=parse_duration(max_lifetime), install=install,
-                             key_name=key_name)
+                             key_name=key_name, pip=list(pip or []),
+                             requirements=requirements, yes_world=yes_world)
         deadline_s = parse_duration(wait_timeout)
     except ValueError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
+    if yes_world and opts.allow_cidr and opts.allow_cidr.endswith("/0"):
+        err.print(f"[bold yellow]warning:[/] --allow-cidr {opts.allow_cidr}: anyone on the "
+                  "internet may reach the nodes' ports" + (" and SSH" if ssh else "")
+                  + " (they still need your key to submit work)", highlight=False)
     try:
         instances = ec2.up(opts, keys)
         err.print(f"cluster {name}: {len(instances)} instance(s) "
@@ -115,7 +128,10 @@ def list_command(
     """Every deathstar instance (found by tag): cluster, id, type, state, spot, address,
     uptime, daemon status."""
     try:
-        instances = ec2.find_instances(ec2.Aws(region), name)
+        aws = ec2.Aws(region)
+        instances = ec2.find_instances(aws, ec2.check_name(name) if name else None)
+    except ClusterSpecError as exc:
+        raise fail(str(exc), ExitCode.USAGE) from None
     except ec2.Ec2Error as exc:
         raise fail(str(exc), exc.code) from None
     now = time.time()
@@ -124,7 +140,7 @@ def list_command(
                     uptime_s=round(now - i.launched) if i.launched else 0, daemon="")
             for i in instances]
     if probe:
-        _probe_daemons(rows, instances)
+        _probe_daemons(aws, rows, instances)
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -137,19 +153,31 @@ def list_command(
     Console().print(table)
 
 
-def _probe_daemons(rows: list[ListRow], instances: list[ec2.Instance]) -> None:
-    """Fill the daemon column of the running instances from their status ports (with the
-    cluster's node key when this machine launched it)."""
-    running = [(r, i) for r, i in zip(rows, instances) if i.state == "running" and i.address]
-    if not running:
+def _probe_daemons(aws: ec2.Aws, rows: list[ListRow], instances: list[ec2.Instance]
+                   ) -> None:
+    """Fill the daemon column: a node's reported boot failure, else what its status port
+    says (asked with the public key that node reported)."""
+    reports: dict[str, ec2.NodeReport] = {}
+    for cluster in sorted({i.cluster for i in instances}):
+        try:
+            reports.update(ec2.node_reports(aws, cluster))
+        except ClusterSpecError:
+            continue  # tagged by hand with a name deathstar never makes
+        except ec2.Ec2Error as exc:
+            raise fail(str(exc), exc.code) from None
+    for row in rows:
+        report = reports.get(row["id"])
+        if report is not None and report.state == "failed":
+            row["daemon"] = f"failed: {report.detail}"
+    running = [i for i in instances if i.state == "running"]
+    nodes = ec2.node_addresses(running, {i.tags.get(ec2.TAG_NODE, ""): reports[i.id]
+                                         for i in running if i.id in reports})
+    by_host = {n.host: n for n in nodes}
+    probed = [r for r in rows if r["address"] in by_host and not r["daemon"]]
+    if not probed:
         return
-    nodes = []
-    for _, inst in running:
-        port = int(inst.tags.get("deathstar:port", 6000))
-        key_file = cluster_dir(inst.cluster) / "node.key"
-        server_key = zmq.auth.load_certificate(str(key_file))[0] if key_file.exists() else None
-        nodes.append(NodeAddress(f"{inst.address}:{port}", inst.address, port, server_key))
-    for (row, _), status in zip(running, query_status(nodes, timeout=2.0)):
+    for row, status in zip(probed, query_status([by_host[r["address"]] for r in probed],
+                                                timeout=2.0)):
         row["daemon"] = f"{status['workers']} workers" if not status["error"] else "no answer"
 
 
@@ -160,9 +188,10 @@ def nodes_command(
 ) -> None:
     """Print the running nodes of a cluster, one a line (what --cluster ec2:NAME uses)."""
     try:
-        nodes = ec2.cluster_nodes(f"{name}@{region}" if region else name)
+        nodes = ec2.cluster_nodes(f"{ec2.check_name(name)}@{region}" if region else name)
     except ClusterSpecError as exc:
-        raise fail(str(exc), ExitCode.EC2_AWS) from None
+        usage = isinstance(exc, ec2.BadClusterName)
+        raise fail(str(exc), ExitCode.USAGE if usage else ExitCode.EC2_AWS) from None
     for node in nodes:
         typer.echo(node.name)
 
@@ -180,4 +209,5 @@ def down_command(
     except ec2.Ec2Error as exc:
         raise fail(str(exc), exc.code) from None
     err.print(f"cluster {name}: terminated {len(result['terminated'])} instance(s), deleted "
-              f"{len(result['security_groups'])} security group(s)", highlight=False)
+              f"{len(result['security_groups'])} security group(s) and "
+              f"{len(result['objects'])} bucket object(s)", highlight=False)

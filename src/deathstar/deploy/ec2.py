@@ -1,18 +1,23 @@
-"""EC2 clusters: launch tagged instances that run a keyed deathstar daemon, find them again
-by tag (from any machine), and tear them down.
+"""EC2 clusters: launch tagged instances that boot this very deathstar from the node bundle
+and run a keyed daemon, find them again by tag (from any machine), and tear them down.
 
 Everything made carries ``deathstar:cluster=NAME`` and ``deathstar:version`` from its
 creation (TagSpecifications), so a crash half-way leaves nothing untagged and ``down`` finds
-it all. A cluster's node keypair lives in ``<config>/clusters/NAME/``; the user's client
-public key goes to the nodes in user-data, so the nodes serve this user only. boto3 is
-imported lazily (the ``ec2`` extra).
+it all. ``up`` builds the node bundle first (before anything exists in AWS), uploads it to
+the account's bundle bucket (``deploy.s3``), and launches each node with its own user-data
+(``deploy.ec2_boot``): presigned URLs to fetch the bundle and to report back. Each node
+makes its own keypair and reports its public key; nodes hold no AWS credentials. The user's
+client public key goes to the nodes in user-data, so the nodes serve this user only.
+boto3 is imported lazily (the ``ec2`` extra).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -20,39 +25,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import zmq.auth
-
 from deathstar import config, keys
 from deathstar._version import __version__
 from deathstar.client.status import query_status
-from deathstar.deploy.provider import cluster_dir
-from deathstar.exitcodes import ExitCode
+from deathstar.deploy.aws import (EXIT_AWS, EXIT_BUNDLE, EXIT_NO_ADDRESS, EXIT_NO_BOTO3,
+                                  EXIT_NO_CREDENTIALS, EXIT_NO_DEFAULT_VPC,
+                                  EXIT_NODE_FAILED, EXIT_QUOTA, EXIT_REGION,
+                                  EXIT_TYPE_NOT_OFFERED, EXIT_USAGE, Aws, Ec2Error,
+                                  translate)
+from deathstar.deploy.bundle import Bundle, BundleError, build_bundle
+from deathstar.deploy.ec2_boot import (KEYS_ON_NODE, USER_DATA_LIMIT, BootPlan,
+                                       daemon_command, render_user_data)
+from deathstar.deploy.provider import check_name, cluster_dir
+from deathstar.deploy.s3 import BundleBucket, NodeReport
 from deathstar.nodes import ClusterSpecError, NodeAddress
+
+__all__ = ["Aws", "BootPlan", "Ec2Error", "Instance", "NodeReport", "UpOptions", "cluster_nodes",
+           "daemon_command", "down", "find_instances", "node_platform", "render_user_data",
+           "up", "watch", "EXIT_AWS", "EXIT_BUNDLE", "EXIT_NO_ADDRESS", "EXIT_NO_BOTO3",
+           "EXIT_NO_CREDENTIALS", "EXIT_NO_DEFAULT_VPC", "EXIT_NODE_FAILED", "EXIT_QUOTA",
+           "EXIT_REGION", "EXIT_TYPE_NOT_OFFERED", "EXIT_USAGE", "KEYS_ON_NODE",
+           "USER_DATA_LIMIT", "TAG_NODE", "check_name", "cluster_dir", "node_addresses",
+           "node_reports", "translate"]
+
+prefix = "ec2"
 
 TAG_CLUSTER = "deathstar:cluster"
 TAG_VERSION = "deathstar:version"
+TAG_PORT = "deathstar:port"
+TAG_NODE = "deathstar:node"  # LAUNCH-SLOT: which report object is this instance's
 DEFAULT_IMAGE_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
-USER_DATA_LIMIT = 16 * 1024
+#: Amazon Linux 2023 has glibc 2.34: its nodes run manylinux_2_34 (and older) wheels.
+DEFAULT_GLIBC = "2_34"
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
-KEYS_ON_NODE = "/etc/deathstar/keys"
-
-# Exit codes of the ec2 commands (distinct per failure, as the CLI promises).
-EXIT_NO_BOTO3 = ExitCode.EC2_NO_BOTO3
-EXIT_NO_CREDENTIALS = ExitCode.EC2_NO_CREDENTIALS
-EXIT_NO_DEFAULT_VPC = ExitCode.EC2_NO_DEFAULT_VPC
-EXIT_TYPE_NOT_OFFERED = ExitCode.EC2_TYPE_NOT_OFFERED
-EXIT_QUOTA = ExitCode.EC2_QUOTA
-EXIT_REGION = ExitCode.EC2_REGION
-EXIT_NO_ADDRESS = ExitCode.EC2_NO_ADDRESS
-EXIT_AWS = ExitCode.EC2_AWS
-
-
-class Ec2Error(Exception):
-    """A failure with a one-line explanation and the exit code the CLI uses for it."""
-
-    def __init__(self, message: str, code: int = EXIT_AWS):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -66,12 +71,17 @@ class UpOptions:
     region: str | None = None
     image_parameter: str = DEFAULT_IMAGE_PARAMETER
     allow_cidr: str | None = None
+    yes_world: bool = False  # allow_cidr may be a /0
     ssh: bool = False
     idle_shutdown_s: float = 30 * 60
     max_lifetime_s: float = 12 * 3600
-    install: str = f"deathstar=={__version__}"
+    pip: list[str] = field(default_factory=list)  # --pip SPEC, bundled
+    requirements: str | None = None  # --requirements FILE, bundled
+    install: str | None = None  # a pip requirement from the index instead of the bundle
     port: int = config.DEFAULT_PORT
     key_name: str | None = None  # an EC2 key pair, for --ssh
+    platform: str | None = None  # the nodes' wheel platform [default: node_platform()]
+    python: str | None = None  # the nodes' CPython minor [default: the client's]
 
 
 @dataclass
@@ -88,77 +98,13 @@ class Instance:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-# ------------------------------------------------------------------------ AWS access
-
-
-class Aws:
-    """boto3 clients for one region, with AWS errors turned into ``Ec2Error``."""
-
-    def __init__(self, region: str | None):
-        try:
-            import boto3
-            import botocore.exceptions
-        except ImportError:
-            raise Ec2Error("the ec2 commands need boto3: pip install 'deathstar[ec2]'",
-                           EXIT_NO_BOTO3) from None
-        self.botocore_exceptions = botocore.exceptions
-        session = boto3.session.Session(region_name=region)
-        self.region = session.region_name
-        if not self.region:
-            raise Ec2Error("no AWS region: pass --region or set AWS_DEFAULT_REGION",
-                           EXIT_REGION)
-        known = set(session.get_available_regions("ec2"))
-        if known and self.region not in known:
-            raise Ec2Error(f"unknown AWS region {self.region!r}", EXIT_REGION)
-        if session.get_credentials() is None:
-            raise Ec2Error("no AWS credentials: configure them (aws configure, "
-                           "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or an instance role)",
-                           EXIT_NO_CREDENTIALS)
-        self.ec2 = session.client("ec2")
-        self.ssm = session.client("ssm")
-
-    def call(self, client: Any, operation: str, **kwargs: Any) -> Any:
-        try:
-            return getattr(client, operation)(**kwargs)
-        except self.botocore_exceptions.NoCredentialsError:
-            raise Ec2Error("no AWS credentials", EXIT_NO_CREDENTIALS) from None
-        except self.botocore_exceptions.ClientError as exc:
-            raise translate(exc) from None
-        except self.botocore_exceptions.EndpointConnectionError as exc:
-            raise Ec2Error(f"cannot reach AWS in {self.region}: {exc}", EXIT_REGION) from None
-
-
-def translate(exc: Any) -> Ec2Error:
-    """A botocore ClientError as a one-line Ec2Error with its exit code."""
-    error = exc.response.get("Error", {})
-    code, message = error.get("Code", ""), error.get("Message", str(exc))
-    if code in ("InstanceLimitExceeded", "VcpuLimitExceeded", "MaxSpotInstanceCountExceeded",
-                "InsufficientInstanceCapacity", "RequestLimitExceeded"):
-        return Ec2Error(f"AWS capacity or quota: {code}: {message}", EXIT_QUOTA)
-    if code in ("Unsupported", "InvalidInstanceType") or "instance type" in message.lower():
-        return Ec2Error(f"instance type not available: {code}: {message}",
-                        EXIT_TYPE_NOT_OFFERED)
-    if code in ("AuthFailure", "UnrecognizedClientException", "InvalidClientTokenId"):
-        return Ec2Error(f"AWS refused the credentials: {message}", EXIT_NO_CREDENTIALS)
-    return Ec2Error(f"AWS error {code}: {message}", EXIT_AWS)
-
-
-# ------------------------------------------------------------------------ keys and user-data
-
-
-def make_cluster_keys(name: str) -> tuple[bytes, bytes]:
-    """The cluster's node keypair, made once and kept (0600) so a retried ``up`` and the
-    client agree on it."""
-    folder = cluster_dir(name)
-    secret = folder / "node.key_secret"
-    if not secret.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        folder.chmod(0o700)
-        public_file, secret_file = zmq.auth.create_certificates(str(folder), "node")
-        os.chmod(secret_file, 0o600)
-    public, secret_key = zmq.auth.load_certificate(str(secret))
-    assert secret_key is not None
-    return public, secret_key
+def node_platform(opts: UpOptions) -> str:
+    """The wheel platform of ``opts``' nodes: given, else manylinux (Amazon Linux 2023's
+    glibc) for the image's architecture."""
+    if opts.platform:
+        return opts.platform
+    arch = "aarch64" if "arm64" in opts.image_parameter else "x86_64"
+    return f"manylinux_{DEFAULT_GLIBC}_{arch}"
 
 
 def client_public_key(key_folder: str | Path | None) -> bytes:
@@ -170,63 +116,23 @@ def client_public_key(key_folder: str | Path | None) -> bytes:
     return keys.load_client_keys(folder).public
 
 
-def daemon_command(opts: UpOptions, keys_dir: str = KEYS_ON_NODE,
-                   host: str = "0.0.0.0", python: str = "/opt/deathstar/bin/python"
-                   ) -> list[str]:
-    """The daemon's command line on a node (the systemd ExecStart)."""
-    return [python, "-m", "deathstar", "daemon", "--host", host, "--port", str(opts.port),
-            "--keys", keys_dir, "--idle-shutdown", f"{opts.idle_shutdown_s:g}",
-            "--max-lifetime", f"{opts.max_lifetime_s:g}"]
-
-
-def _certificate(public: bytes, secret: bytes | None) -> str:
-    lines = ["#   ****  Generated by deathstar ec2 up  ****", "metadata", "curve",
-             f'    public-key = "{public.decode()}"']
-    if secret is not None:
-        lines.append(f'    secret-key = "{secret.decode()}"')
-    return "\n".join(lines) + "\n"
-
-
-def render_user_data(opts: UpOptions, node_public: bytes, node_secret: bytes,
-                     client_public: bytes, python_minor: str | None = None) -> str:
-    """The cloud-config that installs deathstar (same version, same Python minor as the
-    client: pickles do not cross Python minors), writes the node's keys and starts the
-    daemon as a systemd service that powers the instance off when the daemon stops by
-    itself (idle or lifetime) - with shutdown behaviour terminate, that ends the bill."""
-    python_minor = python_minor or f"{sys.version_info.major}.{sys.version_info.minor}"
-    command = " ".join(daemon_command(opts))
-    unit = "\n".join([
-        "[Unit]", "Description=deathstar daemon", "After=network-online.target",
-        "Wants=network-online.target", "", "[Service]", f"ExecStart={command}",
-        "Restart=on-failure", "RestartSec=2",
-        # a clean exit is the dead-man's switch (idle, lifetime): power off
-        "ExecStopPost=/bin/sh -c 'test \"$SERVICE_RESULT\" = success && systemctl poweroff'",
-        "", "[Install]", "WantedBy=multi-user.target", ""])
-    files = [
-        (f"{KEYS_ON_NODE}/node.key", _certificate(node_public, None), "0644"),
-        (f"{KEYS_ON_NODE}/node.key_secret", _certificate(node_public, node_secret), "0600"),
-        (f"{KEYS_ON_NODE}/authorized/client.key", _certificate(client_public, None), "0644"),
-        ("/etc/systemd/system/deathstar.service", unit, "0644"),
-    ]
-    body = ["#cloud-config", "write_files:"]
-    for path, content, mode in files:
-        body += [f"  - path: {path}", f"    permissions: '{mode}'", "    content: |"]
-        body += [f"      {line}" for line in content.rstrip("\n").split("\n")]
-    body += [
-        "runcmd:",
-        f"  - [chmod, '0700', {KEYS_ON_NODE}, {KEYS_ON_NODE}/authorized]",
-        f"  - [sh, -c, 'dnf install -y python{python_minor} || apt-get install -y "
-        f"python{python_minor}-venv']",
-        f"  - [python{python_minor}, -m, venv, /opt/deathstar]",
-        f"  - [/opt/deathstar/bin/pip, install, '{opts.install}']",
-        "  - [systemctl, daemon-reload]",
-        "  - [systemctl, enable, --now, deathstar.service]",
-    ]
-    text = "\n".join(body) + "\n"
-    if len(text.encode()) > USER_DATA_LIMIT:
-        raise Ec2Error(f"user-data is {len(text.encode())} bytes, over EC2's "
-                       f"{USER_DATA_LIMIT}", EXIT_AWS)
-    return text
+def check_allow_cidr(opts: UpOptions) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The parsed ``allow_cidr``; Ec2Error when it is missing, malformed, or the whole
+    world without ``yes_world``."""
+    if opts.allow_cidr is None:
+        raise Ec2Error("say who may reach the nodes: --allow-cidr YOUR.ADDRESS/32 "
+                       "(your address could not be found)", EXIT_NO_ADDRESS)
+    try:
+        network = ipaddress.ip_network(opts.allow_cidr, strict=False)
+    except ValueError:
+        raise Ec2Error(f"--allow-cidr {opts.allow_cidr!r} is not an address range such as "
+                       "203.0.113.7/32", EXIT_USAGE) from None
+    if network.prefixlen == 0 and not opts.yes_world:
+        what = "the daemon ports and SSH" if opts.ssh else "the daemon ports"
+        raise Ec2Error(f"--allow-cidr {opts.allow_cidr} opens {what} to the whole internet; "
+                       "give your own address range, or add --yes-world if you mean it",
+                       EXIT_USAGE)
+    return network
 
 
 # ------------------------------------------------------------------------ finding
@@ -262,23 +168,39 @@ def find_instances(aws: Aws, name: str | None = None,
         token = {"NextToken": page["NextToken"]}
 
 
+def node_addresses(instances: list[Instance], reports: dict[str, NodeReport]
+                   ) -> list[NodeAddress]:
+    """The nodes among ``instances`` that reported ready, each with its own public key."""
+    nodes = []
+    for inst in instances:
+        report = reports.get(inst.tags.get(TAG_NODE, ""))
+        if inst.address and report is not None and report.state == "ready":
+            port = int(inst.tags.get(TAG_PORT, config.DEFAULT_PORT))
+            nodes.append(NodeAddress(f"{inst.address}:{port}", inst.address, port,
+                                     report.detail.encode()))
+    return nodes
+
+
 def cluster_nodes(spec: str) -> list[NodeAddress]:
-    """``NAME`` or ``NAME@region`` -> the running instances' nodes, each with the cluster's
-    node public key. Raises ClusterSpecError when there are none."""
+    """``NAME`` or ``NAME@region`` -> the running instances that reported ready, each with
+    the public key it made for itself. Raises ClusterSpecError when there are none."""
     name, _, region = spec.partition("@")
+    check_name(name)
     try:
         aws = Aws(region or None)
         running = find_instances(aws, name, ["running"])
+        reports = BundleBucket(aws).reports(name) if running else {}
     except Ec2Error as exc:
         raise ClusterSpecError(f"ec2:{spec}: {exc}") from None
     if not running:
         raise ClusterSpecError(f"ec2:{spec}: no running instance is tagged "
                                f"{TAG_CLUSTER}={name}")
-    public_file = cluster_dir(name) / "node.key"
-    server_key = zmq.auth.load_certificate(str(public_file))[0] if public_file.exists() else None
-    port = int(running[0].tags.get("deathstar:port", config.DEFAULT_PORT))
-    return [NodeAddress(f"{i.address}:{port}", i.address, port, server_key)
-            for i in running if i.address]
+    nodes = node_addresses(running, reports)
+    if not nodes:
+        raise ClusterSpecError(f"ec2:{spec}: {len(running)} running instance(s), none has "
+                               "reported its key yet (still booting, or failed: see "
+                               "'deathstar ec2 list')")
+    return nodes
 
 
 # ------------------------------------------------------------------------ up
@@ -308,108 +230,236 @@ def _tag_spec(resource: str, name: str, extra: dict[str, str] | None = None
     return {"ResourceType": resource, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
 
 
+Rule = tuple[str, Any, Any, str, str]  # protocol, from, to, "cidr"/"cidr6"/"group", value
+
+
+def wanted_rules(opts: UpOptions, group_id: str) -> set[Rule]:
+    """The ingress ``up`` gives a cluster: exec/status/worker ports from ``allow_cidr``
+    only, everything between the cluster's own instances, SSH only when asked."""
+    network = check_allow_cidr(opts)
+    kind = "cidr" if network.version == 4 else "cidr6"
+    rules: set[Rule] = {("tcp", opts.port, opts.port + 2, kind, str(network)),
+                        ("-1", None, None, "group", group_id)}
+    if opts.ssh:
+        rules.add(("tcp", 22, 22, kind, str(network)))
+    return rules
+
+
+def _flat(permissions: list[dict[str, Any]]) -> set[Rule]:
+    out: set[Rule] = set()
+    for p in permissions:
+        proto = str(p.get("IpProtocol"))
+        low, high = (None, None) if proto == "-1" else (p.get("FromPort"), p.get("ToPort"))
+        out |= {(proto, low, high, "cidr", r["CidrIp"]) for r in p.get("IpRanges", [])}
+        out |= {(proto, low, high, "cidr6", r["CidrIpv6"]) for r in p.get("Ipv6Ranges", [])}
+        out |= {(proto, low, high, "group", g["GroupId"])
+                for g in p.get("UserIdGroupPairs", [])}
+        out |= {(proto, low, high, "prefix", x["PrefixListId"])
+                for x in p.get("PrefixListIds", [])}
+    return out
+
+
+def _permissions(rules: set[Rule]) -> list[dict[str, Any]]:
+    out = []
+    for proto, low, high, kind, value in sorted(rules, key=str):
+        p: dict[str, Any] = {"IpProtocol": proto}
+        if low is not None:
+            p.update(FromPort=low, ToPort=high)
+        p.update({"cidr": {"IpRanges": [{"CidrIp": value}]},
+                  "cidr6": {"Ipv6Ranges": [{"CidrIpv6": value}]},
+                  "group": {"UserIdGroupPairs": [{"GroupId": value}]},
+                  "prefix": {"PrefixListIds": [{"PrefixListId": value}]}}[kind])
+        out.append(p)
+    return out
+
+
 def security_group(aws: Aws, opts: UpOptions, vpc: str) -> str:
-    """Create (or reuse) the cluster's security group: exec/status/worker ports from
-    ``allow_cidr`` only, everything between the cluster's own instances, SSH only when
-    asked. Never open to the world by default."""
-    group_name = f"deathstar-{opts.name}"
+    """Create the cluster's security group ``deathstar-NAME`` with ``wanted_rules``, or
+    reconcile an existing one to them (rules it should not have are revoked). Never open
+    to the world unless the user said --yes-world."""
+    group_name = f"deathstar-{check_name(opts.name)}"
     existing = aws.call(aws.ec2, "describe_security_groups", Filters=[
         {"Name": "group-name", "Values": [group_name]}, {"Name": "vpc-id", "Values": [vpc]}])
     if existing.get("SecurityGroups"):
-        return str(existing["SecurityGroups"][0]["GroupId"])
-    assert opts.allow_cidr is not None
+        group = existing["SecurityGroups"][0]
+        group_id = str(group["GroupId"])
+        have, want = _flat(group.get("IpPermissions", [])), wanted_rules(opts, group_id)
+        if have - want:
+            aws.call(aws.ec2, "revoke_security_group_ingress", GroupId=group_id,
+                     IpPermissions=_permissions(have - want))
+        if want - have:
+            aws.call(aws.ec2, "authorize_security_group_ingress", GroupId=group_id,
+                     IpPermissions=_permissions(want - have))
+        return group_id
     group = aws.call(aws.ec2, "create_security_group", GroupName=group_name, VpcId=vpc,
                      Description=f"deathstar cluster {opts.name}",
                      TagSpecifications=[_tag_spec("security-group", opts.name)])
     group_id = str(group["GroupId"])
-    rules = [{"IpProtocol": "tcp", "FromPort": opts.port, "ToPort": opts.port + 2,
-              "IpRanges": [{"CidrIp": opts.allow_cidr, "Description": "deathstar client"}]},
-             {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group_id}]}]
-    if opts.ssh:
-        rules.append({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                      "IpRanges": [{"CidrIp": opts.allow_cidr, "Description": "ssh"}]})
     try:
         aws.call(aws.ec2, "authorize_security_group_ingress", GroupId=group_id,
-                 IpPermissions=rules)
+                 IpPermissions=_permissions(wanted_rules(opts, group_id)))
     except Ec2Error:
         aws.call(aws.ec2, "delete_security_group", GroupId=group_id)
         raise
     return group_id
 
 
-def client_token(opts: UpOptions) -> str:
-    """Same request, same token: a retried ``up`` cannot launch twice."""
+def client_token(opts: UpOptions, launch: str, slot: int) -> str:
+    """One token per node of one ``up``: botocore's retries of a call cannot launch twice."""
     digest = hashlib.sha256(json.dumps([opts.name, opts.count, opts.instance_type, opts.spot,
                                         opts.image_parameter], sort_keys=True).encode())
-    return f"deathstar-{opts.name}-{digest.hexdigest()[:24]}"[:64]
+    return f"ds-{digest.hexdigest()[:16]}-{launch}-{slot}-{opts.name}"[:64]
+
+
+def _bundle(opts: UpOptions) -> Bundle | None:
+    """The node bundle for ``opts``' nodes (None with ``install``); Ec2Error naming the
+    package, platform and Python when a wheel cannot be had."""
+    if opts.install is not None:
+        return None
+    try:
+        return build_bundle(node_platform(opts), _python(opts), pip=opts.pip,
+                            requirements=opts.requirements)
+    except BundleError as exc:
+        raise Ec2Error(f"cannot build the node bundle (nothing was launched): {exc}",
+                       EXIT_BUNDLE) from None
+
+
+def _python(opts: UpOptions) -> str:
+    return opts.python or f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def up(opts: UpOptions, key_folder: str | Path | None = None, aws: Aws | None = None
        ) -> list[Instance]:
     """Launch the cluster (or return it when it is already up). Returns its instances.
 
-    Raises Ec2Error (with its exit code); on a failure after the security group was made,
-    the group is removed again (instances are only ever made all at once, tagged)."""
-    if opts.allow_cidr is None:
-        raise Ec2Error("say who may reach the nodes: --allow-cidr YOUR.ADDRESS/32 "
-                       "(your address could not be found)", EXIT_NO_ADDRESS)
+    Order: checks, the bundle (a missing wheel stops here, before anything exists in
+    AWS), the bucket and upload, the security group, then one RunInstances per node (each
+    with its own report URL). Raises Ec2Error (with its exit code); on a failure after
+    something was made, what this call made is removed again."""
+    try:
+        check_name(opts.name)
+    except ClusterSpecError as exc:
+        raise Ec2Error(str(exc), EXIT_USAGE) from None
+    check_allow_cidr(opts)
     aws = aws or Aws(opts.region)
     existing = find_instances(aws, opts.name, ["pending", "running"])
     if existing:
         return existing
     _check_type_offered(aws, opts.instance_type)
     image = aws.call(aws.ssm, "get_parameter", Name=opts.image_parameter)["Parameter"]["Value"]
-    node_public, node_secret = make_cluster_keys(opts.name)
-    user_data = render_user_data(opts, node_public, node_secret, client_public_key(key_folder))
-    vpc = _default_vpc(aws)
-    group_id = security_group(aws, opts, vpc)
-    extra_tags = {"deathstar:port": str(opts.port)}
+    bundle = _bundle(opts)
+    client_public = client_public_key(key_folder)
+    bucket = BundleBucket(aws)
+    bucket.ensure()
+    launched: list[str] = []
+    group_id = None
+    try:
+        key = bucket.upload(bundle, opts.name) if bundle is not None else ""
+        group_id = security_group(aws, opts, _default_vpc(aws))
+        launch = secrets.token_hex(4)
+        for slot in range(opts.count):
+            plan = BootPlan(
+                python=_python(opts), client_public=client_public,
+                report_url=bucket.report_url(opts.name, launch, slot),
+                bundle_url=bucket.download_url(key) if bundle else "",
+                archive_sha256=bundle.archive_sha256 if bundle else "",
+                bundle_sha256=bundle.sha256 if bundle else "", install=opts.install,
+                port=opts.port, idle_shutdown_s=opts.idle_shutdown_s,
+                max_lifetime_s=opts.max_lifetime_s)
+            launched.append(_run_instance(aws, opts, image, group_id, plan, launch, slot))
+    except Ec2Error:
+        _undo(aws, bucket, opts.name, launched, group_id)
+        raise
+    return find_instances(aws, opts.name, ["pending", "running"])
+
+
+def _run_instance(aws: Aws, opts: UpOptions, image: str, group_id: str, plan: BootPlan,
+                  launch: str, slot: int) -> str:
+    """Launch node ``slot``; its instance id."""
+    try:
+        user_data = render_user_data(plan)
+    except ValueError as exc:
+        raise Ec2Error(str(exc), EXIT_AWS) from None
+    tags = {TAG_PORT: str(opts.port), TAG_NODE: f"{launch}-{slot}"}
     request: dict[str, Any] = dict(
-        ImageId=image, InstanceType=opts.instance_type, MinCount=opts.count,
-        MaxCount=opts.count, UserData=user_data, SecurityGroupIds=[group_id],
-        InstanceInitiatedShutdownBehavior="terminate", ClientToken=client_token(opts),
-        TagSpecifications=[_tag_spec("instance", opts.name, extra_tags),
+        ImageId=image, InstanceType=opts.instance_type, MinCount=1, MaxCount=1,
+        UserData=user_data, SecurityGroupIds=[group_id],
+        InstanceInitiatedShutdownBehavior="terminate",
+        ClientToken=client_token(opts, launch, slot),
+        # IMDSv2 only, and no hop beyond the instance (nothing on it needs the service)
+        MetadataOptions={"HttpTokens": "required", "HttpPutResponseHopLimit": 1,
+                         "HttpEndpoint": "enabled"},
+        TagSpecifications=[_tag_spec("instance", opts.name, tags),
                            _tag_spec("volume", opts.name)])
     if opts.spot:
         request["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
             "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
     if opts.key_name:
         request["KeyName"] = opts.key_name
-    try:
-        aws.call(aws.ec2, "run_instances", **request)
-    except Ec2Error:
-        _delete_group(aws, group_id, deadline_s=30)
-        raise
-    return find_instances(aws, opts.name, ["pending", "running"])
+    reply = aws.call(aws.ec2, "run_instances", **request)
+    return str(reply["Instances"][0]["InstanceId"])
+
+
+def _undo(aws: Aws, bucket: BundleBucket, name: str, instance_ids: list[str],
+          group_id: str | None) -> None:
+    """Remove what a failed ``up`` made: its instances, its group, its objects."""
+    if instance_ids:
+        aws.call(aws.ec2, "terminate_instances", InstanceIds=instance_ids)
+        _wait_terminated(aws, name, instance_ids, 600.0)
+    if group_id is not None:
+        _delete_group(aws, group_id, deadline_s=600.0)
+    bucket.forget(name)
 
 
 def watch(opts: UpOptions, deadline_s: float, probe: bool = True,
           interval_s: float = 3.0) -> Iterator[list[dict[str, Any]]]:
-    """Yield the cluster's rows (instance, state, address, daemon) until every instance's
-    daemon answers on its status port (or, with ``probe`` False, is running); raises
-    Ec2Error at the deadline."""
+    """Yield the cluster's rows (instance, state, address, daemon) until every node
+    reported ready and its daemon answers on its status port with the key it reported
+    (with ``probe`` False: until every instance is running). A node that reported a failed
+    boot ends the wait: Ec2Error (EXIT_NODE_FAILED) naming it and its reason. Ec2Error at
+    the deadline too."""
     aws = Aws(opts.region)
+    bucket = BundleBucket(aws)
     deadline = time.monotonic() + deadline_s
-    server_key = make_cluster_keys(opts.name)[0]
     while True:
         instances = find_instances(aws, opts.name, ["pending", "running"])
-        rows = [{"id": i.id, "state": i.state, "address": i.address, "daemon": ""}
-                for i in instances]
-        running = [r for r in rows if r["state"] == "running" and r["address"]]
-        if probe and running:
-            nodes = [NodeAddress(f"{r['address']}:{opts.port}", r["address"], opts.port,
-                                 server_key) for r in running]
-            for row, status in zip(running, query_status(nodes, timeout=2.0)):
+        reports = bucket.reports(opts.name)
+        rows = [_row(i, reports.get(i.tags.get(TAG_NODE, ""))) for i in instances]
+        if probe:
+            ready = {n.host: n for n in node_addresses(
+                [i for i in instances if i.state == "running"], reports)}
+            probed = [r for r in rows if r["address"] in ready]
+            statuses = query_status([ready[r["address"]] for r in probed], timeout=2.0) \
+                if probed else []
+            for row, status in zip(probed, statuses):
                 row["daemon"] = "up" if not status["error"] else "starting"
         yield rows
-        ready = rows and all(r["state"] == "running" and (not probe or r["daemon"] == "up")
-                             for r in rows)
-        if ready:
+        failed = [r for r in rows if r["daemon"].startswith("failed")]
+        if failed:
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise Ec2Error(f"node {failed[0]['id']} of {opts.name}: boot {failed[0]['daemon']}"
+                           f"{more} (the cluster is still up: 'deathstar ec2 down --name "
+                           f"{opts.name}')", EXIT_NODE_FAILED)
+        if rows and all(r["state"] == "running" and (not probe or r["daemon"] == "up")
+                        for r in rows):
             return
         if time.monotonic() > deadline:
             raise Ec2Error(f"cluster {opts.name} not ready within {deadline_s:g} s "
                            "(it is still up: 'deathstar ec2 down' to remove it)", EXIT_AWS)
         time.sleep(interval_s)  # polling AWS: no event to wait on
+
+
+def _row(inst: Instance, report: NodeReport | None) -> dict[str, Any]:
+    daemon = "" if report is None else (
+        "started" if report.state == "ready" else f"failed: {report.detail}")
+    return {"id": inst.id, "state": inst.state, "address": inst.address, "daemon": daemon}
+
+
+def node_reports(aws: Aws, name: str) -> dict[str, NodeReport]:
+    """Instance id -> what that node of cluster ``name`` reported (nodes that did)."""
+    reports = BundleBucket(aws).reports(name)
+    return {i.id: reports[i.tags[TAG_NODE]] for i in find_instances(aws, name, LIVE_STATES)
+            if i.tags.get(TAG_NODE) in reports}
 
 
 # ------------------------------------------------------------------------ down
@@ -430,9 +480,24 @@ def _delete_group(aws: Aws, group_id: str, deadline_s: float) -> bool:
         time.sleep(5)  # AWS frees the group only once the instances are gone
 
 
+def _wait_terminated(aws: Aws, name: str, ids: list[str], wait_s: float) -> None:
+    waiter = aws.ec2.get_waiter("instance_terminated")
+    try:
+        waiter.wait(InstanceIds=ids, WaiterConfig={"Delay": 5,
+                                                   "MaxAttempts": max(1, int(wait_s / 5))})
+    except Exception as exc:  # botocore WaiterError
+        raise Ec2Error(f"instances of {name} did not terminate in time: {exc}") from None
+
+
 def down(name: str, region: str | None = None, wait_s: float = 600.0) -> dict[str, Any]:
     """Terminate every instance of the cluster (pending, running, stopping, stopped),
-    wait for them, delete its security groups. Idempotent: nothing left is fine."""
+    wait for them, delete its security groups, its objects in the bundle bucket (and its
+    bundle when no other cluster uses it) and its local state folder. Idempotent: nothing
+    left is fine. A name that is not a plain word is refused before anything is done."""
+    try:
+        folder = cluster_dir(name)
+    except ClusterSpecError as exc:
+        raise Ec2Error(str(exc), EXIT_USAGE) from None
     aws = Aws(region)
     instances = find_instances(aws, name, LIVE_STATES)
     ids = [i.id for i in instances if i.state != "shutting-down"]
@@ -440,19 +505,16 @@ def down(name: str, region: str | None = None, wait_s: float = 600.0) -> dict[st
         aws.call(aws.ec2, "terminate_instances", InstanceIds=ids)
     all_ids = [i.id for i in instances]
     if all_ids:
-        waiter = aws.ec2.get_waiter("instance_terminated")
-        try:
-            waiter.wait(InstanceIds=all_ids, WaiterConfig={"Delay": 5,
-                                                           "MaxAttempts": int(wait_s / 5)})
-        except Exception as exc:  # botocore WaiterError
-            raise Ec2Error(f"instances of {name} did not terminate in time: {exc}") from None
+        _wait_terminated(aws, name, all_ids, wait_s)
     groups = aws.call(aws.ec2, "describe_security_groups", Filters=[
         {"Name": f"tag:{TAG_CLUSTER}", "Values": [name]}]).get("SecurityGroups", [])
     for group in groups:
         _delete_group(aws, group["GroupId"], deadline_s=wait_s)
-    shutil.rmtree(cluster_dir(name), ignore_errors=True)
+    objects = BundleBucket(aws).forget(name)
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
     return {"cluster": name, "terminated": all_ids,
-            "security_groups": [g["GroupId"] for g in groups]}
+            "security_groups": [g["GroupId"] for g in groups], "objects": objects}
 
 
 def find_caller_cidr(url: str | None = None, timeout_s: float = 3.0) -> str | None:
