@@ -36,11 +36,11 @@ from deathstar.deploy.aws import (EXIT_AWS, EXIT_BUNDLE, EXIT_NO_ADDRESS, EXIT_N
 from deathstar.deploy.bundle import Bundle, BundleError, build_bundle
 from deathstar.deploy.ec2_boot import (KEYS_ON_NODE, USER_DATA_LIMIT, BootPlan,
                                        daemon_command, render_user_data)
-from deathstar.deploy.provider import check_name, cluster_dir
+from deathstar.deploy.provider import BadClusterName, check_name, cluster_dir
 from deathstar.deploy.s3 import BundleBucket, NodeReport
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
-__all__ = ["Aws", "BootPlan", "Ec2Error", "Instance", "NodeReport", "UpOptions", "cluster_nodes",
+__all__ = ["Aws", "BadClusterName", "BootPlan", "Ec2Error", "Instance", "NodeReport", "UpOptions", "cluster_nodes",
            "daemon_command", "down", "find_instances", "node_platform", "render_user_data",
            "up", "watch", "EXIT_AWS", "EXIT_BUNDLE", "EXIT_NO_ADDRESS", "EXIT_NO_BOTO3",
            "EXIT_NO_CREDENTIALS", "EXIT_NO_DEFAULT_VPC", "EXIT_NODE_FAILED", "EXIT_QUOTA",
@@ -481,12 +481,21 @@ def _delete_group(aws: Aws, group_id: str, deadline_s: float) -> bool:
 
 
 def _wait_terminated(aws: Aws, name: str, ids: list[str], wait_s: float) -> None:
-    waiter = aws.ec2.get_waiter("instance_terminated")
-    try:
-        waiter.wait(InstanceIds=ids, WaiterConfig={"Delay": 5,
-                                                   "MaxAttempts": max(1, int(wait_s / 5))})
-    except Exception as exc:  # botocore WaiterError
-        raise Ec2Error(f"instances of {name} did not terminate in time: {exc}") from None
+    """Poll until every instance of ``ids`` is terminated (often seconds, at most
+    ``wait_s``); Ec2Error past that."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.5
+    while True:
+        page = aws.call(aws.ec2, "describe_instances", InstanceIds=ids)
+        states = [i["State"]["Name"] for r in page.get("Reservations", [])
+                  for i in r["Instances"]]
+        if all(state == "terminated" for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise Ec2Error(f"instances of {name} did not terminate within {wait_s:g} s "
+                           f"(states: {', '.join(sorted(set(states)))})")
+        time.sleep(delay)  # polling AWS: no event to wait on
+        delay = min(delay * 2, 5.0)
 
 
 def down(name: str, region: str | None = None, wait_s: float = 600.0) -> dict[str, Any]:
