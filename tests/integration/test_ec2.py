@@ -219,7 +219,8 @@ def test_up_list_resolve_down_and_up_again(aws_env: dict[str, str]) -> None:
     down = cli(aws_env, "down", "--name", "pi-run")
     assert down.returncode == 0, down.stderr
     assert instances_of("pi-run") == [] and groups_of("pi-run") == []
-    assert objects() == []  # its bundle and its records: only this cluster used them
+    # its bundle and its records: only this cluster used them
+    assert bundle_key not in objects() and not any("/pi-run/" in k for k in objects())
     assert len(instances_of("pi-run", ("terminated",))) == 2
     assert cli(aws_env, "down", "--name", "pi-run").returncode == 0  # idempotent
     assert json.loads(cli(aws_env, "list", "--json", "--no-probe").stdout) == []
@@ -241,11 +242,13 @@ def test_a_bundle_two_clusters_use_stays_until_the_last_goes(aws_env: dict[str, 
     for name in ("share-a", "share-b"):
         assert cli(aws_env, "up", "--name", name, "--allow-cidr", CIDR,
                    "--no-wait").returncode == 0
-    (bundle_key,) = [k for k in objects() if k.startswith("bundles/")]
+    bundle_key = s3().get_object(Bucket=BUCKET, Key="clusters/share-a/bundle")["Body"].read(
+    ).decode()
+    assert bundle_key.startswith("bundles/") and bundle_key in objects()
     assert cli(aws_env, "down", "--name", "share-a").returncode == 0
     assert bundle_key in objects() and not any("share-a" in k for k in objects())
     assert cli(aws_env, "down", "--name", "share-b").returncode == 0
-    assert objects() == []
+    assert bundle_key not in objects() and not any("/share-" in k for k in objects())
 
 
 def test_a_node_that_reports_a_failed_boot_fails_ups_wait(aws_env: dict[str, str]) -> None:

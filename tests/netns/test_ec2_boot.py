@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -245,9 +246,11 @@ def test_a_tampered_bundle_is_refused_on_the_node_and_up_reports_it(
     assert up.returncode == 0, up.stderr
     instance, user_data = user_data_of("tampered")
     s3 = boto3.client("s3", region_name="us-east-1")
-    (bucket,) = [b["Name"] for b in s3.list_buckets()["Buckets"]]
-    (key,) = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="bundles/")
-              ["Contents"]]
+    # the object the node's URL points at (moto's state is shared by the whole process)
+    url = re.search(r"^bundle_url='[^/]+//[^/]+/([^/]+)/(bundles/[0-9a-f]+\.tar)\?",
+                    user_data, re.MULTILINE)
+    assert url, user_data
+    bucket, key = url.group(1), url.group(2)
     original = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     s3.put_object(Bucket=bucket, Key=key, Body=original[:-1] + b"X")  # one byte changed
 
@@ -270,4 +273,5 @@ def test_a_tampered_bundle_is_refused_on_the_node_and_up_reports_it(
     finally:
         stop_everything_on(host)
         assert cli(aws_env, "down", "--name", "tampered").returncode == 0
-    assert s3.list_objects_v2(Bucket=bucket).get("Contents", []) == []
+    left = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert key not in left and not [k for k in left if k.startswith("clusters/tampered/")]

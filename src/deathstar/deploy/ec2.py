@@ -14,9 +14,7 @@ boto3 is imported lazily (the ``ec2`` extra).
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
-import os
 import secrets
 import shutil
 import sys
@@ -33,7 +31,9 @@ from deathstar.deploy.aws import (EXIT_AWS, EXIT_BUNDLE, EXIT_NO_ADDRESS, EXIT_N
                                   EXIT_NODE_FAILED, EXIT_QUOTA, EXIT_REGION,
                                   EXIT_TYPE_NOT_OFFERED, EXIT_USAGE, Aws, Ec2Error,
                                   translate)
+from deathstar.deploy import ec2_network
 from deathstar.deploy.bundle import Bundle, BundleError, build_bundle
+from deathstar.deploy.ec2_network import Network, find_caller_cidr
 from deathstar.deploy.ec2_boot import (KEYS_ON_NODE, USER_DATA_LIMIT, BootPlan,
                                        daemon_command, render_user_data)
 from deathstar.deploy.provider import BadClusterName, check_name, cluster_dir
@@ -46,7 +46,7 @@ __all__ = ["Aws", "BadClusterName", "BootPlan", "Ec2Error", "Instance", "NodeRep
            "EXIT_NO_CREDENTIALS", "EXIT_NO_DEFAULT_VPC", "EXIT_NODE_FAILED", "EXIT_QUOTA",
            "EXIT_REGION", "EXIT_TYPE_NOT_OFFERED", "EXIT_USAGE", "KEYS_ON_NODE",
            "USER_DATA_LIMIT", "TAG_NODE", "check_name", "cluster_dir", "node_addresses",
-           "node_reports", "translate"]
+           "node_reports", "translate", "find_caller_cidr"]
 
 prefix = "ec2"
 
@@ -116,23 +116,16 @@ def client_public_key(key_folder: str | Path | None) -> bytes:
     return keys.load_client_keys(folder).public
 
 
-def check_allow_cidr(opts: UpOptions) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """The parsed ``allow_cidr``; Ec2Error when it is missing, malformed, or the whole
-    world without ``yes_world``."""
-    if opts.allow_cidr is None:
-        raise Ec2Error("say who may reach the nodes: --allow-cidr YOUR.ADDRESS/32 "
-                       "(your address could not be found)", EXIT_NO_ADDRESS)
-    try:
-        network = ipaddress.ip_network(opts.allow_cidr, strict=False)
-    except ValueError:
-        raise Ec2Error(f"--allow-cidr {opts.allow_cidr!r} is not an address range such as "
-                       "203.0.113.7/32", EXIT_USAGE) from None
-    if network.prefixlen == 0 and not opts.yes_world:
-        what = "the daemon ports and SSH" if opts.ssh else "the daemon ports"
-        raise Ec2Error(f"--allow-cidr {opts.allow_cidr} opens {what} to the whole internet; "
-                       "give your own address range, or add --yes-world if you mean it",
-                       EXIT_USAGE)
-    return network
+def check_allow_cidr(opts: UpOptions) -> Network:
+    """``opts.allow_cidr`` parsed; Ec2Error when missing, malformed, or /0 without
+    ``yes_world``."""
+    return ec2_network.check_allow_cidr(opts.allow_cidr, opts.yes_world, opts.ssh)
+
+
+def security_group(aws: Aws, opts: UpOptions, vpc: str) -> str:
+    """The cluster's security group, created or reconciled to what ``up`` makes."""
+    return ec2_network.security_group(aws, opts.name, check_allow_cidr(opts), opts.port,
+                                      opts.ssh, vpc, _tag_spec("security-group", opts.name))
 
 
 # ------------------------------------------------------------------------ finding
@@ -206,15 +199,6 @@ def cluster_nodes(spec: str) -> list[NodeAddress]:
 # ------------------------------------------------------------------------ up
 
 
-def _default_vpc(aws: Aws) -> str:
-    vpcs = aws.call(aws.ec2, "describe_vpcs",
-                    Filters=[{"Name": "isDefault", "Values": ["true"]}]).get("Vpcs", [])
-    if not vpcs:
-        raise Ec2Error(f"no default VPC in {aws.region}: create one (aws ec2 "
-                       "create-default-vpc) or use another region", EXIT_NO_DEFAULT_VPC)
-    return str(vpcs[0]["VpcId"])
-
-
 def _check_type_offered(aws: Aws, instance_type: str) -> None:
     offers = aws.call(aws.ec2, "describe_instance_type_offerings",
                       Filters=[{"Name": "instance-type", "Values": [instance_type]}])
@@ -228,80 +212,6 @@ def _tag_spec(resource: str, name: str, extra: dict[str, str] | None = None
     tags = {TAG_CLUSTER: name, TAG_VERSION: __version__, "Name": f"deathstar-{name}",
             **(extra or {})}
     return {"ResourceType": resource, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
-
-
-Rule = tuple[str, Any, Any, str, str]  # protocol, from, to, "cidr"/"cidr6"/"group", value
-
-
-def wanted_rules(opts: UpOptions, group_id: str) -> set[Rule]:
-    """The ingress ``up`` gives a cluster: exec/status/worker ports from ``allow_cidr``
-    only, everything between the cluster's own instances, SSH only when asked."""
-    network = check_allow_cidr(opts)
-    kind = "cidr" if network.version == 4 else "cidr6"
-    rules: set[Rule] = {("tcp", opts.port, opts.port + 2, kind, str(network)),
-                        ("-1", None, None, "group", group_id)}
-    if opts.ssh:
-        rules.add(("tcp", 22, 22, kind, str(network)))
-    return rules
-
-
-def _flat(permissions: list[dict[str, Any]]) -> set[Rule]:
-    out: set[Rule] = set()
-    for p in permissions:
-        proto = str(p.get("IpProtocol"))
-        low, high = (None, None) if proto == "-1" else (p.get("FromPort"), p.get("ToPort"))
-        out |= {(proto, low, high, "cidr", r["CidrIp"]) for r in p.get("IpRanges", [])}
-        out |= {(proto, low, high, "cidr6", r["CidrIpv6"]) for r in p.get("Ipv6Ranges", [])}
-        out |= {(proto, low, high, "group", g["GroupId"])
-                for g in p.get("UserIdGroupPairs", [])}
-        out |= {(proto, low, high, "prefix", x["PrefixListId"])
-                for x in p.get("PrefixListIds", [])}
-    return out
-
-
-def _permissions(rules: set[Rule]) -> list[dict[str, Any]]:
-    out = []
-    for proto, low, high, kind, value in sorted(rules, key=str):
-        p: dict[str, Any] = {"IpProtocol": proto}
-        if low is not None:
-            p.update(FromPort=low, ToPort=high)
-        p.update({"cidr": {"IpRanges": [{"CidrIp": value}]},
-                  "cidr6": {"Ipv6Ranges": [{"CidrIpv6": value}]},
-                  "group": {"UserIdGroupPairs": [{"GroupId": value}]},
-                  "prefix": {"PrefixListIds": [{"PrefixListId": value}]}}[kind])
-        out.append(p)
-    return out
-
-
-def security_group(aws: Aws, opts: UpOptions, vpc: str) -> str:
-    """Create the cluster's security group ``deathstar-NAME`` with ``wanted_rules``, or
-    reconcile an existing one to them (rules it should not have are revoked). Never open
-    to the world unless the user said --yes-world."""
-    group_name = f"deathstar-{check_name(opts.name)}"
-    existing = aws.call(aws.ec2, "describe_security_groups", Filters=[
-        {"Name": "group-name", "Values": [group_name]}, {"Name": "vpc-id", "Values": [vpc]}])
-    if existing.get("SecurityGroups"):
-        group = existing["SecurityGroups"][0]
-        group_id = str(group["GroupId"])
-        have, want = _flat(group.get("IpPermissions", [])), wanted_rules(opts, group_id)
-        if have - want:
-            aws.call(aws.ec2, "revoke_security_group_ingress", GroupId=group_id,
-                     IpPermissions=_permissions(have - want))
-        if want - have:
-            aws.call(aws.ec2, "authorize_security_group_ingress", GroupId=group_id,
-                     IpPermissions=_permissions(want - have))
-        return group_id
-    group = aws.call(aws.ec2, "create_security_group", GroupName=group_name, VpcId=vpc,
-                     Description=f"deathstar cluster {opts.name}",
-                     TagSpecifications=[_tag_spec("security-group", opts.name)])
-    group_id = str(group["GroupId"])
-    try:
-        aws.call(aws.ec2, "authorize_security_group_ingress", GroupId=group_id,
-                 IpPermissions=_permissions(wanted_rules(opts, group_id)))
-    except Ec2Error:
-        aws.call(aws.ec2, "delete_security_group", GroupId=group_id)
-        raise
-    return group_id
 
 
 def client_token(opts: UpOptions, launch: str, slot: int) -> str:
@@ -355,7 +265,7 @@ def up(opts: UpOptions, key_folder: str | Path | None = None, aws: Aws | None = 
     group_id = None
     try:
         key = bucket.upload(bundle, opts.name) if bundle is not None else ""
-        group_id = security_group(aws, opts, _default_vpc(aws))
+        group_id = security_group(aws, opts, ec2_network.default_vpc(aws))
         launch = secrets.token_hex(4)
         for slot in range(opts.count):
             plan = BootPlan(
@@ -407,7 +317,7 @@ def _undo(aws: Aws, bucket: BundleBucket, name: str, instance_ids: list[str],
         aws.call(aws.ec2, "terminate_instances", InstanceIds=instance_ids)
         _wait_terminated(aws, name, instance_ids, 600.0)
     if group_id is not None:
-        _delete_group(aws, group_id, deadline_s=600.0)
+        ec2_network.delete_group(aws, group_id, deadline_s=600.0)
     bucket.forget(name)
 
 
@@ -465,21 +375,6 @@ def node_reports(aws: Aws, name: str) -> dict[str, NodeReport]:
 # ------------------------------------------------------------------------ down
 
 
-def _delete_group(aws: Aws, group_id: str, deadline_s: float) -> bool:
-    """Delete a security group, retrying while instances still hold it."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            aws.call(aws.ec2, "delete_security_group", GroupId=group_id)
-            return True
-        except Ec2Error as exc:
-            if "InvalidGroup.NotFound" in str(exc):
-                return True
-            if "DependencyViolation" not in str(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(5)  # AWS frees the group only once the instances are gone
-
-
 def _wait_terminated(aws: Aws, name: str, ids: list[str], wait_s: float) -> None:
     """Poll until every instance of ``ids`` is terminated (often seconds, at most
     ``wait_s``); Ec2Error past that."""
@@ -518,25 +413,9 @@ def down(name: str, region: str | None = None, wait_s: float = 600.0) -> dict[st
     groups = aws.call(aws.ec2, "describe_security_groups", Filters=[
         {"Name": f"tag:{TAG_CLUSTER}", "Values": [name]}]).get("SecurityGroups", [])
     for group in groups:
-        _delete_group(aws, group["GroupId"], deadline_s=wait_s)
+        ec2_network.delete_group(aws, group["GroupId"], deadline_s=wait_s)
     objects = BundleBucket(aws).forget(name)
     if folder.is_dir() and not folder.is_symlink():
         shutil.rmtree(folder)
     return {"cluster": name, "terminated": all_ids,
             "security_groups": [g["GroupId"] for g in groups], "objects": objects}
-
-
-def find_caller_cidr(url: str | None = None, timeout_s: float = 3.0) -> str | None:
-    """The caller's public address as a /32, asked of ``DEATHSTAR_CHECKIP_URL`` (default
-    AWS's checkip service); None when it cannot be found."""
-    import ipaddress
-    import urllib.request
-
-    url = url or os.environ.get("DEATHSTAR_CHECKIP_URL", "https://checkip.amazonaws.com")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310
-            address = ipaddress.ip_address(response.read(64).decode().strip())
-    except (OSError, ValueError):
-        return None
-    return f"{address}/{32 if address.version == 4 else 128}"
-
