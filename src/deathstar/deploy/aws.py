@@ -55,9 +55,9 @@ class Aws:
 
     def __init__(self, region: str | None):
         try:
-            import boto3  # type: ignore[import-untyped]
-            import botocore.config  # type: ignore[import-untyped]
-            import botocore.exceptions  # type: ignore[import-untyped]
+            import boto3
+            import botocore.config
+            import botocore.exceptions
         except ImportError:
             raise Ec2Error("the ec2 commands need boto3: pip install "
                            "'deathstar-cluster[ec2]'", EXIT_NO_BOTO3) from None
