@@ -447,22 +447,55 @@ def test_no_wheel_for_the_nodes_stops_up_before_anything_is_made(
     assert objects() == before
 
 
-def test_a_missing_s3_permission_is_named(aws_env: dict[str, str]) -> None:
-    """AWS refuses PutBucketEncryption the way it does for a policy without
-    s3:PutEncryptionConfiguration (moto does not enforce IAM: botocore's event hook makes
-    the call fail, and our code's own path handles it)."""
-    aws = ec2.Aws("us-east-1")
+@pytest.fixture
+def strict_moto(tmp_path: Path) -> Iterator[str]:
+    """A moto server of its own that enforces IAM policies (after the first three calls,
+    which make the user the test then acts as)."""
+    port = _free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H",
+                             "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
-    def refuse(**_: Any) -> None:
-        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
-                          "PutBucketEncryption")
+    def answers() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return True
+        except OSError:
+            return proc.poll() is not None  # died: fail below
+    try:
+        wait_for(answers, 30, "moto_server")
+        assert proc.poll() is None, "moto_server died"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
-    aws.s3.meta.events.register("before-call.s3.PutBucketEncryption", refuse)
-    with pytest.raises(ec2.Ec2Error) as info:
-        ec2.up(ec2.UpOptions(name="denied", allow_cidr=CIDR), aws=aws)
-    assert info.value.code == ec2.EXIT_AWS
-    assert "s3:PutEncryptionConfiguration" in str(info.value)
-    assert instances_of("denied") == [] and groups_of("denied") == []
+
+@pytest.mark.parametrize("action", ["s3:CreateBucket", "s3:PutObject"])
+def test_a_missing_s3_permission_is_named(aws_env: dict[str, str], strict_moto: str,
+                                          action: str) -> None:
+    """A user whose policy denies one S3 action: up exits with the AWS-error code naming
+    that action, and leaves no instance or group."""
+    iam = boto3.client("iam", endpoint_url=strict_moto, region_name="us-east-1")
+    iam.create_user(UserName="narrow")
+    iam.put_user_policy(UserName="narrow", PolicyName="all-but-one", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "*", "Resource": "*"},
+            {"Effect": "Deny", "Action": action, "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="narrow")["AccessKey"]
+    env = {**aws_env, "AWS_ENDPOINT_URL": strict_moto, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+           "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    res = cli(env, "up", "--name", "denied", "--allow-cidr", CIDR, "--no-wait")
+    assert res.returncode == ec2.EXIT_AWS, res.stderr
+    assert f"AWS denied {action}" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    strict = boto3.client("ec2", endpoint_url=strict_moto, region_name="us-east-1",
+                          aws_access_key_id=key["AccessKeyId"],
+                          aws_secret_access_key=key["SecretAccessKey"])
+    assert strict.describe_instances()["Reservations"] == []
+    assert not [g for g in strict.describe_security_groups()["SecurityGroups"]
+                if g["GroupName"] == "deathstar-denied"]
 
 
 FIXED_CLIENT = b"Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID"

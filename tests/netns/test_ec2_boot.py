@@ -37,15 +37,31 @@ from deathstar.deploy import ec2  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
 from tests.netns.hosts import Host, netns_available, virtual_hosts  # noqa: E402
 
-pytestmark = [pytest.mark.timeout(300),
-              pytest.mark.skipif(netns_available() is not None,
-                                 reason=str(netns_available()))]
-
 EXE = str(Path(sys.executable).with_name("deathstar"))
 STANDIN = Path(__file__).with_name("systemctl_standin.py")
 #: What pip on this machine is configured with, hidden on the node (see the notes).
 PIP_PLACES = ["/opt/wheels", "/opt/pypi", "/opt/pypi-more", "/root", "/etc/xdg/pip"]
 NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _node_python_missing() -> str | None:
+    """Why the node (this machine's root outside /root) cannot run the client's Python
+    minor with venv, or None. The user-data would install it from the image's repository,
+    which the offline node cannot reach."""
+    minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    python = shutil.which(f"python{minor}", path=NODE_PATH)
+    if python is None:
+        return f"no python{minor} on {NODE_PATH} (the node runs the client's minor)"
+    probe = subprocess.run([python, "-c", "import ensurepip, venv"], capture_output=True,
+                           stdin=subprocess.DEVNULL)
+    if probe.returncode != 0:
+        return f"{python} cannot make venvs (install python{minor}-venv)"
+    return None
+
+
+_SKIP = netns_available() or (None if shutil.which("curl") else "the node's boot needs curl") \
+    or _node_python_missing()
+pytestmark = [pytest.mark.timeout(300), pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))]
 
 
 def _free_port(address: str) -> int:
