@@ -506,7 +506,8 @@ GOLDEN_PLAN = BootPlan(
                "nodes/0a1b2c3d-0?X-Amz-Signature=0123",
     bundle_url="https://deathstar-123456789012-us-east-1.s3.amazonaws.com/bundles/"
                f"{'ab' * 32}.tar?X-Amz-Signature=4567",
-    archive_sha256="cd" * 32, bundle_sha256="ab" * 32)
+    archive_sha256="cd" * 32,
+    install_command=f"sh install.sh {'ab' * 32} /opt/deathstar/venv python3.11")
 
 
 def test_user_data_matches_the_golden_file_and_fits() -> None:

@@ -34,7 +34,7 @@ from deathstar.deploy.aws import (EXIT_AWS, EXIT_BUNDLE, EXIT_NO_ADDRESS, EXIT_N
 from deathstar.deploy import ec2_network
 from deathstar.deploy.bundle import Bundle, BundleError, build_bundle
 from deathstar.deploy.ec2_network import Network, find_caller_cidr
-from deathstar.deploy.ec2_boot import (KEYS_ON_NODE, USER_DATA_LIMIT, BootPlan,
+from deathstar.deploy.ec2_boot import (KEYS_ON_NODE, USER_DATA_LIMIT, VENV, BootPlan,
                                        daemon_command, render_user_data)
 from deathstar.deploy.provider import BadClusterName, check_name, cluster_dir
 from deathstar.deploy.s3 import BundleBucket, NodeReport
@@ -273,7 +273,8 @@ def up(opts: UpOptions, key_folder: str | Path | None = None, aws: Aws | None = 
                 report_url=bucket.report_url(opts.name, launch, slot),
                 bundle_url=bucket.download_url(key) if bundle else "",
                 archive_sha256=bundle.archive_sha256 if bundle else "",
-                bundle_sha256=bundle.sha256 if bundle else "", install=opts.install,
+                install_command=bundle.install_command(VENV, f"python{_python(opts)}")
+                if bundle else "", install=opts.install,
                 port=opts.port, idle_shutdown_s=opts.idle_shutdown_s,
                 max_lifetime_s=opts.max_lifetime_s)
             launched.append(_run_instance(aws, opts, image, group_id, plan, launch, slot))

@@ -44,9 +44,9 @@ class BootPlan:
     python: str                 # "3.11": the client's minor (pickles do not cross minors)
     client_public: bytes        # z85: the only key the node serves
     report_url: str             # presigned PUT of this node's report
-    bundle_url: str = ""        # presigned GET of the bundle archive ...
-    archive_sha256: str = ""    # ... which must hash to this,
-    bundle_sha256: str = ""     # ... and whose SHA256SUMS hashes to this
+    bundle_url: str = ""        # presigned GET of the bundle archive, ...
+    archive_sha256: str = ""    # ... which must hash to this; then, in the unpacked
+    install_command: str = ""   # folder: Bundle.install_command(VENV, "pythonX.Y")
     install: str | None = None  # instead of a bundle: a pip requirement from the index
     port: int = config.DEFAULT_PORT
     idle_shutdown_s: float = 30 * 60
@@ -117,7 +117,7 @@ curl -fsS --retry 5 --retry-connrefused -o "$tmp/bundle.tar" "$bundle_url" || fa
 got=$(sha256sum "$tmp/bundle.tar" | cut -d' ' -f1)
 [ "$got" = "$archive_sha256" ] || fail "bundle archive sha256 is $got, expected $archive_sha256: altered in the bucket or in transit; not installing"
 rm -rf /opt/deathstar/bundle && mkdir -p /opt/deathstar/bundle && tar -xf "$tmp/bundle.tar" -C /opt/deathstar/bundle || fail "could not unpack the bundle"
-out=$(cd /opt/deathstar/bundle && @INSTALL_COMMAND@ 2>&1) || fail "$(printf '%s\n' "$out" | tail -n 1)"
+out=$(cd /opt/deathstar/bundle && PATH="$(dirname "$py"):$PATH" && @INSTALL_COMMAND@ 2>&1) || fail "$(printf '%s\n' "$out" | tail -n 1)"
 '''
 
 _PIP = r'''say "installing $install from the package index (--install)"
@@ -156,8 +156,7 @@ def render_user_data(plan: BootPlan) -> str:
     else:
         variables += [f"bundle_url={q(plan.bundle_url)}",
                       f"archive_sha256={q(plan.archive_sha256)}"]
-        install = (f'sh install.sh {q(plan.bundle_sha256)} {VENV} "$py"')
-        fetch = _BUNDLE.replace("@INSTALL_COMMAND@", install)
+        fetch = _BUNDLE.replace("@INSTALL_COMMAND@", plan.install_command)
     variables.append(f"user={SYSTEM_USER}")
     text = (_HEAD + "\n".join(variables) + "\n" + _PYTHON + fetch + _TAIL)
     for marker, value in [("@VERSION@", __version__), ("@LOG@", BOOT_LOG), ("@VENV@", VENV),
