@@ -116,7 +116,7 @@ _BUNDLE = r'''say "downloading the bundle"
 curl -fsS --retry 5 --retry-connrefused -o "$tmp/bundle.tar" "$bundle_url" || fail "could not download the bundle (the URL expires an hour after 'ec2 up')"
 got=$(sha256sum "$tmp/bundle.tar" | cut -d' ' -f1)
 [ "$got" = "$archive_sha256" ] || fail "bundle archive sha256 is $got, expected $archive_sha256: altered in the bucket or in transit; not installing"
-rm -rf /opt/deathstar/bundle && mkdir -p /opt/deathstar/bundle && tar -xf "$tmp/bundle.tar" -C /opt/deathstar/bundle || fail "could not unpack the bundle"
+rm -rf /opt/deathstar/bundle && mkdir -p /opt/deathstar/bundle && "$py" -W ignore -m tarfile -e "$tmp/bundle.tar" /opt/deathstar/bundle || fail "could not unpack the bundle"
 out=$(cd /opt/deathstar/bundle && PATH="$(dirname "$py"):$PATH" && @INSTALL_COMMAND@ 2>&1) || fail "$(printf '%s\n' "$out" | tail -n 1)"
 '''
 
