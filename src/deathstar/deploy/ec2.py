@@ -48,8 +48,6 @@ __all__ = ["Aws", "BadClusterName", "BootPlan", "Ec2Error", "Instance", "NodeRep
            "USER_DATA_LIMIT", "TAG_NODE", "check_name", "cluster_dir", "node_addresses",
            "node_reports", "translate", "find_caller_cidr"]
 
-prefix = "ec2"
-
 TAG_CLUSTER = "deathstar:cluster"
 TAG_VERSION = "deathstar:version"
 TAG_PORT = "deathstar:port"
