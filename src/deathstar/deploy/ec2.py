@@ -40,13 +40,14 @@ from deathstar.deploy.provider import BadClusterName, check_name, cluster_dir
 from deathstar.deploy.s3 import BundleBucket, NodeReport
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
-__all__ = ["Aws", "BadClusterName", "BootPlan", "Ec2Error", "Instance", "NodeReport", "UpOptions", "cluster_nodes",
-           "daemon_command", "down", "find_instances", "node_platform", "render_user_data",
-           "up", "watch", "EXIT_AWS", "EXIT_BUNDLE", "EXIT_NO_ADDRESS", "EXIT_NO_BOTO3",
-           "EXIT_NO_CREDENTIALS", "EXIT_NO_DEFAULT_VPC", "EXIT_NODE_FAILED", "EXIT_QUOTA",
-           "EXIT_REGION", "EXIT_TYPE_NOT_OFFERED", "EXIT_USAGE", "KEYS_ON_NODE",
-           "USER_DATA_LIMIT", "TAG_NODE", "check_name", "cluster_dir", "node_addresses",
-           "node_reports", "translate", "find_caller_cidr"]
+__all__ = ["Aws", "BadClusterName", "BootPlan", "Ec2Error", "Instance", "NodeReport",
+           "UpOptions", "check_name", "cluster_dir", "cluster_nodes", "daemon_command",
+           "down", "find_caller_cidr", "find_instances", "node_addresses", "node_platform",
+           "node_reports", "render_user_data", "translate", "up", "watch", "EXIT_AWS",
+           "EXIT_BUNDLE", "EXIT_NO_ADDRESS", "EXIT_NO_BOTO3", "EXIT_NO_CREDENTIALS",
+           "EXIT_NO_DEFAULT_VPC", "EXIT_NODE_FAILED", "EXIT_QUOTA", "EXIT_REGION",
+           "EXIT_TYPE_NOT_OFFERED", "EXIT_USAGE", "KEYS_ON_NODE", "TAG_NODE",
+           "USER_DATA_LIMIT"]
 
 TAG_CLUSTER = "deathstar:cluster"
 TAG_VERSION = "deathstar:version"

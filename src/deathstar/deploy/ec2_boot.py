@@ -109,14 +109,18 @@ tmp=$(mktemp -d)
 '''
 
 _PYTHON = r'''say "finding Python $minor"
-py=$(command -v "python$minor") || { dnf install -y "python$minor" || { apt-get update && apt-get install -y "python$minor-venv"; }; py=$(command -v "python$minor"); } || fail "no Python $minor on this image (it is the client's; pickles need the same minor)"
+if ! py=$(command -v "python$minor"); then
+  dnf install -y "python$minor" || { apt-get update && apt-get install -y "python$minor-venv"; }
+  py=$(command -v "python$minor") || fail "no Python $minor on this image (the client's minor: pickles need it)"
+fi
 '''
 
 _BUNDLE = r'''say "downloading the bundle"
 curl -fsS --retry 5 --retry-connrefused -o "$tmp/bundle.tar" "$bundle_url" || fail "could not download the bundle (the URL expires an hour after 'ec2 up')"
 got=$(sha256sum "$tmp/bundle.tar" | cut -d' ' -f1)
 [ "$got" = "$archive_sha256" ] || fail "bundle archive sha256 is $got, expected $archive_sha256: altered in the bucket or in transit; not installing"
-rm -rf /opt/deathstar/bundle && mkdir -p /opt/deathstar/bundle && "$py" -W ignore -m tarfile -e "$tmp/bundle.tar" /opt/deathstar/bundle || fail "could not unpack the bundle"
+rm -rf /opt/deathstar/bundle && mkdir -p /opt/deathstar/bundle &&
+  "$py" -W ignore -m tarfile -e "$tmp/bundle.tar" /opt/deathstar/bundle || fail "could not unpack the bundle"
 out=$(cd /opt/deathstar/bundle && PATH="$(dirname "$py"):$PATH" && @INSTALL_COMMAND@ 2>&1) || fail "$(printf '%s\n' "$out" | tail -n 1)"
 '''
 
@@ -129,7 +133,8 @@ id -u @USER@ >/dev/null 2>&1 || useradd --system --home-dir @STATE@ --shell /usr
 install -d -o root -g root -m 0755 /etc/deathstar
 install -d -o @USER@ -g @USER@ -m 0700 @STATE@ @WORK@ @KEYS@ @KEYS@/authorized || fail "could not make the node's folders"
 rm -f @KEYS@/node.key @KEYS@/node.key_secret
-runuser -u @USER@ -- sh -c 'umask 077 && exec "$0" -c "import sys, zmq.auth; zmq.auth.create_certificates(sys.argv[1], \"node\")" "$1"' @VENV@/bin/python @KEYS@ || fail "could not make the node's keypair"
+runuser -u @USER@ -- sh -c 'umask 077 && exec "$0" -c "$1" "$2"' @VENV@/bin/python \
+  'import sys, zmq.auth; zmq.auth.create_certificates(sys.argv[1], "node")' @KEYS@ || fail "could not make the node's keypair"
 public=$(sed -n 's/^ *public-key = "\(.*\)"$/\1/p' @KEYS@/node.key)
 [ ${#public} -eq 40 ] || fail "no public key in @KEYS@/node.key"
 cat >@KEYS@/authorized/client.key <<'EOF'
