@@ -256,7 +256,8 @@ def test_a_node_that_reports_a_failed_boot_fails_ups_wait(aws_env: dict[str, str
                "--no-wait").returncode == 0
     (inst,) = instances_of("sad")
     play_node(inst["InstanceId"], "failed bundle archive sha256 is 00ff, expected 1234\n")
-    again = cli(aws_env, "up", "--name", "sad", "--allow-cidr", CIDR, "--no-wait")
+    # the default wait; it probes only nodes that reported ready (none here)
+    again = cli(aws_env, "up", "--name", "sad", "--allow-cidr", CIDR, "--wait-timeout", "60s")
     assert again.returncode == ec2.EXIT_NODE_FAILED
     assert inst["InstanceId"] in again.stderr and "sha256 is 00ff" in again.stderr
     listed = json.loads(cli(aws_env, "list", "--json").stdout)

@@ -283,7 +283,7 @@ def test_a_tampered_bundle_is_refused_on_the_node_and_up_reports_it(
 
         # up's wait (here: up of the existing cluster) reports that node and why
         again = cli(aws_env, "up", "--name", "tampered", "--allow-cidr", f"{bridge}/32",
-                    "--no-wait")
+                    "--wait-timeout", "60s")
         assert again.returncode == ec2.EXIT_NODE_FAILED, again.stderr
         assert instance in again.stderr and "sha256" in again.stderr
     finally:
