@@ -32,11 +32,12 @@ from deathstar.deploy.aws import (EXIT_AWS, EXIT_BUNDLE, EXIT_NO_ADDRESS, EXIT_N
                                   EXIT_TYPE_NOT_OFFERED, EXIT_USAGE, Aws, Ec2Error,
                                   translate)
 from deathstar.deploy import ec2_network
-from deathstar.deploy.bundle import Bundle, BundleError, build_bundle
+from deathstar.deploy.bundle import Bundle, build_bundle
 from deathstar.deploy.ec2_network import Network, find_caller_cidr
 from deathstar.deploy.ec2_boot import (KEYS_ON_NODE, USER_DATA_LIMIT, VENV, BootPlan,
                                        daemon_command, render_user_data)
 from deathstar.deploy.provider import BadClusterName, check_name, cluster_dir
+from deathstar.deploy.wheels import BundleError
 from deathstar.deploy.s3 import BundleBucket, NodeReport
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
