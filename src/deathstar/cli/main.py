@@ -22,6 +22,7 @@ from deathstar.cli.ec2 import ec2_app
 from deathstar.cli.map import map_command
 from deathstar.cli.node import daemon, keygen, worker
 from deathstar.cli.report import report
+from deathstar.cli.ssh import ssh_app
 from deathstar.cli.status import status
 from deathstar.exitcodes import ExitCode
 
@@ -53,6 +54,7 @@ app.command("map")(map_command)
 # groups: `deathstar NAME ...`, one line each (the ssh and slurm providers' go here too)
 app.add_typer(config_app, name="config")
 app.add_typer(ec2_app, name="ec2")
+app.add_typer(ssh_app, name="ssh")
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from typing import Callable
 from deathstar.nodes import NodeAddress, register_resolver
 
 #: Cluster-spec prefix -> the provider module whose ``cluster_nodes`` resolves it.
-PROVIDERS = {"ec2": "deathstar.deploy.ec2"}
+PROVIDERS = {"ec2": "deathstar.deploy.ec2", "ssh": "deathstar.deploy.ssh"}
 
 
 def _resolver(module: str) -> Callable[[str], list[NodeAddress]]:
