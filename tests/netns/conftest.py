@@ -37,3 +37,16 @@ def cluster(hosts: list[Host]) -> Iterator[list[Daemon]]:
     finally:
         for d in started:
             d.stop()
+
+
+@pytest.fixture(scope="session")
+def bundle_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A cache folder holding this deathstar's node bundle for this machine, built once
+    per session (``DEATHSTAR_CACHE_DIR`` for the provider tests and their subprocesses)."""
+    from deathstar.deploy.bundle import build_bundle
+
+    folder = str(tmp_path_factory.mktemp("bundle-cache"))
+    build_bundle(cache_dir=folder)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEATHSTAR_CACHE_DIR", folder)
+        yield folder

@@ -23,7 +23,7 @@ Name = Annotated[str, typer.Option(help="Cluster name.")]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -76,12 +76,12 @@ def up_command(
         result = ssh.up(opts, _event(time.monotonic()))
     except ssh.NoHostUp as exc:
         for why in exc.failures.values():
-            err.print(f"[bold red]error:[/] {why}", highlight=False)
+            err.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)
         raise _fail(f"no host of {name} came up", ExitCode.NO_NODES) from None
     except (ClusterSpecError, KeyFileError) as exc:
         raise _fail(str(exc), ExitCode.USAGE) from None
     for why in result["failures"].values():
-        err.print(f"[bold red]error:[/] {why}", highlight=False)
+        err.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)
     for node in result["nodes"]:
         typer.echo(f"{node.host}:{node.port}")
     err.print(f"use it: deathstar map ... --cluster ssh:{name}   "
@@ -129,6 +129,6 @@ def down_command(
               + (" and removed the installs" if purge else ""), highlight=False)
     if result["failures"]:
         for why in result["failures"].values():
-            err.print(f"[bold red]error:[/] {why}", highlight=False)
+            err.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)
         raise _fail("some hosts could not be reached; run down again later",
                     ExitCode.NO_NODES)
