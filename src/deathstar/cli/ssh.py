@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Annotated, Any, Optional
 
@@ -107,7 +108,7 @@ def list_command(
     for r in rows:
         table.add_row(r["cluster"], r["host"], f"{r['address']}:{r['port']}", r["daemon"],
                       r["version"], str(r["workers"]), f"{r['uptime_s'] // 60}m")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 @ssh_app.command("down")
