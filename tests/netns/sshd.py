@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,25 @@ class Lab:
         return subprocess.run(["ssh", "-F", str(self.config), host.address, command],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL,
                               timeout=30)
+
+
+def deathstar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess (this environment), its output captured."""
+    return subprocess.run([sys.executable, "-m", "deathstar", *args], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def daemons_on(host: Host) -> list[str]:
+    """Command lines of the deathstar processes in ``host``'s namespace."""
+    found = []
+    for pid in host.pids():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "deathstar" in cmdline:
+            found.append(cmdline)
+    return found
 
 
 def _keygen(path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,17 +15,12 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.netns.conftest import REASON
-from tests.netns.hosts import Host, virtual_hosts
-from tests.netns.sshd import Lab, sshd_lab, sshd_missing
+from tests.netns.hosts import virtual_hosts
+from tests.netns.sshd import Lab, daemons_on, deathstar, sshd_lab, sshd_missing
 
 pytestmark = pytest.mark.timeout(180)
 
 MINOR = f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def deathstar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deathstar", *args], capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def _path_without_python(folder: Path) -> str:
@@ -61,19 +55,6 @@ def lab(bundle_cache: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         mp.setenv("DEATHSTAR_KEYS", str(folder / "keys"))
         assert deathstar("keygen", str(folder / "keys")).returncode == 0
         yield made
-
-
-def daemons_on(host: Host) -> list[str]:
-    """Command lines of the deathstar processes in ``host``'s namespace."""
-    found = []
-    for pid in host.pids():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "deathstar" in cmdline:
-            found.append(cmdline)
-    return found
 
 
 def test_up_map_list_down_on_three_hosts_sharing_a_home(lab: Lab) -> None:

@@ -22,6 +22,7 @@ from deathstar.cli.ec2 import ec2_app
 from deathstar.cli.map import map_command
 from deathstar.cli.node import daemon, keygen, worker
 from deathstar.cli.report import report
+from deathstar.cli.slurm import slurm_app
 from deathstar.cli.ssh import ssh_app
 from deathstar.cli.status import status
 from deathstar.exitcodes import ExitCode
@@ -55,6 +56,7 @@ app.command("map")(map_command)
 app.add_typer(config_app, name="config")
 app.add_typer(ec2_app, name="ec2")
 app.add_typer(ssh_app, name="ssh")
+app.add_typer(slurm_app, name="slurm")
 
 
 def main() -> None:

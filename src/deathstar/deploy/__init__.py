@@ -1,4 +1,5 @@
-"""Where nodes come from: providers that start daemons and name them (EC2 today).
+"""Where nodes come from: providers that start daemons and name them: EC2, SSH hosts,
+SLURM jobs.
 
 Importing this package registers each provider's ``PREFIX:NAME`` cluster specs with the
 address model (``deathstar.nodes.register_resolver``), so ``Cluster("ec2:burst")`` works
@@ -15,7 +16,8 @@ from typing import Callable
 from deathstar.nodes import NodeAddress, register_resolver
 
 #: Cluster-spec prefix -> the provider module whose ``cluster_nodes`` resolves it.
-PROVIDERS = {"ec2": "deathstar.deploy.ec2", "ssh": "deathstar.deploy.ssh"}
+PROVIDERS = {"ec2": "deathstar.deploy.ec2", "ssh": "deathstar.deploy.ssh",
+             "slurm": "deathstar.deploy.slurm"}
 
 
 def _resolver(module: str) -> Callable[[str], list[NodeAddress]]:

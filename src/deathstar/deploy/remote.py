@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from deathstar import config, keys
 from deathstar.client.status import query_status
-from deathstar.nodes import NodeAddress
+from deathstar.nodes import ClusterSpecError, NodeAddress
 
 #: Seconds between two rounds of status queries while waiting for daemons.
 POLL_S = 0.2
@@ -77,6 +77,16 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+
+
+def check_free(folder: Path, provider: str) -> None:
+    """Refuse a cluster name another provider's cluster holds (they share
+    ``clusters/NAME/``): ClusterSpecError naming both."""
+    state = read_json(folder / "cluster.json")
+    other = state.get("provider") if isinstance(state, dict) else None
+    if other and other != provider:
+        raise ClusterSpecError(f"cluster name {folder.name!r} is taken by the {other} "
+                               f"cluster {other}:{folder.name}; choose another name")
 
 
 def wait_answering(nodes: Sequence[NodeAddress], deadline_s: float,

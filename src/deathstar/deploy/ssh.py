@@ -264,7 +264,7 @@ def start(target: Target, opts: UpOptions, bundle_sha: str, facts: dict[str, str
 
 def _state(name: str) -> dict[str, Any]:
     data = remote.read_json(cluster_dir(name) / STATE_FILE)
-    return data if isinstance(data, dict) else {}
+    return data if isinstance(data, dict) and data.get("provider") == prefix else {}
 
 
 def _save_host(name: str, lock: threading.Lock, ssh_options: Sequence[str],
@@ -339,7 +339,7 @@ def up(opts: UpOptions, on_event: OnEvent = lambda host, what: None) -> dict[str
     when no host came up, KeyFileError (before any login) when the user's keys cannot
     be had. Running ``up`` again for a name restarts its daemons with fresh
     keys (and adds new hosts)."""
-    cluster_dir(opts.name)  # a bad name fails before any login
+    remote.check_free(cluster_dir(opts.name), prefix)  # before any login
     targets = [parse_target(h, opts.user) for h in opts.hosts]
     client_public = remote.client_public_key(opts.keys)
     made, lock = _Bundles(opts.pip), threading.Lock()
