@@ -195,7 +195,8 @@ def up(opts: UpOptions,
     """Submit the job and wait until its daemons answer; their nodes. Blocks while the job
     is pending (``on_state`` hears its state). An interrupt (KeyboardInterrupt) or a job
     that ends early cancels the job and removes the cluster folder; a job still queued
-    after ``wait_s`` is left queued (SlurmError says so). Raises SlurmError when
+    after ``wait_s`` is left queued (SlurmError says so). A cluster whose job is still
+    queued or running is not submitted again: ``up`` waits for it. Raises SlurmError when
     ``sbatch`` is missing or refuses the job."""
     if opts.nodes < 1 or (opts.min_nodes is not None and not 1 <= opts.min_nodes <= opts.nodes):
         raise SlurmError("--nodes must be at least 1 and --min-nodes from 1 to --nodes")
@@ -203,10 +204,9 @@ def up(opts: UpOptions,
         raise SlurmError("no 'sbatch' here: run deathstar slurm on a SLURM login node "
                          "(or install slurm-client and point SLURM_CONF at your cluster)")
     remote.check_free(cluster_dir(opts.name), prefix)
-    if _state(opts.name).get("job"):
-        raise SlurmError(f"slurm:{opts.name} exists (job {_state(opts.name)['job']}): use it, "
-                         f"or 'deathstar slurm down --name {opts.name}' first")
-    job = submit(opts)
+    job = _state(opts.name).get("job")
+    if not job or job_state(job)[0] not in LIVE_STATES:
+        job = submit(opts)  # (again, when the cluster's job has ended)
     try:
         return _wait(opts, job, on_state)
     except SlurmError as exc:
