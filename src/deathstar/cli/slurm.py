@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from deathstar.cli.common import err, parse_duration
+from deathstar.cli.common import err, out, parse_duration
 from deathstar.deploy import slurm
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError
@@ -112,7 +110,7 @@ def list_command(
         table.add_row(r["cluster"], r["job"], r["state"] + (f" ({r['reason']})"
                       if r["reason"] else ""), r["node"], r["address"], r["daemon"],
                       str(r["workers"]))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    out().print(table)
 
 
 @slurm_app.command("down")

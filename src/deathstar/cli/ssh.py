@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from deathstar.cli.common import err, parse_duration
+from deathstar.cli.common import err, out, parse_duration
 from deathstar.deploy import ssh
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError
@@ -108,7 +106,7 @@ def list_command(
     for r in rows:
         table.add_row(r["cluster"], r["host"], f"{r['address']}:{r['port']}", r["daemon"],
                       r["version"], str(r["workers"]), f"{r['uptime_s'] // 60}m")
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    out().print(table)
 
 
 @ssh_app.command("down")
