@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -105,12 +106,15 @@ def test_pending_job_is_reported_and_ctrl_c_cancels_it(site: Site) -> None:
                              "--name", "big"], stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     assert proc.stderr is not None
-    seen = []
+    seen: list[str] = []
     try:
-        for line in proc.stderr:  # ends when the process does: no deadline needed here
+        deadline = time.monotonic() + 30
+        while not any("job PENDING (" in ln for ln in seen):
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([proc.stderr], [], [], left)[0], seen
+            line = proc.stderr.readline()
+            assert line, f"slurm up ended: {seen}"
             seen.append(line)
-            if "job PENDING (" in line:
-                break
         assert any("job PENDING (" in ln and "0/4 node(s) up" in ln for ln in seen), seen
         assert len(site.slurm.queue()) == 1
         proc.send_signal(signal.SIGINT)
@@ -154,6 +158,25 @@ def test_mixed_map_over_a_plain_node_an_ssh_and_a_slurm_cluster(site: Site) -> N
         deathstar("ssh", "down", "--name", "mix")
         deathstar("slurm", "down", "--name", "mix2")
         plain.stop()
+
+
+def test_nodes_can_run_the_bundle_instead_of_the_clients_environment(site: Site) -> None:
+    up = deathstar("slurm", "up", "--nodes", "1", "--name", "bundled", "--bundle",
+                   "--workers-per-node", "1", "--wait-timeout", "90s")
+    try:
+        assert up.returncode == 0, up.stderr
+        env = site.clusters / "bundled" / "env" / "venv" / "bin" / "python"
+        commands = [c for h in site.slurm.running for c in daemons_on(h)
+                    if "deathstar daemon" in c]
+        assert len(commands) == 1 and commands[0].startswith(f"{env} "), commands
+        import deathstar as ds
+        from tests import jobs
+
+        assert list(ds.map(jobs.square, range(5), cluster="slurm:bundled")) == \
+            [0, 1, 4, 9, 16]
+    finally:
+        assert deathstar("slurm", "down", "--name", "bundled").returncode == 0
+    wait_for(lambda: not site.slurm.queue(), 20, "the job to leave squeue")
 
 
 def test_slurm_up_without_sbatch_is_one_clear_line(tmp_path: Path) -> None:

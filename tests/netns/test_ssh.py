@@ -168,3 +168,21 @@ def test_down_of_an_unknown_cluster_and_a_bad_name() -> None:
     assert down.returncode == 0 and "no ssh cluster named never-made" in down.stderr
     bad = deathstar("ssh", "up", "h1", "--name", "../keys")
     assert bad.returncode == 2 and "cluster name" in bad.stderr
+
+
+def test_host_specs_and_platform_tags() -> None:
+    from deathstar.deploy import ssh
+
+    assert ssh.parse_target("me@krypton:2222") == ssh.Target("me@krypton:2222", "krypton",
+                                                             "me", 2222)
+    assert ssh.parse_target("xenon", user="u") == ssh.Target("xenon", "xenon", "u", None)
+    assert ssh.parse_target("[fe80::1]:22").host == "fe80::1"
+    with pytest.raises(ssh.SshError, match="1 to 65535"):
+        ssh.parse_target("h:70000")
+    with pytest.raises(ssh.SshError, match="not a host"):
+        ssh.parse_target("a:b:c")
+    assert ssh.parse_target("me@krypton:2222").id != ssh.parse_target("krypton").id
+    facts = {"platform": "linux-x86_64", "libc": "glibc 2.36"}
+    assert ssh.host_platform(facts) == "manylinux_2_36_x86_64"
+    assert ssh.host_platform({"platform": "macosx-11.0-arm64", "libc": " "}) == \
+        "macosx_11_0_arm64"
