@@ -112,8 +112,10 @@ def test_up_map_list_down_on_three_hosts_sharing_a_home(lab: Lab) -> None:
 
 def test_down_stops_only_its_own_daemon_and_purge_removes_the_install(lab: Lab) -> None:
     host = lab.hosts[0]
-    up = deathstar("ssh", "up", host.address, "--name", "one", "--workers", "1")
-    assert up.returncode == 0, up.stderr
+    from deathstar.deploy import ssh  # the library's face of `ssh up`
+
+    up = ssh.up([host.address], name="one", workers=1)
+    assert [n.host for n in up["nodes"]] == [host.address] and not up["failures"]
     pid_file = lab.home / ".local/state/deathstar/ssh/one" / host.address / "daemon.pid"
     daemon_pid = int(pid_file.read_text())
     # the pid file now names a process that is not our daemon (a reused pid)

@@ -76,7 +76,7 @@ def up_command(
     except ValueError as exc:
         raise _fail(str(exc), ExitCode.USAGE) from None
     try:
-        found = slurm.up(opts, _on_state(time.monotonic()))
+        found = slurm.up_with(opts, _on_state(time.monotonic()))
     except KeyboardInterrupt:
         err.print(f"interrupted: cancelled the job of slurm:{name}", highlight=False)
         raise typer.Exit(ExitCode.INTERRUPTED) from None

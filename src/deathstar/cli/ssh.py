@@ -72,7 +72,7 @@ def up_command(
     except (ValueError, ssh.SshError) as exc:
         raise _fail(str(exc), ExitCode.USAGE) from None
     try:
-        result = ssh.up(opts, _event(time.monotonic()))
+        result = ssh.up_with(opts, _event(time.monotonic()))
     except ssh.NoHostUp as exc:
         for why in exc.failures.values():
             err.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)

@@ -190,8 +190,17 @@ def _output_tail(name: str, job: str) -> str:
     return f"; its output ({path}) ends: " + " / ".join(lines[-3:]) if lines else ""
 
 
-def up(opts: UpOptions,
-       on_state: OnState = lambda state, reason, ready, wanted: None) -> list[NodeAddress]:
+def up(nodes: int = 1, name: str = "slurm", *, on_state: OnState | None = None,
+       **options: Any) -> list[NodeAddress]:
+    """``up_with(UpOptions(name, nodes, **options))``: e.g. ``up(4, name="hpc",
+    partition="short", time="2:00:00")``."""
+    return up_with(UpOptions(name=name, nodes=nodes, **options),
+                   on_state or (lambda state, reason, ready, wanted: None))
+
+
+def up_with(opts: UpOptions,
+            on_state: OnState = lambda state, reason, ready, wanted: None
+            ) -> list[NodeAddress]:
     """Submit the job and wait until its daemons answer; their nodes. Blocks while the job
     is pending (``on_state`` hears its state). An interrupt (KeyboardInterrupt) or a job
     that ends early cancels the job and removes the cluster folder; a job still queued

@@ -330,7 +330,15 @@ def _up_one(target: Target, opts: UpOptions, made: _Bundles, client_public: byte
     return _node(row, public)
 
 
-def up(opts: UpOptions, on_event: OnEvent = lambda host, what: None) -> dict[str, Any]:
+def up(hosts: Sequence[str], name: str = "ssh", *, on_event: OnEvent | None = None,
+       **options: Any) -> dict[str, Any]:
+    """``up_with(UpOptions(hosts, name, **options))``: e.g. ``up(["krypton", "xenon"],
+    name="lab", workers=4, pip=["numpy"])``."""
+    return up_with(UpOptions(hosts=list(hosts), name=name, **options),
+                   on_event or (lambda host, what: None))
+
+
+def up_with(opts: UpOptions, on_event: OnEvent = lambda host, what: None) -> dict[str, Any]:
     """Bring up a daemon on every host of ``opts`` at once and wait until each answers.
 
     Returns ``{"nodes": [NodeAddress...], "failures": {host: why}}``: a host that cannot
