@@ -110,29 +110,6 @@ def test_up_map_list_down_on_three_hosts_sharing_a_home(lab: Lab) -> None:
     assert again.returncode == 0 and "no ssh cluster named lab" in again.stderr
 
 
-def test_down_stops_only_its_own_daemon_and_purge_removes_the_install(lab: Lab) -> None:
-    host = lab.hosts[0]
-    from deathstar.deploy import ssh  # the library's face of `ssh up`
-
-    up = ssh.up([host.address], name="one", workers=1)
-    assert [n.host for n in up["nodes"]] == [host.address] and not up["failures"]
-    pid_file = lab.home / ".local/state/deathstar/ssh/one" / host.address / "daemon.pid"
-    daemon_pid = int(pid_file.read_text())
-    # the pid file now names a process that is not our daemon (a reused pid)
-    decoy = host.popen(["sleep", "60"])
-    wait_for(lambda: host.owns(decoy.pid), 10, "the decoy on the host")
-    pid_file.write_text(f"{decoy.pid}\n")
-    down = deathstar("ssh", "down", "--name", "one", "--purge")
-    assert down.returncode == 0, down.stderr
-    assert decoy.poll() is None, "down killed a process it did not start"
-    assert Path(f"/proc/{daemon_pid}").exists()  # not named by the pid file: left alone
-    assert not (lab.home / ".local/share/deathstar").exists()
-    os.kill(daemon_pid, 15)
-    wait_for(lambda: not daemons_on(host), 15, "the daemon to stop")
-    decoy.kill()
-    decoy.wait()
-
-
 def test_refused_login_and_unreachable_host_are_named_and_others_go_on(lab: Lab) -> None:
     good, refusing = lab.hosts[0], lab.hosts[3]
     up = deathstar("ssh", "up", good.address, refusing.address, f"{refusing.address}:2222",
@@ -163,6 +140,31 @@ def test_host_without_the_clients_python_is_named_with_both_versions(lab: Lab) -
         assert other[-1] in line
     assert not daemons_on(host)
     assert not (Path(os.environ["XDG_CONFIG_HOME"]) / "deathstar/clusters/nopy").exists()
+
+
+def test_down_stops_only_its_own_daemon_and_purge_removes_the_install(lab: Lab) -> None:
+    host = lab.hosts[0]
+    from deathstar.deploy import ssh  # the library's face of `ssh up`
+
+    started = time.monotonic()
+    up = ssh.up([host.address], name="one", workers=1)
+    assert [n.host for n in up["nodes"]] == [host.address] and not up["failures"]
+    print(f"\nssh up on a host that has the bundle already: {time.monotonic() - started:.1f} s")
+    pid_file = lab.home / ".local/state/deathstar/ssh/one" / host.address / "daemon.pid"
+    daemon_pid = int(pid_file.read_text())
+    # the pid file now names a process that is not our daemon (a reused pid)
+    decoy = host.popen(["sleep", "60"])
+    wait_for(lambda: host.owns(decoy.pid), 10, "the decoy on the host")
+    pid_file.write_text(f"{decoy.pid}\n")
+    down = deathstar("ssh", "down", "--name", "one", "--purge")
+    assert down.returncode == 0, down.stderr
+    assert decoy.poll() is None, "down killed a process it did not start"
+    assert Path(f"/proc/{daemon_pid}").exists()  # not named by the pid file: left alone
+    assert not (lab.home / ".local/share/deathstar").exists()
+    os.kill(daemon_pid, 15)
+    wait_for(lambda: not daemons_on(host), 15, "the daemon to stop")
+    decoy.kill()
+    decoy.wait()
 
 
 def test_down_of_an_unknown_cluster_and_a_bad_name() -> None:
