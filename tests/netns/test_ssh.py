@@ -150,6 +150,8 @@ def test_down_stops_only_its_own_daemon_and_purge_removes_the_install(lab: Lab) 
     up = ssh.up([host.address], name="one", workers=1)
     assert [n.host for n in up["nodes"]] == [host.address] and not up["failures"]
     print(f"\nssh up on a host that has the bundle already: {time.monotonic() - started:.1f} s")
+    up_bundle = json.loads((Path(os.environ["XDG_CONFIG_HOME"]) / "deathstar/clusters/one"
+                            / "cluster.json").read_text())["hosts"][host.address]["bundle"]
     pid_file = lab.home / ".local/state/deathstar/ssh/one" / host.address / "daemon.pid"
     daemon_pid = int(pid_file.read_text())
     # the pid file now names a process that is not our daemon (a reused pid)
@@ -160,11 +162,17 @@ def test_down_stops_only_its_own_daemon_and_purge_removes_the_install(lab: Lab) 
     assert down.returncode == 0, down.stderr
     assert decoy.poll() is None, "down killed a process it did not start"
     assert Path(f"/proc/{daemon_pid}").exists()  # not named by the pid file: left alone
-    assert not (lab.home / ".local/share/deathstar").exists()
+    share = lab.home / ".local/share/deathstar"
+    assert [p.name for p in share.iterdir()] == [up_bundle], "purged an install in use"
     os.kill(daemon_pid, 15)
     wait_for(lambda: not daemons_on(host), 15, "the daemon to stop")
     decoy.kill()
     decoy.wait()
+    # with nothing running from it, --purge removes it
+    ssh.up([host.address], name="one", workers=1)
+    assert deathstar("ssh", "down", "--name", "one", "--purge").returncode == 0
+    assert not share.exists()
+    assert not daemons_on(host)
 
 
 def test_down_of_an_unknown_cluster_and_a_bad_name() -> None:

@@ -118,7 +118,9 @@ PROBE_SH = r'''
 base="$HOME/.local/share/deathstar"
 echo "home=$HOME"
 echo "installed=$(ls "$base" 2>/dev/null | tr '\n' ' ')"
-if command -v systemd-run >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1
+# a user manager that outlives this login (linger), or its units die when ssh returns
+if command -v systemd-run >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1 &&
+   [ "$(loginctl show-user "$(id -un)" -p Linger --value 2>/dev/null)" = yes ]
 then echo "systemd=yes"; else echo "systemd=no"; fi
 if out=$("$1" -c 'import sys, sysconfig, platform
 print("version=%d.%d.%d" % sys.version_info[:3])
@@ -176,7 +178,8 @@ stop_daemon() {
 }
 '''
 
-#: $1 = cluster, $2 = host id, $3 = "purge" to remove the installs too.
+#: $1 = cluster, $2 = host id, $3 = the bundle to remove too (--purge), or "". An install
+#: some process on this host still runs from is kept (another cluster may use it).
 DOWN_SH = r'''
 set -eu
 state="$HOME/.local/state/deathstar/ssh/$1/$2"
@@ -184,8 +187,17 @@ state="$HOME/.local/state/deathstar/ssh/$1/$2"
 stop_daemon
 rm -rf "$state"
 rmdir "$HOME/.local/state/deathstar/ssh/$1" 2>/dev/null || true
-if [ "${3:-}" = purge ]; then
-  rm -rf "$HOME/.local/share/deathstar"; echo purged
+base="$HOME/.local/share/deathstar"
+if [ -n "${3:-}" ] && [ -d "$base/$3" ]; then
+  used=""
+  for f in /proc/[0-9]*/cmdline; do  # (a grep for the path would find itself)
+    case "$(tr '\0' ' ' < "$f" 2>/dev/null)" in *"$base/$3/"*) used=yes;; esac
+  done
+  if [ -n "$used" ]; then
+    echo "kept $3: in use"
+  else
+    rm -rf "$base/$3"; rmdir "$base" 2>/dev/null || true; echo "purged $3"
+  fi
 fi
 '''
 

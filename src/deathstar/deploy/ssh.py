@@ -425,7 +425,8 @@ def down(name: str, purge: bool = False,
          on_event: OnEvent = lambda host, what: None) -> dict[str, Any]:
     """Stop the daemons ``up`` started for ``name`` (only those: each pid file is checked
     against its process) and remove their keys and logs on the hosts; ``purge`` removes
-    the installs too. Hosts that cannot be reached are named in ``failures`` and kept in
+    the install each host's daemon ran from too, unless a process there still runs from
+    it. Hosts that cannot be reached are named in ``failures`` and kept in
     the state, so ``down`` can be run again; the state folder goes when all are done.
     A cluster that does not exist: ``{"note": ...}``, nothing else."""
     folder = cluster_dir(name)
@@ -441,7 +442,7 @@ def down(name: str, purge: bool = False,
         target = Target(row["spec"], row["host"], row.get("user"), row.get("ssh_port"))
         on_event(target.spec, "stopping")
         return run_ssh(target, options, _sh(remote.DOWN_SH, name, row["id"],
-                                            "purge" if purge else ""), what="stopping")
+                                            row["bundle"] if purge else ""), what="stopping")
 
     stopped, failures = [], {}
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
