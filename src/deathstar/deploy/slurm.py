@@ -16,6 +16,7 @@ Nodes run the client's own Python environment (it is on the shared file system);
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -88,26 +89,31 @@ def job_state(job: str) -> tuple[str, str]:
 
 def batch_script(opts: UpOptions, folder: Path, bundle: bundles.Bundle | None) -> str:
     """The batch script: (with a bundle, install it once into the cluster folder, then)
-    one step with a daemon on every node."""
+    one step with a daemon on every node. Every path is shell-quoted."""
+    q = shlex.quote
     python = sys.executable
     lines = ["#!/bin/sh", f"# deathstar slurm cluster {opts.name}", "set -eu"]
     if bundle is not None:
         venv = folder / "env"
         python = str(venv / "venv" / "bin" / "python")
         lines += [
-            f'if [ ! -x "{python}" ]; then',
-            f'  tmp=$(mktemp -d "{folder}/.env-XXXXXX")',
-            f'  mkdir "$tmp/bundle" && tar -x -f "{folder}/bundle.tar" -C "$tmp/bundle"',
-            f'  sh "$tmp/bundle/install.sh" {bundle.sha256} "$tmp/venv" '
-            f'python{bundle.python}',
-            f'  rm -rf "$tmp/bundle"; mv -T "$tmp" "{venv}" || rm -rf "$tmp"',
+            f"if [ ! -x {q(python)} ]; then",
+            f"  tmp=$(mktemp -d {q(str(folder))}/.env-XXXXXX)",
+            f'  mkdir "$tmp/bundle" && tar -x -f {q(str(folder / "bundle.tar"))} '
+            '-C "$tmp/bundle"',
+            f'  sh "$tmp/bundle/install.sh" {bundle.sha256} "$tmp/venv" python{bundle.python}',
+            f'  rm -rf "$tmp/bundle"; mv -T "$tmp" {q(str(venv))} || rm -rf "$tmp"',
             "fi"]
+    else:
+        why = (f"deathstar: {python} is not on node $(hostname): this Python environment "
+               "is not on a shared file system; use slurm up --bundle")
+        lines.append(f'[ -x {q(python)} ] || {{ echo "{why}" >&2; exit 3; }}')
     step = [python, "-m", "deathstar.deploy.slurm_node", str(folder),
             "--idle-shutdown", f"{opts.idle_shutdown_s:g}"]
     if opts.workers_per_node:
         step += ["--workers", str(opts.workers_per_node)]
-    quoted = " ".join(f"'{w}'" for w in step)
-    lines.append(f"exec srun --ntasks-per-node=1 --kill-on-bad-exit=0 {quoted}")
+    lines.append("exec srun --ntasks-per-node=1 --kill-on-bad-exit=0 "
+                 + " ".join(q(w) for w in step))
     return "\n".join(lines) + "\n"
 
 
