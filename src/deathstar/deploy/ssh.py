@@ -44,6 +44,7 @@ from deathstar import config
 from deathstar.client.status import query_status
 from deathstar.deploy import bundle as bundles
 from deathstar.deploy import remote
+from deathstar.deploy.wheels import BundleError
 from deathstar.deploy.provider import Provider, cluster_dir, clusters_root
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
@@ -315,7 +316,7 @@ def _up_one(target: Target, opts: UpOptions, made: _Bundles, client_public: byte
     facts = probe(target, opts.ssh_options)
     try:
         bundle = made.get(host_platform(facts))
-    except bundles.BundleError as exc:
+    except BundleError as exc:
         raise SshError(target.spec, f"no bundle for it: {exc}") from None
     on_event(target.spec, f"installing bundle {bundle.sha256[:12]}")
     how = install(target, opts.ssh_options, bundle, facts)
