@@ -286,13 +286,19 @@ def test_an_executor_on_a_cluster_leaves_it_and_the_daemon_running(daemon: Daemo
     assert daemon.status()["workers"] == 2
 
 
-def test_an_embedded_executor_stops_its_own_daemon() -> None:
+def test_an_embedded_executor_lets_go_of_the_shared_daemon() -> None:
+    """``Executor()`` with no cluster uses the process's shared embedded daemon: its
+    shutdown ends the executor's connection and leaves the daemon warm for the next one
+    (which stops at exit: test_shared_embedded.py)."""
     ex = deathstar.Executor()
-    assert ex.cluster.local is not None
-    proc = ex.cluster.local.proc
+    assert ex.cluster.local is None and ex.cluster.shared is not None
+    proc = ex.cluster.shared.proc
     assert ex.submit(jobs.square, 3).result(timeout=60) == 9
     ex.shutdown()
-    assert proc.poll() is not None and not ex.cluster.engine.is_alive()
+    assert not ex.cluster.engine.is_alive() and proc.poll() is None
+    with deathstar.Executor() as again:
+        assert again.cluster.shared is not None and again.cluster.shared.proc is proc
+        assert again.submit(jobs.square, 4).result(timeout=60) == 16
 
 
 def test_map_reads_its_inputs_lazily(daemon: Daemon) -> None:

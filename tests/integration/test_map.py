@@ -137,9 +137,12 @@ def test_hand_started_worker_joins_a_daemon(daemons: Callable[..., Daemon]) -> N
 
 
 def test_embedded_local_cluster_leaves_no_process_behind() -> None:
+    """An embedded cluster of its own (``Cluster(None)``; ``deathstar.map`` shares one
+    per process instead, see test_shared_embedded.py) ends with its close."""
     env_cluster = os.environ.pop("DEATHSTAR_CLUSTER", None)
     try:
-        res = deathstar.map(jobs.whoami, range(40))
+        with Cluster(None) as c:
+            res = c.map(jobs.whoami, range(40))
     finally:
         if env_cluster is not None:
             os.environ["DEATHSTAR_CLUSTER"] = env_cluster
