@@ -14,7 +14,8 @@ Links and their messages (request -> reply):
     client -> daemon exec port     hello -> welcome | refused;  blob;  task -> result | lost
                                    heartbeat (both ways);  cancel;  bye
     worker -> daemon worker port   ready -> welcome | refused;  task (daemon -> worker)
-                                   -> result;  fetch -> blob | missing;  heartbeat;  stop
+                                   -> result;  fetch -> blob | missing;  heartbeat;  stop;
+                                   recall (daemon -> worker) -> lost "unstarted"
     anyone -> daemon status port   status -> status
 
 A task envelope may carry ``est``, the client's estimate of the seconds the message will
@@ -66,6 +67,7 @@ HEARTBEAT: Final = "hb"
 BYE: Final = "bye"
 STOP: Final = "stop"
 STATUS: Final = "status"
+RECALL: Final = "recall"  # daemon -> worker: give these back if you have not started them
 
 # LOST codes: why a node will not answer a task message (the client's reaction differs).
 LOST_CRASH: Final = "crash"  # its worker died running it: costs the input an attempt
@@ -159,6 +161,7 @@ SCHEMA: Final[dict[str, dict[str, Callable[[Any], bool]]]] = {
     RESULT: {"id": _int, "worker": _text, "ok": _bytes, "ts": _bytes, "nb": _int},
     LOST: {"ids": _ids, "reason": _text, "worker": _text},
     CANCEL: {"ids": _ids},
+    RECALL: {"ids": _ids},
     HEARTBEAT: _ANY,
     BYE: _ANY,
     STOP: _ANY,
@@ -247,6 +250,12 @@ def lost(ids: list[int], reason: str, worker: str, code: str = LOST_CRASH,
          sig: int = 0) -> list[Any]:
     """Task messages that will not be answered, and why (one of ``LOST_CODES``)."""
     return pack(LOST, ids=ids, reason=reason, worker=worker, code=code, sig=sig)
+
+
+def recall(ids: list[int]) -> list[Any]:
+    """Ask a worker for task messages it holds but has not started; it answers ``lost``
+    with ``LOST_UNSTARTED`` for each it gives back (and nothing for one it started)."""
+    return pack(RECALL, ids=ids)
 
 
 def cancel(ids: list[int]) -> list[Any]:

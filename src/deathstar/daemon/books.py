@@ -40,6 +40,11 @@ class ClientConn:
         self.queue.append(msg)
         self.queued_bytes += _size(msg)
 
+    def enqueue_first(self, msg: Message) -> None:
+        """Put back a message a worker gave back unstarted: it goes next."""
+        self.queue.appendleft(msg)
+        self.queued_bytes += _size(msg)
+
     def dequeue(self) -> Message:
         msg = self.queue.popleft()
         self.queued_bytes -= _size(msg)
@@ -119,11 +124,25 @@ class Assignment:
     timeout_s: float | None
     short: bool = False
     deadline: float | None = None  # monotonic, set when it starts running; None: no limit
+    est_s: float | None = None  # the client's estimate of its run time
+    started: float | None = None  # monotonic, when it became the message the worker runs
+    msg: Message | None = None  # kept while it waits behind another: it may be recalled
+    recalled: bool = False  # asked back from its worker (which may have started it)
 
     def start(self, now: float) -> None:
         """It is now the message the worker runs: its timeout starts."""
+        self.started = now
+        self.msg = None
         if self.timeout_s:
             self.deadline = now + self.timeout_s * self.n
+
+    def overdue(self) -> float | None:
+        """When a message waiting behind this one should move to an idle worker: once this
+        one has run past twice its estimate (plus 10 ms). None when it has not started or
+        has no estimate."""
+        if self.started is None or self.est_s is None:
+            return None
+        return self.started + max(2 * self.est_s, 0.01) + 0.01
 
 
 @dataclass
@@ -164,6 +183,7 @@ class Counters:
     tasks_killed: int = 0  # running tasks of clients that cancelled or vanished
     tasks_prefetched: int = 0  # messages given to a worker behind its current one
     tasks_busy: int = 0  # messages answered "busy": their client's queue was full
+    tasks_recalled: int = 0  # messages given back unstarted by a busy worker, to move
     blobs_received: int = 0  # functions + common arguments, each sent once per client
     blob_bytes_received: int = 0
     bad_messages: int = 0

@@ -80,7 +80,8 @@ class Daemon:
         self.pool = WorkerSessions(self.supervisor, self.counters, self.blobs,
                                    heartbeat_s=heartbeat_s, node_name=self.node_name,
                                    capacity=self.capacity, relay=self.relay,
-                                   lost=self.send_lost, bad_message=self.bad_message)
+                                   lost=self.send_lost, requeue=self.requeue,
+                                   bad_message=self.bad_message)
         self.stopping = False
         self.stop_deadline = 0.0
         self.next_supervise = 0.0
@@ -152,7 +153,8 @@ class Daemon:
         """When the loop must wake with no message: the next heartbeat, supervision, a
         running task's timeout, the end of a drain. Nothing wakes it more often: an idle
         daemon sleeps a heartbeat interval at a time."""
-        due = min(self.next_supervise, self.next_heartbeat, self.pool.next_timeout)
+        due = min(self.next_supervise, self.next_heartbeat, self.pool.next_timeout,
+                  self.pool.next_recall)
         return min(due, self.stop_deadline) if self.stopping else due
 
     def watch_exits(self) -> None:
@@ -349,6 +351,16 @@ class Daemon:
         if ident in self.clients:
             self.send_client(ident, protocol.lost(ids, reason, worker, code, sig))
 
+    def requeue(self, ident: bytes, msg: Message) -> None:
+        """A task message a worker gave back unstarted goes first in its client's queue
+        (dropped when the client is gone)."""
+        client = self.clients.get(ident)
+        if client is None:
+            return
+        client.enqueue_first(msg)
+        if ident not in self.ready_clients:
+            self.ready_clients.appendleft(ident)
+
     def relay(self, ident: bytes, frames: list[Any]) -> None:
         """A worker's result to its client (nothing when the client is gone)."""
         if ident in self.clients:
@@ -395,13 +407,17 @@ class Daemon:
                 continue
             worker = self.pool.free_worker()
             if worker is None:
-                return
+                break
             msg = client.dequeue()
             if client.queue:
                 self.ready_clients.rotate(-1)
             else:
                 self.ready_clients.popleft()
             self.pool.assign(worker, client_ident, msg)
+        if self.pool.idle and not self.ready_clients:
+            self.pool.rebalance(time.monotonic())
+        else:
+            self.pool.next_recall = float("inf")
 
     # ------------------------------------------------------------------ status
 
@@ -420,6 +436,7 @@ class Daemon:
             "queued": sum(len(c.queue) for c in self.clients.values()),
             "queued_bytes": sum(c.queued_bytes for c in self.clients.values()),
             "tasks_busy": self.counters.tasks_busy,
+            "tasks_recalled": self.counters.tasks_recalled,
             "blob_cache_entries": len(self.blobs),
             "limits": {"clients": config.MAX_CLIENTS,
                        "client_queue_messages": config.CLIENT_QUEUE_MESSAGES,

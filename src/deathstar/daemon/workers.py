@@ -27,6 +27,8 @@ Relay = Callable[[bytes, list[Any]], None]
 #: Tell a client these task messages will not be answered: (client, ids, reason, worker,
 #: code, sig).
 Lost = Callable[..., None]
+#: Queue a client's task message again, first (a worker gave it back unstarted).
+Requeue = Callable[[bytes, Message], None]
 
 
 class WorkerSessions:
@@ -35,7 +37,8 @@ class WorkerSessions:
 
     def __init__(self, supervisor: Supervisor, counters: Counters, blobs: BlobCache, *,
                  heartbeat_s: float, node_name: str, capacity: Callable[[], int],
-                 relay: Relay, lost: Lost, bad_message: Callable[[str, object], None]):
+                 relay: Relay, lost: Lost, requeue: Requeue,
+                 bad_message: Callable[[str, object], None]):
         self.supervisor = supervisor
         self.counters = counters
         self.blobs = blobs
@@ -44,12 +47,14 @@ class WorkerSessions:
         self.capacity = capacity
         self.relay = relay
         self.lost = lost
+        self.requeue = requeue
         self.bad_message = bad_message
         self.sock: zmq.Socket[bytes] | Any = None
         self.workers: dict[bytes, WorkerConn] = {}
         self.idle: deque[bytes] = deque()  # workers holding nothing
         self.prefetchable: deque[bytes] = deque()  # workers running one short message
         self.next_timeout = float("inf")  # the earliest deadline of a running task
+        self.next_recall = float("inf")  # when a waiting message should move, if one should
         self.handlers: dict[str, Callable[[Any, list[Any], Message], None]] = {
             protocol.RESULT: self.on_result,
             protocol.LOST: self.on_lost,
@@ -137,8 +142,13 @@ class WorkerSessions:
             if job is None:
                 continue
             self.slot_freed(worker)
-            self.lost(job.client, [job.id], msg.env["reason"], worker.name,
-                      code=protocol.LOST_BLOB)
+            if job.recalled and job.msg is not None and \
+                    msg.env.get(protocol.F_CODE) == protocol.LOST_UNSTARTED:
+                self.counters.tasks_recalled += 1
+                self.requeue(job.client, job.msg)  # given back: an idle worker takes it
+            else:  # the worker could not get the function
+                self.lost(job.client, [job.id], msg.env["reason"], worker.name,
+                          code=protocol.LOST_BLOB)
 
     def slot_freed(self, worker: WorkerConn) -> None:
         """A message left ``worker``: it is idle, or may take a message behind its short
@@ -217,8 +227,11 @@ class WorkerSessions:
         else (a short one running) right after."""
         est = protocol.task_estimate(msg.env)
         job = Assignment(client, msg.env["id"], msg.env["n"], msg.env["timeout"],
-                         short=est is not None and est <= config.PREFETCH_MAX_EST_S)
+                         short=est is not None and est <= config.PREFETCH_MAX_EST_S,
+                         est_s=est)
         worker.assigned.append(job)
+        if len(worker.assigned) > 1:
+            job.msg = msg  # it waits: keep it, should it have to move
         if len(worker.assigned) == 1:
             job.start(time.monotonic())
             self.task_started(job)
@@ -227,3 +240,24 @@ class WorkerSessions:
         else:
             self.counters.tasks_prefetched += 1
         self.sock.send_multipart([worker.ident, msg.raw, *msg.payload], copy=False)
+
+    def rebalance(self, now: float) -> None:
+        """With idle workers and nothing queued: ask back the messages waiting behind ones
+        that overran their estimate, one per idle worker (a prefetch must never cost the
+        makespan). Sets ``next_recall`` for the loop's deadline."""
+        self.next_recall = float("inf")
+        spare = len(self.idle)
+        for worker in self.workers.values():
+            if spare <= 0:
+                return
+            if len(worker.assigned) < 2 or worker.assigned[1].recalled:
+                continue
+            due = worker.assigned[0].overdue()
+            if due is None:
+                continue
+            if now < due:
+                self.next_recall = min(self.next_recall, due)
+                continue
+            worker.assigned[1].recalled = True
+            spare -= 1
+            self.sock.send_multipart([worker.ident, *protocol.recall([worker.assigned[1].id])])
