@@ -85,7 +85,7 @@ def run_w7_workers(sizes: Sizes, res: Results) -> None:
         n = max(2000, sizes.w1_n // 2)
         for count in (2, 300):
             with Swarm(f"tcp://127.0.0.1:{port + 2}", count, T.inc) as swarm, \
-                    Cluster([f"127.0.0.1:{port}"]) as cluster:
+                    Cluster([f"127.0.0.1:{port}"], keys="none") as cluster:
                 deadline = time.monotonic() + 60
                 while cluster.status()[0].get("workers") != count:
                     if time.monotonic() > deadline:
