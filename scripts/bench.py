@@ -1,13 +1,22 @@
-"""deathstar beside multiprocessing, concurrent.futures, Dask, Ray and loky (issue 5).
+"""deathstar beside multiprocessing, concurrent.futures, Dask, Ray and loky, judged on
+issue 16's targets.
 
-    .venv/bin/python scripts/bench.py [--quick] [--only W1,W3] [--workers N]
+    .venv/bin/python scripts/bench.py [--quick] [--only W1,W3,idle,grid] [--workers N]
+                                      [--deathstar embedded,tcp]
                                       [--peers pool,ppe,loky,dask,ray] [--json out/bench.json]
 
-deathstar runs as a real daemon process with N workers (the embedded local cluster,
-``Cluster(None, workers=N)``) and the client in this process. Every peer gets the same
-worker count and the same functions (scripts/bench_tasks.py); every repetition gets fresh
-data; each figure is the median of the repetitions after one warm-up; setup time (start
-to first result) is reported apart. Dask, Ray and loky are used when importable.
+deathstar runs in two columns, the client in this process either way: the embedded local
+cluster (``Cluster(None, workers=N)``: a daemon and N workers on this machine) and a TCP
+node on loopback (a ``deathstar daemon --host 127.0.0.1 --port 0 --workers N --insecure``
+child process, the client connected with ``keys="none"``). Every peer gets the same
+worker count and the same functions (scripts/bench_tasks.py; W3's from the stateful
+module scripts/bench_stateful.py); every repetition gets fresh data; each figure is the
+median of the repetitions after one warm-up; setup time (start to first result) is
+reported apart. W5 runs one lognormal drawn with 5 seeds and is judged on the worst;
+idle is the CPU of this process and all its children (daemon, workers) while a
+connected cluster sits idle after a first map; GridSearchCV (bench_grid.py) runs
+scikit-learn through joblib with no cluster given, beside loky. Dask, Ray and loky (or
+joblib's copy of loky) are used when importable.
 
 Floor columns show what the machine allows: a raw pyzmq round trip and 16 MB zero-copy
 transfer between two processes, and a brokered chain (client -> bare pyzmq broker ->
@@ -43,16 +52,26 @@ os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
 
 import numpy as np  # noqa: E402
 
+import bench_stateful as S  # noqa: E402
 import bench_tasks as T  # noqa: E402
+import bench_cpu  # noqa: E402
 from bench_common import (FULL, QUICK, MB, BenchTimeout, Sizes, hard_deadline, log,  # noqa: E402
                           run_reps, time_limit, w1_data, w3_seeds, w4_arrays, w5_durations,
                           w6_data)
 from bench_floors import run_floors  # noqa: E402
+from bench_grid import run_grid  # noqa: E402
 from bench_report import ALL_PEERS, Results, render, rows_for  # noqa: E402
 from bench_systems import SYSTEMS, DeathstarSystem, System, importable  # noqa: E402
+from bench_targets import worst_of_seeds  # noqa: E402
 from bench_w7 import run_w7, run_w7_workers  # noqa: E402
 
-ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
+ALL_WORKLOADS = ["SETUP", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "IDLE", "GRID"]
+#: The workloads run on each system (setup comes with starting it).
+SYSTEM_WORKLOADS = {"SETUP", "W1", "W2", "W3", "W4", "W5", "W6", "IDLE"}
+#: The deathstar columns: --deathstar name -> system.
+DEATHSTAR_COLUMNS = {"embedded": "deathstar", "tcp": "deathstar-tcp"}
+#: Seconds an idle cluster is left after its first map before its CPU is watched.
+IDLE_SETTLE_S = 1.0
 
 
 # ---------------------------------------------------------------------- workloads
@@ -85,19 +104,20 @@ def w2(system: System, sizes: Sizes, record) -> None:
 
 
 def w3(system: System, sizes: Sizes, record) -> None:
-    """Efficiency = serial time / (wall x workers). The serial time is measured in this
-    process on the same seeds right before each parallel rep (workers idle); see
-    ``share_w3_serial`` for the reference the table uses."""
-    fn = functools.partial(T.estimate_pi, draws=sizes.w3_draws)
+    """Efficiency = serial time / (wall x workers), the function taken from a user module
+    that holds module state (bench_stateful: a threading.local cache and a Lock). The
+    serial time is measured in this process on the same seeds right before each parallel
+    rep (workers idle); see ``share_w3_serial`` for the reference the table uses."""
+    fn = functools.partial(S.estimate_pi, draws=sizes.w3_draws)
     def one(rep: int) -> dict[str, float]:
         seeds = w3_seeds(sizes.w3_n, rep)
         t0 = time.perf_counter()
         for s in seeds:
-            T.estimate_pi(s, sizes.w3_draws)
+            S.estimate_pi(s, sizes.w3_draws)
         serial = time.perf_counter() - t0
         t0 = time.perf_counter()
         if isinstance(system, DeathstarSystem):  # its way: common keyword arguments
-            out = system.map_common(T.estimate_pi, seeds, {"draws": sizes.w3_draws})
+            out = system.map_common(S.estimate_pi, seeds, {"draws": sizes.w3_draws})
         else:
             out = system.map(fn, seeds)
         wall = time.perf_counter() - t0
@@ -119,14 +139,19 @@ def w4(system: System, sizes: Sizes, record) -> None:
 
 
 def w5(system: System, sizes: Sizes, record) -> None:
+    """Makespan / ideal for the same lognormal drawn with seeds 1..``w5_seeds``; a rep runs
+    every seed (the warm-up the first only); ``derive_w5`` takes the worst seed."""
     def one(rep: int) -> dict[str, float]:
-        durations = w5_durations(sizes.w5_n, sizes.w5_mean_s, rep)
-        ideal = max(sum(durations) / system.workers, max(durations))
-        t0 = time.perf_counter()
-        out = system.map(T.sleep_for, durations)
-        wall = time.perf_counter() - t0
-        assert len(out) == len(durations)
-        return {"W5.makespan_ideal": wall / ideal}
+        figures = {}
+        for seed in range(1, (sizes.w5_seeds if rep else 1) + 1):
+            durations = w5_durations(sizes.w5_n, sizes.w5_mean_s, seed)
+            ideal = max(sum(durations) / system.workers, max(durations))
+            t0 = time.perf_counter()
+            out = system.map(T.sleep_for, durations)
+            wall = time.perf_counter() - t0
+            assert len(out) == len(durations)
+            figures[f"W5.seed{seed}"] = wall / ideal
+        return figures
     run_reps(sizes, one, record)
 
 
@@ -147,7 +172,31 @@ def w6(system: System, sizes: Sizes, record) -> None:
     run_reps(sizes, one, record)
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6}
+def idle(system: System, sizes: Sizes, record) -> None:
+    """CPU of a connected, idle cluster, as % of one core: after a first map and
+    IDLE_SETTLE_S, the CPU seconds this process and all its children (daemon and
+    workers, local or TCP; a Pool's workers) spend over ``sizes.idle_s``."""
+    def one(rep: int) -> dict[str, float]:
+        assert system.map(T.inc, list(range(100)))[-1] == 100
+        if not rep:
+            return {}  # the warm-up: the first map only
+        time.sleep(IDLE_SETTLE_S)
+        before, t0 = bench_cpu.snapshot(self_last=True), time.perf_counter()
+        time.sleep(sizes.idle_s)
+        after, wall = bench_cpu.snapshot(), time.perf_counter() - t0
+        return {"IDLE.cpu_pct": 100.0 * bench_cpu.seconds_between(before, after) / wall}
+    run_reps(sizes, one, record)
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "IDLE": idle}
+
+
+def derive_w5(res: Results, seeds: int) -> None:
+    """Each system's W5 figure: the worst of its seeds' medians."""
+    for name in list(res.samples):
+        worst = worst_of_seeds(res, name, seeds)
+        if worst is not None:
+            res.add(name, "W5.worst", worst)
 
 
 def share_w3_serial(res: Results, workers: int) -> None:
@@ -171,13 +220,13 @@ def run_system(name: str, workers: int, sizes: Sizes, only: list[str], res: Resu
     cls = SYSTEMS[name]
     log(f"{name}: setup")
     system = cls(workers, sizes)
-    setup_reps = sizes.reps if cls.setup_reps_cheap else 1
+    setup_reps = sizes.reps if cls.setup_reps_cheap and "SETUP" in only else 1
     started = False
     try:
         for i in range(setup_reps):
             with time_limit(sizes.step_limit_s):
+                started = True  # a start that fails half way is stopped too
                 res.add(name, "setup_s", system.start_and_first_result())
-                started = True
                 if i < setup_reps - 1:
                     system.stop()
                     started = False
@@ -225,20 +274,26 @@ def _safe_stop(system: System) -> None:
 # ---------------------------------------------------------------------- main
 
 
-def _load1() -> float:
+def _load() -> list[float]:
+    """os.getloadavg(): the 1, 5 and 15 minute load averages ([] where unknown)."""
     try:
-        return round(os.getloadavg()[0], 2)
+        return [round(x, 2) for x in os.getloadavg()]
     except OSError:
-        return -1.0
+        return []
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The options, with ``only`` (workloads) and ``wanted`` (peers) as checked lists."""
+    """The options, with ``only`` (workloads), ``wanted`` (peers) and ``columns``
+    (deathstar's systems) as checked lists."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sizes, one rep (smoke run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="every workload, small, one rep after the warm-up (a smoke run)")
     ap.add_argument("--only", default=",".join(ALL_WORKLOADS),
-                    help="comma-separated workloads, e.g. W1,W3 (default: all)")
+                    help="comma-separated workloads, e.g. W1,W3,idle (default: all of "
+                         f"{','.join(ALL_WORKLOADS)})")
     ap.add_argument("--workers", type=int, default=2, help="workers per system (default 2)")
+    ap.add_argument("--deathstar", default=",".join(DEATHSTAR_COLUMNS),
+                    help="deathstar columns: embedded, tcp (default: both)")
     ap.add_argument("--peers", default=",".join(ALL_PEERS),
                     help="comma-separated peers (default: all importable)")
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
@@ -251,25 +306,68 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [p for p in args.wanted if p not in ALL_PEERS]
     if unknown:
         ap.error(f"unknown peer(s) {unknown}; choose from {ALL_PEERS}")
+    wanted = [c.strip().lower() for c in args.deathstar.split(",") if c.strip()]
+    if not wanted or any(c not in DEATHSTAR_COLUMNS for c in wanted):
+        ap.error(f"--deathstar {args.deathstar}: choose from {list(DEATHSTAR_COLUMNS)}")
+    args.columns = [DEATHSTAR_COLUMNS[c] for c in wanted]
     return args
 
 
-def closing_notes(res: Results, only: list[str]) -> None:
+def closing_notes(res: Results, only: list[str], sizes: Sizes) -> None:
     """The notes on how the peers were measured, for the workloads that ran."""
     if "W6" in only and res.get("deathstar", "W6.sent_MB") is None:
         res.notes.append("W6 bytes: no byte counter found on the deathstar client")
     if "W1" in only:
         res.notes.append("W1 batched: ProcessPoolExecutor and loky get Pool's default chunksize "
                          "(their own default is 1); Dask and Ray run one task per future/call")
+    if "W2" in only:
+        res.notes.append("W2: deathstar = Executor(cluster).submit(inc, x).result(); Pool = "
+                         "apply_async(inc, (x,)).get(); PPE/loky = submit().result()")
+    if "W3" in only:
+        res.notes.append("W3: bench_stateful.estimate_pi (a threading.local scratch buffer and "
+                         "a threading.Lock at module level), imported by name everywhere")
+    if "W5" in only:
+        res.notes.append(f"W5: {sizes.w5_n} lognormal sleeps (mean {sizes.w5_mean_s * 1e3:g} "
+                         f"ms, sigma 1) drawn with {sizes.w5_seeds} seeds; each seed's figure "
+                         "the median of its reps; the row shows the worst seed")
     if "W6" in only:
         res.notes.append("W6: Dask scatters (broadcast) and Ray ray.put()s the common array "
                          "once; Pool/PPE/loky pickle it into every chunk (functools.partial). "
                          "deathstar's bytes are the blob bytes its daemon reports on the status port; "
                          "peers' bytes are not measured")
     if "W7" in only:
-        res.notes.append("W7: deathstar = `deathstar map` CLI end to end (embedded cluster "
-                         "start included); Pool = a script reading the JSONL lazily through "
-                         "Pool.imap(chunksize=1000); RSS = the client process alone")
+        res.notes.append(f"W7: {sizes.w7_n:,} inputs; deathstar = `deathstar map` CLI end to "
+                         "end (embedded cluster start included); Pool = a script reading the "
+                         "JSONL lazily through Pool.imap(chunksize=1000); RSS = the client "
+                         "process alone")
+    if "IDLE" in only:
+        res.notes.append(f"idle: CPU s of this process and all its children over "
+                         f"{sizes.idle_s:g} s, {IDLE_SETTLE_S:g} s after a 100-input map, "
+                         "the cluster (or pool) open; includes this process's own threads")
+
+
+def run_all(args: argparse.Namespace, sizes: Sizes, peers: list[str], res: Results) -> None:
+    """Every selected workload: floors, each system in turn, then the CLI (W7) and
+    GridSearchCV, in child processes."""
+    only = args.only
+    if "W1" in only or "W2" in only or "W4" in only:
+        run_floors(sizes, only, args.workers, res)
+    if SYSTEM_WORKLOADS.intersection(only):
+        # the peers first: deathstar registers the modules it ships (bench_tasks,
+        # bench_stateful) with cloudpickle to travel by value, for the whole process,
+        # which would change what loky sends after it
+        for name in [*peers, *args.columns]:
+            run_system(name, args.workers, sizes, only, res)
+    if "W7" in only:
+        run_w7(args.workers, sizes, peers, res)
+        run_w7_workers(sizes, res)
+    if "GRID" in only:
+        run_grid(sizes, res)
+    if "W3" in only:
+        share_w3_serial(res, args.workers)
+    if "W5" in only:
+        derive_w5(res, sizes.w5_seeds)
+    closing_notes(res, only, sizes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,23 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
-    load_at_start = _load1()
-    if load_at_start > 0.5:
-        res.notes.append(f"the machine was busy when the run started (load {load_at_start:.2f}): "
-                         "figures are noisier, compute-bound ones lower")
+    load_at_start = _load()
+    if load_at_start and load_at_start[0] > 0.5:
+        res.notes.append(f"the machine was busy when the run started (load "
+                         f"{load_at_start[0]:.2f}): figures are noisier, compute-bound "
+                         "ones lower")
     started = time.perf_counter()
-    log(f"bench: workloads {only}, peers {peers}, {args.workers} workers, "
-        f"{'quick' if args.quick else 'full'}")
-    if "W1" in only or "W2" in only or "W4" in only:
-        run_floors(sizes, only, args.workers, res)
-    for name in ["deathstar", *peers]:
-        run_system(name, args.workers, sizes, only, res)
-    if "W7" in only:
-        run_w7(args.workers, sizes, peers, res)
-        run_w7_workers(sizes, res)
-    if "W3" in only:
-        share_w3_serial(res, args.workers)
-    closing_notes(res, only)
+    log(f"bench: workloads {only}, deathstar {args.columns}, peers {peers}, "
+        f"{args.workers} workers, {'quick' if args.quick else 'full'}, load {load_at_start}")
+    run_all(args, sizes, peers, res)
 
     import deathstar
     columns = [c for c in ["pool", "ppe", "loky", "dask", "ray", "floor", "chain"]
@@ -310,17 +400,17 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"workers": args.workers, "reps": sizes.reps, "quick": args.quick,
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "deathstar": deathstar.__version__,
-            "only": only, "peers": peers, "sizes": sizes.__dict__,
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "only": only, "deathstar_columns": args.columns, "peers": peers,
+            "sizes": sizes.__dict__, "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "elapsed_s": round(time.perf_counter() - started, 1),
-            "load1_at_start": load_at_start, "load1_at_end": _load1()}
-    table_rows = render(res, rows_for(only), columns, args.workers, meta)
+            "load_at_start": load_at_start, "load_at_end": _load()}
+    tables = render(res, rows_for(only, sizes.w5_seeds), columns, args.columns, meta)
     log(f"bench: done in {time.perf_counter() - started:.0f} s")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": table_rows,
-                                         "samples": res.samples, "errors": res.errors,
-                                         "notes": res.notes}, indent=2, default=str))
+        args.json.write_text(json.dumps({"meta": meta, **tables, "samples": res.samples,
+                                         "errors": res.errors, "notes": res.notes},
+                                        indent=2, default=str))
         log(f"bench: wrote {args.json}")
     return 0
 

@@ -69,20 +69,29 @@ class Sizes:
     w4_elems: int  # float64 elements per array
     w5_n: int
     w5_mean_s: float
+    w5_seeds: int  # W5 runs the same lognormal drawn with this many seeds
     w6_n: int
     w6_elems: int
     w7_n: int
+    idle_s: float  # how long the idle CPU of a connected cluster is watched
+    grid_samples: int  # GridSearchCV: rows of the synthetic classification set
+    grid_estimators: int  # ... trees of the smaller forests (the larger have twice)
+    grid_warmups: int  # GridSearchCV fits before the timed ones, per backend
     floor_rtt_n: int
     step_limit_s: float
     run_limit_s: float
 
 
 FULL = Sizes(reps=3, w1_n=20_000, w2_n=300, w3_n=400, w3_draws=200_000, w4_n=32,
-             w4_elems=2_000_000, w5_n=120, w5_mean_s=0.020, w6_n=200, w6_elems=6_250_000,
-             w7_n=1_000_000, floor_rtt_n=2000, step_limit_s=180.0, run_limit_s=3600.0)
+             w4_elems=2_000_000, w5_n=120, w5_mean_s=0.020, w5_seeds=5, w6_n=200,
+             w6_elems=6_250_000, w7_n=1_000_000, idle_s=10.0, grid_samples=1000,
+             grid_estimators=10, grid_warmups=1, floor_rtt_n=2000, step_limit_s=180.0,
+             run_limit_s=3600.0)
 QUICK = Sizes(reps=1, w1_n=2_000, w2_n=50, w3_n=40, w3_draws=200_000, w4_n=8,
-              w4_elems=2_000_000, w5_n=30, w5_mean_s=0.020, w6_n=20, w6_elems=6_250_000,
-              w7_n=50_000, floor_rtt_n=300, step_limit_s=60.0, run_limit_s=900.0)
+              w4_elems=2_000_000, w5_n=30, w5_mean_s=0.020, w5_seeds=5, w6_n=20,
+              w6_elems=6_250_000, w7_n=50_000, idle_s=1.5, grid_samples=200,
+              grid_estimators=2, grid_warmups=0, floor_rtt_n=300, step_limit_s=60.0,
+              run_limit_s=900.0)
 
 # ---------------------------------------------------------------------- fresh data
 
@@ -100,10 +109,11 @@ def w4_arrays(n: int, elems: int, rep: int) -> list[np.ndarray]:
     return [rng.random(elems) for _ in range(n)]
 
 
-def w5_durations(n: int, mean_s: float, rep: int) -> list[float]:
+def w5_durations(n: int, mean_s: float, seed: int) -> list[float]:
+    """The same lognormal (mean ``mean_s``, sigma 1) drawn with seed 5000 + ``seed``."""
     sigma = 1.0  # heavy tail; lognormal mean = exp(mu + sigma^2 / 2)
     mu = math.log(mean_s) - sigma ** 2 / 2
-    return np.random.default_rng(5000 + rep).lognormal(mu, sigma, n).tolist()
+    return np.random.default_rng(5000 + seed).lognormal(mu, sigma, n).tolist()
 
 
 def w6_data(elems: int, rep: int) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""The table scripts/bench.py prints and writes: the figures it collected (``Results``),
-one row per workload metric, each peer's figure with deathstar's ratio to it, and whether
-issue 5's targets hold."""
+"""The tables scripts/bench.py prints and writes: the figures it collected (``Results``);
+one row per workload metric with each deathstar column's figure and each peer's, with the
+embedded figure's ratio to it; and issue 16's targets (bench_targets) with holds/misses."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from bench_targets import COLUMNS, TARGETS, holds_text, judge_all
+
 ALL_PEERS = ["pool", "ppe", "loky", "dask", "ray"]
-PEER_TITLES = {"pool": "mp.Pool", "ppe": "ProcessPool\nExecutor", "loky": "loky",
-               "dask": "Dask", "ray": "Ray", "floor": "raw pyzmq\n(floor)",
-               "chain": "brokered pyzmq\n(floor)"}
+TITLES = {"deathstar": "deathstar\nembedded", "deathstar-tcp": "deathstar\nTCP loopback",
+          "pool": "mp.Pool", "ppe": "ProcessPool\nExecutor", "loky": "loky",
+          "dask": "Dask", "ray": "Ray", "floor": "raw pyzmq\n(floor)",
+          "chain": "brokered pyzmq\n(floor)", "serial": "serial"}
 
 
 class Results:
@@ -50,9 +53,12 @@ class Row:
     peer_keys: dict[str, str] | None = None  # column -> key, when not ``key``
 
 
-def rows_for(only: list[str]) -> list[Row]:
+def rows_for(only: list[str], seeds: int) -> list[Row]:
+    """The comparison table's rows for the workloads that ran (``seeds``: W5's count)."""
     cols = {p: p for p in ALL_PEERS}
-    rows = [Row("setup", "s to 1st result", "setup_s", False, cols, "{:.2f}")]
+    rows = []
+    if "SETUP" in only:
+        rows += [Row("setup", "s to 1st result", "setup_s", False, cols, "{:.2f}")]
     if "W1" in only:
         rows += [Row("W1 batched", "tasks/s", "W1.batched.tasks_s", True, cols),
                  Row("W1 one/msg", "tasks/s", "W1.one.tasks_s", True,
@@ -66,7 +72,8 @@ def rows_for(only: list[str]) -> list[Row]:
     if "W4" in only:
         rows += [Row("W4 payload", "MB/s", "W4.MB_s", True, {**cols, "floor": "floor"})]
     if "W5" in only:
-        rows += [Row("W5 skew", "makespan/ideal", "W5.makespan_ideal", False, cols, "{:.3f}")]
+        rows += [Row("W5 skew", f"makespan/ideal, worst of {seeds} seeds", "W5.worst",
+                     False, cols, "{:.3f}")]
     if "W6" in only:
         rows += [Row("W6 common", "wall s", "W6.wall_s", False, cols, "{:.3f}"),
                  Row("W6 common", "MB sent (client)", "W6.sent_MB", False, {}, "{:,.1f}")]
@@ -76,6 +83,11 @@ def rows_for(only: list[str]) -> list[Row]:
                  Row("W7 scale", "tasks/s", "W7.tasks_s", True, {"pool": "pool"}),
                  Row("W7 scale", "peak RSS MB", "W7.peak_rss_MB", False, {"pool": "pool"},
                      "{:,.0f}")]
+    if "IDLE" in only:
+        rows += [Row("idle", "CPU % of a core", "IDLE.cpu_pct", False, cols, "{:.2f}")]
+    if "GRID" in only:
+        rows += [Row("GridSearchCV", "wall s (joblib)", "GRID.wall_s", False,
+                     {"loky": "loky"}, "{:.2f}")]
     return rows
 
 
@@ -84,69 +96,6 @@ def ratio(ds: float | None, peer: float | None, higher_better: bool) -> float | 
     if ds is None or peer is None or ds <= 0 or peer <= 0:
         return None
     return ds / peer if higher_better else peer / ds
-
-
-def targets(res: Results, workers: int) -> dict[str, tuple[str, bool | None, str]]:
-    """Row key -> (target text, holds?, the figures it was judged on)."""
-    g = res.get
-    out: dict[str, tuple[str, bool | None, str]] = {}
-
-    def check(parts: list[tuple[str, float | None, float]]) -> tuple[bool | None, str]:
-        known = [(label, r, need) for label, r, need in parts if r is not None]
-        if not known:
-            return None, "no figures"
-        ok = all(r >= need for _, r, need in known)
-        text = "; ".join(f"{label} {r:.2f}× (need ≥{need:g})" for label, r, need in known)
-        missing = [label for label, r, _ in parts if r is None]
-        if missing:
-            text += "; n/a: " + ", ".join(missing)
-        return ok, text
-
-    ds = "deathstar"
-    s = g(ds, "setup_s")
-    if s is not None:
-        out["setup_s"] = ("≤ 0.5 s", s <= 0.5, f"{s:.3f} s")
-    ok, text = check([("vs Pool", ratio(g(ds, "W1.batched.tasks_s"), g("pool", "W1.batched.tasks_s"), True), 1.0),
-                      ("vs Dask", ratio(g(ds, "W1.batched.tasks_s"), g("dask", "W1.batched.tasks_s"), True), 100.0),
-                      ("vs Ray", ratio(g(ds, "W1.batched.tasks_s"), g("ray", "W1.batched.tasks_s"), True), 100.0)])
-    out["W1.batched.tasks_s"] = ("≥1× Pool; ≥100× Dask, Ray", ok, text)
-    ok, text = check([("vs Pool c=1", ratio(g(ds, "W1.one.tasks_s"), g("pool", "W1.one.tasks_s"), True), 1.0)])
-    out["W1.one.tasks_s"] = ("≥1× Pool(chunksize=1)", ok, text)
-    # ds ≤ 1× Pool.apply  <=>  pool/ds ≥ 1;  ds ≤ 2× raw  <=>  raw/ds ≥ 0.5
-    ok, text = check([("vs Pool.apply", ratio(g(ds, "W2.median_us"), g("pool", "W2.median_us"), False), 1.0),
-                      ("vs raw", ratio(g(ds, "W2.median_us"), g("floor", "W2.median_us"), False), 0.5)])
-    out["W2.median_us"] = ("≤1× Pool.apply; ≤2× raw", ok, text)
-    eff, pool_eff = g(ds, "W3.efficiency"), g("pool", "W3.efficiency")
-    if eff is not None:
-        holds = eff >= 0.95 or (pool_eff is not None and eff >= pool_eff)
-        out["W3.efficiency"] = ("≥ 0.95 (or ≥ Pool's)", holds,
-                                f"{eff:.3f}" + (f" vs Pool {pool_eff:.3f}" if pool_eff else ""))
-    best = max([v for v in (g("dask", "W4.MB_s"), g("ray", "W4.MB_s")) if v is not None],
-               default=None)
-    ok, text = check([("vs raw", ratio(g(ds, "W4.MB_s"), g("floor", "W4.MB_s"), True), 0.5),
-                      ("vs best(Dask,Ray)", ratio(g(ds, "W4.MB_s"), best, True), 1.5)])
-    out["W4.MB_s"] = ("≥0.5× raw; ≥1.5× best(Dask,Ray)", ok, text)
-    m = g(ds, "W5.makespan_ideal")
-    if m is not None:
-        out["W5.makespan_ideal"] = ("≤ 1.06", m <= 1.06, f"{m:.3f}")
-    sent, common = g(ds, "W6.sent_MB"), g(ds, "W6.common_MB")
-    if sent is not None and common:
-        once = common * 1  # one node: the embedded daemon
-        out["W6.sent_MB"] = ("≈ size × nodes", sent <= 1.1 * once,
-                             f"{sent:,.1f} MB sent for {common:,.1f} MB × 1 node "
-                             f"= {sent / once:.2f}×")
-    tps = g(ds, "W7.tasks_s")
-    if tps is not None:
-        out["W7.tasks_s"] = ("≥ 100,000 tasks/s", tps >= 100_000, f"{tps:,.0f}")
-    few, many = g(ds, "W7.daemon_us_2"), g(ds, "W7.daemon_us_300")
-    if few and many:
-        out["W7.daemon_us_300"] = ("per-task cost flat in workers", many <= 1.5 * few,
-                                   f"{few:.0f} µs/task with 2 workers, {many:.0f} with 300 "
-                                   f"= {many / few:.2f}×")
-    rss = g(ds, "W7.peak_rss_MB")
-    if rss is not None:
-        out["W7.peak_rss_MB"] = ("≤ 300 MB", rss <= 300, f"{rss:,.0f} MB")
-    return out
 
 
 def cell(res: Results, system: str, key: str, fmt: str, ds: float | None,
@@ -162,39 +111,78 @@ def cell(res: Results, system: str, key: str, fmt: str, ds: float | None,
     return text
 
 
-def render(res: Results, rows: list[Row], columns: list[str], workers: int,
-           meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Print the table (rich when importable, else plain lines), the targets and the
-    notes; return the table's rows as data (for --json)."""
-    judged = targets(res, workers)
-    table_rows = table_data(res, rows, columns, judged)
-    header = (f"deathstar vs peers, {workers} workers, {meta['cpus']} cores, "
-              f"median of {meta['reps']} after a warm-up. Peer cells: figure (ratio); "
-              f"ratio = deathstar/peer oriented so that > 1 means deathstar is better.")
-    if importlib.util.find_spec("rich") is None:  # without rich: plain lines
-        _print_plain(res, rows, columns, table_rows, header)
-    else:
-        _print_rich(res, rows, columns, table_rows, header)
-    print("\nTargets (issue 5):")
-    for row in rows:
-        t = judged.get(row.key)
-        if t is not None:
-            mark = "HOLDS" if t[1] else "MISSED" if t[1] is False else "?"
-            print(f"  {mark:<6} {row.workload} {row.metric}: {t[0]} — {t[2]}")
+def render(res: Results, rows: list[Row], columns: list[str], ds_columns: list[str],
+           meta: dict[str, Any]) -> dict[str, Any]:
+    """Print the comparison table, issue 16's targets and the notes (rich when
+    importable, else plain lines); return both tables as data (for --json)."""
+    only = meta["only"]
+    judged = judge_all(res, only, ds_columns, meta["sizes"]["w5_seeds"])
+    table_rows = table_data(res, rows, columns, ds_columns)
+    load = (f"load average (1, 5, 15 min) {meta['load_at_start']} at the start, "
+            f"{meta['load_at_end']} at the end")
+    header = (f"deathstar vs peers, {meta['workers']} workers, {meta['cpus']} cores, "
+              f"median of {meta['reps']} after a warm-up; {load}. Peer cells: figure "
+              f"(ratio); ratio = deathstar embedded/peer oriented so that > 1 means "
+              f"deathstar is better.")
+    titles = [TITLES[c] for c in ds_columns] + [TITLES[c] for c in columns]
+    cells = [[row.workload, row.metric]
+             + [cell(res, c, row.key, row.fmt, None, row.higher_better, False)
+                for c in ds_columns]
+             + ["" if row.peers.get(c) is None else
+                cell(res, row.peers[c], row.key, row.fmt, res.get("deathstar", row.key),
+                     row.higher_better, True) for c in columns]
+             for row in rows]
+    _print_table(header, ["workload", "metric", *titles], cells, len(ds_columns))
+    if judged:
+        _print_table(f"Targets of issue 16: ratio = deathstar ÷ peer, in this run; {load}",
+                     ["target", "need", *[TITLES[c] for c in ds_columns], "peer",
+                      *[f"{COLUMNS[c]} ÷ peer" for c in ds_columns], "holds"],
+                     [target_cells(res, e, ds_columns) for e in judged], len(ds_columns))
+    for line in detail_lines(judged):
+        print(f"  {line}")
     for note in res.notes:
         print(f"  note: {note}")
-    return table_rows
+    return {"rows": table_rows, "targets": judged}
+
+
+def target_cells(res: Results, entry: dict[str, Any], ds_columns: list[str]) -> list[str]:
+    t = next(t for t in TARGETS if t.key == entry["key"])
+    figures = [cell(res, c, t.key, t.fmt, None, True, False) for c in ds_columns]
+    peer = "" if entry["peer"] is None else (
+        f"{t.peer_label} " + cell(res, entry["peer"], t.key, t.fmt, None, True, False))
+    ratios = [f"{r:.2f}×" if r is not None else "" for r in
+              (entry["ratios"].get(c) if t.peer else None for c in ds_columns)]
+    return [entry["target"], entry["need"], *figures, peer, *ratios, holds_text(entry)]
+
+
+def detail_lines(judged: list[dict[str, Any]]) -> list[str]:
+    """What the targets table has no room for: W5's per-seed figures, the serial
+    GridSearchCV wall, and the errors behind "err" cells."""
+    lines = []
+    for entry in judged:
+        for system, figures in entry.get("seeds", {}).items():
+            shown = ", ".join("—" if f is None else f"{f:.3f}" for f in figures)
+            lines.append(f"{entry['target']}: {TITLES[system]}: {shown}")
+        for label, value in entry["also"].items():
+            if value is not None:
+                lines.append(f"{entry['target']}: {label} {value:.2f} s")
+        for system, error in entry["errors"].items():
+            lines.append(f"{entry['target']}: {TITLES[system]} failed: {error}")
+    return [line.replace("\n", " ") for line in lines]
 
 
 def table_data(res: Results, rows: list[Row], columns: list[str],
-               judged: dict[str, Any]) -> list[dict[str, Any]]:
-    """One entry a row: deathstar's figure, each peer's, the ratios and the target."""
+               ds_columns: list[str]) -> list[dict[str, Any]]:
+    """One entry a row: each deathstar column's figure, each peer's, and the ratios of
+    the embedded figure to the peers'."""
     table_rows = []
     for row in rows:
         ds = res.get("deathstar", row.key)
         entry: dict[str, Any] = {"workload": row.workload, "metric": row.metric,
                                  "key": row.key, "higher_is_better": row.higher_better,
                                  "deathstar": ds, "peers": {}, "ratios": {}}
+        for column in ds_columns:
+            entry[column] = res.get(column, row.key)
         for col in columns:
             system = row.peers.get(col)
             if system is None:
@@ -202,54 +190,33 @@ def table_data(res: Results, rows: list[Row], columns: list[str],
             v = res.get(system, row.key)
             entry["peers"][col] = v
             entry["ratios"][col] = ratio(ds, v, row.higher_better)
-        t = judged.get(row.key)
-        if t is not None:
-            entry["target"], entry["holds"], entry["judged_on"] = t
         table_rows.append(entry)
     return table_rows
 
 
-def _print_rich(res: Results, rows: list[Row], columns: list[str],
-                table_rows: list[dict[str, Any]], header: str) -> None:
+def _print_table(title: str, headers: list[str], rows: list[list[str]], bold: int) -> None:
+    """A table: rich's when importable, else tab-free plain lines. The first two
+    columns are labels, the next ``bold`` ones deathstar's."""
+    if importlib.util.find_spec("rich") is None:
+        print(title)
+        for cells in rows:
+            print("  ".join(f"{h.replace(chr(10), ' ')}={c}" if i >= 2 else c
+                            for i, (h, c) in enumerate(zip(headers, cells))))
+        return
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    table = Table(title=header, title_justify="left", show_lines=True)
-    table.add_column("workload")
-    table.add_column("metric")
-    table.add_column("deathstar", justify="right", style="bold")
-    for col in columns:
-        table.add_column(PEER_TITLES[col], justify="right")
-    table.add_column("target")
-    table.add_column("holds")
-    for row, entry in zip(rows, table_rows):
-        ds = entry["deathstar"]
-        cells = [row.workload, row.metric,
-                 cell(res, "deathstar", row.key, row.fmt, None, row.higher_better, False)]
-        for col in columns:
-            system = row.peers.get(col)
-            cells.append("" if system is None else
-                         cell(res, system, row.key, row.fmt, ds, row.higher_better, True))
-        holds = entry.get("holds")
-        cells += [entry.get("target", ""),
-                  "" if "target" not in entry else
-                  ("[green]yes[/]" if holds else "[red]no[/]" if holds is False else "?")]
-        table.add_row(*cells)
+    console = Console(width=None if sys.stdout.isatty() else 220)
+    table = Table(title=title, title_justify="left", show_lines=True)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i < 2 else "right",
+                         style="bold" if 2 <= i < 2 + bold else None)
+    for cells in rows:
+        table.add_row(*(_coloured(c) if h == "holds" else c for h, c in zip(headers, cells)))
     console.print(table)
 
 
-def _print_plain(res: Results, rows: list[Row], columns: list[str],
-                 table_rows: list[dict[str, Any]], header: str) -> None:
-    print(header)
-    for row, entry in zip(rows, table_rows):
-        parts = [f"{row.workload:<11} {row.metric:<16} "
-                 f"{cell(res, 'deathstar', row.key, row.fmt, None, True, False):>12}"]
-        for col in columns:
-            system = row.peers.get(col)
-            parts.append(f"{col}=" + ("" if system is None else
-                         cell(res, system, row.key, row.fmt, entry['deathstar'],
-                              row.higher_better, True)))
-        if "target" in entry:
-            parts.append(f"target {entry['target']}: {'yes' if entry['holds'] else 'no'}")
-        print("  ".join(parts))
+def _coloured(holds: str) -> str:
+    """A holds cell ("embedded yes; TCP no") with yes in green, no and err in red."""
+    return "; ".join(part.replace(" yes", " [green]yes[/]").replace(" no", " [red]no[/]")
+                     .replace(" err", " [red]err[/]") for part in holds.split("; "))

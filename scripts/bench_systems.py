@@ -1,13 +1,18 @@
-"""The systems scripts/bench.py compares: deathstar (a real daemon process, the client in
-the benchmark process) and its peers, each behind one small interface."""
+"""The systems scripts/bench.py compares: deathstar twice (the embedded local cluster, and
+a TCP daemon on loopback; the client in the benchmark process either way) and its peers,
+each behind one small interface."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import json
 import logging
 import multiprocessing as mp
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import bench_tasks as T
@@ -50,12 +55,21 @@ class System:
 
 
 class DeathstarSystem(System):
+    """The embedded local cluster, ``Cluster(None, workers=N)``: a daemon and its workers
+    on this machine, the client in this process. Single calls (W2, setup) go through
+    ``Executor.submit(f, x).result()`` on that cluster."""
+
     name = "deathstar"
     w1_variants = {"batched": None, "one": 1}
 
     def start(self) -> None:
         import deathstar
-        self.cluster = deathstar.Cluster(None, workers=self.workers)
+        self.cluster = self.connect()
+        self.executor = deathstar.Executor(self.cluster)
+
+    def connect(self) -> Any:
+        import deathstar
+        return deathstar.Cluster(None, workers=self.workers)
 
     def bytes_sent(self) -> int | None:
         """Function-and-common-argument bytes the node received, as its daemon counts
@@ -64,7 +78,10 @@ class DeathstarSystem(System):
         return sum(int(r.get("blob_bytes_received", 0)) for r in rows)
 
     def stop(self) -> None:
-        self.cluster.close()
+        try:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        finally:
+            self.cluster.close()
 
     def map(self, fn, items, chunksize=None):
         return self.cluster.map(fn, items, chunksize=chunksize)
@@ -73,7 +90,50 @@ class DeathstarSystem(System):
         return self.cluster.map(fn, items, **common)
 
     def call(self, fn, arg):
-        return self.cluster.map(fn, [arg])[0]
+        return self.executor.submit(fn, arg).result(self.sizes.step_limit_s)
+
+
+class DeathstarTcpSystem(DeathstarSystem):
+    """A TCP node on loopback: a real ``deathstar daemon --host 127.0.0.1 --port 0
+    --workers N --keys none --insecure --ready-json`` child process, and the client in
+    this process connected to it with ``keys="none"``. Setup counts the daemon's start."""
+
+    name = "deathstar-tcp"
+
+    def connect(self) -> Any:
+        import deathstar
+        cli = Path(sys.executable).parent / "deathstar"
+        cmd = [str(cli), "daemon", "--host", "127.0.0.1", "--port", "0", "--workers",
+               str(self.workers), "--keys", "none", "--insecure", "--ready-json",
+               "--log-level", "warning"]
+        self.daemon = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            assert self.daemon.stdout is not None
+            line = self.daemon.stdout.readline()  # the bench's time_limit bounds the wait
+            if not line:
+                raise RuntimeError(f"the daemon exited ({self.daemon.wait(10)}) before "
+                                   "it was ready")
+            port = int(json.loads(line)["exec"])
+            return deathstar.Cluster([f"127.0.0.1:{port}"], keys="none")
+        except BaseException:
+            self._stop_daemon()
+            raise
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self._stop_daemon()
+
+    def _stop_daemon(self) -> None:
+        self.daemon.terminate()
+        try:
+            self.daemon.wait(20)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+            self.daemon.wait()
+        if self.daemon.stdout is not None:
+            self.daemon.stdout.close()
 
 
 class PoolSystem(System):
@@ -127,10 +187,15 @@ class ExecutorSystem(System):
 
 
 class LokySystem(ExecutorSystem):
+    """loky's ProcessPoolExecutor: the loky package, else the copy joblib ships."""
+
     name = "loky"
 
     def make(self) -> cf.Executor:
-        import loky
+        try:
+            import loky
+        except ImportError:
+            from joblib.externals import loky
         return loky.ProcessPoolExecutor(max_workers=self.workers)
 
     def stop(self) -> None:
@@ -214,19 +279,24 @@ class RaySystem(System):
         return self.ray.get(self.remote(fn).remote(arg), timeout=self.sizes.step_limit_s)
 
 
-SYSTEMS: dict[str, type[System]] = {"deathstar": DeathstarSystem, "pool": PoolSystem,
+SYSTEMS: dict[str, type[System]] = {"deathstar": DeathstarSystem,
+                                    "deathstar-tcp": DeathstarTcpSystem, "pool": PoolSystem,
                                     "ppe": ExecutorSystem, "loky": LokySystem,
                                     "dask": DaskSystem, "ray": RaySystem}
 
 
 def importable(name: str) -> bool:
-    module = {"dask": "distributed", "ray": "ray", "loky": "loky"}.get(name)
-    if module is None:
+    modules = {"dask": ["distributed"], "ray": ["ray"],
+               "loky": ["loky", "joblib"]}.get(name)  # joblib ships loky inside
+    if modules is None:
         return True
     # find_spec, not import: importing Dask/Ray here would grow sys.modules before
     # deathstar runs, and deathstar's per-map cost grows with sys.modules
     import importlib.util
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+    for module in modules:
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return True
+        except (ImportError, ValueError):
+            pass
+    return False
