@@ -175,8 +175,10 @@ def w6(system: System, sizes: Sizes, record) -> None:
 def idle(system: System, sizes: Sizes, record) -> None:
     """CPU of a connected, idle cluster, as % of one core: after a first map and
     IDLE_SETTLE_S, the CPU seconds this process and all its children (daemon and
-    workers, local or TCP; a Pool's workers) spend over ``sizes.idle_s``."""
+    workers, local or TCP; a Pool's workers) spend over ``sizes.idle_s``. deathstar's
+    Executor (of W2) is shut down first: the cluster alone is measured."""
     def one(rep: int) -> dict[str, float]:
+        system.quiesce()
         assert system.map(T.inc, list(range(100)))[-1] == 100
         if not rep:
             return {}  # the warm-up: the first map only

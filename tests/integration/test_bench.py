@@ -1,0 +1,40 @@
+"""scripts/bench.py, run for real in its quick mode on two workloads (setup and W5): both
+deathstar columns (the embedded cluster and a TCP daemon on loopback) and Pool measure,
+and the JSON carries issue 16's targets with a figure and a verdict for each column. No
+timing is asserted: only that the bench still measures what it says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_quick_bench_judges_both_deathstar_columns(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "setup,W5",
+         "--peers", "pool", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Targets of issue 16" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["meta"]["load_at_start"] and report["meta"]["load_at_end"]
+    targets = {t["key"]: t for t in report["targets"]}
+    assert set(targets) == {"setup_s", "W5.worst"}
+    w5 = targets["W5.worst"]
+    for column in ("deathstar", "deathstar-tcp"):
+        assert isinstance(w5["figures"][column], float), report["errors"]
+        assert isinstance(w5["holds"][column], bool)
+        assert len(w5["seeds"][column]) == 5 and None not in w5["seeds"][column]
+        assert w5["figures"][column] == max(w5["seeds"][column])
+    assert isinstance(w5["peer_figure"], float)  # Pool's, shown beside the need
+    assert set(targets["setup_s"]["holds"]) == {"deathstar"}  # TCP setup is not judged
+    assert isinstance(targets["setup_s"]["figures"]["deathstar-tcp"], float)
