@@ -47,6 +47,8 @@ sys.path.insert(1, str(ROOT))  # tests.swarm: the lightweight workers of W7
 # every child (daemon, workers, Dask/Ray workers, CLI) imports bench_tasks by name
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(SCRIPTS), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+# "no cluster given" must mean the embedded cluster here and in every child (GridSearchCV)
+os.environ.pop("DEATHSTAR_CLUSTER", None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home: loopback only
 os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
 

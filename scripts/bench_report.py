@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from bench_targets import COLUMNS, TARGETS, holds_text, judge_all
+from bench_targets import COLUMNS, TARGETS, holds_text, judge_all, summary
 
 ALL_PEERS = ["pool", "ppe", "loky", "dask", "ray"]
 TITLES = {"deathstar": "deathstar\nembedded", "deathstar-tcp": "deathstar\nTCP loopback",
@@ -138,6 +138,7 @@ def render(res: Results, rows: list[Row], columns: list[str], ds_columns: list[s
                      ["target", "need", *[TITLES[c] for c in ds_columns], "peer",
                       *[f"{COLUMNS[c]} ÷ peer" for c in ds_columns], "holds"],
                      [target_cells(res, e, ds_columns) for e in judged], len(ds_columns))
+        print(summary(judged))
     for line in detail_lines(judged):
         print(f"  {line}")
     for note in res.notes:
@@ -151,7 +152,7 @@ def target_cells(res: Results, entry: dict[str, Any], ds_columns: list[str]) -> 
     peer = "" if entry["peer"] is None else (
         f"{t.peer_label} " + cell(res, entry["peer"], t.key, t.fmt, None, True, False))
     ratios = [f"{r:.2f}×" if r is not None else "" for r in
-              (entry["ratios"].get(c) if t.peer else None for c in ds_columns)]
+              (entry["ratios"].get(c) for c in ds_columns)]
     return [entry["target"], entry["need"], *figures, peer, *ratios, holds_text(entry)]
 
 

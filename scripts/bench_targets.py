@@ -101,7 +101,7 @@ def judge(res: Figures, t: Target, columns: list[str], seeds: int) -> dict[str, 
     for column in columns:
         value = res.get(column, t.key)
         entry["figures"][column] = value
-        entry["ratios"][column] = value / peer if value and peer else None
+        entry["ratios"][column] = value / peer if value and peer and t.peer else None
         error = res.err(column, t.key)
         if error:
             entry["errors"][column] = error
@@ -133,3 +133,17 @@ def holds_text(entry: dict[str, Any]) -> str:
                 else "err" if ok is False else "?")
         parts.append(f"{COLUMNS[column]} {mark}")
     return "; ".join(parts)
+
+
+def summary(judged: list[dict[str, Any]]) -> str:
+    """"targets holding: embedded 3 of 10, TCP 1 of 6" (err and not measured count as not
+    holding; "not measured" names them)."""
+    parts, unmeasured = [], []
+    for column, title in COLUMNS.items():
+        verdicts = [(e["target"], e["holds"][column]) for e in judged if column in e["holds"]]
+        if verdicts:
+            held = sum(1 for _, ok in verdicts if ok)
+            parts.append(f"{title} {held} of {len(verdicts)}")
+            unmeasured += [f"{name} ({title})" for name, ok in verdicts if ok is None]
+    text = "targets holding: " + ", ".join(parts)
+    return text + (f"; not measured: {', '.join(unmeasured)}" if unmeasured else "")
