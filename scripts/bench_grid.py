@@ -12,6 +12,7 @@ one JSON line."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -78,9 +79,7 @@ def child_main(argv: list[str]) -> int:
 def run_grid(sizes: Sizes, res: Any) -> None:
     """Each backend in its own child; walls recorded as ``GRID.wall_s`` under the
     system names "serial", "loky" and "deathstar"."""
-    try:
-        import sklearn  # noqa: F401 - the children need it; say so once here
-    except ImportError:
+    if importlib.util.find_spec("sklearn") is None:  # the children need it; not imported
         res.notes.append("GridSearchCV: scikit-learn is not installed (pip install -e "
                          "'.[test]'): left out")
         for name in BACKENDS:
