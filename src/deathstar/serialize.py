@@ -1,16 +1,21 @@
 """Payloads: cloudpickle protocol 5 with large buffers out-of-band, content hashes, and
-shipping the user's own modules by value.
+function blobs that carry the user's own modules as source.
 
 A payload is a list of frames: the pickle stream first, then one frame per out-of-band
 buffer (a numpy array's memory travels as its own ZeroMQ frame, never copied into the
 pickle stream). To a node on this machine (the embedded one), a large buffer frame may be
 replaced by the path of a file in a private /dev/shm folder holding it (``SharedFolder``):
 one copy instead of four through the sockets; the worker maps it (``map_shared``).
+
+A function blob is ``(Bundle | None, Deferred((fn, common)))``: the source files of the
+local modules the function needs (``deathstar.shipping``), then the function itself,
+pickled by reference to those modules and unpickled only once they are importable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import logging
 import mmap
@@ -18,13 +23,13 @@ import os
 import pickle
 import shutil
 import stat
-import sys
-import sysconfig
 import tempfile
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import Any, Iterable, Sequence
 
 import cloudpickle
+
+from deathstar.shipping import Bundle, ShippingError, bundle_for
 
 log = logging.getLogger("deathstar.client")
 
@@ -32,12 +37,33 @@ log = logging.getLogger("deathstar.client")
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
 
 
-class SerializationError(Exception):
-    """Something the user handed over cannot be pickled; the message names it."""
+class SerializationError(pickle.PicklingError):
+    """Something the user handed over cannot be pickled (or unpickled); the message names
+    it. A ``pickle.PicklingError``, as the stdlib's executors raise."""
 
 
-def dumps(obj: Any) -> list[Any]:
-    """Serialize ``obj`` into payload frames (pickle stream + out-of-band buffers)."""
+class _Recorder(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's pickler that also notes the modules the pickle refers to (modules,
+    and the modules of functions and classes), so that the local ones can be shipped.
+    Scoped to one ``dumps``: cloudpickle's process-wide settings are left alone."""
+
+    def __init__(self, file: Any, modules: set[str], **kw: Any):
+        super().__init__(file, **kw)
+        self.modules = modules
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, ModuleType):
+            self.modules.add(obj.__name__)
+        elif isinstance(obj, (FunctionType, type)):
+            owner = getattr(obj, "__module__", None)
+            if isinstance(owner, str):
+                self.modules.add(owner)
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any, modules: set[str] | None = None) -> list[Any]:
+    """Serialize ``obj`` into payload frames (pickle stream + out-of-band buffers).
+    ``modules``: a set to which the names of the modules the pickle refers to are added."""
     buffers: list[Any] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -47,7 +73,12 @@ def dumps(obj: Any) -> list[Any]:
         buffers.append(view)
         return False
 
-    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+    if modules is None:
+        stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+    else:
+        out = io.BytesIO()
+        _Recorder(out, modules, protocol=5, buffer_callback=keep_large).dump(obj)
+        stream = out.getvalue()
     return [stream, *buffers]
 
 
@@ -64,6 +95,48 @@ def loads(frames: list[Any], shared: Sequence[int] = ()) -> Any:
     buffers = [map_shared(f) if k in shared else bytearray(f)
                for k, f in enumerate(frames[1:], 1)]
     return pickle.loads(memoryview(frames[0]), buffers=buffers)
+
+
+class Deferred:
+    """An object pickled on its own, inside another pickle, and unpickled only when
+    ``load`` is called: what unpickling it runs (imports of shipped modules, a class's
+    ``__setstate__`` raising ``SystemExit``) happens then, where the caller can catch it.
+    Its large buffers stay out-of-band in the enclosing pickle."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[Any]):
+        self.frames = frames  # the inner pickle stream, then its buffers
+
+    def __reduce__(self) -> Any:
+        stream, *buffers = self.frames
+        return (_deferred, (stream, *[pickle.PickleBuffer(b) for b in buffers]))
+
+    def load(self) -> Any:
+        """The object (raises whatever its unpickling raises)."""
+        stream, *buffers = self.frames
+        return pickle.loads(stream, buffers=buffers)
+
+
+def _deferred(stream: bytes, *buffers: Any) -> Deferred:
+    return Deferred([stream, *buffers])
+
+
+def seal(value: Any) -> Any:
+    """``value`` ready to go in a list of results whose items are unpickled one by one
+    (``unseal``): plain scalars as they are, anything else as a ``Deferred``. Raises
+    what pickling ``value`` raises."""
+    if value is None or type(value) in _PLAIN:
+        return value
+    return Deferred(dumps(value))
+
+
+def unseal(value: Any) -> Any:
+    """The value ``seal`` wrapped (raises what its unpickling raises)."""
+    return value.load() if isinstance(value, Deferred) else value
+
+
+_PLAIN = frozenset({int, float, bool, str, bytes, complex})
 
 
 # ------------------------------------------------------------------ shared memory
@@ -238,16 +311,37 @@ def content_hash(frames: Iterable[Any]) -> str:
     return digest.hexdigest()
 
 
-def dumps_function(fn: Any, common: dict[str, Any]) -> list[Any]:
-    """Serialize a map's function with its common keyword arguments.
+def dumps_function(fn: Any, common: dict[str, Any], modules: Iterable[str] = (),
+                   init: tuple[str, Any, tuple[Any, ...]] | None = None) -> list[Any]:
+    """Serialize a map's function with its common keyword arguments into a function blob:
+    the local modules they refer to (plus ``modules``) as source, then ``(fn, common,
+    init)``; ``init`` is an executor's (token, initializer, initargs), run once per worker
+    process before the first call.
 
     Raises ``SerializationError`` naming the function or the common argument that cannot
-    be pickled, and why.
+    be pickled, and why, or the module that cannot be shipped.
     """
+    names = set(modules)
     try:
-        return dumps((fn, common))
+        inner = dumps((fn, common, init), names)
     except Exception as exc:
-        first = exc
+        raise _culprit(fn, common, exc) from exc
+    try:
+        bundle = bundle_for(names)
+    except ShippingError as exc:
+        raise SerializationError(str(exc)) from None
+    return dumps((bundle, Deferred(inner)))
+
+
+def loads_function(frames: list[Any]) -> tuple[Bundle | None, Deferred]:
+    """A function blob's modules and its still-pickled ``(fn, common)``."""
+    bundle, deferred = loads(frames)
+    if not isinstance(deferred, Deferred) or not (bundle is None or isinstance(bundle, Bundle)):
+        raise SerializationError("not a function blob")
+    return bundle, deferred
+
+
+def _culprit(fn: Any, common: dict[str, Any], first: BaseException) -> SerializationError:
     name = getattr(fn, "__qualname__", None) or repr(fn)
     culprits: list[tuple[str, Any]] = [(f"the function {name}", fn)]
     culprits += [(f"the common argument {key!r} ({type(v).__name__})", v)
@@ -256,65 +350,6 @@ def dumps_function(fn: Any, common: dict[str, Any]) -> list[Any]:
         try:
             dumps(obj)
         except Exception as exc:
-            raise SerializationError(
-                f"{what} cannot be pickled: {type(exc).__name__}: {exc}") from exc
-    raise SerializationError(f"the function {name} and its common arguments cannot be "
-                             f"pickled: {type(first).__name__}: {first}") from first
-
-
-# ------------------------------------------------------------------ by-value modules
-
-
-def _installed_roots() -> tuple[str, ...]:
-    roots = set()
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        path = sysconfig.get_paths().get(key)
-        if path:
-            roots.add(os.path.realpath(path))
-    for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix):
-        roots.add(os.path.realpath(os.path.join(prefix, "lib")))
-    return tuple(sorted(roots))
-
-
-_INSTALLED = _installed_roots()
-_SHIPPED: set[str] = set()
-_CHECKED: set[str] = set()  # every module looked at once: the scan is per new module
-_modules_seen = 0  # len(sys.modules) at the last scan
-
-
-def _is_local(module: ModuleType) -> bool:
-    """A module the user wrote and workers may not have: not installed, not ours."""
-    name = module.__name__
-    if name == "__main__" or name.split(".")[0] in ("deathstar",):
-        return False
-    path = getattr(module, "__file__", None)
-    if not path or not path.endswith(".py"):
-        return False
-    real = os.path.realpath(path)
-    return not any(real.startswith(root + os.sep) for root in _INSTALLED)
-
-
-def ship_local_modules() -> None:
-    """Make cloudpickle send the user's own modules by value.
-
-    A function from ``mymod.py`` in the current folder would otherwise be pickled as a
-    reference to ``mymod``, which a worker on another machine cannot import. Every loaded
-    module that lives outside the installed locations (stdlib, site-packages) is registered
-    to travel by value, so helpers it imports travel with it.
-    """
-    global _modules_seen
-    if len(sys.modules) == _modules_seen:
-        return  # nothing imported since the last look (the common case: every map)
-    _modules_seen = len(sys.modules)
-    for name, module in list(sys.modules.items()):
-        if name in _CHECKED:
-            continue
-        _CHECKED.add(name)
-        if not isinstance(module, ModuleType):
-            continue
-        if _is_local(module):
-            try:
-                cloudpickle.register_pickle_by_value(module)
-            except ValueError:
-                continue  # not importable by that name (a test file loaded by path)
-            _SHIPPED.add(name)
+            return SerializationError(f"{what} cannot be pickled: {type(exc).__name__}: {exc}")
+    return SerializationError(f"the function {name} and its common arguments cannot be "
+                              f"pickled: {type(first).__name__}: {first}")

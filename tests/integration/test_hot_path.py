@@ -20,7 +20,7 @@ import deathstar
 from deathstar import serialize
 from deathstar.client import Cluster
 from deathstar.client.embedded import LocalDaemon
-from deathstar.errors import RemoteError, WorkerCrashed
+from deathstar.errors import WorkerCrashed
 from tests import jobs
 from tests.conftest import ROOT, Daemon, wait_for, worker_pids
 from tests.swarm import Swarm
@@ -45,7 +45,7 @@ def test_errors_inside_a_batch_belong_to_their_inputs(daemon: Daemon) -> None:
                         chunksize=100, on_error="return", k=7)
     for i, v in enumerate(res):
         if i % 7 == 0:
-            assert isinstance(v, RemoteError) and v.index == i and f"input {i} " in v.message
+            assert isinstance(v, ValueError) and v.index == i and f"input {i} " in str(v)
         else:
             assert v == i
     assert [r.index for r in res.report if r.outcome == "error"] == list(range(0, 3000, 7))

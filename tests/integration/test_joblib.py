@@ -10,7 +10,7 @@ import pytest
 
 import deathstar
 from deathstar.client import Cluster
-from deathstar.errors import RemoteError
+from deathstar.errors import RemoteTraceback
 from tests import jobs
 from tests.conftest import Daemon, worker_pids
 
@@ -55,7 +55,7 @@ def test_the_functions_exception_is_raised_as_itself(daemon: Daemon) -> None:
             joblib.Parallel(n_jobs=2)(joblib.delayed(jobs.fail_on_multiples_of)(i, 3)
                                       for i in range(1, 50))
     cause = info.value.__cause__
-    assert isinstance(cause, RemoteError)
+    assert isinstance(cause, RemoteTraceback)
     assert "fail_on_multiples_of" in cause.remote_traceback
 
 

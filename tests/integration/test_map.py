@@ -19,7 +19,7 @@ import zmq
 import deathstar
 from deathstar import protocol
 from deathstar.client import Cluster
-from deathstar.errors import RemoteError
+from deathstar.errors import RemoteTraceback
 from deathstar.serialize import SerializationError
 from tests import jobs
 from tests.conftest import ROOT, Daemon, descendants, wait_for
@@ -67,33 +67,33 @@ def test_results_stream_before_all_inputs_are_submitted(daemon: Daemon) -> None:
         assert c.map(jobs.square, [7]) == [49]
 
 
-def test_remote_error_carries_type_message_traceback_node_worker(daemon: Daemon) -> None:
+def test_the_raised_exception_carries_its_traceback_node_worker(daemon: Daemon) -> None:
     res = deathstar.map(jobs.fail_on_multiples_of, range(12), cluster=[daemon.address],
                         on_error="return", k=5)
-    failed = [i for i, v in enumerate(res) if isinstance(v, RemoteError)]
+    failed = [i for i, v in enumerate(res) if isinstance(v, ValueError)]
     assert failed == [0, 5, 10]
     assert [v for i, v in enumerate(res) if i not in failed] == [
         1, 2, 3, 4, 6, 7, 8, 9, 11]
     err = res[5]
-    assert err.type_name == "ValueError"
-    assert "input 5 is a multiple of 5" in err.message
-    assert "fail_on_multiples_of" in err.remote_traceback
-    assert "raise ValueError" in err.remote_traceback
-    assert isinstance(err.exception, ValueError)
-    assert err.index == 5 and err.node == daemon.address
-    host, _, pid = err.worker.rpartition(":")
+    assert type(err) is ValueError and "input 5 is a multiple of 5" in str(err)
+    cause = err.__cause__
+    assert isinstance(cause, RemoteTraceback) and cause.type_name == "ValueError"
+    assert "fail_on_multiples_of" in cause.remote_traceback
+    assert "raise ValueError" in cause.remote_traceback
+    assert err.index == 5 and err.node == daemon.address  # type: ignore[attr-defined]
+    host, _, pid = err.worker.rpartition(":")  # type: ignore[attr-defined]
     assert host and int(pid) in descendants(daemon.proc.pid)
     assert res.errors == [res[0], res[5], res[10]]
     assert [r.outcome for r in res.report].count("error") == 3
 
 
 def test_on_error_raise_raises_first_error_after_the_map_completes(daemon: Daemon) -> None:
-    with pytest.raises(RemoteError) as info:
+    with pytest.raises(ValueError) as info:
         deathstar.map(jobs.fail_on_multiples_of, range(1, 30), cluster=[daemon.address], k=7)
-    assert info.value.index == 6  # input 7 sits at index 6: the first failure
+    assert info.value.index == 6  # type: ignore[attr-defined] # input 7 sits at index 6
     result = info.value.result  # type: ignore[attr-defined]
     assert len(result) == 29 and len(result.report) == 29
-    assert result[0] == 1 and isinstance(result[13], RemoteError)
+    assert result[0] == 1 and isinstance(result[13], ValueError)
 
 
 def test_two_clients_at_once_are_served_fairly(daemon: Daemon) -> None:
@@ -235,7 +235,8 @@ def test_unpicklable_function_or_argument_is_named_and_nothing_is_sent(daemon: D
 def test_unpicklable_result_fails_that_input_and_the_worker_goes_on(daemon: Daemon) -> None:
     with Cluster([daemon.address]) as c:
         res = c.map(jobs.return_unpicklable, range(3), on_error="return")
-        assert all(isinstance(v, RemoteError) and "pickle" in str(v) for v in res)
+        assert all(isinstance(v, SerializationError) and "could not be pickled" in str(v)
+                   for v in res)
         assert c.map(jobs.square, range(5)) == [0, 1, 4, 9, 16]
     assert daemon.status()["worker_restarts"] == 0
 
@@ -318,7 +319,7 @@ def test_as_completed_streams_index_and_result(daemon: Daemon) -> None:
     with Cluster([daemon.address]) as c:
         got = dict(c.as_completed(jobs.fail_on_multiples_of, range(10), k=4))
     assert set(got) == set(range(10))
-    assert all(isinstance(got[i], RemoteError) for i in (0, 4, 8))
+    assert all(isinstance(got[i], ValueError) for i in (0, 4, 8))
     assert all(got[i] == i for i in range(10) if i % 4)
 
 

@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import cloudpickle
 import numpy as np
 import pytest
 
@@ -40,23 +41,32 @@ def test_content_hash_depends_on_content_only() -> None:
     assert serialize.content_hash(a) != serialize.content_hash(c)
 
 
-def test_local_module_is_shipped_by_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                          ) -> None:
+def test_local_module_is_shipped_as_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
     (tmp_path / "dsmod_shipped.py").write_text(textwrap.dedent("""
+        import threading
         import dshelper_shipped
+        _LOCK = threading.Lock()
         def f(x):
-            return dshelper_shipped.double(x) + 1
+            with _LOCK:
+                return dshelper_shipped.double(x) + 1
     """))
     (tmp_path / "dshelper_shipped.py").write_text("def double(x):\n    return 2 * x\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import dsmod_shipped
 
-    serialize.ship_local_modules()
-    frames = serialize.dumps(dsmod_shipped.f)
-    assert len(frames) == 1
+    blob = serialize.dumps_function(dsmod_shipped.f, {})
+    bundle, _ = serialize.loads_function(blob)
+    assert bundle is not None
+    assert bundle.names == ["dshelper_shipped", "dsmod_shipped"]
+    assert not cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES  # nothing process-wide
     # A fresh interpreter that cannot import dsmod_shipped or its helper runs it.
-    code = ("import sys, pickle; f = pickle.loads(sys.stdin.buffer.read()); print(f(20))")
-    out = subprocess.run([sys.executable, "-c", code], input=frames[0], capture_output=True,
+    code = ("import sys; from deathstar import serialize; "
+            "from deathstar.worker.imports import ModuleFolders; "
+            "bundle, fn = serialize.loads_function([sys.stdin.buffer.read()]); "
+            "m = ModuleFolders(); m.activate(bundle); f, common, init = fn.load(); "
+            "print(f(20)); m.close()")
+    out = subprocess.run([sys.executable, "-c", code], input=blob[0], capture_output=True,
                          cwd="/", check=True)
     assert out.stdout.strip() == b"41"
 

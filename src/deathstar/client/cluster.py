@@ -18,8 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from deathstar import config, serialize
 from deathstar.client.engine import Engine, NoNodesError
-from deathstar.client.job import Job, Outcome, ordered
-from deathstar.errors import TaskFailed
+from deathstar.client.job import Job, Outcome, drain, ordered
 from deathstar.client.embedded import LocalDaemon, acquire_shared, release_shared
 from deathstar.client.progress import ProgressFn, resolve as resolve_progress
 from deathstar.client.status import load_keys, query_status
@@ -39,10 +38,10 @@ class MapResult(list[Any]):
     exceptions, in input order)."""
 
     report: list[TaskRecord]
-    errors: list[TaskFailed]
+    errors: list[BaseException]
 
     def __init__(self, values: Iterable[Any], report: list[TaskRecord],
-                 errors: list[TaskFailed]):
+                 errors: list[BaseException]):
         super().__init__(values)
         self.report = report
         self.errors = errors
@@ -106,6 +105,8 @@ class Cluster:
                  workers: int | None = None,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
                  keys: str | Path | None = None, shared: bool = False):
+        if workers is not None and workers <= 0:
+            raise ValueError(f"workers must be greater than 0, not {workers}")
         addresses = parse_cluster(nodes)
         self.local: LocalDaemon | None = None
         self.shared: LocalDaemon | None = None
@@ -186,7 +187,9 @@ class Cluster:
         """Run ``fn(item, **common)`` for every item; block until all are done.
 
         Returns the results in input order with the execution report. An input whose
-        function raised gives a ``RemoteError``; with ``on_error="raise"`` (default) the
+        function raised gives that exception (rebuilt here, the remote traceback as its
+        ``__cause__``, ``index``/``node``/``worker`` set on it; a ``RemoteError`` when it
+        cannot be rebuilt); with ``on_error="raise"`` (default) the
         first one (by input order) is raised once the whole map has finished, carrying
         the complete ``MapResult`` as ``.result``; with ``on_error="return"`` errors
         stand in place of results.
@@ -222,6 +225,7 @@ class Cluster:
         _check_on_error(on_error)
         values: list[Any] = []
         records: list[TaskRecord | None] = []
+        failed: set[int] = set()
         for index, ok, value, record in self.outcomes(fn, calls, **options_and_common):
             if index >= len(values):
                 grow = index + 1 - len(values)
@@ -229,11 +233,16 @@ class Cluster:
                 records.extend([None] * grow)
             values[index] = value
             records[index] = record
-        errors = [v for v in values if isinstance(v, TaskFailed)]
+            if not ok:
+                failed.add(index)
+        errors = [values[i] for i in sorted(failed)]
         result = MapResult(values, [r for r in records if r is not None], errors)
         if errors and on_error == "raise":
             first = errors[0]
-            first.result = result  # type: ignore[attr-defined]
+            try:
+                setattr(first, "result", result)
+            except (AttributeError, TypeError):
+                pass  # an exception with __slots__: it is raised without the result
             raise first
         return result
 
@@ -246,8 +255,10 @@ class Cluster:
         _check_on_error(on_error)
         calls = (((item,), None) for item in items)
         stream = self.outcomes(fn, calls, total=_length(items), **options_and_common)
-        for _, ok, value, _ in ordered(stream):
-            yield _deliver(ok, value, on_error)
+        for outcome in ordered(stream):
+            box = [outcome]
+            del outcome  # a yielded result is the caller's alone: none kept here
+            yield _deliver(box.pop(), on_error)
 
     def imap_unordered(self, fn: Callable[..., Any], items: Iterable[Any], *,
                        on_error: OnError = "raise", **options_and_common: Any
@@ -256,19 +267,22 @@ class Cluster:
         ``map``'s options."""
         _check_on_error(on_error)
         calls = (((item,), None) for item in items)
-        for _, ok, value, _ in self.outcomes(fn, calls, total=_length(items),
-                                             **options_and_common):
-            yield _deliver(ok, value, on_error)
+        for outcome in self.outcomes(fn, calls, total=_length(items), **options_and_common):
+            box = [outcome]
+            del outcome
+            yield _deliver(box.pop(), on_error)
 
     def as_completed(self, fn: Callable[..., Any], items: Iterable[Any],
                      **options_and_common: Any) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, result)`` for every item as each finishes (completion order);
-        a failed input's result is its exception (a ``TaskFailed``), never raised.
+        a failed input's result is its exception (what the function raised, or a
+        ``TaskFailed``), never raised.
         Takes ``map``'s options."""
         calls = (((item,), None) for item in items)
-        for index, _, value, _ in self.outcomes(fn, calls, total=_length(items),
-                                                **options_and_common):
-            yield index, value
+        for outcome in self.outcomes(fn, calls, total=_length(items), **options_and_common):
+            box = [outcome]
+            del outcome
+            yield _index_and_value(box.pop())
 
     def outcomes(self, fn: Callable[..., Any],
                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
@@ -300,7 +314,6 @@ class Cluster:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         self.check_open()
-        serialize.ship_local_modules()
         blob = serialize.dumps_function(fn, common)
         # calls before indices: an index may be known only once its call has been read
         numbered = zip(calls, itertools.count() if indices is None else indices)
@@ -346,7 +359,7 @@ class Cluster:
                 done += len(batch)
                 if progress is not None:
                     progress(done, job.total)
-                yield from batch
+                yield from drain(batch)
         finally:
             if not job.ended:
                 self.engine.cancel(job)
@@ -369,10 +382,14 @@ def map(fn: Callable[..., Any], items: Iterable[Any], *,
         return c.map(fn, items, **options_and_common)
 
 
-def _deliver(ok: bool, value: Any, on_error: OnError) -> Any:
-    if not ok and on_error == "raise":
-        raise value
-    return value
+def _deliver(outcome: Outcome, on_error: OnError) -> Any:
+    if not outcome[1] and on_error == "raise":
+        raise outcome[2]
+    return outcome[2]
+
+
+def _index_and_value(outcome: Outcome) -> tuple[int, Any]:
+    return outcome[0], outcome[2]
 
 
 def _check_on_error(on_error: str) -> None:

@@ -25,6 +25,8 @@ import logging
 import queue
 import threading
 import time
+import uuid
+import weakref
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -32,7 +34,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from deathstar import serialize
 from deathstar.client.cluster import Cluster, MapOptions
 from deathstar.client.engine import NoNodesError
-from deathstar.client.job import FINISHED, Job, Outcome, ordered
+from deathstar.client.exits import check_not_exiting, register, released_by
+from deathstar.client.job import FINISHED, Job, Outcome, drain, ordered
 
 __all__ = ["Executor", "LIVENESS_CHECK_S"]
 
@@ -91,17 +94,42 @@ class Executor(cf.Executor):
     timeout_retries, max_attempts, seed, capture_output) for every call; an unknown one
     raises TypeError, a bad value ValueError.
 
-    A call whose function raised resolves its future with ``RemoteError`` (the original
-    exception as ``.exception``, the remote traceback as ``.remote_traceback``); a worker
-    that died on every attempt gives ``WorkerCrashed``, a call past ``timeout``
-    ``TaskTimeout``; an argument that cannot be pickled ``SerializationError``.
-    Done-callbacks run in the executor's own thread. Thread-safe.
+    ``max_workers``: the workers of the embedded local daemon (default one per core);
+    it must be more than 0, and only an embedded daemon takes it. ``initializer``:
+    called with ``initargs`` in each worker process before its first call of this
+    executor (again before the next call if it raised, which fails that call).
+
+    A call whose function raised resolves its future with that very exception (unpickled
+    here, the remote traceback as its ``__cause__``, ``index``/``node``/``worker`` set on
+    it; ``RemoteError`` when it cannot be rebuilt here); a worker that died on every
+    attempt gives ``WorkerCrashed`` (a ``BrokenProcessPool``; the other calls go on), a
+    call past ``timeout`` ``TaskTimeout``; an argument that cannot be pickled
+    ``SerializationError`` (a ``pickle.PicklingError``). Done-callbacks run in the
+    executor's own thread. At interpreter exit, calls submitted and not finished are
+    waited for; submitting then raises RuntimeError. An executor dropped without
+    ``shutdown`` is shut down (without waiting) when it is garbage-collected.
+    Thread-safe.
     """
 
-    def __init__(self, cluster: Cluster | str | Sequence[str] | None = None, **options: Any):
+    def __init__(self, cluster: Cluster | str | Sequence[str] | None = None, *,
+                 max_workers: int | None = None,
+                 initializer: Callable[..., Any] | None = None,
+                 initargs: tuple[Any, ...] = (), **options: Any):
         self._options = MapOptions(**options)
+        if max_workers is not None:
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+            if cluster is not None:
+                raise ValueError("max_workers sets the workers of the embedded local "
+                                 "daemon; a named cluster has the workers its nodes have")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._init = None if initializer is None else (uuid.uuid4().hex, initializer,
+                                                       tuple(initargs))
+        check_not_exiting()
         self._owns = not isinstance(cluster, Cluster)
-        self._cluster = cluster if isinstance(cluster, Cluster) else Cluster(cluster, shared=True)
+        self._cluster = cluster if isinstance(cluster, Cluster) else Cluster(
+            cluster, workers=max_workers, shared=True)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when no future is left
         self._pending: deque[_Call] = deque()
@@ -114,9 +142,12 @@ class Executor(cf.Executor):
         self._inbox: queue.SimpleQueue[tuple[_Feed | None, Any]] = queue.SimpleQueue()
         self._shutdown = False
         self._released = False
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="deathstar-executor")
+        self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._inbox),
+                                        daemon=True, name="deathstar-executor")
         self._thread.start()
+        register(self)
+        self._finalizer = weakref.finalize(self, released_by, self._inbox,
+                                           self._cluster if self._owns else None)
 
     @property
     def cluster(self) -> Cluster:
@@ -155,6 +186,7 @@ class Executor(cf.Executor):
                 return self._check_accepting(locked=True)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        check_not_exiting()
         self._cluster.check_open()
 
     def _pickle(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -162,19 +194,20 @@ class Executor(cf.Executor):
         """The function's blob and hash (the previous call's blob when it is the same
         function, so queued calls share it); checks that the arguments pickle (large
         buffers are not copied for the check; the I/O thread pickles them again to send)."""
-        serialize.ship_local_modules()
-        blob = serialize.dumps_function(fn, {})
+        modules: set[str] = set()
+        try:
+            serialize.dumps((args, kwargs), modules)
+        except Exception as exc:
+            raise serialize.SerializationError(
+                f"an argument cannot be pickled: {type(exc).__name__}: {exc}") from exc
+        # the local modules the arguments refer to (a joblib batch's function) go with it
+        blob = serialize.dumps_function(fn, {}, modules, self._init)
         fn_hash = serialize.content_hash(blob)
         last = self._last_blob
         if last is not None and last[0] == fn_hash:
             blob = last[1]
         else:
             self._last_blob = (fn_hash, blob)
-        try:
-            serialize.dumps((args, kwargs))
-        except Exception as exc:
-            raise serialize.SerializationError(
-                f"an argument cannot be pickled: {type(exc).__name__}: {exc}") from exc
         return fn_hash, blob
 
     def _start_feed_locked(self) -> None:
@@ -207,28 +240,23 @@ class Executor(cf.Executor):
 
     # ------------------------------------------------------------------ outcomes
 
-    def _run(self) -> None:
-        """The executor's thread: resolve futures from what the feeds' jobs deliver."""
-        while True:
-            try:
-                feed, item = self._inbox.get(timeout=LIVENESS_CHECK_S)
-            except queue.Empty:
-                if self._unfinished and not self._cluster_usable():
-                    self._fail_everything(RuntimeError("the executor's Cluster was closed"))
-                continue
-            if feed is None:
-                return  # released
-            try:
-                if item is FINISHED:
-                    self._feed_ended(feed, None)
-                elif isinstance(item, BaseException):
-                    self._feed_ended(feed, item)
-                else:
-                    self._resolve(feed, item)
-                if self._shutdown:
-                    self._release_if_idle()
-            except Exception:  # a bug here must not leave every later future hanging
-                log.exception("the executor's thread failed to handle an outcome")
+    def _handle(self, feed: _Feed, item: Any) -> None:
+        """One item from a feed's job, in the executor's thread."""
+        try:
+            if item is FINISHED:
+                self._feed_ended(feed, None)
+            elif isinstance(item, BaseException):
+                self._feed_ended(feed, item)
+            else:
+                self._resolve(feed, item)
+            if self._shutdown:
+                self._release_if_idle()
+        except Exception:  # a bug here must not leave every later future hanging
+            log.exception("the executor's thread failed to handle an outcome")
+
+    def _check_liveness(self) -> None:
+        if self._unfinished and not self._cluster_usable():
+            self._fail_everything(RuntimeError("the executor's Cluster was closed"))
 
     def _resolve(self, feed: _Feed, outcomes: list[Any]) -> None:
         with self._lock:
@@ -324,11 +352,13 @@ class Executor(cf.Executor):
         try:
             yield None  # primed by ``map``
             position = 0
-            for _, ok, value, _ in ordered(self._outcomes(job, deadline)):
+            for outcome in ordered(self._outcomes(job, deadline)):
                 position += 1
-                if not ok:
-                    raise value
-                yield value
+                if not outcome[1]:
+                    raise outcome[2]
+                box = [outcome[2]]
+                del outcome  # a yielded result is the caller's alone: none kept here
+                yield box.pop()
             if not job.exhausted or position < job.read:  # it was cancelled
                 raise cf.CancelledError(_CANCELLED)
         finally:
@@ -353,14 +383,14 @@ class Executor(cf.Executor):
                 continue
             if batch is None:
                 return
-            yield from batch
+            yield from drain(batch)
 
     # ------------------------------------------------------------------ shutdown
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Accept no more calls. ``cancel_futures``: calls not started are cancelled and
-        the running ones stopped on their nodes (their futures fail with
-        ``CancelledError``; open maps raise it at their first missing result).
+        """Accept no more calls. ``cancel_futures``: calls not started are cancelled (as
+        the stdlib's, running ones finish and keep their outcome; open maps are cancelled
+        and raise ``CancelledError`` at their first missing result).
         ``wait``: block until every submitted call has its outcome (called from a
         done-callback it cannot wait, and does not). The Cluster is closed (if this
         executor opened it) once no call or map is left; the daemons keep running.
@@ -374,17 +404,14 @@ class Executor(cf.Executor):
                 queued = [call.future for call in self._pending]
                 self._pending.clear()
                 self._settle_locked(queued)
-                feeds, maps = list(self._feeds), list(self._maps)
-                for feed in feeds:
-                    feed.cancelled = feed.closed = True
+                maps = list(self._maps)
+                for feed in self._feeds:
+                    feed.closed = True  # it takes no more calls; its running ones finish
                 self._feed = None
         for future in queued:
             future.cancel()
             future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
-        engine = self._cluster.engine
-        if engine.is_alive():
-            for job in [f.job for f in feeds if f.job is not None] + maps:
-                engine.cancel(job)
+        self._cancel_jobs(maps)
         in_own_thread = threading.current_thread() is self._thread
         if wait and not in_own_thread:
             with self._lock:
@@ -394,6 +421,21 @@ class Executor(cf.Executor):
         if wait and self._released and not in_own_thread:
             self._thread.join()
 
+    def _cancel_jobs(self, jobs: list[Job]) -> None:
+        engine = self._cluster.engine
+        if engine.is_alive():
+            for job in jobs:
+                engine.cancel(job)
+
+    def stop_running(self) -> None:
+        """Stop the calls running on the nodes (their futures fail with
+        ``CancelledError``): for joblib's abort, after ``shutdown(cancel_futures=True)``."""
+        with self._lock:
+            feeds = list(self._feeds)
+            for feed in feeds:
+                feed.cancelled = feed.closed = True
+        self._cancel_jobs([f.job for f in feeds if f.job is not None])
+
     def _release_if_idle(self) -> None:
         """After shutdown, once nothing is left: stop the executor's thread and close
         an owned Cluster."""
@@ -401,6 +443,7 @@ class Executor(cf.Executor):
             if self._released or not self._shutdown or self._unfinished or self._maps:
                 return
             self._released = True
+        self._finalizer.detach()
         self._inbox.put((None, None))
         if self._owns:
             if threading.current_thread() is self._cluster.engine:
@@ -425,3 +468,24 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return min(len(it) for it in iterables)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+def _serve(ref: weakref.ref[Executor], inbox: queue.SimpleQueue[tuple[_Feed | None, Any]]
+           ) -> None:
+    """The executor's thread: resolve futures from what the feeds' jobs deliver. It holds
+    the executor only while it handles an item, so that a dropped executor is collected
+    (and its finalizer ends this thread)."""
+    while True:
+        try:
+            feed, item = inbox.get(timeout=LIVENESS_CHECK_S)
+        except queue.Empty:
+            executor = ref()
+            if executor is None:
+                return
+            executor._check_liveness()
+            del executor
+            continue
+        if feed is None:
+            return  # released
+        feed.executor._handle(feed, item)
+        del feed, item

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from deathstar import config, serialize
-from deathstar.errors import TaskFailed, TaskTimeout, WorkerCrashed, remote_error
+from deathstar.errors import (TaskFailed, TaskTimeout, WorkerCrashed, describe,
+                              remote_exception)
 from deathstar.report import CRASHED, ERROR, OK, TIMEOUT, TaskRecord
 
 #: One delivered input: (index, succeeded, value or exception, record).
@@ -30,6 +31,7 @@ def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
     position = 0
     for outcome in outcomes:
         pending[outcome[0]] = outcome
+        del outcome  # once yielded, an outcome is the consumer's alone
         while True:
             expected = position if order is None else (
                 order[position] if position < len(order) else None)
@@ -37,6 +39,14 @@ def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
                 break
             yield pending.pop(expected)
             position += 1
+
+
+def drain(batch: list[Outcome]) -> Iterator[Outcome]:
+    """Yield a batch's outcomes in order, dropping each from the batch as it goes, so that
+    nothing yielded stays referenced here."""
+    batch.reverse()
+    while batch:
+        yield batch.pop()
 
 
 class JobInputError(Exception):
@@ -240,38 +250,46 @@ class Job:
                  starts: Sequence[float], ends: Sequence[float], payload: list[Any],
                  shared: list[int]) -> int:
         """Deliver the outcomes of a result for ``task`` (``oks``: a byte per input,
-        nonzero if it ran; the payload: the pickled values, and outputs when captured).
-        A payload that cannot be read fails every input with a ResultError. Returns how
-        many inputs failed."""
+        nonzero if it ran; the payload: the values, each pickled on its own, and outputs
+        when captured). A value that cannot be unpickled here fails its own input with a
+        ``RemoteError`` (whatever its unpickling raised, ``SystemExit`` included); a
+        payload that cannot be read at all fails every input. Returns how many failed."""
         n = len(task.indices)
         try:
             if len(oks) != n:
                 raise ValueError(f"{len(oks)} outcomes for {n} inputs")
             values, outputs = self._read_values(payload, shared, n)
-        except Exception as exc:
-            reason = f"the result could not be unpickled here: {exc!r}"
-            values = [{"type": "deathstar.ResultError", "message": reason, "traceback": ""}] * n
+        except BaseException as exc:  # noqa: B036 - unpickling may raise anything
+            values = [_unreadable(exc)] * n
             outputs = [""] * n
             oks = bytes(n)
             if len(starts) != n:
                 starts = ends = [0.0] * n
         outcomes: list[Outcome] = []
         attempts = task.attempts
+        failed = 0
         for index, ok, value, start, end, output in zip(task.indices, oks, values, starts,
                                                         ends, outputs):
             if ok:
+                try:
+                    value = serialize.unseal(value)
+                except BaseException as exc:  # noqa: B036 - the value's own code ran
+                    ok, value = 0, _unreadable(exc)
+            if ok:
                 record = TaskRecord(index, node, worker, start, end, attempts, OK, "", output)
                 outcomes.append((index, True, value, record))
-            else:
-                error = remote_error(value, index=index, node=node, worker=worker)
-                record = TaskRecord(index, node, worker, start, end, attempts, ERROR,
-                                    f"{error.type_name}: {error.message}", output)
-                outcomes.append((index, False, error, record))
+                continue
+            failed += 1
+            error = remote_exception(value, index=index, node=node, worker=worker)
+            info = describe(error)
+            record = TaskRecord(index, node, worker, start, end, attempts, ERROR,
+                                f"{info['type']}: {info['message']}", output)
+            outcomes.append((index, False, error, record))
         per_item = (sum(ends) - sum(starts)) / max(n, 1)
         self.per_item_s = per_item if self.per_item_s is None else 0.5 * (self.per_item_s
                                                                           + per_item)
         self.deliver(outcomes)
-        return oks.count(0)
+        return failed
 
     def _read_values(self, payload: list[Any], shared: list[int], n: int
                      ) -> tuple[list[Any], list[str]]:
@@ -296,3 +314,9 @@ class Job:
                                 str(error))
             outcomes.append((index, False, error, record))
         self.deliver(outcomes)
+
+
+def _unreadable(exc: BaseException) -> dict[str, Any]:
+    """The error info of a result that could not be unpickled here."""
+    return {"type": "deathstar.ResultError",
+            "message": f"the result could not be unpickled here: {exc!r}", "traceback": ""}

@@ -15,7 +15,8 @@ objects.
 The connection: ``cluster`` may be a ``Cluster`` (used as is, left open: the way to reuse
 one connection across many ``Parallel`` calls), or what ``Cluster`` takes (node names, None
 for ``DEATHSTAR_CLUSTER`` or an embedded local daemon), connected for each ``Parallel``
-call and closed at its end. Other keywords are ``Cluster.map``'s options.
+call and closed at its end. ``initializer``/``initargs`` (as loky takes them) run once in
+each worker process before its first batch. Other keywords are ``Cluster.map``'s options.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any, Callable, Sequence
 
 from deathstar.client.cluster import Cluster, MapOptions
 from deathstar.client.status import query_status
-from deathstar.errors import RemoteError
 from deathstar.client.executor import Executor
 from deathstar.nodes import parse_cluster
 
@@ -67,12 +67,17 @@ def backend_class() -> type:
         default_n_jobs = -1
 
         def __init__(self, cluster: ClusterSpec = None, nesting_level: int | None = None,
-                     inner_max_num_threads: int | None = None, **options: Any):
+                     inner_max_num_threads: int | None = None,
+                     initializer: Callable[..., Any] | None = None,
+                     initargs: tuple[Any, ...] = (), **options: Any):
             super().__init__(nesting_level=nesting_level,
                              inner_max_num_threads=inner_max_num_threads)
             MapOptions(**options)  # a bad option fails in parallel_config, not later
+            if initializer is not None and not callable(initializer):
+                raise TypeError("initializer must be a callable")
             self.cluster_spec = cluster
             self.options = options
+            self.init: dict[str, Any] = {"initializer": initializer, "initargs": initargs}
             self._cluster: Cluster | None = None
             self._executor: Executor | None = None
 
@@ -81,7 +86,7 @@ def backend_class() -> type:
                 if self._cluster is None:
                     spec = self.cluster_spec
                     self._cluster = spec if isinstance(spec, Cluster) else Cluster(spec, shared=True)
-                self._executor = Executor(self._cluster, **self.options)
+                self._executor = Executor(self._cluster, **self.init, **self.options)
             return self._executor
 
         def effective_n_jobs(self, n_jobs: int | None) -> int:
@@ -113,6 +118,9 @@ def backend_class() -> type:
             """Connect (once per Parallel call) and return the number of workers
             (``n_jobs=1`` runs in this process, as joblib does, without connecting)."""
             self.parallel = parallel
+            for key in ("initializer", "initargs"):  # given to Parallel's backend kwargs
+                if key in backend_kwargs:
+                    self.init[key] = backend_kwargs[key]
             if n_jobs == 1:
                 return 1
             self._ensure()
@@ -127,19 +135,14 @@ def backend_class() -> type:
 
         def retrieve_result_callback(self, out: Any) -> Any:
             """The batch's results; the exception the user's function raised is raised
-            as itself (as with loky), its ``__cause__`` the ``RemoteError`` carrying the
-            remote traceback."""
-            try:
-                return out.result()
-            except RemoteError as exc:
-                if exc.exception is not None:
-                    raise exc.exception from exc
-                raise
+            as itself (as with loky), its ``__cause__`` the remote traceback."""
+            return out.result()
 
         def abort_everything(self, ensure_ready: bool = True) -> None:
             """Cancel what has not run and stop what runs; keep the connection."""
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor.stop_running()
                 self._executor = None
             if ensure_ready:
                 self._ensure()
@@ -148,6 +151,7 @@ def backend_class() -> type:
             """End of a Parallel call: close the connection unless it was given."""
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor.stop_running()
                 self._executor = None
             if self._cluster is not None and self._cluster is not self.cluster_spec:
                 self._cluster.close()

@@ -8,29 +8,25 @@ unpickled. Started by the daemon (one per core) or by hand with ``deathstar work
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import io
 import logging
 import mmap
 import os
-import random
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 from collections import OrderedDict, deque
-from types import TracebackType
 from typing import Any, Callable
 
-import cloudpickle
 import zmq
 
 from deathstar import config, keys, protocol, serialize
 from deathstar.exitcodes import ExitCode
 from deathstar.slot import SLOT_BYTES, slot_value
 from deathstar.protocol import Message
+from deathstar.worker.calls import Function, Terminate, dump_results, run_calls
+from deathstar.worker.imports import ModuleFolders
 
 log = logging.getLogger("deathstar.worker")
 
@@ -62,111 +58,6 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def format_user_traceback(exc: BaseException) -> str:
-    """The traceback the user needs: without this module's own frame, and with the real
-    file names of functions shipped by value (cloudpickle names their code
-    ``<dynamic-code>``; their globals still carry ``__file__``)."""
-    tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    rendered = traceback.TracebackException(type(exc), exc, tb)
-    _restore_file_names(rendered, exc, tb)
-    return "".join(rendered.format())
-
-
-def _restore_file_names(rendered: traceback.TracebackException, exc: BaseException | None,
-                        tb: TracebackType | None, depth: int = 0) -> None:
-    frames = [frame for frame, _ in traceback.walk_tb(tb)]
-    for summary, frame in zip(rendered.stack, frames):
-        if summary.filename == "<dynamic-code>":
-            summary.filename = str(frame.f_globals.get("__file__", summary.filename))
-            if hasattr(summary, "_line"):
-                summary._line = None  # look the source line up again, by the real name
-    if exc is None or depth > 20:
-        return
-    for chained, cause in ((rendered.__cause__, exc.__cause__),
-                           (rendered.__context__, exc.__context__)):
-        if chained is not None and cause is not None:
-            _restore_file_names(chained, cause, cause.__traceback__, depth + 1)
-
-
-def _error_info(exc: BaseException) -> dict[str, Any]:
-    """What travels back for an exception: plain fields, plus the exception pickled when
-    it can be (so the client can re-raise the original type)."""
-    info: dict[str, Any] = {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
-        "message": str(exc),
-        "traceback": format_user_traceback(exc),
-    }
-    try:
-        info["pickled"] = cloudpickle.dumps(exc, protocol=5)
-    except Exception:
-        info["pickled"] = None
-    return info
-
-
-def _task_seeds(env: dict[str, Any], n: int) -> list[int] | None:
-    """Per-input seeds from a task's ``seed`` and ``ix`` (the inputs' indices)."""
-    seed, indices = env.get(protocol.F_SEED), env.get(protocol.F_IX)
-    if seed is None:
-        return None
-    if not isinstance(seed, int) or not isinstance(indices, list) or len(indices) != n or \
-            not all(isinstance(i, int) for i in indices):
-        raise ValueError("a seeded task needs an integer seed and one index per input")
-    return [seed + i for i in indices]
-
-
-def seed_generators(seed: int) -> None:
-    """Seed Python's ``random`` and numpy's global generator (when numpy is installed)."""
-    random.seed(seed)
-    numpy = sys.modules.get("numpy")
-    if numpy is None and importlib.util.find_spec("numpy") is not None:
-        import numpy
-    if numpy is not None:
-        numpy.random.seed(seed % 2**32)
-
-
-class _Capture:
-    """Within ``with``: what the code prints to sys.stdout/sys.stderr is kept (and still
-    goes to the worker's own output). Inactive when ``enabled`` is False."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.buffer = io.StringIO()
-
-    def __enter__(self) -> _Capture:
-        if self.enabled:
-            self.saved = sys.stdout, sys.stderr
-            sys.stdout = _Tee(self.buffer, self.saved[0])
-            sys.stderr = _Tee(self.buffer, self.saved[1])
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            sys.stdout, sys.stderr = self.saved
-
-    def text(self) -> str:
-        return self.buffer.getvalue()
-
-
-class _Tee(io.TextIOBase):
-    def __init__(self, *streams: Any):
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
-
-
-class _Terminate(BaseException):
-    """Raised in the main thread by SIGTERM/SIGINT: say goodbye and exit."""
-
-
 class Worker:
     """One worker process's state and loop. ``run`` blocks until told to stop.
 
@@ -189,7 +80,9 @@ class Worker:
         self.parent_pid = parent_pid
         self.heartbeat_s = heartbeat_s
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.functions: OrderedDict[str, tuple[Callable[..., Any], dict[str, Any]]] = OrderedDict()
+        self.functions: OrderedDict[str, Function] = OrderedDict()
+        self.modules = ModuleFolders()
+        self.initialized: set[str] = set()  # executors whose initializer ran here
         self.waiting: deque[Message] = deque()  # tasks whose function is being fetched
         self.fetching: set[str] = set()
         self.last_sent = 0.0
@@ -236,7 +129,7 @@ class Worker:
                     return ExitCode.WORKER_RECYCLED
                 self.heartbeat()
             return ExitCode.OK
-        except _Terminate:
+        except Terminate:
             try:  # goodbye if it can go now; never block on a daemon that isn't there
                 self.sock.send_multipart(protocol.pack(protocol.BYE), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -244,6 +137,7 @@ class Worker:
             return ExitCode.OK
         finally:
             self.pulse_stop.set()
+            self.modules.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.sock.close(linger=1000)
@@ -269,7 +163,7 @@ class Worker:
         if not self.running:
             return  # already on the way out (a second signal while saying goodbye)
         self.running = False
-        raise _Terminate()
+        raise Terminate()
 
     def _pulse(self) -> None:
         """Heartbeats while user code holds the main thread (see the class docstring)."""
@@ -342,14 +236,27 @@ class Worker:
         fn_hash = msg.env["h"]
         self.fetching.discard(fn_hash)
         try:
-            fn, common = serialize.loads(msg.payload)
-        except Exception as exc:
+            function = self.load_function(msg.payload)
+        except Terminate:
+            raise
+        except BaseException as exc:  # noqa: B036 - unpickling runs the user's imports
             self.fail_waiting(fn_hash, f"the function could not be unpickled here: {exc!r}")
             return
-        self.functions[fn_hash] = (fn, common)
+        self.functions[fn_hash] = function
         while len(self.functions) > FUNCTION_CACHE_ENTRIES:
             self.functions.popitem(last=False)
         self.run_waiting()
+
+    def load_function(self, payload: list[Any]) -> Function:
+        """A function blob: its modules written and imported here, then the function
+        unpickled (by reference to them)."""
+        bundle, deferred = serialize.loads_function(payload)
+        self.modules.activate(bundle)
+        try:
+            fn, common, init = deferred.load()
+        finally:
+            self.modules.remember()
+        return Function(fn, common, bundle, init)
 
     def on_missing(self, msg: Message) -> None:
         fn_hash = msg.env["h"]
@@ -382,17 +289,22 @@ class Worker:
 
     def run_task(self, msg: Message) -> None:
         """Run every input of a task message and send one result message back."""
-        fn, common = self.functions[msg.env["fn"]]
+        function = self.functions[msg.env["fn"]]
         self.functions.move_to_end(msg.env["fn"])
+        self.modules.activate(function.bundle)
         if self.slot is not None:
             self.slot[:] = slot_value(msg.env["id"]).to_bytes(SLOT_BYTES, "little")
         self.socket_lock.release()  # the pulse thread beats while user code runs
         try:
-            values, oks, stamps, outputs = self.execute(fn, common, msg)
+            values, oks, stamps, outputs = run_calls(function, msg, self.initialized)
         finally:
             self.socket_lock.acquire()
+            self.modules.remember()
+        for value, ok in zip(values, oks):
+            if not ok:  # the client's own file names in its tracebacks
+                value["traceback"] = self.modules.translate(value["traceback"])
         self.inputs_done += len(oks)
-        payload = self._dump_results(values, oks, outputs)
+        payload = dump_results(values, oks, outputs)
         extra: dict[str, Any] = {}
         shared = self.results_folder(msg.env.get(protocol.F_RSHM))
         if shared is not None:
@@ -410,66 +322,6 @@ class Worker:
             self.results_to = (rshm, None if folder is None
                                else serialize.SharedFolder(into=folder))
         return self.results_to[1]
-
-    @staticmethod
-    def execute(fn: Callable[..., Any], common: dict[str, Any], msg: Message
-                ) -> tuple[list[Any], list[bool], list[float], list[str] | None]:
-        """Call ``fn`` on each input of the message: values (or error info), whether each
-        succeeded, each one's start and end time (flat: start0, end0, start1, ...), and
-        (when the task asks, ``cap``) what
-        each printed. With ``seed``, Python's and numpy's generators are seeded with
-        seed + the input's index (``ix``) before each input."""
-        values: list[Any] = []
-        oks: list[bool] = []
-        stamps: list[float] = []
-        n = msg.env["n"]
-        capture = bool(msg.env.get(protocol.F_CAP))
-        outputs: list[str] | None = [] if capture else None
-        try:
-            items = serialize.loads(msg.payload, protocol.shared_frames(msg))
-            seeds = _task_seeds(msg.env, n)
-        except Exception as exc:
-            info = _error_info(exc)
-            info["message"] = f"the task could not be read here: {exc}"
-            now = time.time()
-            return [info] * n, [False] * n, [now] * (2 * n), [""] * n if capture else None
-        for k, (args, kwargs) in enumerate(items):
-            if seeds is not None:
-                seed_generators(seeds[k])
-            start = time.time()
-            with _Capture(capture) as captured:
-                try:
-                    if kwargs:
-                        values.append(fn(*args, **{**common, **kwargs}))
-                    else:
-                        values.append(fn(*args, **common))
-                    oks.append(True)
-                except (Exception, SystemExit) as exc:
-                    values.append(_error_info(exc))
-                    oks.append(False)
-            stamps += (start, time.time())
-            if outputs is not None:
-                outputs.append(captured.text())
-        return values, oks, stamps, outputs
-
-    @staticmethod
-    def _dump_results(values: list[Any], oks: list[bool], outputs: list[str] | None
-                      ) -> list[Any]:
-        """Pickle the results (with the captured outputs, when asked); one that cannot be
-        pickled becomes that input's error."""
-        try:
-            return serialize.dumps(values if outputs is None else (values, outputs))
-        except Exception:
-            pass
-        for i, value in enumerate(values):
-            try:
-                serialize.dumps(value)
-            except Exception as exc:
-                info = _error_info(exc)
-                info["message"] = (f"the result ({type(value).__name__}) could not be "
-                                   f"pickled: {exc}")
-                values[i], oks[i] = info, False
-        return serialize.dumps(values if outputs is None else (values, outputs))
 
 
 def _map_slot(path: str | None) -> mmap.mmap | None:
