@@ -132,6 +132,7 @@ def map_command(
                            chunksize)
         previous = read_previous(out, retry_failed) if resume and out is not None \
             else Previous()
+        output = ResultWriter(out, append=resume)  # locked: a second map stops here
     except (InputError, OutputError) as exc:
         raise fail(str(exc), ExitCode.BAD_INPUT) from None
     cl = _connect(cluster, connect_timeout, workers, keys)
@@ -139,7 +140,7 @@ def map_command(
     if skip:
         err.print(f"resuming: {len(skip)} input(s) already in {out} "
                   f"({len(previous.failed)} of them failed)", highlight=False)
-    run = _MapRun(cl, ResultWriter(out, append=resume),
+    run = _MapRun(cl, output,
                   ReportWriter(report) if report is not None else None,
                   _Display(cl, total - len(skip), enabled=not quiet), quiet,
                   earlier_failures=len(previous.failed), keep_records=plot is not None)

@@ -2,11 +2,16 @@
 batches, so a crash of the client loses at most the last batch), or one pickle at the end;
 and what a previous, interrupted run already wrote, for ``--resume``.
 
-A JSONL line is ``{"index": i, "result": value}`` or ``{"index": i, "error": {...}}``.
+A JSONL line is ``{"index": i, "result": value}`` or ``{"index": i, "error": {...}}``
+(the error's type, message, remote traceback, node, worker, attempts, outcome).
+
+An output file is held with an exclusive lock (``flock``) while a map writes it: a
+second map on the same file stops at once (``OutputError``) and leaves it as it was.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from deathstar.errors import describe
 from deathstar.report import TaskRecord
 
 #: A JSONL output file is flushed and fsync'd at least this often, and every this many
@@ -32,19 +38,42 @@ def is_pickle(path: Path | None) -> bool:
     return path is not None and path.suffix.lower() in (".pkl", ".pickle")
 
 
+def lock_output(path: Path) -> int:
+    """Open ``path`` (made if missing, never truncated here) and take an exclusive lock on
+    it; the open descriptor holds the lock. OutputError at once when another process
+    holds it, or when it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise OutputError(f"--out {path} cannot be opened: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputError(f"--out {path} is being written by another deathstar map (it "
+                          "holds the file's lock); wait for it or choose another file"
+                          ) from None
+    return fd
+
+
 class ResultWriter:
     """Writes one line (or pickle entry) per input. ``append`` continues a previous
-    file (``--resume``). Not thread-safe."""
+    file (``--resume``). The file is locked from here to ``close`` (``lock_output``:
+    OutputError if another map holds it) and emptied only when the first result is
+    written (or at ``close``), so a run that stops before has changed nothing.
+    Not thread-safe."""
 
     def __init__(self, path: Path | None, append: bool = False):
         self.path = path
         self.pickled = is_pickle(path)
         self.values: list[Any] = []
         self.fh: IO[str] | None = None
+        self.empty_first = not append
         if path is None:
             self.fh = sys.stdout
-        elif not self.pickled:
-            self.fh = path.open("a" if append else "w")
+        else:
+            self.fh = os.fdopen(lock_output(path), "r+")
+            self.fh.seek(0, os.SEEK_END)
         self.unsynced = 0
         self.next_sync = time.monotonic() + FSYNC_INTERVAL_S
 
@@ -53,6 +82,7 @@ class ResultWriter:
             self.values.append(value)
             return
         assert self.fh is not None
+        self._empty_once()
         self.fh.write(result_line(index, ok, value, record) + "\n")
         self.unsynced += 1
         if self.unsynced >= FSYNC_LINES or time.monotonic() >= self.next_sync:
@@ -68,14 +98,24 @@ class ResultWriter:
         self.unsynced = 0
         self.next_sync = time.monotonic() + FSYNC_INTERVAL_S
 
+    def _empty_once(self) -> None:
+        if self.empty_first and self.fh is not None and self.fh is not sys.stdout:
+            self.fh.seek(0)
+            self.fh.truncate()
+            self.empty_first = False
+
     def close(self) -> None:
-        if self.pickled and self.path is not None:
-            with self.path.open("wb") as fh:
+        if self.fh is None:
+            return
+        self._empty_once()
+        if self.pickled:
+            self.fh.flush()
+            with open(self.fh.fileno(), "wb", closefd=False) as fh:
                 pickle.dump(self.values, fh, protocol=5)
-        elif self.fh is not None:
-            self.sync()
-            if self.fh is not sys.stdout:
-                self.fh.close()
+        self.sync()
+        if self.fh is not sys.stdout:
+            self.fh.close()  # releases the lock
+        self.fh = None
 
 
 def result_line(index: int, ok: bool, value: Any, record: TaskRecord) -> str:
@@ -84,11 +124,11 @@ def result_line(index: int, ok: bool, value: Any, record: TaskRecord) -> str:
         if ok:  # the common case, without building a dict (and ints without the encoder)
             text = str(value) if type(value) is int else _ENCODER.encode(value)
             return f'{{"index": {index}, "result": {text}}}'
+        info = describe(value)
         return _ENCODER.encode({"index": index, "error": {
-            "type": getattr(value, "type_name", type(value).__name__),
-            "message": getattr(value, "message", str(value)),
-            "node": record.node, "worker": record.worker, "attempts": record.attempts,
-            "outcome": record.outcome}})
+            "type": info["type"], "message": info["message"],
+            "traceback": info["traceback"], "node": record.node, "worker": record.worker,
+            "attempts": record.attempts, "outcome": record.outcome}})
     except (TypeError, ValueError) as exc:
         raise OutputError(
             f"the result of input {index} ({type(value).__name__}) cannot be written as "
@@ -123,6 +163,14 @@ def read_previous(path: Path, retry_failed: bool) -> Previous:
     previous = Previous()
     if not path.exists():
         return previous
+    lock = lock_output(path)  # not while another map writes it
+    try:
+        return _scan(path, previous, retry_failed)
+    finally:
+        os.close(lock)
+
+
+def _scan(path: Path, previous: Previous, retry_failed: bool) -> Previous:
     keep: list[bytes] = []
     dropped = False
     with path.open("rb") as fh:
