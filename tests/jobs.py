@@ -1,5 +1,5 @@
-"""Functions the tests map. Importable by name on the client; shipped by value to workers
-(this folder is not installed), which is itself under test."""
+"""Functions the tests map. Importable by name on the client; shipped as source to the
+workers (this folder is not installed), which is itself under test."""
 
 from __future__ import annotations
 

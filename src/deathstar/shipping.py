@@ -192,18 +192,19 @@ def bundle_for(names: Iterable[str]) -> Bundle | None:
     imports followed again when a module was imported or a file changed since."""
     key = frozenset(names)
     cached = _CLOSURES.get(key)
-    if cached is not None and cached[0] == len(sys.modules):
+    if cached is not None and cached[0] == len(sys.modules) and \
+            all(sys.modules.get(m.__name__) is m for m in cached[2]):
         modules = cached[2]
-        stamps = tuple((m.__name__, _stamp(m)) for m in modules)
+        stamps = tuple((m.__name__, m.__file__, _stamp(m)) for m in modules)
         if stamps == cached[1]:
             return _BUNDLES.get(stamps)  # None: no local module
     modules = local_closure(key)
-    stamps = tuple((m.__name__, _stamp(m)) for m in modules)
+    stamps = tuple((m.__name__, m.__file__, _stamp(m)) for m in modules)
     _CLOSURES[key] = (len(sys.modules), stamps, modules)
     if not modules:
         return None
     if stamps not in _BUNDLES:
-        _BUNDLES[stamps] = _make_bundle(modules, [stamp for _, stamp in stamps])
+        _BUNDLES[stamps] = _make_bundle(modules, [stamp for _, _, stamp in stamps])
     return _BUNDLES[stamps]
 
 

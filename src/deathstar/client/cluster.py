@@ -361,7 +361,7 @@ class Cluster:
                     progress(done, job.total)
                 yield from drain(batch)
         finally:
-            if not job.ended:
+            if not job.ended and self.engine.is_alive():  # (a closed Cluster dropped it)
                 self.engine.cancel(job)
 
 

@@ -1,0 +1,115 @@
+"""The user's own code on a host that does not have it: a module with ordinary state (a
+``threading.local`` cache and a lock) and a package with relative imports, written in a
+folder of the test, mapped on a namespace host whose daemon runs from another folder, by
+the library and by the CLI. Before modules were shipped as source these stopped with
+"cannot pickle '_thread.lock' object"."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import deathstar
+from tests.conftest import FAST_HEARTBEAT, Daemon, start_daemon, wait_for
+from tests.netns.hosts import Host, netns_available, virtual_hosts
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+
+PORT = 6000
+
+STATEFUL = '''
+import os
+import threading
+
+_CACHE = threading.local()
+_LOCK = threading.Lock()
+CALLS = 0
+
+
+def f(x):
+    global CALLS
+    with _LOCK:
+        CALLS += 1
+        seen = getattr(_CACHE, "seen", 0) + 1
+        _CACHE.seen = seen
+    return {"double": 2 * x, "pid": os.getpid(), "module": __name__}
+'''
+
+PACKAGE = {
+    "__init__.py": "from .core import run\n",
+    "core.py": "from . import helpers\nfrom .helpers import offset\n\n"
+               "def run(x):\n    return helpers.scale(x) + offset()\n",
+    "helpers.py": "import threading\n_LOCK = threading.Lock()\n\n"
+                  "def scale(x):\n    with _LOCK:\n        return 10 * x\n\n"
+                  "def offset():\n    return 7\n",
+}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A one-host network and a two-worker daemon on it, started in an empty folder."""
+    reason = netns_available()
+    if reason:
+        pytest.skip(reason)
+    elsewhere = tmp_path_factory.mktemp("node-cwd")
+    with virtual_hosts(1) as hosts:
+        host: Host = hosts[0]
+        daemon = start_daemon(2, "--insecure", host=host.address, port=PORT,
+                              wrap=host.argv(["env", f"--chdir={elsewhere}"]))
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+
+@pytest.fixture
+def code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with ``statemod.py`` and the package ``relpkg``, importable here."""
+    (tmp_path / "statemod.py").write_text(STATEFUL)
+    (tmp_path / "relpkg").mkdir()
+    for name, text in PACKAGE.items():
+        (tmp_path / "relpkg" / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("statemod", "relpkg", "relpkg.core", "relpkg.helpers"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return tmp_path
+
+
+def test_a_module_with_a_lock_and_a_thread_local_runs_on_the_host(node: Daemon, code: Path
+                                                                  ) -> None:
+    import statemod
+
+    res = deathstar.map(statemod.f, range(20), cluster=[node.address])
+    assert [r["double"] for r in res] == [2 * x for x in range(20)]
+    assert {r["module"] for r in res} == {"statemod"}  # imported under its real name
+    assert statemod.CALLS == 0  # ran there, not here
+
+
+def test_a_package_with_relative_imports_runs_on_the_host(node: Daemon, code: Path) -> None:
+    import relpkg
+
+    assert deathstar.map(relpkg.run, range(5), cluster=[node.address]) == \
+        [10 * x + 7 for x in range(5)]
+
+
+def test_the_cli_maps_a_module_of_the_current_folder_on_the_host(node: Daemon, code: Path
+                                                                 ) -> None:
+    (code / "args.jsonl").write_text("".join(f"{i}\n" for i in range(10)))
+    for target, expect in (("statemod:f", [{"double": 2 * i} for i in range(10)]),
+                           ("relpkg:run", [10 * i + 7 for i in range(10)])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "deathstar", "map", target, "--args", "args.jsonl",
+             "--cluster", node.address, "--out", "out.jsonl", "--quiet"],
+            cwd=code, capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr
+        lines = [json.loads(line) for line in (code / "out.jsonl").read_text().splitlines()]
+        got = [line["result"] for line in lines]
+        if isinstance(expect[0], dict):
+            got = [{"double": g["double"]} for g in got]
+        assert got == expect
