@@ -233,9 +233,8 @@ def dump_results(values: list[Any], oks: list[bool], outputs: list[str] | None
         except Terminate:
             raise
         except BaseException as exc:  # noqa: B036 - a __reduce__ may raise anything
-            error = serialize.SerializationError(
-                f"the result ({type(value).__name__}) could not be pickled: "
-                f"{type(exc).__name__}: {_text(exc)}")
-            error.__cause__ = exc
-            values[i], oks[i] = error_info(error), False
+            # what pickling raised is that input's error, as with ProcessPoolExecutor
+            exc.add_note(f"deathstar: the result ({type(value).__name__}) could not be "
+                         "pickled on the worker")
+            values[i], oks[i] = error_info(exc), False
     return serialize.dumps(values if outputs is None else (values, outputs))
