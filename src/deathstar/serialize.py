@@ -7,6 +7,12 @@ pickle stream). To a node on this machine (the embedded one), a large buffer fra
 replaced by the path of a file in a private /dev/shm folder holding it (``SharedFolder``):
 one copy instead of four through the sockets; the worker maps it (``map_shared``).
 
+A frame larger than one message may be (``config.MAX_MESSAGE_BYTES``, the size a ZeroMQ
+socket here accepts per frame) is cut into pieces under it (``CHUNK_BYTES``); the payload
+then starts with a small header frame saying how the pieces join (``_CHUNKED``), so it
+needs no envelope field and the daemon routes the pieces as any other frames. A payload
+of any size the machines can hold travels this way.
+
 A function blob is ``(Bundle | None, Deferred((fn, common)))``: the source files of the
 local modules the function needs (``deathstar.shipping``), then the function itself,
 pickled by reference to those modules and unpickled only once they are importable.
@@ -29,6 +35,7 @@ from typing import Any, Iterable, Sequence
 
 import cloudpickle
 
+from deathstar import config
 from deathstar.shipping import Bundle, ShippingError, bundle_for
 
 log = logging.getLogger("deathstar.client")
@@ -61,9 +68,21 @@ class _Recorder(cloudpickle.Pickler):  # type: ignore[misc]
         return super().reducer_override(obj)
 
 
+#: Frames are cut into pieces of at most this many bytes (under the per-frame cap of
+#: every deathstar socket, ``config.MAX_MESSAGE_BYTES``).
+CHUNK_BYTES = min(config.MAX_MESSAGE_BYTES, 64 * 1024 * 1024)
+#: The first bytes of a chunked payload's header frame (a pickle stream never starts so).
+_CHUNKED = b"DSCHUNK1"
+
+
 def dumps(obj: Any, modules: set[str] | None = None) -> list[Any]:
-    """Serialize ``obj`` into payload frames (pickle stream + out-of-band buffers).
+    """Serialize ``obj`` into payload frames (pickle stream + out-of-band buffers), each
+    at most ``CHUNK_BYTES`` (larger ones are cut: see the module docstring).
     ``modules``: a set to which the names of the modules the pickle refers to are added."""
+    return chunk(_dumps(obj, modules))
+
+
+def _dumps(obj: Any, modules: set[str] | None = None) -> list[Any]:
     buffers: list[Any] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -92,9 +111,50 @@ def loads(frames: list[Any], shared: Sequence[int] = ()) -> Any:
     """
     if not frames:
         raise SerializationError("empty payload")
-    buffers = [map_shared(f) if k in shared else bytearray(f)
-               for k, f in enumerate(frames[1:], 1)]
-    return pickle.loads(memoryview(frames[0]), buffers=buffers)
+    if shared:
+        frames = [map_shared(f) if k in shared else f for k, f in enumerate(frames)]
+    if bytes(memoryview(frames[0])[:len(_CHUNKED)]) == _CHUNKED:
+        frames = _join(frames)  # copies into writable memory, as below
+    else:
+        frames = [frames[0], *(f if isinstance(f, (bytearray, mmap.mmap)) else bytearray(f)
+                               for f in frames[1:])]
+    return pickle.loads(memoryview(frames[0]), buffers=frames[1:])
+
+
+def chunk(frames: list[Any], limit: int | None = None) -> list[Any]:
+    """``frames`` as they are when none is over ``limit`` (default ``CHUNK_BYTES``); else a
+    header frame (``_CHUNKED`` + how many pieces make each frame) and the pieces."""
+    limit = limit or CHUNK_BYTES
+    views = [memoryview(f).cast("B") for f in frames]
+    if all(v.nbytes <= limit for v in views):
+        return frames
+    counts: list[int] = []
+    pieces: list[Any] = []
+    for view in views:
+        cut = [view[i:i + limit] for i in range(0, view.nbytes, limit)] or [view]
+        counts.append(len(cut))
+        pieces += cut
+    return [_CHUNKED + pickle.dumps(counts, protocol=5), *pieces]
+
+
+def _join(frames: list[Any]) -> list[Any]:
+    """The frames a chunked payload was cut from, each joined into one bytearray."""
+    counts = pickle.loads(memoryview(frames[0])[len(_CHUNKED):])
+    if not isinstance(counts, list) or not all(isinstance(c, int) and c > 0 for c in counts) \
+            or sum(counts) != len(frames) - 1:
+        raise SerializationError("a chunked payload whose header does not match its frames")
+    joined: list[Any] = []
+    k = 1
+    for count in counts:
+        parts = [memoryview(f).cast("B") for f in frames[k:k + count]]
+        whole = bytearray(sum(p.nbytes for p in parts))
+        at = 0
+        for part in parts:
+            whole[at:at + part.nbytes] = part
+            at += part.nbytes
+        joined.append(whole)
+        k += count
+    return joined
 
 
 class Deferred:
@@ -106,7 +166,7 @@ class Deferred:
     __slots__ = ("frames",)
 
     def __init__(self, frames: list[Any]):
-        self.frames = frames  # the inner pickle stream, then its buffers
+        self.frames = frames  # the inner pickle stream, then its buffers (never chunked)
 
     def __reduce__(self) -> Any:
         stream, *buffers = self.frames
@@ -128,7 +188,7 @@ def seal(value: Any) -> Any:
     what pickling ``value`` raises."""
     if value is None or type(value) in _PLAIN:
         return value
-    return Deferred(dumps(value))
+    return Deferred(_dumps(value))
 
 
 def unseal(value: Any) -> Any:
@@ -323,7 +383,7 @@ def dumps_function(fn: Any, common: dict[str, Any], modules: Iterable[str] = (),
     """
     names = set(modules)
     try:
-        inner = dumps((fn, common, init), names)
+        inner = _dumps((fn, common, init), names)
     except Exception as exc:
         raise _culprit(fn, common, exc) from exc
     try:

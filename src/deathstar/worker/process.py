@@ -295,20 +295,20 @@ class Worker:
         if self.slot is not None:
             self.slot[:] = slot_value(msg.env["id"]).to_bytes(SLOT_BYTES, "little")
         self.socket_lock.release()  # the pulse thread beats while user code runs
-        try:
+        try:  # ... and while the results are pickled (their __reduce__ is user code too)
             values, oks, stamps, outputs = run_calls(function, msg, self.initialized)
+            for value, ok in zip(values, oks):
+                if not ok:  # the client's own file names in its tracebacks
+                    value["traceback"] = self.modules.translate(value["traceback"])
+            payload = dump_results(values, oks, outputs)
+            extra: dict[str, Any] = {}
+            shared = self.results_folder(msg.env.get(protocol.F_RSHM))
+            if shared is not None:
+                payload, extra[protocol.F_SHM], _ = shared.share(payload)
         finally:
             self.socket_lock.acquire()
             self.modules.remember()
-        for value, ok in zip(values, oks):
-            if not ok:  # the client's own file names in its tracebacks
-                value["traceback"] = self.modules.translate(value["traceback"])
         self.inputs_done += len(oks)
-        payload = dump_results(values, oks, outputs)
-        extra: dict[str, Any] = {}
-        shared = self.results_folder(msg.env.get(protocol.F_RSHM))
-        if shared is not None:
-            payload, extra[protocol.F_SHM], _ = shared.share(payload)
         self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
                                 **protocol.outcome_fields(oks, stamps), **extra))
 
