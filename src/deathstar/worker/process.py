@@ -7,6 +7,7 @@ unpickled. Started by the daemon (one per core) or by hand with ``deathstar work
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import zmq
 
@@ -236,7 +237,8 @@ class Worker:
         fn_hash = msg.env["h"]
         self.fetching.discard(fn_hash)
         try:
-            function = self.load_function(msg.payload)
+            with self.beating():  # unpickling imports the user's modules: user code
+                function = self.load_function(msg.payload)
         except Terminate:
             raise
         except BaseException as exc:  # noqa: B036 - unpickling runs the user's imports
@@ -246,6 +248,16 @@ class Worker:
         while len(self.functions) > FUNCTION_CACHE_ENTRIES:
             self.functions.popitem(last=False)
         self.run_waiting()
+
+    @contextlib.contextmanager
+    def beating(self) -> Iterator[None]:
+        """Within ``with``: the pulse thread may use the socket (the main thread runs user
+        code, or other long work that does not touch the socket)."""
+        self.socket_lock.release()
+        try:
+            yield
+        finally:
+            self.socket_lock.acquire()
 
     def load_function(self, payload: list[Any]) -> Function:
         """A function blob: its modules written and imported here, then the function
@@ -294,8 +306,7 @@ class Worker:
         self.modules.activate(function.bundle)
         if self.slot is not None:
             self.slot[:] = slot_value(msg.env["id"]).to_bytes(SLOT_BYTES, "little")
-        self.socket_lock.release()  # the pulse thread beats while user code runs
-        try:  # ... and while the results are pickled (their __reduce__ is user code too)
+        with self.beating():  # user code: the calls, then pickling their results
             values, oks, stamps, outputs = run_calls(function, msg, self.initialized)
             for value, ok in zip(values, oks):
                 if not ok:  # the client's own file names in its tracebacks
@@ -305,9 +316,7 @@ class Worker:
             shared = self.results_folder(msg.env.get(protocol.F_RSHM))
             if shared is not None:
                 payload, extra[protocol.F_SHM], _ = shared.share(payload)
-        finally:
-            self.socket_lock.acquire()
-            self.modules.remember()
+        self.modules.remember()
         self.inputs_done += len(oks)
         self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
                                 **protocol.outcome_fields(oks, stamps), **extra))
