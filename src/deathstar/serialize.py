@@ -147,14 +147,23 @@ def _join(frames: list[Any]) -> list[Any]:
     k = 1
     for count in counts:
         parts = [memoryview(f).cast("B") for f in frames[k:k + count]]
-        whole = bytearray(sum(p.nbytes for p in parts))
+        size = sum(p.nbytes for p in parts)
+        # anonymous memory: not zeroed first (the OS gives zero pages as they are touched)
+        whole: Any = mmap.mmap(-1, size) if size else bytearray()
         at = 0
         for part in parts:
-            whole[at:at + part.nbytes] = part
-            at += part.nbytes
+            for i in range(0, part.nbytes, _COPY_STEP):  # the GIL is let go between steps
+                piece = part[i:i + _COPY_STEP]
+                whole[at:at + piece.nbytes] = piece
+                at += piece.nbytes
         joined.append(whole)
         k += count
     return joined
+
+
+#: Bytes copied at a time when joining pieces: other threads (a worker's heartbeats, the
+#: client's I/O thread) run between two copies.
+_COPY_STEP = 8 * 1024 * 1024
 
 
 class Deferred:

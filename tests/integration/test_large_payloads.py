@@ -25,7 +25,11 @@ def describe(a: np.ndarray) -> tuple[int, float, float]:
 
 
 def make(nbytes: int, fill: float) -> np.ndarray:
-    a = np.full(nbytes // 8, fill, dtype=np.float64)
+    """An array of ``nbytes`` (filled a slice at a time: the worker's heartbeat thread
+    runs in between, as it would around any user code that lets go of the GIL)."""
+    a = np.empty(nbytes // 8, dtype=np.float64)
+    for i in range(0, a.size, 1 << 20):
+        a[i:i + (1 << 20)] = fill
     a[-1] = -fill
     return a
 
