@@ -390,15 +390,27 @@ def dumps_function(fn: Any, common: dict[str, Any], modules: Iterable[str] = (),
     Raises ``SerializationError`` naming the function or the common argument that cannot
     be pickled, and why, or the module that cannot be shipped.
     """
+    return function_blob(*pickle_function(fn, common, modules, init))
+
+
+def pickle_function(fn: Any, common: dict[str, Any], modules: Iterable[str] = (),
+                    init: tuple[str, Any, tuple[Any, ...]] | None = None
+                    ) -> tuple[list[Any], Bundle | None]:
+    """The two halves of ``dumps_function``: ``(fn, common, init)`` pickled, and the
+    bundle of the modules it needs (a caller that sees both unchanged may keep its blob)."""
     names = set(modules)
     try:
         inner = _dumps((fn, common, init), names)
     except Exception as exc:
         raise _culprit(fn, common, exc) from exc
     try:
-        bundle = bundle_for(names)
+        return inner, bundle_for(names)
     except ShippingError as exc:
         raise SerializationError(str(exc)) from None
+
+
+def function_blob(inner: list[Any], bundle: Bundle | None) -> list[Any]:
+    """A function blob from ``pickle_function``'s halves."""
     return dumps((bundle, Deferred(inner)))
 
 

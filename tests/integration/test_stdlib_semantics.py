@@ -259,9 +259,8 @@ def test_del_shutdown() -> None:
     daemon = executor.cluster.local.proc
     del executor
     assert [f.result(timeout=30) for f in futures] == [abs(v) for v in range(-5, 5)]
-    gc.collect()
-    thread.join(30)
-    assert not thread.is_alive()
+    wait_for(lambda: gc.collect() >= 0 and not thread.is_alive(), 30,
+             "the dropped executor's thread to end")
     assert daemon.wait(30) == 0  # the embedded daemon was stopped
 
 

@@ -138,7 +138,7 @@ class Executor(cf.Executor):
         self._unfinished: set[cf.Future[Any]] = set()
         self._maps: set[Job] = set()
         self._indices = itertools.count()
-        self._last_blob: tuple[str, list[Any]] | None = None
+        self._last_blob: tuple[tuple[Any, ...], str, list[Any]] | None = None
         self._inbox: queue.SimpleQueue[tuple[_Feed | None, Any]] = queue.SimpleQueue()
         self._shutdown = False
         self._released = False
@@ -201,13 +201,14 @@ class Executor(cf.Executor):
             raise serialize.SerializationError(
                 f"an argument cannot be pickled: {type(exc).__name__}: {exc}") from exc
         # the local modules the arguments refer to (a joblib batch's function) go with it
-        blob = serialize.dumps_function(fn, {}, modules, self._init)
-        fn_hash = serialize.content_hash(blob)
+        inner, bundle = serialize.pickle_function(fn, {}, modules, self._init)
+        key = (bundle, *inner)
         last = self._last_blob
-        if last is not None and last[0] == fn_hash:
-            blob = last[1]
-        else:
-            self._last_blob = (fn_hash, blob)
+        if last is not None and last[0] == key:
+            return last[1], last[2]  # the same function and modules as the last call
+        blob = serialize.function_blob(inner, bundle)
+        fn_hash = serialize.content_hash(blob)
+        self._last_blob = (key, fn_hash, blob)
         return fn_hash, blob
 
     def _start_feed_locked(self) -> None:
@@ -279,6 +280,7 @@ class Executor(cf.Executor):
         with self._lock:
             self._feeds.discard(feed)
             feed.closed = True
+            feed.job = None  # no cycle job <-> feed keeps this executor alive once dropped
             leftovers = list(feed.futures.values())
             feed.futures.clear()
             if self._feed is feed:
