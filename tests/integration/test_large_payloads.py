@@ -43,7 +43,8 @@ def test_frames_over_the_cap_travel_in_pieces(daemons: Callable[..., Daemon]) ->
     """With a 4 MiB cap on every socket (daemon, workers and client alike): a 20 MB array
     argument, a 20 MB array result and a 12 MB bytes result (one pickle stream)."""
     env = {**os.environ, "DEATHSTAR_MAX_MESSAGE_BYTES": str(4 << 20),
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                       os.environ.get("PYTHONPATH")]))}
     node = daemons(1, env=env)
     script = textwrap.dedent("""
         import sys

@@ -185,7 +185,9 @@ def test_two_clients_with_two_versions_of_a_module_on_one_node_each_get_theirs(
         procs.append(subprocess.Popen([sys.executable, "-c", CLIENT.format(), node.address],
                                       cwd=folder, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)}))
+                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                          filter(None, [str(ROOT),
+                                                        os.environ.get("PYTHONPATH")]))}))
     outputs = [p.communicate(timeout=80) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     seen = [out.strip() for out, _ in outputs]
