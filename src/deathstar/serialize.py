@@ -38,6 +38,11 @@ import cloudpickle
 from deathstar import config
 from deathstar.shipping import Bundle, ShippingError, bundle_for
 
+__all__ = ["Bundle", "Deferred", "SerializationError", "SharedFolder", "ShippingError",
+           "bundle_for", "chunk", "content_hash", "dumps", "dumps_function",
+           "function_blob", "loads", "loads_function", "payload_size", "pickle_function",
+           "seal", "unseal"]
+
 log = logging.getLogger("deathstar.client")
 
 #: Buffers smaller than this stay inside the pickle stream: a frame of their own costs more.
@@ -390,21 +395,23 @@ def dumps_function(fn: Any, common: dict[str, Any], modules: Iterable[str] = (),
     Raises ``SerializationError`` naming the function or the common argument that cannot
     be pickled, and why, or the module that cannot be shipped.
     """
-    return function_blob(*pickle_function(fn, common, modules, init))
+    inner, bundle, _ = pickle_function(fn, common, modules, init)
+    return function_blob(inner, bundle)
 
 
 def pickle_function(fn: Any, common: dict[str, Any], modules: Iterable[str] = (),
                     init: tuple[str, Any, tuple[Any, ...]] | None = None
-                    ) -> tuple[list[Any], Bundle | None]:
-    """The two halves of ``dumps_function``: ``(fn, common, init)`` pickled, and the
-    bundle of the modules it needs (a caller that sees both unchanged may keep its blob)."""
+                    ) -> tuple[list[Any], Bundle | None, set[str]]:
+    """The halves of ``dumps_function``: ``(fn, common, init)`` pickled, and the bundle
+    of the modules it needs (a caller that sees both unchanged may keep its blob); and
+    the names of every module the pickle refers to (with ``modules``)."""
     names = set(modules)
     try:
         inner = _dumps((fn, common, init), names)
     except Exception as exc:
         raise _culprit(fn, common, exc) from exc
     try:
-        return inner, bundle_for(names)
+        return inner, bundle_for(names), names
     except ShippingError as exc:
         raise SerializationError(str(exc)) from None
 

@@ -41,6 +41,15 @@ def f(x):
     return {"double": 2 * x, "pid": os.getpid(), "module": __name__}
 '''
 
+POINT = """
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def norm(self):
+        return (self.x ** 2 + self.y ** 2) ** 0.5
+"""
+
 PACKAGE = {
     "__init__.py": "from .core import run\n",
     "core.py": "from . import helpers\nfrom .helpers import offset\n\n"
@@ -72,11 +81,12 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder with ``statemod.py`` and the package ``relpkg``, importable here."""
     (tmp_path / "statemod.py").write_text(STATEFUL)
+    (tmp_path / "pointmod.py").write_text(POINT)
     (tmp_path / "relpkg").mkdir()
     for name, text in PACKAGE.items():
         (tmp_path / "relpkg" / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("statemod", "relpkg", "relpkg.core", "relpkg.helpers"):
+    for name in ("statemod", "pointmod", "relpkg", "relpkg.core", "relpkg.helpers"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     return tmp_path
 
@@ -113,3 +123,15 @@ def test_the_cli_maps_a_module_of_the_current_folder_on_the_host(node: Daemon, c
         if isinstance(expect[0], dict):
             got = [{"double": g["double"]} for g in got]
         assert got == expect
+
+
+def test_inputs_of_a_local_class_ship_its_module_too(node: Daemon, code: Path) -> None:
+    """A script's ``__main__`` lambda (by value: it names no module of ours) mapped over
+    instances of a class of a local module: the inputs need that module shipped."""
+    script = ("import sys, deathstar, pointmod\n"
+              "points = [pointmod.Point(3 * k, 4 * k) for k in range(1, 6)]\n"
+              "print(deathstar.map(lambda p: p.norm(), points, cluster=[sys.argv[1]]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, node.address], cwd=code,
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str([5.0 * k for k in range(1, 6)])

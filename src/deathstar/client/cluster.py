@@ -314,12 +314,15 @@ class Cluster:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         self.check_open()
-        blob = serialize.dumps_function(fn, common)
+        inner, bundle, modules = serialize.pickle_function(fn, common)
+        blob = serialize.function_blob(inner, bundle)
         # calls before indices: an index may be known only once its call has been read
         numbered = zip(calls, itertools.count() if indices is None else indices)
-        return self.job_from_blob(serialize.content_hash(blob), blob,
-                                  ((i, args, kwargs) for (args, kwargs), i in numbered),
-                                  options, total=total, out=out)
+        job = self.job_from_blob(serialize.content_hash(blob), blob,
+                                 ((i, args, kwargs) for (args, kwargs), i in numbered),
+                                 options, total=total, out=out)
+        job.inner, job.modules = inner, modules  # inputs may need more modules shipped
+        return job
 
     def job_from_blob(self, fn_hash: str, blob: list[Any],
                       items: Iterator[tuple[int, tuple[Any, ...], dict[str, Any] | None]],

@@ -201,7 +201,7 @@ class Executor(cf.Executor):
             raise serialize.SerializationError(
                 f"an argument cannot be pickled: {type(exc).__name__}: {exc}") from exc
         # the local modules the arguments refer to (a joblib batch's function) go with it
-        inner, bundle = serialize.pickle_function(fn, {}, modules, self._init)
+        inner, bundle, _ = serialize.pickle_function(fn, {}, modules, self._init)
         key = (bundle, *inner)
         last = self._last_blob
         if last is not None and last[0] == key:

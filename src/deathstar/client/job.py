@@ -100,6 +100,11 @@ class Job:
     throttled: bool = False
     ended: bool = False  # the consumer took FINISHED or the job's exception
     wake: Callable[[], None] = lambda: None  # set by the I/O thread's submit
+    # The function's own pickle and the modules known to travel with it: when inputs
+    # refer to a local module that is not among them, the blob is made again with it
+    # (``ship_more``). None: the caller ships what its inputs need (the Executor).
+    inner: list[Any] | None = None
+    modules: set[str] = field(default_factory=set)
 
     def deliver(self, outcomes: list[Any]) -> None:
         """Hand a list of outcomes to the consumer (I/O thread)."""
@@ -126,8 +131,9 @@ class Job:
         if not chunk:
             return None
         self.read += len(chunk)
+        names: set[str] | None = None if self.inner is None else set()
         try:
-            payload = serialize.dumps([(args, kwargs) for _, args, kwargs in chunk])
+            payload = serialize.dumps([(args, kwargs) for _, args, kwargs in chunk], names)
         except Exception:
             for index, args, kwargs in chunk:
                 try:
@@ -137,7 +143,22 @@ class Job:
                         f"input {index} cannot be pickled: {type(exc).__name__}: {exc}")
                     ) from exc
             raise
+        if names and not names <= self.modules:
+            self.ship_more(names)
         return Task(self, [index for index, _, _ in chunk], payload)
+
+    def ship_more(self, names: set[str]) -> None:
+        """Inputs refer to modules ``names``: if local ones are among them that the blob
+        lacks, the blob is made again with them (a new hash: each node gets it before
+        the next task). Raises JobInputError when a module cannot be shipped."""
+        assert self.inner is not None
+        self.modules |= names
+        try:
+            bundle = serialize.bundle_for(self.modules)
+        except serialize.ShippingError as exc:
+            raise JobInputError(serialize.SerializationError(str(exc))) from exc
+        blob = serialize.function_blob(self.inner, bundle)
+        self.fn_hash, self.blob = serialize.content_hash(blob), blob
 
     def take(self, timeout: float | None = None) -> list[Outcome] | None:
         """The next list of outcomes (consumer thread), blocking at most ``timeout``
