@@ -19,7 +19,7 @@ from deathstar.cli.common import KeysOption, err, fail, setup_logging, summary_t
 from deathstar.cli.inputs import InputError, load_function, parse_kwargs, read_calls
 from deathstar.cli.output import OutputError, Previous, ResultWriter, read_previous
 from deathstar.client import Cluster, NoNodesError, ordered
-from deathstar.errors import TaskFailed
+from deathstar.errors import describe
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError
 from deathstar.nodes import ClusterSpecError
@@ -201,7 +201,7 @@ class _MapRun:
         self.tally = Tally()
         #: every record, kept only for --plot
         self.records: list[TaskRecord] | None = [] if keep_records else None
-        self.failed: list[TaskFailed] = []
+        self.failed: list[BaseException] = []
         #: with --resume, the failures already in the output: the exit code speaks for the
         #: whole output
         self.failed_count = earlier_failures
@@ -273,7 +273,12 @@ class _MapRun:
         if rows:
             err.print(summary_table(rows, wall_s))
         for exc in self.failed:
-            err.print(f"[red]input {exc.index} failed:[/] {exc}", highlight=False)
+            info = describe(exc)  # what the function raised comes back as itself
+            where = f" on {info['node']} ({info['worker']})" if info["node"] else ""
+            err.print(f"[red]input {getattr(exc, 'index', '?')} failed{where}:[/] "
+                      f"{info['type']}: {info['message']}", highlight=False)
+            if info["traceback"]:
+                err.print(info["traceback"].rstrip(), highlight=False, markup=False)
         if self.failed_count > len(self.failed):
             err.print(f"[red]... and {self.failed_count - len(self.failed)} more failed "
                       "inputs[/]", highlight=False)
