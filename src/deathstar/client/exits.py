@@ -49,8 +49,7 @@ def released_by(inbox: queue.SimpleQueue[Any], cluster: _Closable | None) -> Non
     inbox.put((None, None))
     if cluster is None:
         return
-    if isinstance(cluster, threading.Thread) or threading.current_thread().name == \
-            "deathstar-client":
+    if threading.current_thread().name == "deathstar-client":  # the I/O thread's name
         threading.Thread(target=cluster.close, daemon=True).start()
     else:
         cluster.close()
