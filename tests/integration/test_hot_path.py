@@ -241,3 +241,18 @@ def test_large_cli_map_keeps_client_memory_bounded(daemon: Daemon, tmp_path: Pat
     assert len(lines) == n and lines[-1] == f'{{"index": {n - 1}, "result": {(n - 1) ** 2}}}'
     assert peak < 150 * 2**20, f"client peak RSS {peak / 2**20:.0f} MiB"
     print(f"client peak RSS {peak / 2**20:.0f} MiB for {n} inputs")
+
+
+def test_a_message_waiting_behind_an_overrun_moves_to_an_idle_worker(daemons: Any) -> None:
+    """Short inputs teach the client a short estimate, so the daemon prefetches a message
+    behind the one long input; when the other worker runs out of work, the daemon asks
+    that message back (RECALL) and the idle worker runs it: no input waits for the long
+    one to end."""
+    d = daemons(2)
+    seconds = [0.005] * 20 + [2.0] + [0.005] * 40
+    res = deathstar.map(jobs.sleep_for, seconds, cluster=[d.address], chunksize=1)
+    long = res.report[20]
+    late = [r.index for r in res.report if r.index != 20 and r.end > long.end]
+    assert late == [], f"inputs {late} waited behind the long one"
+    assert d.status()["tasks_recalled"] >= 1
+    assert [r.attempts for r in res.report] == [1] * len(seconds)

@@ -31,6 +31,10 @@ from deathstar.worker.imports import ModuleFolders
 
 log = logging.getLogger("deathstar.worker")
 
+#: Seconds between the pulse thread's looks at the socket while a task waits behind the
+#: one running (how soon a RECALL is answered).
+RECALL_CHECK_S = 0.02
+
 #: Function blobs a worker keeps unpickled (most recently used first out).
 FUNCTION_CACHE_ENTRIES = 16
 
@@ -96,12 +100,18 @@ class Worker:
         # the last task's rshm and the folder it names (None: not a usable folder)
         self.results_to: tuple[Any, serialize.SharedFolder | None] = (None, None)
         self.pulse_stop = threading.Event()
+        # Messages the pulse thread (or the main thread, before user code) read off the
+        # socket for the main loop: a task waiting here can still be given back (RECALL).
+        self.inbox: deque[Message] = deque()
+        self.nudge = threading.Event()  # wakes the pulse thread: user code starts
+        self.busy = False  # the main thread runs user code (the pulse thread may read)
         self.handlers: dict[str, Callable[[Message], None]] = {
             protocol.TASK: self.on_task,
             protocol.BLOB: self.on_blob,
             protocol.MISSING: self.on_missing,
             protocol.STOP: self.on_stop,
             protocol.HEARTBEAT: lambda msg: None,
+            protocol.RECALL: self.on_recall,
         }
 
     # ------------------------------------------------------------------ main loop
@@ -121,10 +131,13 @@ class Worker:
             while self.running:
                 if self.parent_gone():
                     return ExitCode.WORKER_PARENT_GONE
-                if self.sock.poll(int(self.heartbeat_s * 1000)):
+                code = None
+                if self.inbox:
+                    code = self.dispatch(self.inbox.popleft())
+                elif self.sock.poll(int(self.heartbeat_s * 1000)):
                     code = self.handle(self.sock.recv_multipart(copy=False))
-                    if code is not None:
-                        return code
+                if code is not None:
+                    return code
                 if self.worn_out():
                     self.send(protocol.pack(protocol.BYE))
                     return ExitCode.WORKER_RECYCLED
@@ -138,6 +151,7 @@ class Worker:
             return ExitCode.OK
         finally:
             self.pulse_stop.set()
+            self.nudge.set()
             self.modules.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -167,16 +181,46 @@ class Worker:
         raise Terminate()
 
     def _pulse(self) -> None:
-        """Heartbeats while user code holds the main thread (see the class docstring)."""
-        while not self.pulse_stop.wait(self.heartbeat_s * 0.9):
+        """Heartbeats while user code holds the main thread (see the class docstring);
+        meanwhile it also reads the socket every RECALL_CHECK_S, so that a task prefetched
+        behind the running one can be given back to the daemon for an idle worker."""
+        while not self.pulse_stop.is_set():
+            self.nudge.wait(RECALL_CHECK_S if self.busy else self.heartbeat_s * 0.9)
+            self.nudge.clear()
             if self.parent_gone():
                 os._exit(ExitCode.WORKER_PARENT_GONE)
             if self.socket_lock.acquire(blocking=False):
                 try:
                     if not self.pulse_stop.is_set():
                         self.heartbeat()
+                        if self.busy:
+                            self.take_in()
                 finally:
                     self.socket_lock.release()
+
+    def take_in(self) -> None:
+        """Read what waits on the socket into the inbox (socket lock held): a RECALL is
+        answered at once, the rest waits for the main loop."""
+        while self.sock.poll(0):
+            try:
+                msg = protocol.decode(self.sock.recv_multipart(copy=False))
+            except protocol.ProtocolError as exc:
+                log.warning("dropped a message from the daemon: %s", exc)
+                continue
+            if msg.type == protocol.RECALL:
+                self.on_recall(msg)
+            else:
+                self.inbox.append(msg)
+
+    def on_recall(self, msg: Message) -> None:
+        """Give back the named tasks that wait in the inbox, unstarted (lost
+        ``unstarted``); one already started or done is not in it, and is not named."""
+        wanted = set(msg.env["ids"])
+        given = [m for m in self.inbox if m.type == protocol.TASK and m.env["id"] in wanted]
+        for task in given:
+            self.inbox.remove(task)
+            self.send(protocol.lost([task.env["id"]], "given back unstarted", self.name,
+                                    code=protocol.LOST_UNSTARTED))
 
     def handle(self, frames: list[Any]) -> int | None:
         """Dispatch one message from the daemon; bad messages are logged and dropped."""
@@ -185,6 +229,10 @@ class Worker:
         except protocol.ProtocolError as exc:
             log.warning("dropped a message from the daemon: %s", exc)
             return None
+        return self.dispatch(msg)
+
+    def dispatch(self, msg: Message) -> int | None:
+        """Act on one decoded message; an exit code when the worker must leave."""
         if msg.type == protocol.REFUSED and msg.env.get(protocol.F_CODE) == protocol.REFUSED_HELLO:
             log.info("the daemon does not know this worker (it restarted?): saying ready")
             self.say_ready()
@@ -253,11 +301,14 @@ class Worker:
     def beating(self) -> Iterator[None]:
         """Within ``with``: the pulse thread may use the socket (the main thread runs user
         code, or other long work that does not touch the socket)."""
+        self.busy = True  # a task prefetched behind this work can be given back meanwhile
+        self.nudge.set()
         self.socket_lock.release()
         try:
             yield
         finally:
             self.socket_lock.acquire()
+            self.busy = False
 
     def load_function(self, payload: list[Any]) -> Function:
         """A function blob: its modules written and imported here, then the function
