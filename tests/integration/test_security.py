@@ -22,7 +22,7 @@ from deathstar import keys as keymod
 from deathstar import protocol
 from deathstar.client import Cluster, query_status
 from tests import jobs
-from tests.conftest import Daemon, wait_for
+from tests.conftest import Daemon, wait_for, worker_pids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -277,3 +277,56 @@ def test_key_folder_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("DEATHSTAR_KEYS", "none")
     assert keymod.resolve_dir(None, keymod.CLIENT) is None
     assert keymod.resolve_dir(tmp_path, keymod.CLIENT) == tmp_path
+
+
+def test_the_daemons_own_workers_keys_are_not_in_their_environment(
+        daemons: Callable[..., Daemon], keydir: Path) -> None:
+    """The ephemeral worker key travels in a 0600 file the worker removes once read:
+    /proc/PID/environ (which keeps what os.environ.pop removed) never has it, and no key
+    file is left behind; the key is admitted on the worker port only."""
+    d = daemons(2, keys=str(keydir))
+    pids = worker_pids(d)
+    assert len(pids) == 2
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"CURVE" not in environ and b"curve" not in environ
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        curve_file = cmdline[cmdline.index(b"--curve-file") + 1].decode()
+        wait_for(lambda: not Path(curve_file).exists(), 10, "the worker to remove its key file")
+    gate = keymod.Gatekeeper(zmq.Context.instance(), keymod.load_server_keys(keydir))
+    worker_key = gate.worker_pair[0].decode() if gate.worker_pair else ""
+    assert worker_key in gate.allowed[keymod.WORKERS]
+    assert worker_key not in gate.allowed[keymod.CLIENTS]
+
+
+def test_a_session_belongs_to_the_key_that_opened_it(daemons: Callable[..., Daemon],
+                                                     keydir: Path, tmp_path: Path) -> None:
+    """A second authorized key that connects with the first client's routing id (the
+    daemon hands the identity over) cannot act in that client's session."""
+    other = tmp_path / "other"
+    subprocess.run([EXE, "keygen", str(other)], check=True, capture_output=True)
+    shutil.copyfile(other / "client.key", keydir / "authorized" / "other.key")
+    d = daemons(1, keys=str(keydir))
+    node_key = keymod._load_public(keydir / "node.key")
+
+    def dealer(folder: Path) -> zmq.Socket[bytes]:
+        keys = keymod.load_client_keys(folder)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, b"victim")
+        keymod.connect_with(sock, keys.public, keys.secret, node_key)
+        sock.connect(f"tcp://127.0.0.1:{d.port}")
+        return sock
+
+    victim = dealer(keydir)
+    victim.send_multipart(protocol.hello(1.0))
+    assert victim.poll(10_000) and protocol.decode(victim.recv_multipart()).type == "welcome"
+    before = d.status()["bad_messages"]
+    intruder = dealer(other)  # same routing id, another key
+    try:
+        intruder.send_multipart(protocol.cancel([]))
+        wait_for(lambda: d.status()["bad_messages"] > before, 10,
+                 "the intruder's message to be dropped")
+    finally:
+        victim.close()
+        intruder.close()
