@@ -193,3 +193,30 @@ def test_two_clients_with_two_versions_of_a_module_on_one_node_each_get_theirs(
     seen = [out.strip() for out, _ in outputs]
     worker = seen[0].split("] ")[1]
     assert seen == [f"['alpha'] {worker}", f"['beta'] {worker}"]  # one worker, two versions
+
+
+NEEDS_A_PACKAGE = '''
+import sys
+if "deathstar.worker.process" in sys.modules:  # on the nodes only: a package they lack
+    import a_package_this_node_lacks  # noqa: F401
+
+
+def f(x):
+    return x
+'''
+
+
+def test_a_function_the_nodes_cannot_load_fails_its_inputs_instead_of_hanging(
+        daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its module imports a package the node lacks: every input fails with the import
+    error the node raised (the blob is not sent again and again)."""
+    (tmp_path / "needsapkg.py").write_text(NEEDS_A_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "needsapkg", raising=False)
+    import needsapkg
+
+    res = deathstar.map(needsapkg.f, range(6), cluster=[daemon.address], on_error="return")
+    assert all(isinstance(v, ModuleNotFoundError) for v in res), res
+    assert "a_package_this_node_lacks" in str(res[0])
+    with pytest.raises(ModuleNotFoundError):
+        deathstar.map(needsapkg.f, range(3), cluster=[daemon.address])

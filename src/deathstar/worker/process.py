@@ -26,7 +26,7 @@ from deathstar import config, keys, protocol, serialize
 from deathstar.exitcodes import ExitCode
 from deathstar.slot import SLOT_BYTES, slot_value
 from deathstar.protocol import Message
-from deathstar.worker.calls import Function, Terminate, dump_results, run_calls
+from deathstar.worker.calls import Function, Terminate, dump_results, error_info, run_calls
 from deathstar.worker.imports import ModuleFolders
 
 log = logging.getLogger("deathstar.worker")
@@ -290,7 +290,7 @@ class Worker:
         except Terminate:
             raise
         except BaseException as exc:  # noqa: B036 - unpickling runs the user's imports
-            self.fail_waiting(fn_hash, f"the function could not be unpickled here: {exc!r}")
+            self.fail_function(fn_hash, exc)
             return
         self.functions[fn_hash] = function
         while len(self.functions) > FUNCTION_CACHE_ENTRIES:
@@ -336,6 +336,27 @@ class Worker:
             else:
                 still.append(msg)
         self.waiting = still
+
+    def fail_function(self, fn_hash: str, exc: BaseException) -> None:
+        """The function cannot be loaded here (its module imports a package this node
+        lacks...): every input of its parked tasks fails with that exception, as if the
+        function had raised it. Sending the blob again would fail the same way forever."""
+        info = error_info(exc)
+        info["traceback"] = self.modules.translate(info["traceback"])
+        info["message"] = f"the function could not be loaded on {self.name}: {info['message']}"
+        keep: deque[Message] = deque()
+        for msg in self.waiting:
+            if msg.env["fn"] != fn_hash:
+                keep.append(msg)
+                continue
+            n = msg.env["n"]
+            now = time.time()
+            payload = dump_results([dict(info)] * n, [False] * n,
+                                   [""] * n if msg.env.get(protocol.F_CAP) else None)
+            self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"],
+                                    worker=self.name,
+                                    **protocol.outcome_fields([False] * n, [now] * (2 * n))))
+        self.waiting = keep
 
     def fail_waiting(self, fn_hash: str, reason: str) -> None:
         """Report parked tasks of a function we cannot get as lost: the client resends."""
