@@ -94,3 +94,12 @@ def write_plot(records: list[TaskRecord], path: Path) -> None:
     except ImportError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
     err.print(f"plot written to {path}", highlight=False)
+
+
+def announce_cluster(provider: str, name: str, addresses: list[str]) -> None:
+    """After ``PROVIDER up``: each node's address on stdout (one a line, for scripts) and
+    how to use and remove the cluster on stderr."""
+    for address in addresses:
+        typer.echo(address)
+    err.print(f"use it: deathstar map ... --cluster {provider}:{name}   "
+              f"(then: deathstar {provider} down --name {name})", highlight=False)

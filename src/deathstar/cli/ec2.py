@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from deathstar.cli.common import err, fail, parse_duration
+from deathstar.cli.common import announce_cluster, err, fail, parse_duration
 from deathstar.client.status import query_status
 from deathstar.deploy import ec2
 from deathstar.exitcodes import ExitCode
@@ -89,10 +89,7 @@ def up_command(
                 live.update(_watch_table(rows))
     except ec2.Ec2Error as exc:
         raise fail(str(exc), exc.code) from None
-    for row in rows:
-        typer.echo(f"{row['address']}:{opts.port}")
-    err.print(f"use it: deathstar map ... --cluster ec2:{name}   "
-              f"(then: deathstar ec2 down --name {name})", highlight=False)
+    announce_cluster("ec2", name, [f"{row['address']}:{opts.port}" for row in rows])
 
 
 def _watch_table(rows: list[dict[str, Any]]) -> Table:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from deathstar.cli.common import err, out, parse_duration
+from deathstar.cli.common import announce_cluster, err, out, parse_duration
 from deathstar.deploy import slurm
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError
@@ -84,10 +84,7 @@ def up_command(
         raise _fail(str(exc), ExitCode.USAGE) from None
     except slurm.SlurmError as exc:
         raise _fail(str(exc), ExitCode.NO_NODES) from None
-    for node in found:
-        typer.echo(f"{node.host}:{node.port}")
-    err.print(f"use it: deathstar map ... --cluster slurm:{name}   "
-              f"(then: deathstar slurm down --name {name})", highlight=False)
+    announce_cluster("slurm", name, [f"{node.host}:{node.port}" for node in found])
 
 
 @slurm_app.command("list")

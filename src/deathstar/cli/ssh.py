@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from deathstar.cli.common import err, out, parse_duration
+from deathstar.cli.common import announce_cluster, err, out, parse_duration
 from deathstar.deploy import ssh
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError
@@ -81,10 +81,7 @@ def up_command(
         raise _fail(str(exc), ExitCode.USAGE) from None
     for why in result["failures"].values():
         err.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)
-    for node in result["nodes"]:
-        typer.echo(f"{node.host}:{node.port}")
-    err.print(f"use it: deathstar map ... --cluster ssh:{name}   "
-              f"(then: deathstar ssh down --name {name})", highlight=False)
+    announce_cluster("ssh", name, [f"{node.host}:{node.port}" for node in result["nodes"]])
 
 
 @ssh_app.command("list")
