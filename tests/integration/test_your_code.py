@@ -197,8 +197,9 @@ def test_two_clients_with_two_versions_of_a_module_on_one_node_each_get_theirs(
 
 NEEDS_A_PACKAGE = '''
 import sys
-if "deathstar.worker.process" in sys.modules:  # on the nodes only: a package they lack
-    import a_package_this_node_lacks  # noqa: F401
+_main = getattr(sys.modules.get("__main__"), "__spec__", None)
+if getattr(_main, "name", "") == "deathstar.worker.__main__":  # in workers only: a
+    import a_package_this_node_lacks  # noqa: F401            # package the nodes lack
 
 
 def f(x):
