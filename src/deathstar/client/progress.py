@@ -53,7 +53,10 @@ def notebook_line(total: int | None) -> ProgressFn | None:
     shell = ipython.get_ipython() if ipython is not None else None
     if shell is None or not hasattr(shell, "kernel"):
         return None
-    from IPython.display import display
+    try:  # IPython is there (a kernel loaded it), but it is no dependency of ours
+        from IPython.display import display
+    except ImportError:
+        return None
 
     def text(done: int, total_now: int | None) -> dict[str, str]:
         return {"text/plain": f"deathstar: {done}/{'?' if total_now is None else total_now}"
