@@ -4,6 +4,8 @@ workers (this folder is not installed), which is itself under test."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 import socket
 import time
 from typing import Any
@@ -129,3 +131,35 @@ def arange_doubled(n: int) -> Any:
     import numpy as np
 
     return np.arange(n, dtype=np.float64) * 2
+
+
+def gated(value: Any, gate: str) -> Any:
+    """Leave a mark that this call started, wait until the file ``gate`` exists (at most
+    a minute; ``""`` means no gate), return ``value``. Shipped as source to the workers."""
+    if not gate:
+        return value
+    Path(f"{gate}.started.{os.getpid()}.{time.monotonic_ns()}").touch()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gate {gate} never opened")
+        time.sleep(0.005)
+    return value
+
+
+@dataclass
+class Gate:
+    """A file that ``gated`` calls wait for: ``open`` lets them all finish."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def open(self) -> None:
+        self.path.touch()
+
+    def started(self) -> int:
+        """Calls that have reached the gate."""
+        return len(list(self.path.parent.glob(self.path.name + ".started.*")))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
-import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,6 +22,7 @@ from deathstar.client.executor import Executor
 from deathstar.errors import RemoteTraceback, TaskTimeout, WorkerCrashed
 from deathstar.serialize import SerializationError
 from tests import jobs
+from tests.jobs import Gate, gated
 from tests.conftest import Daemon, wait_for, worker_pids
 
 pytestmark = pytest.mark.timeout(90)
@@ -31,35 +30,6 @@ pytestmark = pytest.mark.timeout(90)
 
 # ---------------------------------------------------------------- gates and job functions
 
-
-def gated(value: Any, gate: str) -> Any:
-    """Leave a mark that this call started, wait until the file ``gate`` exists (at most
-    a minute; ``""`` means no gate), return ``value``. Shipped by value to the workers."""
-    if not gate:
-        return value
-    Path(f"{gate}.started.{os.getpid()}.{time.monotonic_ns()}").touch()
-    deadline = time.monotonic() + 60
-    while not os.path.exists(gate):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the gate {gate} never opened")
-        time.sleep(0.005)
-    return value
-
-
-@dataclass
-class Gate:
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    def open(self) -> None:
-        self.path.touch()
-
-    def started(self) -> int:
-        """Calls that have reached the gate."""
-        return len(list(self.path.parent.glob(self.path.name + ".started.*")))
 
 
 @pytest.fixture

@@ -12,12 +12,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import weakref
-from dataclasses import dataclass
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 import joblib
@@ -27,36 +25,13 @@ import deathstar
 from deathstar.client import Cluster
 from deathstar.errors import RemoteError, WorkerCrashed
 from tests import jobs
+from tests.jobs import Gate, gated
 from tests.conftest import ROOT, Daemon, wait_for, worker_pids
 
 pytestmark = pytest.mark.timeout(90)
 
 # ---------------------------------------------------------------- functions they map
 
-
-def gated(value: Any, gate: str) -> Any:
-    """Mark that this call started, then wait (at most a minute) until the file ``gate``
-    exists, and return ``value``."""
-    Path(f"{gate}.started.{os.getpid()}.{time.monotonic_ns()}").touch()
-    deadline = time.monotonic() + 60
-    while not os.path.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return value
-
-
-@dataclass
-class Gate:
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    def open(self) -> None:
-        self.path.touch()
-
-    def started(self) -> int:
-        return len(list(self.path.parent.glob(self.path.name + ".started.*")))
 
 
 INITIALIZER_STATUS = "uninitialized"
