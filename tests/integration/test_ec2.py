@@ -34,6 +34,7 @@ from deathstar.deploy import ec2  # noqa: E402
 from deathstar.deploy.ec2_boot import BootPlan, daemon_command, public_certificate  # noqa
 from deathstar.client import query_status  # noqa: E402
 from deathstar.nodes import parse_cluster  # noqa: E402
+from tests.aws import ec2_cli, moto_environment  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -69,19 +70,11 @@ def aws_env(moto: str, cache: Path, tmp_path: Path,
             monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """An environment pointing boto3 at moto, with a config folder of its own, and the
     caller-address lookup pointed at a closed loopback port (nothing leaves this host)."""
-    env = {"AWS_ENDPOINT_URL": moto, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "DEATHSTAR_CACHE_DIR": str(cache),
-           "DEATHSTAR_CHECKIP_URL": "http://127.0.0.1:9/"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("DEATHSTAR_KEYS", raising=False)
-    return {**{k: v for k, v in os.environ.items() if k != "DEATHSTAR_KEYS"}, **env}
+    return moto_environment(moto, cache, tmp_path, monkeypatch)
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([EXE, "ec2", *args], env=env, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+    return ec2_cli(env, *args, timeout=120)
 
 
 def client() -> Any:

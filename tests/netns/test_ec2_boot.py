@@ -34,6 +34,7 @@ import boto3  # noqa: E402
 import deathstar  # noqa: E402
 from deathstar import keys  # noqa: E402
 from deathstar.deploy import ec2  # noqa: E402
+from tests.aws import ec2_cli, moto_environment  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
 from tests.netns.hosts import Host, netns_available, virtual_hosts  # noqa: E402
 
@@ -102,19 +103,11 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def aws_env(moto: str, cache: Path, tmp_path: Path,
             monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = {"AWS_ENDPOINT_URL": moto, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "DEATHSTAR_CACHE_DIR": str(cache),
-           "DEATHSTAR_CHECKIP_URL": "http://127.0.0.1:9/"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("DEATHSTAR_KEYS", raising=False)
-    return {**{k: v for k, v in os.environ.items() if k != "DEATHSTAR_KEYS"}, **env}
+    return moto_environment(moto, cache, tmp_path, monkeypatch)
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([EXE, "ec2", *args], env=env, capture_output=True, text=True,
-                          timeout=180, stdin=subprocess.DEVNULL)
+    return ec2_cli(env, *args, timeout=180)
 
 
 def user_data_of(name: str) -> tuple[str, str]:
