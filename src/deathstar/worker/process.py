@@ -105,6 +105,8 @@ class Worker:
         self.inbox: deque[Message] = deque()
         self.nudge = threading.Event()  # wakes the pulse thread: user code starts
         self.busy = False  # the main thread runs user code (the pulse thread may read)
+        self.resting = False  # the pulse thread sleeps a heartbeat (wake it for user code)
+        self.started = 0  # times user code started (the pulse thread watches it)
         self.handlers: dict[str, Callable[[Message], None]] = {
             protocol.TASK: self.on_task,
             protocol.BLOB: self.on_blob,
@@ -183,10 +185,27 @@ class Worker:
     def _pulse(self) -> None:
         """Heartbeats while user code holds the main thread (see the class docstring);
         meanwhile it also reads the socket every RECALL_CHECK_S, so that a task prefetched
-        behind the running one can be given back to the daemon for an idle worker."""
+        behind the running one can be given back to the daemon for an idle worker.
+
+        While user code runs now and then it looks every RECALL_CHECK_S. After a heartbeat
+        without any it rests a heartbeat at a time, until user code wakes it (``beating``);
+        it then looks RECALL_CHECK_S later, not at once. So a stream of tiny tasks pays no
+        thread switch per task, and an idle worker wakes once a heartbeat."""
+        started, quiet_since = -1, time.monotonic()
         while not self.pulse_stop.is_set():
-            self.nudge.wait(RECALL_CHECK_S if self.busy else self.heartbeat_s * 0.9)
-            self.nudge.clear()
+            now = time.monotonic()
+            if self.busy or self.started != started:
+                started, quiet_since = self.started, now
+            if now - quiet_since < self.heartbeat_s:
+                self.pulse_stop.wait(RECALL_CHECK_S)  # user code ran lately: look often
+            else:
+                self.resting = True  # a heartbeat without user code: rest till it comes
+                if not self.busy:
+                    self.nudge.wait(self.heartbeat_s * 0.9)
+                self.resting = False
+                self.nudge.clear()
+                if self.busy:  # woken by user code: look RECALL_CHECK_S into it
+                    self.pulse_stop.wait(RECALL_CHECK_S)
             if self.parent_gone():
                 os._exit(ExitCode.WORKER_PARENT_GONE)
             if self.socket_lock.acquire(blocking=False):
@@ -302,7 +321,9 @@ class Worker:
         """Within ``with``: the pulse thread may use the socket (the main thread runs user
         code, or other long work that does not touch the socket)."""
         self.busy = True  # a task prefetched behind this work can be given back meanwhile
-        self.nudge.set()
+        self.started += 1
+        if self.resting:
+            self.nudge.set()
         self.socket_lock.release()
         try:
             yield
