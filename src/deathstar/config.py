@@ -65,6 +65,13 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "deathstar"
 
 
+def log_dir() -> Path:
+    """Where a daemon's workers write what tasks print: ``$XDG_STATE_HOME/deathstar/logs``
+    (``~/.local/state/deathstar/logs``)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "deathstar" / "logs"
+
+
 def trust_problem(path: Path, open_bits: int = 0o022) -> str | None:
     """Why ``path`` (a file or folder that grants trust: keys, ``authorized/``, the config
     file) cannot be trusted, or None: it is a symbolic link, belongs to another user than

@@ -81,3 +81,25 @@ def test_the_shared_daemon_stops_at_exit_and_after_its_idle_time(tmp_path: Path)
     assert out["stopped_idle"] and out["again"] == [4]
     assert not Path(str(out["folder"])).exists()  # the exit hook stopped the second one
     assert not Path(f"/proc/{out['pid']}").exists()
+
+
+def test_the_embedded_daemons_entry_is_light_and_refuses_bad_options_and_folders(
+        tmp_path: Path) -> None:
+    """``python -m deathstar.daemon`` (what the embedded cluster starts) imports none of
+    the CLI, and names a bad option or a folder others may write with exit 2."""
+    light = subprocess.run([sys.executable, "-c", "import sys, deathstar.daemon.__main__; "
+                            "print(sorted({'typer', 'rich', 'click'} & set(sys.modules)))"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert light.returncode == 0 and light.stdout.strip() == "[]", light.stderr
+
+    def entry(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "deathstar.daemon", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    bad = entry("--ipc", str(tmp_path), "--workers", "-1")
+    assert bad.returncode == 2 and "--workers must be 0 or more" in bad.stderr
+    open_folder = tmp_path / "open"
+    open_folder.mkdir()
+    open_folder.chmod(0o777)
+    unsafe = entry("--ipc", str(open_folder), "--workers", "0")
+    assert unsafe.returncode == 2 and str(open_folder) in unsafe.stderr, unsafe.stderr

@@ -28,12 +28,6 @@ from deathstar.worker.process import main as worker_main
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def default_log_dir() -> Path:
-    """$XDG_STATE_HOME/deathstar/logs (~/.local/state/deathstar/logs)."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(state) / "deathstar" / "logs"
-
-
 def daemon(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="Exec port; status is PORT+1. 0 picks free ports.")]
@@ -88,7 +82,7 @@ def daemon(
                    max_tasks_per_worker=max_tasks_per_worker,
                    max_worker_memory=limits.memory, keys=server_keys, zap=zap,
                    idle_shutdown_s=limits.idle_s, max_lifetime_s=limits.lifetime_s,
-                   log_dir=str(log_dir or default_log_dir()),
+                   log_dir=str(log_dir or config.log_dir()),
                    ipc=None if ipc is None else str(ipc), insecure=insecure)
     except (UnsafeBind, UnsafeFolder) as exc:
         raise fail(str(exc), ExitCode.USAGE) from None

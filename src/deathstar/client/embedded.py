@@ -1,5 +1,6 @@
 """The embedded local cluster: a real daemon process, started for one client and stopped
-after it. It runs the same ``deathstar daemon`` a remote node runs, listening on ipc
+after it. It runs the same daemon a remote node runs (through its light entry,
+``python -m deathstar.daemon``, which skips the CLI's imports), listening on ipc
 sockets in a private folder (mode 0700) rather than TCP: no other user of the machine can
 reach it, no keys are needed, and ipc is faster than loopback TCP.
 
@@ -32,8 +33,8 @@ class LocalDaemonError(RuntimeError):
 
 
 class LocalDaemon:
-    """A ``deathstar daemon`` child on ipc sockets in a private folder, with ``workers``
-    workers and any further daemon ``options``.
+    """A daemon child (``python -m deathstar.daemon``) on ipc sockets in a private folder,
+    with ``workers`` workers and any further options of that entry.
 
     The constructor blocks until the daemon has bound its ports (not until its workers
     are up: tasks queue there meanwhile). The daemon exits if this process dies.
@@ -41,9 +42,8 @@ class LocalDaemon:
 
     def __init__(self, workers: int | None = None, options: Sequence[str] = ()):
         self.folder = tempfile.mkdtemp(prefix="deathstar-local-")  # 0700: ours alone
-        cmd = [sys.executable, "-m", "deathstar", "daemon", "--ipc", self.folder,
-               "--keys", "none", "--parent-pid", str(os.getpid()), "--ready-json",
-               "--log-level", "warning"]
+        cmd = [sys.executable, "-m", "deathstar.daemon", "--ipc", self.folder,
+               "--parent-pid", str(os.getpid()), "--log-level", "warning"]
         if workers is not None:
             cmd += ["--workers", str(workers)]
         cmd += options
