@@ -66,6 +66,8 @@ class Swarm:
         if msg.type != protocol.TASK:
             return  # welcome, heartbeat
         items = serialize.loads(msg.payload)
+        if msg.env.get(protocol.F_PLAIN):  # each item is the one argument
+            items = [((item,), None) for item in items]
         start = time.time()
         values = [self.compute(*args, **(kwargs or {})) for args, kwargs in items]
         end = time.time()

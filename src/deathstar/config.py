@@ -216,6 +216,9 @@ PREFETCH_MAX_EST_S = _env_float("PREFETCH_MAX_EST", 0.06)
 #: that per-message cost vanishes, short enough that load balancing stays fine.
 BATCH_TARGET_S = _env_float("BATCH_TARGET", 0.05)
 
+#: Seconds of work below which a message is not made smaller near the end of a map.
+BATCH_MIN_S = _env_float("BATCH_MIN", 0.002)
+
 #: Results a client holds for a consumer that has not taken them yet; past it, no new
 #: inputs are read until the consumer catches up (memory stays bounded).
 MAX_PENDING_RESULTS = _env_int("MAX_PENDING_RESULTS", 20_000)

@@ -89,6 +89,7 @@ F_SIG: Final = "sig"  # lost: the signal that killed the worker (0: none)
 F_SEED: Final = "seed"  # task: workers seed random and numpy with seed + input index
 F_IX: Final = "ix"  # task: the inputs' indices (for the seed)
 F_CAP: Final = "cap"  # task: capture what each input prints
+F_PLAIN: Final = "plain"  # task: the payload lists each input's one argument, not (args, kwargs)
 F_EST: Final = "est"  # task: the client's estimate of the seconds the message runs
 F_SHM: Final = "shm"  # task, result: payload frames that name shared-memory files
 F_RSHM: Final = "rshm"  # task: the client's shared-memory folder for large results
@@ -173,8 +174,8 @@ OPTIONAL: Final[dict[str, dict[str, Callable[[Any], bool]]]] = {
     REFUSED: {F_CODE: _in(REFUSED_CODES)},
     LOST: {F_CODE: _in(LOST_CODES), F_SIG: _int},
     TASK: {F_SEED: lambda v: isinstance(v, int) and not isinstance(v, bool)
-           and abs(v) <= MAX_INT, F_IX: _ids, F_CAP: _flag, F_EST: _num, F_SHM: _ids,
-           F_RSHM: _text},
+           and abs(v) <= MAX_INT, F_IX: _ids, F_CAP: _flag, F_PLAIN: _flag, F_EST: _num,
+           F_SHM: _ids, F_RSHM: _text},
     RESULT: {F_SHM: _ids},
     HEARTBEAT: {F_WORKERS: _int},
 }

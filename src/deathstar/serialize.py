@@ -210,6 +210,17 @@ def unseal(value: Any) -> Any:
     return value.load() if isinstance(value, Deferred) else value
 
 
+def seal_all(values: list[Any]) -> list[Any]:
+    """``seal`` of every value, in one pass; raises what the first that fails raises."""
+    plain = _PLAIN
+    return [v if v is None or type(v) in plain else Deferred(_dumps(v)) for v in values]
+
+
+def unseal_all(values: list[Any]) -> list[Any]:
+    """``unseal`` of every value, in one pass; raises what the first that fails raises."""
+    return [v.load() if type(v) is Deferred else v for v in values]
+
+
 _PLAIN = frozenset({int, float, bool, str, bytes, complex})
 
 

@@ -14,37 +14,22 @@ import logging
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, cast
 
 from deathstar import config, serialize
 from deathstar.client.engine import Engine, NoNodesError
-from deathstar.client.job import Job, Outcome, drain, ordered
+from deathstar.client.job import Batch, Job, Outcome, as_outcomes, drain, ordered
+from deathstar.client.results import Collector, MapResult
 from deathstar.client.embedded import LocalDaemon, acquire_shared, release_shared
 from deathstar.client.progress import ProgressFn, resolve as resolve_progress
 from deathstar.client.status import load_keys, query_status
 from deathstar.nodes import NodeAddress, parse_cluster
-from deathstar.report import TaskRecord
 
 log = logging.getLogger("deathstar.client")
 
 OnError = Literal["raise", "return"]
 
 __all__ = ["Cluster", "MapResult", "NoNodesError", "map", "ordered"]
-
-
-class MapResult(list[Any]):
-    """The results of a map, in input order (a list), with the execution ``report`` (one
-    ``TaskRecord`` per input, in input order) and the ``errors`` (failed inputs'
-    exceptions, in input order)."""
-
-    report: list[TaskRecord]
-    errors: list[BaseException]
-
-    def __init__(self, values: Iterable[Any], report: list[TaskRecord],
-                 errors: list[BaseException]):
-        super().__init__(values)
-        self.report = report
-        self.errors = errors
 
 
 @dataclass(frozen=True)
@@ -205,11 +190,13 @@ class Cluster:
         called in this thread as results arrive, or True for a bar on stderr when it is a
         terminal.
         """
-        return self.map_calls(fn, (((item,), None) for item in items), on_error=on_error,
-                              total=_length(items), chunksize=chunksize, timeout=timeout,
-                              timeout_retries=timeout_retries, max_attempts=max_attempts,
-                              seed=seed, capture_output=capture_output, progress=progress,
-                              **common)
+        plain = cast(Sequence[Any], items) if type(items) in (list, tuple, range) else None
+        calls = None if plain is not None else (((item,), None) for item in items)
+        return self._collect(fn, calls, plain, on_error=on_error, total=_length(items),
+                             chunksize=chunksize, timeout=timeout,
+                             timeout_retries=timeout_retries, max_attempts=max_attempts,
+                             seed=seed, capture_output=capture_output, progress=progress,
+                             **common)
 
     def starmap(self, fn: Callable[..., Any], arg_tuples: Iterable[tuple[Any, ...]], *,
                 on_error: OnError = "raise", **options_and_common: Any) -> MapResult:
@@ -222,23 +209,25 @@ class Cluster:
                   on_error: OnError = "raise", **options_and_common: Any) -> MapResult:
         """The general map (``map``'s options): each call is ``(args, kwargs)``;
         ``fn(*args, **common, **kwargs)`` runs for each (a call's own keywords win)."""
+        return self._collect(fn, calls, None, on_error=on_error, **options_and_common)
+
+    def _collect(self, fn: Callable[..., Any],
+                 calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]] | None,
+                 plain: Sequence[Any] | None, *, on_error: OnError,
+                 total: int | None = None, **options_and_common: Any) -> MapResult:
+        """``map_calls``, or with ``plain`` (a list, tuple or range; ``calls`` None) the
+        fast path that slices it into messages. Results are gathered by batch."""
         _check_on_error(on_error)
-        values: list[Any] = []
-        records: list[TaskRecord | None] = []
-        failed: set[int] = set()
-        for index, ok, value, record in self.outcomes(fn, calls, **options_and_common):
-            if index >= len(values):
-                grow = index + 1 - len(values)
-                values.extend([None] * grow)
-                records.extend([None] * grow)
-            values[index] = value
-            records[index] = record
-            if not ok:
-                failed.add(index)
-        errors = [values[i] for i in sorted(failed)]
-        result = MapResult(values, [r for r in records if r is not None], errors)
-        if errors and on_error == "raise":
-            first = errors[0]
+        options, progress, common = MapOptions.split(options_and_common)
+        job = self.make_job(fn, iter(()) if calls is None else calls, options, common,
+                            total=total)
+        job.plain, job.columnar = plain, True
+        collector = Collector()
+        for delivered in self._deliveries(job, resolve_progress(progress, total)):
+            collector.add(delivered)
+        result = collector.result()
+        if result.errors and on_error == "raise":
+            first = result.errors[0]
             try:
                 setattr(first, "result", result)
             except (AttributeError, TypeError):
@@ -348,21 +337,28 @@ class Cluster:
 
     def _stream(self, job: Job, progress: ProgressFn | None,
                 deadline: float | None = None) -> Iterator[Outcome]:
+        for delivered in self._deliveries(job, progress, deadline):
+            yield from drain(as_outcomes(delivered))
+
+    def _deliveries(self, job: Job, progress: ProgressFn | None,
+                    deadline: float | None = None) -> Iterator[list[Outcome] | Batch]:
+        """What ``job`` delivers, as it comes (submitting it first); closing the iterator
+        before the end cancels the rest."""
         self.engine.submit(job)
         done = 0
         try:
             while True:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    batch = job.take(timeout)
+                    delivered = job.take(timeout)
                 except queue.Empty:
                     raise TimeoutError("the results did not come in time") from None
-                if batch is None:
+                if delivered is None:
                     return
-                done += len(batch)
+                done += len(delivered)
                 if progress is not None:
                     progress(done, job.total)
-                yield from drain(batch)
+                yield delivered
         finally:
             if not job.ended and self.engine.is_alive():  # (a closed Cluster dropped it)
                 self.engine.cancel(job)

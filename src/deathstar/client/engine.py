@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 
 import zmq
@@ -33,6 +34,10 @@ from deathstar.client.node import (BUSY_BACKOFF_MIN_S, CONNECTING, DOWN, READY, 
 from deathstar.report import CRASHED
 
 log = logging.getLogger("deathstar.client")
+
+#: Functions whose seconds per input the client remembers for their next jobs.
+ESTIMATES_KEPT = 256
+
 
 class NoNodesError(ConnectionError):
     """No node of the cluster could be used; the message names each and why."""
@@ -64,6 +69,8 @@ class Engine(threading.Thread):
                        if local and serialize.SharedFolder.available() else None)
         self.shared_files: dict[int, list[str]] = {}  # send id -> files not yet taken
         self.late_results = 0
+        # seconds per input of the functions run lately (by hash), for their next jobs
+        self.estimates: OrderedDict[str, float] = OrderedDict()
         self.snapshot: list[dict[str, Any]] = []
         self.next_snapshot = 0.0
         self.poller_stale = True
@@ -213,6 +220,8 @@ class Engine(threading.Thread):
             self.command_handlers[what](arg)
 
     def add_job(self, job: Job) -> None:
+        if job.per_item_s is None:  # a function run before starts with big batches
+            job.per_item_s = self.estimates.get(job.fn_hash)
         self.jobs[job.id] = job
         self.fail_if_no_nodes()
 
@@ -349,6 +358,11 @@ class Engine(threading.Thread):
                               msg.payload, shared)
         node.done += len(task.indices) - failed
         node.failed += failed
+        if job.per_item_s is not None:
+            self.estimates[job.fn_hash] = job.per_item_s
+            self.estimates.move_to_end(job.fn_hash)
+            if len(self.estimates) > ESTIMATES_KEPT:
+                self.estimates.popitem(last=False)
 
     def on_lost(self, node: Node, msg: Message) -> None:
         """The node will not answer these tasks; ``code`` says why, and ``LOST_HANDLERS``
@@ -500,7 +514,9 @@ class Engine(threading.Thread):
         job.outstanding += 1
         extra: dict[str, Any] = {}
         if job.seed is not None:
-            extra.update({protocol.F_SEED: job.seed, protocol.F_IX: task.indices})
+            extra.update({protocol.F_SEED: job.seed, protocol.F_IX: list(task.indices)})
+        if job.plain is not None:
+            extra[protocol.F_PLAIN] = True
         if job.capture:
             extra[protocol.F_CAP] = True
         est = job.message_estimate(len(task.indices))

@@ -35,7 +35,7 @@ from deathstar import serialize
 from deathstar.client.cluster import Cluster, MapOptions
 from deathstar.client.engine import NoNodesError
 from deathstar.client.exits import check_not_exiting, register, released_by
-from deathstar.client.job import FINISHED, Job, Outcome, drain, ordered
+from deathstar.client.job import FINISHED, Job, Outcome, as_outcomes, drain, ordered
 
 __all__ = ["Executor", "LIVENESS_CHECK_S"]
 
@@ -385,7 +385,7 @@ class Executor(cf.Executor):
                 continue
             if batch is None:
                 return
-            yield from drain(batch)
+            yield from drain(as_outcomes(batch))
 
     # ------------------------------------------------------------------ shutdown
 

@@ -49,6 +49,11 @@ def drain(batch: list[Outcome]) -> Iterator[Outcome]:
         yield batch.pop()
 
 
+def as_outcomes(delivered: list[Outcome] | Batch) -> list[Outcome]:
+    """What a job delivered, as a list of outcomes."""
+    return delivered.outcomes() if isinstance(delivered, Batch) else delivered
+
+
 class JobInputError(Exception):
     """A job's inputs cannot be read (the user's iterator raised) or pickled; ``cause`` is
     what its consumer raises."""
@@ -58,12 +63,39 @@ class JobInputError(Exception):
         self.cause = cause
 
 
+@dataclass(eq=False, slots=True)
+class Batch:
+    """The outcomes of one message whose inputs all succeeded, as columns: what a job
+    delivers to a consumer that asked for them (``Job.columnar``) instead of an
+    ``Outcome`` per input. ``records`` makes the per-input records when asked."""
+
+    indices: range | list[int]
+    values: list[Any]
+    node: str
+    worker: str
+    starts: Sequence[float]
+    ends: Sequence[float]
+    attempts: int
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def records(self) -> list[TaskRecord]:
+        node, worker, attempts = self.node, self.worker, self.attempts
+        return [TaskRecord(i, node, worker, start, end, attempts, OK)
+                for i, start, end in zip(self.indices, self.starts, self.ends)]
+
+    def outcomes(self) -> list[Outcome]:
+        return [(record.index, True, value, record)
+                for record, value in zip(self.records(), self.values)]
+
+
 @dataclass(eq=False)
 class Task:
     """One message's worth of inputs of a job, kept until its result is in."""
 
     job: Job
-    indices: list[int]
+    indices: range | list[int]
     payload: list[Any]
     attempts: int = 1  # the attempt this send is (worker crashes and timeouts count)
     last_reason: str = ""
@@ -105,9 +137,13 @@ class Job:
     # (``ship_more``). None: the caller ships what its inputs need (the Executor).
     inner: list[Any] | None = None
     modules: set[str] = field(default_factory=set)
+    # The fast path of a map over a list, tuple or range: its inputs are this sequence
+    # (input i is ``fn(plain[i], **common)``), sliced into messages; ``items`` is unused.
+    plain: Sequence[Any] | None = None
+    columnar: bool = False  # the consumer takes a ``Batch`` for a message that all ran
 
-    def deliver(self, outcomes: list[Any]) -> None:
-        """Hand a list of outcomes to the consumer (I/O thread)."""
+    def deliver(self, outcomes: list[Any] | Batch) -> None:
+        """Hand a list of outcomes (or a ``Batch``) to the consumer (I/O thread)."""
         self.delivered += len(outcomes)
         self.out.put(outcomes)
 
@@ -122,6 +158,8 @@ class Job:
         None when none are left. Raises JobInputError when the input iterator fails or an
         input cannot be pickled (naming its index)."""
         size = self.batch_size(capacity)
+        if self.plain is not None:
+            return self._slice_batch(size)
         try:
             chunk = list(islice(self.items, size))
         except Exception as exc:  # the user's input iterator failed (a malformed line...)
@@ -147,6 +185,33 @@ class Job:
             self.ship_more(names)
         return Task(self, [index for index, _, _ in chunk], payload)
 
+    def _slice_batch(self, size: int) -> Task | None:
+        """``read_batch`` of a ``plain`` job: the next slice of its sequence, pickled as
+        one list (no object per input)."""
+        assert self.plain is not None
+        start, stop = self.read, min(self.read + size, len(self.plain))
+        if stop >= len(self.plain):
+            self.exhausted = True
+        if start >= stop:
+            return None
+        chunk = self.plain[start:stop]
+        names: set[str] | None = None if self.inner is None else set()
+        try:
+            payload = serialize.dumps(list(chunk), names)
+        except Exception:
+            for index in range(start, stop):
+                try:
+                    serialize.dumps(self.plain[index])
+                except Exception as exc:
+                    raise JobInputError(serialize.SerializationError(
+                        f"input {index} cannot be pickled: {type(exc).__name__}: {exc}")
+                    ) from exc
+            raise
+        self.read = stop
+        if names and not names <= self.modules:
+            self.ship_more(names)
+        return Task(self, range(start, stop), payload)
+
     def ship_more(self, names: set[str]) -> None:
         """Inputs refer to modules ``names``: if local ones are among them that the blob
         lacks, the blob is made again with them (a new hash: each node gets it before
@@ -160,10 +225,11 @@ class Job:
         blob = serialize.function_blob(self.inner, bundle)
         self.fn_hash, self.blob = serialize.content_hash(blob), blob
 
-    def take(self, timeout: float | None = None) -> list[Outcome] | None:
-        """The next list of outcomes (consumer thread), blocking at most ``timeout``
-        seconds (``queue.Empty`` past it); None once the job has finished; raises the
-        exception that ended the job. What it returns counts as consumed."""
+    def take(self, timeout: float | None = None) -> list[Outcome] | Batch | None:
+        """The next list of outcomes, or ``Batch`` for a ``columnar`` job (consumer
+        thread), blocking at most ``timeout`` seconds (``queue.Empty`` past it); None once
+        the job has finished; raises the exception that ended the job. What it returns
+        counts as consumed."""
         item = self.out.get(timeout=timeout)
         if item is FINISHED:
             self.ended = True
@@ -172,7 +238,7 @@ class Job:
             self.ended = True
             raise item
         self.mark_consumed(len(item))
-        return list(item)
+        return item if isinstance(item, Batch) else list(item)
 
     def mark_consumed(self, count: int) -> None:
         """``count`` outcomes were taken by the consumer: once the backlog has halved, a
@@ -196,8 +262,17 @@ class Job:
         size = self.typical_batch()
         if not self.chunksize and self.total is not None:
             remaining = self.total - self.read
-            size = max(1, min(size, -(-remaining // (2 * max(capacity, 1)))))
+            share = -(-remaining // (2 * max(capacity, 1)))
+            size = max(1, min(size, max(share, self.smallest_batch()), remaining))
         return size
+
+    def smallest_batch(self) -> int:
+        """The fewest inputs worth a message near the end of a map: those that run
+        ``config.BATCH_MIN_S``; a shorter message costs more in messaging than it
+        evens out between workers."""
+        if self.per_item_s is None:
+            return 1
+        return int(config.BATCH_MIN_S / max(self.per_item_s, 1e-9))
 
     def typical_batch(self) -> int:
         """Inputs per message away from the end of the map: ``chunksize``; one while the
@@ -286,6 +361,14 @@ class Job:
             oks = bytes(n)
             if len(starts) != n:
                 starts = ends = [0.0] * n
+        self.learn(starts, ends, n)
+        if self.columnar and not self.capture and oks.count(0) == 0:
+            try:
+                self.deliver(Batch(task.indices, serialize.unseal_all(values), node, worker,
+                                   starts, ends, task.attempts))
+                return 0
+            except BaseException:  # noqa: B036 - a value's own code ran: see each below
+                pass
         outcomes: list[Outcome] = []
         attempts = task.attempts
         failed = 0
@@ -306,11 +389,14 @@ class Job:
             record = TaskRecord(index, node, worker, start, end, attempts, ERROR,
                                 f"{info['type']}: {info['message']}", output)
             outcomes.append((index, False, error, record))
+        self.deliver(outcomes)
+        return failed
+
+    def learn(self, starts: Sequence[float], ends: Sequence[float], n: int) -> None:
+        """Fold a message's run times into the estimate of seconds per input."""
         per_item = (sum(ends) - sum(starts)) / max(n, 1)
         self.per_item_s = per_item if self.per_item_s is None else 0.5 * (self.per_item_s
                                                                           + per_item)
-        self.deliver(outcomes)
-        return failed
 
     def _read_values(self, payload: list[Any], shared: list[int], n: int
                      ) -> tuple[list[Any], list[str]]:
