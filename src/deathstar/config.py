@@ -226,6 +226,10 @@ MAX_PENDING_RESULTS = _env_int("MAX_PENDING_RESULTS", 20_000)
 #: Upper bound on inputs per message whatever the measured task time.
 BATCH_MAX_ITEMS = _env_int("BATCH_MAX_ITEMS", 4096)
 
+#: Frames sent without copying (pyzmq's zero-copy, whose buffers a helper thread frees)
+#: start at this size; smaller ones are copied, which costs less up to about here.
+ZERO_COPY_MIN_BYTES = _env_int("ZERO_COPY_MIN_BYTES", 1 << 20)
+
 #: Largest message the exec and worker ports accept, in bytes.
 MAX_MESSAGE_BYTES = _env_int("MAX_MESSAGE_BYTES", 512 * 1024 * 1024)
 

@@ -234,6 +234,7 @@ class Engine(threading.Thread):
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
+        sock.copy_threshold = config.ZERO_COPY_MIN_BYTES
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * config.LIVENESS * 1000))
         if self.keys is not None:

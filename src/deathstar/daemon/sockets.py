@@ -54,6 +54,7 @@ class Ports:
         sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        sock.copy_threshold = config.ZERO_COPY_MIN_BYTES
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer keeps its identity
         # Cut TCP sessions to peers that vanished without a FIN; liveness is ours to judge.
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))

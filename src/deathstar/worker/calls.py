@@ -211,28 +211,53 @@ def run_calls(function: Function, msg: Message, initialized: set[str]
 def _run_quick(fn: Callable[..., Any], common: dict[str, Any], items: list[Any], plain: bool
                ) -> tuple[list[Any], list[bool], list[float], None]:
     """``run_calls`` without seeds or captured output: the same outcomes, with no object
-    made per input beyond its value (the loop a stream of tiny inputs spends its time
-    in). ``plain``: each item is the one positional argument, else ``(args, kwargs)``."""
+    made per input beyond its value and its start time (the loop a stream of tiny inputs
+    spends its time in; an input ends when the next one starts). ``plain``: each item is
+    the one positional argument, else ``(args, kwargs)``."""
     values: list[Any] = []
-    oks: list[bool] = []
-    stamps: list[float] = []
-    now, put, ok, stamp = time.time, values.append, oks.append, stamps.append
-    for item in items:
+    starts: list[float] = []
+    failed: list[int] = []
+    now, put, stamp = time.time, values.append, starts.append
+    if not plain:
+        items = [(args, {**common, **kwargs} if kwargs else common) for args, kwargs in items]
+    elif common:
+        items = [((item,), common) for item in items]
+    else:  # fn(item): the common case, in the tightest loop
+        for item in items:
+            stamp(now())
+            try:
+                put(fn(item))
+            except Terminate:
+                raise
+            except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt too
+                failed.append(len(values))
+                put(error_info(exc))
+        return values, _oks(len(values), failed), _flat_stamps(starts, now()), None
+    for args, kwargs in items:
         stamp(now())
         try:
-            if plain:
-                put(fn(item, **common) if common else fn(item))
-            else:
-                args, kwargs = item
-                put(fn(*args, **{**common, **kwargs}) if kwargs else fn(*args, **common))
-            ok(True)
+            put(fn(*args, **kwargs))
         except Terminate:
             raise
         except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt too
+            failed.append(len(values))
             put(error_info(exc))
-            ok(False)
-        stamp(now())
-    return values, oks, stamps, None
+    return values, _oks(len(values), failed), _flat_stamps(starts, now()), None
+
+
+def _oks(n: int, failed: list[int]) -> list[bool]:
+    oks = [True] * n
+    for i in failed:
+        oks[i] = False
+    return oks
+
+
+def _flat_stamps(starts: list[float], end: float) -> list[float]:
+    """start0, end0, start1, end1, ...: each input ends when the next one starts."""
+    flat = [end] * (2 * len(starts))
+    flat[0::2] = starts
+    flat[1:-1:2] = starts[1:]
+    return flat
 
 
 def _initialize(function: Function, initialized: set[str]) -> dict[str, Any] | None:

@@ -95,6 +95,7 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
+        self.sock.copy_threshold = config.ZERO_COPY_MIN_BYTES
         self.running = True
         self.socket_lock = threading.Lock()
         # the last task's rshm and the folder it names (None: not a usable folder)
