@@ -91,6 +91,7 @@ F_IX: Final = "ix"  # task: the inputs' indices (for the seed)
 F_CAP: Final = "cap"  # task: capture what each input prints
 F_PLAIN: Final = "plain"  # task: the payload lists each input's one argument, not (args, kwargs)
 F_EST: Final = "est"  # task: the client's estimate of the seconds the message runs
+F_RAW: Final = "raw"  # result: every value is a plain scalar, none pickled on its own
 F_SHM: Final = "shm"  # task, result: payload frames that name shared-memory files
 F_RSHM: Final = "rshm"  # task: the client's shared-memory folder for large results
 F_WORKERS: Final = "workers"  # heartbeat (daemon -> client): the node's capacity now
@@ -176,7 +177,7 @@ OPTIONAL: Final[dict[str, dict[str, Callable[[Any], bool]]]] = {
     TASK: {F_SEED: lambda v: isinstance(v, int) and not isinstance(v, bool)
            and abs(v) <= MAX_INT, F_IX: _ids, F_CAP: _flag, F_PLAIN: _flag, F_EST: _num,
            F_SHM: _ids, F_RSHM: _text},
-    RESULT: {F_SHM: _ids},
+    RESULT: {F_SHM: _ids, F_RAW: _flag},
     HEARTBEAT: {F_WORKERS: _int},
 }
 

@@ -210,10 +210,14 @@ def unseal(value: Any) -> Any:
     return value.load() if isinstance(value, Deferred) else value
 
 
-def seal_all(values: list[Any]) -> list[Any]:
-    """``seal`` of every value, in one pass; raises what the first that fails raises."""
+def seal_all(values: list[Any]) -> tuple[list[Any], bool]:
+    """``seal`` of every value, in one pass, and whether every value is a plain scalar
+    (then the list is ``values`` itself, and ``unseal_all`` need not look at it). Raises
+    what the first value that fails raises."""
+    if set(map(type, values)) <= _PLAIN_OR_NONE:
+        return values, True
     plain = _PLAIN
-    return [v if v is None or type(v) in plain else Deferred(_dumps(v)) for v in values]
+    return [v if v is None or type(v) in plain else Deferred(_dumps(v)) for v in values], False
 
 
 def unseal_all(values: list[Any]) -> list[Any]:
@@ -222,6 +226,7 @@ def unseal_all(values: list[Any]) -> list[Any]:
 
 
 _PLAIN = frozenset({int, float, bool, str, bytes, complex})
+_PLAIN_OR_NONE = _PLAIN | {type(None)}
 
 
 # ------------------------------------------------------------------ shared memory

@@ -356,7 +356,7 @@ class Engine(threading.Thread):
             return
         oks, starts, ends = protocol.result_outcomes(msg)
         failed = job.complete(task, node.name, msg.env["worker"], oks, starts, ends,
-                              msg.payload, shared)
+                              msg.payload, shared, raw=bool(msg.env.get(protocol.F_RAW)))
         node.done += len(task.indices) - failed
         node.failed += failed
         if job.per_item_s is not None:

@@ -344,12 +344,13 @@ class Job:
 
     def complete(self, task: Task, node: str, worker: str, oks: bytes,
                  starts: Sequence[float], ends: Sequence[float], payload: list[Any],
-                 shared: list[int]) -> int:
+                 shared: list[int], raw: bool = False) -> int:
         """Deliver the outcomes of a result for ``task`` (``oks``: a byte per input,
         nonzero if it ran; the payload: the values, each pickled on its own, and outputs
         when captured). A value that cannot be unpickled here fails its own input with a
         ``RemoteError`` (whatever its unpickling raised, ``SystemExit`` included); a
-        payload that cannot be read at all fails every input. Returns how many failed."""
+        payload that cannot be read at all fails every input. ``raw``: the worker says
+        every value is a plain scalar, sent as it is. Returns how many failed."""
         n = len(task.indices)
         try:
             if len(oks) != n:
@@ -364,8 +365,8 @@ class Job:
         self.learn(starts, ends, n)
         if self.columnar and not self.capture and oks.count(0) == 0:
             try:
-                self.deliver(Batch(task.indices, serialize.unseal_all(values), node, worker,
-                                   starts, ends, task.attempts))
+                self.deliver(Batch(task.indices, values if raw else serialize.unseal_all(values),
+                                   node, worker, starts, ends, task.attempts))
                 return 0
             except BaseException:  # noqa: B036 - a value's own code ran: see each below
                 pass
@@ -393,8 +394,10 @@ class Job:
         return failed
 
     def learn(self, starts: Sequence[float], ends: Sequence[float], n: int) -> None:
-        """Fold a message's run times into the estimate of seconds per input."""
-        per_item = (sum(ends) - sum(starts)) / max(n, 1)
+        """Fold a message's run times into the estimate of seconds per input: from the
+        first start to the last end (what a worker spends per input, between inputs
+        included), without a pass over every input."""
+        per_item = max(0.0, ends[-1] - starts[0]) / n if n and len(ends) == n else 0.0
         self.per_item_s = per_item if self.per_item_s is None else 0.5 * (self.per_item_s
                                                                           + per_item)
 

@@ -373,8 +373,8 @@ class Worker:
                 continue
             n = msg.env["n"]
             now = time.time()
-            payload = dump_results([dict(info)] * n, [False] * n,
-                                   [""] * n if msg.env.get(protocol.F_CAP) else None)
+            payload, _ = dump_results([dict(info)] * n, [False] * n,
+                                      [""] * n if msg.env.get(protocol.F_CAP) else None)
             self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"],
                                     worker=self.name,
                                     **protocol.outcome_fields([False] * n, [now] * (2 * n))))
@@ -405,8 +405,8 @@ class Worker:
             for value, ok in zip(values, oks):
                 if not ok:  # the client's own file names in its tracebacks
                     value["traceback"] = self.modules.translate(value["traceback"])
-            payload = dump_results(values, oks, outputs)
-            extra: dict[str, Any] = {}
+            payload, raw = dump_results(values, oks, outputs)
+            extra: dict[str, Any] = {protocol.F_RAW: True} if raw else {}
             shared = self.results_folder(msg.env.get(protocol.F_RSHM))
             if shared is not None:
                 payload, extra[protocol.F_SHM], _ = shared.share(payload)
