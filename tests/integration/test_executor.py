@@ -230,15 +230,15 @@ def test_timeouts_and_crashes_give_their_own_errors(daemon: Daemon, gate: Gate) 
 
 
 def test_consecutive_calls_share_jobs(daemon: Daemon) -> None:
-    """Calls submitted back to back ride in shared jobs (one function blob, far fewer jobs
+    """Calls submitted back to back ride in shared jobs (one function blob, fewer jobs
     than calls; how many depends on how fast this thread submits against the I/O thread,
-    so the bound is loose)."""
+    which takes every call waiting when it reads, so only "fewer" is certain)."""
     with Cluster([daemon.address]) as c:
         with Executor(c) as ex:
             futures = [ex.submit(jobs.square, i) for i in range(1000)]
             assert [f.result(timeout=30) for f in futures] == [i * i for i in range(1000)]
         made = next(c._job_ids) - 1  # jobs this Cluster numbered
-        assert 1 <= made < 500
+        assert 1 <= made < len(futures)
         assert daemon.status()["blobs_received"] == 1
 
 
@@ -256,12 +256,12 @@ def test_an_embedded_executor_lets_go_of_the_shared_daemon() -> None:
     (which stops at exit: test_shared_embedded.py)."""
     ex = deathstar.Executor()
     assert ex.cluster.local is None and ex.cluster.shared is not None
-    proc = ex.cluster.shared.proc
+    shared = ex.cluster.shared
     assert ex.submit(jobs.square, 3).result(timeout=60) == 9
     ex.shutdown()
-    assert not ex.cluster.engine.is_alive() and proc.poll() is None
+    assert not ex.cluster.engine.is_alive() and shared.alive()
     with deathstar.Executor() as again:
-        assert again.cluster.shared is not None and again.cluster.shared.proc is proc
+        assert again.cluster.shared is shared
         assert again.submit(jobs.square, 4).result(timeout=60) == 16
 
 

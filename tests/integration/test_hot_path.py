@@ -145,7 +145,7 @@ def test_large_results_come_back_from_embedded_workers_through_shared_memory() -
 
     sizes = [300_000] * 6 + [10]
     # each worker exits right after sending its result: the files it wrote must outlive it
-    local = LocalDaemon(2, ["--max-tasks-per-worker", "1"])
+    local = LocalDaemon(2, max_tasks_per_worker=1)
     try:
         with Cluster([local.address]) as c:
             res = c.map(jobs.arange_doubled, sizes, chunksize=1)

@@ -143,7 +143,7 @@ def test_embedded_local_cluster_leaves_no_process_behind() -> None:
     try:
         with Cluster(None) as c:
             assert c.local is not None
-            daemon_pid = c.local.proc.pid
+            loop = c.local.thread  # the daemon hosted in this process
             res = c.map(jobs.whoami, range(40))
     finally:
         if env_cluster is not None:
@@ -154,14 +154,14 @@ def test_embedded_local_cluster_leaves_no_process_behind() -> None:
     wait_for(lambda: not (set(descendants(os.getpid())) & pids), 15,
              "the embedded workers to exit")
     # (the process's shared embedded daemon, which other tests may have started, stays)
-    wait_for(lambda: daemon_pid not in descendants(os.getpid()), 15,
-             "the embedded daemon to exit")
+    assert not loop.is_alive()  # close returns once it has stopped
 
 
 def test_embedded_cluster_is_private_to_this_user(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The embedded daemon listens on ipc sockets in a 0700 folder, on no TCP port at all,
-    needs no keys even when the user has some (a key folder in DEATHSTAR_KEYS used to turn
+    """The embedded daemon, hosted in this process, is reached over inproc by its client
+    and over ipc sockets in a 0700 folder by ``status``, on no TCP port at all; it needs
+    no keys even when the user has some (a key folder in DEATHSTAR_KEYS used to turn
     CURVE on for the embedded daemon only, and the map failed), and removes the folder."""
     import psutil
 
@@ -171,15 +171,20 @@ def test_embedded_cluster_is_private_to_this_user(tmp_path: Path,
     assert made.returncode == 0, made.stderr
     monkeypatch.setenv("DEATHSTAR_KEYS", str(keys))
     monkeypatch.delenv("DEATHSTAR_CLUSTER", raising=False)
+    here = psutil.Process()
+
+    def listening() -> set[Any]:
+        return {k.laddr for k in here.net_connections(kind="inet")
+                if k.status == psutil.CONN_LISTEN}
+
+    before = listening()
     with Cluster(workers=1) as c:
         assert c.local is not None
         folder = Path(c.local.folder)
         assert (folder.stat().st_mode & 0o777) == 0o700
-        assert c.addresses[0].exec_endpoint == f"ipc://{folder}/exec"
-        daemon = psutil.Process(c.local.proc.pid)
-        listening = [k for k in daemon.net_connections(kind="inet")
-                     if k.status == psutil.CONN_LISTEN]
-        assert listening == [], listening
+        assert c.addresses[0].exec_endpoint.startswith("inproc://")
+        assert c.addresses[0].status_endpoint == f"ipc://{folder}/status"
+        assert listening() == before
         assert c.map(jobs.square, range(50)) == [x * x for x in range(50)]
         assert c.status()[0]["tasks_done"] >= 1
     assert not folder.exists()

@@ -1,7 +1,8 @@
 """The house rules, read from the source: no import cycle (lazy imports and TYPE_CHECKING
 imports included) and no import from a lower floor to a higher one.
 
-Data flows one way: ``cli -> deploy -> client -> ground floor <- daemon <- worker``; the
+Data flows one way: ``cli -> deploy -> client -> ground floor <- daemon <- worker``, and
+the client may host a daemon (the embedded cluster runs one in its own process); the
 ground floor (protocol, serialize, config, errors, report, keys, nodes, exitcodes, the
 version) imports nothing above it, and nothing but the package face and ``__main__``
 import the face.
@@ -23,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "ground": set(),
     "daemon": set(),
     "worker": set(),
-    "client": set(),
+    "client": {"daemon"},  # the embedded cluster hosts the daemon in the client's process
     "deploy": {"client"},  # a provider waits until its daemons answer (status queries)
     "cli": {"client", "deploy", "daemon", "worker"},
     "face": {"client", "deploy"},

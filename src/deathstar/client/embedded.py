@@ -1,8 +1,10 @@
-"""The embedded local cluster: a real daemon process, started for one client and stopped
-after it. It runs the same daemon a remote node runs (through its light entry,
-``python -m deathstar.daemon``, which skips the CLI's imports), listening on ipc
-sockets in a private folder (mode 0700) rather than TCP: no other user of the machine can
-reach it, no keys are needed, and ipc is faster than loopback TCP.
+"""The embedded local cluster: the same daemon a node runs, hosted in the client's own
+process. Its loop runs in a thread; its workers are child processes of this one. The
+client reaches it over ``inproc`` (no I/O thread and no kernel on that hop), and
+``deathstar status`` over ipc sockets in a private folder (mode 0700): no other user of
+the machine can reach it, and no keys are needed. Everything the daemon promises holds
+here as on a node: it is the same loop (crash attribution, timeouts that kill,
+heartbeats, recycling, cancellation).
 
 Calls that name no cluster (``deathstar.map``, ``Executor()``, a joblib ``Parallel``)
 share one embedded daemon per process instead (``acquire_shared``), as loky reuses its
@@ -13,80 +15,57 @@ when it died (or when this process is a fork of the one that started it)."""
 from __future__ import annotations
 
 import atexit
-import json
 import os
-import threading
-import select
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
-from typing import Sequence
+import threading
+from typing import Any
 
 from deathstar import config
 from deathstar.nodes import NodeAddress
 
 
 class LocalDaemonError(RuntimeError):
-    """The embedded daemon did not start; the message carries what it printed."""
+    """The embedded daemon did not start; the message says why."""
 
 
 class LocalDaemon:
-    """A daemon child (``python -m deathstar.daemon``) on ipc sockets in a private folder,
-    with ``workers`` workers and any further options of that entry.
+    """A daemon hosted in this process, with ``workers`` workers (default one per core)
+    and any further ``Daemon`` ``options`` (``max_tasks_per_worker``...).
 
-    The constructor blocks until the daemon has bound its ports (not until its workers
-    are up: tasks queue there meanwhile). The daemon exits if this process dies.
-    """
+    The constructor returns once the daemon has bound its sockets (not once its workers
+    are up: tasks queue there meanwhile). Raises LocalDaemonError when it cannot."""
 
-    def __init__(self, workers: int | None = None, options: Sequence[str] = ()):
+    def __init__(self, workers: int | None = None, **options: Any):
+        from deathstar.daemon.loop import Daemon  # the daemon's modules, on first use
+
         self.folder = tempfile.mkdtemp(prefix="deathstar-local-")  # 0700: ours alone
-        cmd = [sys.executable, "-m", "deathstar.daemon", "--ipc", self.folder,
-               "--parent-pid", str(os.getpid()), "--log-level", "warning"]
-        if workers is not None:
-            cmd += ["--workers", str(workers)]
-        cmd += options
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     close_fds=True)
-        assert self.proc.stdout is not None
-        line = self._read_line(config.EMBEDDED_START_TIMEOUT_S)
+        inproc = f"inproc://deathstar-local-{os.path.basename(self.folder)}"
         try:
-            if json.loads(line)["ipc"] != self.folder:
-                raise ValueError("the daemon is not on our folder")
-            self.address = NodeAddress("local", "localhost", 0, ipc=self.folder)
-        except (ValueError, KeyError, TypeError):
-            self.stop()
-            raise LocalDaemonError(
-                f"the embedded daemon did not start (exit {self.proc.returncode}); "
-                f"it printed {line!r}") from None
+            self.daemon = Daemon(workers=workers, ipc=self.folder, inproc=inproc,
+                                 log_dir=str(config.log_dir()), **options)
+            self.daemon.bind()
+        except Exception as exc:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise LocalDaemonError(f"the embedded daemon did not start: {exc}") from exc
+        self.address = NodeAddress("local", "localhost", 0, ipc=self.folder, inproc=inproc)
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=self.daemon.serve, name="deathstar-daemon",
+                                       daemon=True)
+        self.thread.start()
 
-    def _read_line(self, timeout_s: float) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout_s
-        data = b""
-        while b"\n" not in data:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                break
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            data += chunk
-        return data.decode(errors="replace").strip()
+    def alive(self) -> bool:
+        """Its loop runs (in this process: a fork has none)."""
+        return self.pid == os.getpid() and self.thread.is_alive()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the daemon (it drains, then ends its workers); kill it if it lingers."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        """Stop the daemon: running tasks may finish for ``timeout_s``, then its workers
+        are ended. Blocks until it has stopped."""
+        if self.pid != os.getpid():
+            return  # a fork: the daemon lives in the parent
+        if self.thread.is_alive():
+            self.daemon.request_stop(timeout_s)
+            self.thread.join()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -111,7 +90,7 @@ class _Shared:
                 self.timer.cancel()
                 self.timer = None
             daemon = self.daemon
-            if daemon is None or daemon.proc.poll() is not None or self.pid != os.getpid():
+            if daemon is None or not daemon.alive() or self.pid != os.getpid():
                 if daemon is not None and self.pid == os.getpid():
                     daemon.stop()
                 self.daemon = daemon = LocalDaemon(None)

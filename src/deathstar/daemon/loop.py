@@ -13,12 +13,14 @@ Sockets (all ROUTER; the identity frame comes first on every message received):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections import deque
 from typing import Any, Callable
@@ -54,9 +56,11 @@ class Daemon:
                  max_worker_memory: int | None = None,
                  keys: ServerKeys | None = None, zap: bool = True,
                  idle_shutdown_s: float | None = None, max_lifetime_s: float | None = None,
-                 log_dir: str | None = None, ipc: str | None = None):
+                 log_dir: str | None = None, ipc: str | None = None,
+                 inproc: str | None = None):
         self.host = host
         self.ipc = ipc  # a folder: exec and status are ipc sockets there, no TCP at all
+        self.inproc = inproc  # exec also on this inproc endpoint (a client in this process)
         self.port = port
         self.worker_port = worker_port
         self.heartbeat_s = heartbeat_s
@@ -84,6 +88,11 @@ class Daemon:
                                    bad_message=self.bad_message)
         self.stopping = False
         self.stop_deadline = 0.0
+        # another thread asks the loop to stop through this pipe (``request_stop``)
+        self.stop_r, self.stop_w = os.pipe()
+        os.set_blocking(self.stop_w, False)
+        self.stop_lock = threading.Lock()  # the pipe is closed under it
+        self.stop_drain_s = DRAIN_TIMEOUT_S
         self.next_supervise = 0.0
         self.watched: set[int] = set()  # the workers' exit descriptors being polled
         self.next_heartbeat = 0.0
@@ -109,7 +118,7 @@ class Daemon:
         self.gate.start()
         self.ports = Ports(self.ctx, self.gate, host=self.host, port=self.port,
                            worker_port=self.worker_port, ipc=self.ipc,
-                           heartbeat_s=self.heartbeat_s)
+                           heartbeat_s=self.heartbeat_s, inproc=self.inproc)
         self.front, self.status, self.back = self.ports.front, self.ports.status, self.ports.back
         self.pool.sock = self.back
         bound = self.ports.bind(self.supervisor.connect)
@@ -120,6 +129,7 @@ class Daemon:
         self.poller = zmq.Poller()
         for sock in (self.front, self.back, self.status):
             self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.stop_r, zmq.POLLIN)
         if self.gate.zap_socket is not None:
             self.poller.register(self.gate.zap_socket, zmq.POLLIN)
         return bound
@@ -136,6 +146,8 @@ class Daemon:
                 ready = dict(self.poller.poll(timeout_ms))
                 if self.watched.intersection(ready):
                     self.next_supervise = 0.0  # a worker exited: supervise now
+                if self.stop_r in ready:
+                    self.stop_requested()
                 if self.gate.zap_socket in ready:
                     self.gate.handle_zap()  # handshakes wait on this: first
                 if self.front in ready:
@@ -242,6 +254,20 @@ class Daemon:
             for client in self.clients.values():
                 self.return_queued(client, "the daemon is stopping")
 
+    def request_stop(self, drain_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Stop, from any thread: as ``stop``, letting running tasks finish for at most
+        ``drain_s`` seconds (0: kill them now). ``serve`` returns once done."""
+        self.stop_drain_s = min(self.stop_drain_s, drain_s)
+        with self.stop_lock:
+            if self.stop_w >= 0:  # else the loop has closed: it is stopped
+                with contextlib.suppress(BlockingIOError):  # a request waits already
+                    os.write(self.stop_w, b"!")
+
+    def stop_requested(self) -> None:
+        os.read(self.stop_r, 4096)
+        self.stop()
+        self.stop_deadline = min(self.stop_deadline, time.monotonic() + self.stop_drain_s)
+
     def finished(self) -> bool:
         if not self.stopping:
             return False
@@ -256,6 +282,10 @@ class Daemon:
         self.ports.close()
         self.gate.stop()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        with self.stop_lock:
+            os.close(self.stop_r)
+            os.close(self.stop_w)
+            self.stop_r = self.stop_w = -1
 
     # ------------------------------------------------------------------ clients
 

@@ -1,6 +1,7 @@
 """A daemon's three ROUTER sockets and how they are bound.
 
-    exec     clients: TCP port P (or ``ipc`` folder/exec)
+    exec     clients: TCP port P (or ``ipc`` folder/exec, and ``inproc`` for a client in
+             the same process: the embedded daemon hosted by its client)
     status   anyone: TCP port P+1 (or ``ipc`` folder/status)
     workers  the daemon's own workers over ipc, hand-started ones on TCP port P+2 (or
              ``worker_port``; not on TCP at all with ``ipc``)
@@ -39,11 +40,13 @@ class Ports:
     ``gate``; ``bind`` opens them, ``close`` closes them."""
 
     def __init__(self, ctx: zmq.Context[Any], gate: Gatekeeper, *, host: str, port: int,
-                 worker_port: int | None, ipc: str | None, heartbeat_s: float):
+                 worker_port: int | None, ipc: str | None, heartbeat_s: float,
+                 inproc: str | None = None):
         self.host = host
         self.port = port
         self.worker_port = worker_port
         self.ipc = ipc  # a folder: exec and status are ipc sockets there, no TCP at all
+        self.inproc = inproc  # exec also here, for a client in the daemon's own process
         self.heartbeat_s = heartbeat_s
         self.gate = gate
         self.front = self._router(ctx, config.MAX_MESSAGE_BYTES, CLIENTS)
@@ -75,6 +78,8 @@ class Ports:
                 check_ipc_folder(self.ipc)
                 self.front.bind(f"ipc://{self.ipc}/exec")
                 self.status.bind(f"ipc://{self.ipc}/status")
+                if self.inproc is not None:
+                    self.front.bind(self.inproc)
                 self.port = status_port = 0
                 self.worker_port = 0
             self.back.bind(workers_endpoint)
