@@ -31,6 +31,13 @@ def fail_on_multiples_of(x: int, k: int = 5) -> int:
     return x
 
 
+def busy_fail_on(x: int, k: int = 5, loops: int = 1000) -> int:
+    """About ten microseconds of pure Python work, then ``fail_on_multiples_of``."""
+    for _ in range(loops):
+        pass
+    return fail_on_multiples_of(x, k)
+
+
 def sleep_for(seconds: float) -> float:
     time.sleep(seconds)
     return seconds

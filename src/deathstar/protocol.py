@@ -28,7 +28,8 @@ A result says how each of its inputs went in two byte strings (built and read by
 ``outcome_fields`` and ``result_outcomes``), so that a result of thousands of inputs is
 two fields to decode, not thousands of list items: ``ok``, one byte per input (1 ran, 0
 raised), and ``ts``, each input's start and end (seconds since the epoch) as
-little-endian float64 pairs.
+little-endian float64 pairs, or one pair for the whole message: its inputs (too short to
+time one by one) then share its time evenly.
 
 Every envelope is validated against ``SCHEMA`` before use; a message that fails is a
 ``ProtocolError`` for the receiver to log and drop. Nothing here unpickles.
@@ -41,7 +42,7 @@ import platform
 import sys
 from array import array
 from dataclasses import dataclass
-from typing import Any, Callable, Final, Sequence
+from typing import Any, Callable, Final, Sequence, overload
 
 import cloudpickle
 import msgpack
@@ -325,11 +326,40 @@ def outcome_fields(oks: Sequence[bool], stamps: Sequence[float]) -> dict[str, by
 
 def result_outcomes(msg: Message) -> tuple[bytes, Sequence[float], Sequence[float]]:
     """A result's outcomes: one byte per input (nonzero: it ran), the inputs' start times
-    and their end times."""
+    and their end times (spread evenly over the message's time when it has one pair)."""
+    oks: bytes = msg.env["ok"]
     times = array("d", msg.env["ts"])
     if sys.byteorder == "big":
         times.byteswap()
-    return msg.env["ok"], times[0::2], times[1::2]
+    if len(times) == 2 and len(oks) != 1:
+        step = (times[1] - times[0]) / max(len(oks), 1)
+        return oks, Spread(times[0], step, len(oks)), Spread(times[0] + step, step, len(oks))
+    return oks, times[0::2], times[1::2]
+
+
+class Spread(Sequence[float]):
+    """``n`` instants ``step`` apart from ``first``: the starts (or ends) of inputs that
+    shared their message's time, made one by one only when read."""
+
+    def __init__(self, first: float, step: float, n: int):
+        self.first, self.step, self.n = first, step, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> float: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[float]: ...
+
+    def __getitem__(self, i: int | slice) -> float | list[float]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError("Spread index out of range")
+        return self.first + i * self.step
 
 
 def task_estimate(env: dict[str, Any]) -> float | None:
@@ -400,8 +430,8 @@ def decode(frames: list[Any]) -> Message:
         raise ProtocolError(
             f"{env['t']} message declares {expected} payload frame(s), carries {len(payload)}"
         )
-    if env["t"] == RESULT and 16 * len(env["ok"]) != len(env["ts"]):
-        raise ProtocolError("result message: 'ok' and 'ts' differ in length")
+    if env["t"] == RESULT and len(env["ts"]) not in (16, 16 * len(env["ok"])):
+        raise ProtocolError("result message: 'ts' is neither a pair per input nor one pair")
     return Message(env, payload, frames[0])
 
 

@@ -73,3 +73,22 @@ def test_the_end_of_a_map_keeps_messages_worth_sending() -> None:
     assert job.batch_size(2) == 10  # 10 left of 1 us each: one message, not 4
     job.per_item_s = 0.5
     assert job.batch_size(2) == 1  # long inputs still spread one by one
+
+
+def test_inputs_known_to_be_tiny_run_in_one_loop_and_still_fail_one_by_one(
+        cluster: Cluster) -> None:
+    """The second map of a function of some microseconds runs each message's inputs in
+    one C-level loop: an input that raises stops it there, gets its own error, and the
+    loop goes on with the next; their records share the message's time evenly."""
+    items = list(range(1, 8001))
+    cluster.map(jobs.busy_fail_on, items, k=1000, on_error="return")
+    res = cluster.map(jobs.busy_fail_on, items, k=1000, on_error="return")
+    bad = {i for i in range(8000) if (i + 1) % 1000 == 0}
+    assert {i for i, v in enumerate(res) if isinstance(v, ValueError)} == bad
+    assert all(res[i] == i + 1 for i in range(8000) if i not in bad)
+    report = res.report
+    assert [r.index for r in report] == list(range(8000))
+    assert {r.index for r in report if r.outcome == "error"} == bad
+    # ~10 us each: timed one by one they would take dozens of distinct durations
+    durations = {round(r.end - r.start, 12) for r in report[:1000]}
+    assert len(durations) <= 2, f"{len(durations)} distinct durations: timed one by one"

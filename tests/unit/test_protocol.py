@@ -42,7 +42,7 @@ def test_other_protocol_version_names_both_versions() -> None:
     ([msgpack.packb({"v": V, "t": "result", "id": 1, "worker": "w", "ok": [True],
                      "ts": [[1.0, 2.0]], "nb": 0})], "field 'ok'"),
     ([msgpack.packb({"v": V, "t": "result", "id": 1, "worker": "w", "ok": b"\x01\x01",
-                     "ts": bytes(16), "nb": 0})], "differ in length"),
+                     "ts": bytes(24), "nb": 0})], "neither a pair per input nor one pair"),
 ])
 def test_malformed_messages_raise_protocol_error(frames: list[bytes], fragment: str) -> None:
     with pytest.raises(protocol.ProtocolError, match=fragment):
@@ -58,6 +58,16 @@ def test_result_outcomes_round_trip_as_two_byte_strings() -> None:
     assert list(oks) == [1, 0, 1]
     assert list(starts) == [1.5, 3.0, 4.0] and list(ends) == [2.5, 3.25, 9.0]
     assert isinstance(msg.env["ts"], bytes) and len(msg.env["ts"]) == 48
+
+
+def test_a_result_with_one_pair_of_times_spreads_it_over_its_inputs() -> None:
+    """Inputs too short to time one by one share their message's time evenly."""
+    frames = protocol.pack(protocol.RESULT, [b"pickle"], id=3, worker="w",
+                           **protocol.outcome_fields([True] * 4, [10.0, 14.0]))
+    oks, starts, ends = protocol.result_outcomes(protocol.decode(frames))
+    assert list(oks) == [1] * 4 and len(starts) == len(ends) == 4
+    assert list(starts) == [10.0, 11.0, 12.0, 13.0] and list(ends) == [11.0, 12.0, 13.0, 14.0]
+    assert starts[-1] == 13.0 and ends[1:3] == [12.0, 13.0]
 
 
 def test_oversized_envelope_is_refused_before_decoding() -> None:
