@@ -96,6 +96,8 @@ F_RAW: Final = "raw"  # result: every value is a plain scalar, none pickled on i
 F_SHM: Final = "shm"  # task, result: payload frames that name shared-memory files
 F_RSHM: Final = "rshm"  # task: the client's shared-memory folder for large results
 F_WORKERS: Final = "workers"  # heartbeat (daemon -> client): the node's capacity now
+F_PROBE: Final = "probe"  # hello: a file in the client's shared-memory folder
+F_PROOF: Final = "proof"  # welcome: the hash of that file, read here: memory is shared
 
 #: Bounds of envelope values: a field past them makes the message invalid.
 MAX_IDS: Final = 1 << 16  # ids in one lost or cancel message
@@ -180,6 +182,8 @@ OPTIONAL: Final[dict[str, dict[str, Callable[[Any], bool]]]] = {
            F_SHM: _ids, F_RSHM: _text},
     RESULT: {F_SHM: _ids, F_RAW: _flag},
     HEARTBEAT: {F_WORKERS: _int},
+    HELLO: {F_PROBE: _text},
+    WELCOME: {F_PROOF: _text},
 }
 
 #: Message types that carry payload frames ("nb" of them).
@@ -229,9 +233,11 @@ def pack(msg_type: str, payload: Sequence[Any] = (), **fields: Any) -> list[Any]
 # Every message a peer sends is made here, so its fields are named in one place.
 
 
-def hello(hb: float) -> list[Any]:
-    """A client's first message to a daemon: our versions and heartbeat interval."""
-    return pack(HELLO, versions=local_versions(), hb=hb)
+def hello(hb: float, probe: str | None = None) -> list[Any]:
+    """A client's first message to a daemon: our versions and heartbeat interval, and
+    ``probe``, a file of the client's shared-memory folder the daemon answers for when it
+    can read it."""
+    return pack(HELLO, versions=local_versions(), hb=hb, **({F_PROBE: probe} if probe else {}))
 
 
 def ready(hb: float, worker: str, pid: int) -> list[Any]:
@@ -239,9 +245,11 @@ def ready(hb: float, worker: str, pid: int) -> list[Any]:
     return pack(READY, versions=local_versions(), hb=hb, worker=worker, pid=pid)
 
 
-def welcome(hb: float, node: str, workers: int) -> list[Any]:
-    """A daemon's answer to hello or ready: our versions, heartbeat and capacity."""
-    return pack(WELCOME, versions=local_versions(), hb=hb, node=node, workers=workers)
+def welcome(hb: float, node: str, workers: int, proof: str | None = None) -> list[Any]:
+    """A daemon's answer to hello or ready: our versions, heartbeat and capacity, and
+    ``proof`` that it read the client's probe (it shares the client's memory)."""
+    return pack(WELCOME, versions=local_versions(), hb=hb, node=node, workers=workers,
+                **({F_PROOF: proof} if proof else {}))
 
 
 def refused(reason: str, code: str | None = None) -> list[Any]:

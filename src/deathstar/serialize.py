@@ -305,6 +305,14 @@ class SharedFolder:
             os.close(fd)
         return path
 
+    def probe(self) -> tuple[str, str]:
+        """A file in the folder with a random token, and the proof a process that can read
+        it answers with (``prove_shared``): a node that answers it shares this machine's
+        /dev/shm with us, whatever its address says."""
+        token = os.urandom(16)
+        path = self._write(memoryview(token))
+        return path, hashlib.blake2b(token, digest_size=16).hexdigest()
+
     @staticmethod
     def release(paths: Iterable[str]) -> None:
         for path in paths:
@@ -351,6 +359,26 @@ def _shared_path(frame: Any) -> str:
     if not _is_shared_folder(os.path.dirname(path)):
         raise SerializationError(f"{path!r} is not a deathstar shared-memory file")
     return path
+
+
+def prove_shared(probe: Any) -> str | None:
+    """The proof for a client's ``SharedFolder.probe`` file, when this process can read
+    it as its own (same /dev/shm, same user); else None. Only a small regular file in a
+    deathstar folder of /dev/shm is read."""
+    try:
+        path = _shared_path(str(probe).encode())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except (SerializationError, OSError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode) or st.st_size > 64:
+            return None
+        return hashlib.blake2b(os.read(fd, 64), digest_size=16).hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def discard_shared(frames: list[Any], shared: Sequence[int]) -> None:

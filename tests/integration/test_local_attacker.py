@@ -241,3 +241,20 @@ def test_keygen_under_umask_000_makes_private_folders(tmp_path: Path) -> None:
     for folder in (home / ".config", home / ".config" / "deathstar",
                    home / ".config" / "deathstar" / "keys"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_another_user_cannot_prove_our_shared_memory(attacker: pwd.struct_passwd) -> None:
+    """A daemon of another user on this machine is not given our large buffers through
+    /dev/shm: it cannot read our probe (a 0600 file in a 0700 folder), so it cannot
+    answer it, and our client sends it everything through the socket."""
+    from deathstar import serialize
+
+    if not serialize.SharedFolder.available():
+        pytest.skip("no writable /dev/shm")
+    ours = serialize.SharedFolder()
+    try:
+        path, proof = ours.probe()
+        assert serialize.prove_shared(path) == proof  # we can
+        assert as_user(attacker, lambda: serialize.prove_shared(path)) is None
+    finally:
+        ours.close()

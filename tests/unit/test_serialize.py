@@ -161,3 +161,29 @@ def test_shared_paths_with_nul_bytes_or_foreign_owners_are_refused(tmp_path: Pat
         assert len(serialize.map_shared(paths[0].encode())) == serialize.SHARED_MIN_BYTES
     finally:
         ours.close()
+
+
+def test_a_probe_is_proved_only_by_a_reader_of_its_own_deathstar_file(tmp_path: Path) -> None:
+    """``prove_shared`` answers a client's probe with the hash of its token; anything else
+    it is named (a file outside a deathstar folder of /dev/shm, a symbolic link, a large
+    file, a folder others may write) gets no answer and is not read."""
+    if not serialize.SharedFolder.available():
+        pytest.skip("no writable /dev/shm")
+    ours = serialize.SharedFolder()
+    try:
+        path, proof = ours.probe()
+        assert serialize.prove_shared(path) == proof
+        other, other_proof = ours.probe()
+        assert other_proof != proof and serialize.prove_shared(other) == other_proof
+        outside = tmp_path / "token"
+        outside.write_bytes(b"x" * 16)
+        folder = ours.folder()
+        os.symlink(path, f"{folder}/link")
+        _, _, big = ours.share([b"head", bytearray(serialize.SHARED_MIN_BYTES)])
+        for named in (str(outside), "/etc/hostname", f"{folder}/link", big[0],
+                      f"{folder}/missing", f"{folder}/x\0y", 42):
+            assert serialize.prove_shared(named) is None, named
+        os.chmod(folder, 0o777)
+        assert serialize.prove_shared(path) is None
+    finally:
+        ours.close()

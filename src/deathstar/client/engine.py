@@ -63,10 +63,15 @@ class Engine(threading.Thread):
         self.closing = False
         self.crashed: BaseException | None = None
         self.next_send_id = 1
-        # large buffers for nodes on this machine (the embedded one) go through /dev/shm
-        local = any(a.ipc is not None for a in addresses)
-        self.shared = (serialize.SharedFolder()
-                       if local and serialize.SharedFolder.available() else None)
+        # Large buffers for nodes that share this machine's /dev/shm go through it: each
+        # node is asked to read a probe file there, and shares it when it can.
+        self.shared = serialize.SharedFolder() if serialize.SharedFolder.available() else None
+        self.probe: tuple[str, str] | None = None
+        if self.shared is not None:
+            try:
+                self.probe = self.shared.probe()
+            except OSError:
+                self.shared = None  # /dev/shm cannot take a file: sockets carry everything
         self.shared_files: dict[int, list[str]] = {}  # send id -> files not yet taken
         self.late_results = 0
         # seconds per input of the functions run lately (by hash), for their next jobs
@@ -246,7 +251,10 @@ class Engine(threading.Thread):
         if node.state != DOWN:
             node.state = CONNECTING
             node.deadline = now + self.connect_timeout
-        self.send(node, protocol.hello(self.heartbeat_s))
+        self.send(node, self.hello())
+
+    def hello(self) -> list[Any]:
+        return protocol.hello(self.heartbeat_s, None if self.probe is None else self.probe[0])
 
     def disconnect(self, node: Node, say_bye: bool = False) -> None:
         if node.sock is None:
@@ -310,6 +318,8 @@ class Engine(threading.Thread):
         node.heartbeat_s = protocol.clamp_heartbeat(msg.env["hb"])
         node.hostname = str(msg.env["node"])
         node.versions = dict(msg.env["versions"])
+        node.shares_memory = self.probe is not None and \
+            msg.env.get(protocol.F_PROOF) == self.probe[1]
         node.backoff_s = RECONNECT_MIN_S
         self.check_connected()
 
@@ -326,7 +336,7 @@ class Engine(threading.Thread):
             node.blobs_sent.clear()
             node.state = CONNECTING
             node.deadline = time.monotonic() + self.connect_timeout
-            self.send(node, protocol.hello(self.heartbeat_s))
+            self.send(node, self.hello())
             return
         self.mark_failed(node, REFUSED, f"node {node.name} refused us: {msg.env['reason']}")
         self.disconnect(node)
@@ -524,8 +534,8 @@ class Engine(threading.Thread):
         if est is not None:  # lets the daemon queue a message behind a short one
             extra[protocol.F_EST] = est
         payload = task.payload
-        if node.address.ipc is not None and self.shared is not None:
-            # a node on this machine: large buffers go through /dev/shm, one copy, both
+        if node.shares_memory and self.shared is not None:
+            # a node that reads our /dev/shm: large buffers go through it, one copy, both
             # ways (rshm: the folder its worker may write large results into)
             payload, extra[protocol.F_SHM], paths = self.shared.share(payload)
             extra[protocol.F_RSHM] = self.shared.folder()

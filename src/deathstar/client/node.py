@@ -38,6 +38,7 @@ class Node:
     heartbeat_s: float = config.HEARTBEAT_INTERVAL_S
     hostname: str = ""
     versions: dict[str, Any] = field(default_factory=dict)
+    shares_memory: bool = False  # it proved it reads our /dev/shm: large buffers go there
     inflight: dict[int, Task] = field(default_factory=dict)
     # blob hash -> the send id of the first task sent after it (the node has it, unless
     # it dropped it from its cache since)

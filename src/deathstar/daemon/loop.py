@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import zmq
 
-from deathstar import config, protocol
+from deathstar import config, protocol, serialize
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
 from deathstar.daemon.sockets import Ports
@@ -295,6 +295,10 @@ class Daemon:
         if client is not None:
             client.last_sent = time.monotonic()
 
+    def remote_only(self) -> bool:
+        """Every worker here is hand-started (none of ours can read shared memory)."""
+        return self.supervisor.count == 0
+
     def capacity(self) -> int:
         """Workers this node has or is starting: what a client may keep busy here."""
         return max(len(self.pool), self.supervisor.count)
@@ -324,8 +328,10 @@ class Daemon:
             return
         hb = protocol.clamp_heartbeat(msg.env["hb"])
         self.clients[ident] = ClientConn(ident, hb, time.monotonic(), user=user)
+        probe = msg.env.get(protocol.F_PROBE)  # read here: we share the client's memory
+        proof = None if probe is None or self.remote_only() else serialize.prove_shared(probe)
         self.send_client(ident, protocol.welcome(self.heartbeat_s, self.node_name,
-                                                 self.capacity()))
+                                                 self.capacity(), proof))
 
     def on_blob(self, client: ClientConn, frames: list[Any], msg: Message) -> None:
         self.counters.blobs_received += 1
@@ -435,7 +441,8 @@ class Daemon:
             if client is None or not client.queue:
                 self.ready_clients.popleft()
                 continue
-            worker = self.pool.free_worker()
+            # a message whose buffers are in shared memory goes to a worker of ours
+            worker = self.pool.free_worker(own=bool(client.queue[0].env.get(protocol.F_SHM)))
             if worker is None:
                 break
             msg = client.dequeue()

@@ -211,16 +211,29 @@ class WorkerSessions:
                           "its result left", worker.name, code=protocol.LOST_UNSTARTED)
         held.clear()
 
-    def free_worker(self) -> WorkerConn | None:
+    def free_worker(self, own: bool = False) -> WorkerConn | None:
         """An idle worker, else one that may take a message behind its short one (stale
-        entries are skipped), else None. The worker is taken off its list."""
-        if self.idle:
-            return self.workers[self.idle.popleft()]
+        entries are skipped), else None. The worker is taken off its list. ``own``: only
+        one this daemon started (it reads this machine's shared memory, as the daemon
+        does; a hand-started worker may run anywhere)."""
+        for i, ident in enumerate(self.idle):
+            if not own or self.supervisor.owns(self.workers[ident].pid):
+                del self.idle[i]
+                return self.workers[ident]
+        passed: list[bytes] = []
+        found = None
         while self.prefetchable:
-            worker = self.workers.get(self.prefetchable.popleft())
-            if worker is not None and worker.can_prefetch():
-                return worker
-        return None
+            ident = self.prefetchable.popleft()
+            worker = self.workers.get(ident)
+            if worker is None or not worker.can_prefetch():
+                continue  # stale
+            if own and not self.supervisor.owns(worker.pid):
+                passed.append(ident)
+                continue
+            found = worker
+            break
+        self.prefetchable.extendleft(reversed(passed))
+        return found
 
     def assign(self, worker: WorkerConn, client: bytes, msg: Message) -> None:
         """Give ``worker`` a client's task message: it runs it now if it holds nothing,

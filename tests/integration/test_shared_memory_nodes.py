@@ -1,0 +1,104 @@
+"""Large buffers go through /dev/shm to any node that proves it shares this machine's
+/dev/shm, not only to the embedded daemon: the client leaves a probe file in its
+shared-memory folder, names it in its hello, and a daemon that can read it (same /dev/shm,
+same user) answers with its hash. A TCP node on loopback run by this user proves it; a
+node whose workers are all hand-started does not (they may run anywhere), and a message
+with buffers in shared memory never goes to a hand-started worker."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from deathstar import serialize
+from deathstar.client import Cluster
+from tests import jobs
+from tests.conftest import Daemon, wait_for
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(not serialize.SharedFolder.available(),
+                                 reason="no writable /dev/shm")]
+
+EXE = str(Path(sys.executable).with_name("deathstar"))
+
+
+def backing(array: Any) -> Any:
+    while getattr(array, "base", None) is not None:
+        array = array.base
+    return getattr(array, "obj", array)
+
+
+def files_left(c: Cluster) -> list[str]:
+    """The client's shared-memory files other than its probe."""
+    assert c.engine.shared is not None and c.engine.probe is not None
+    folder = c.engine.shared.path
+    assert folder is not None
+    return sorted(set(os.listdir(folder)) - {os.path.basename(c.engine.probe[0])})
+
+
+def test_a_loopback_tcp_node_of_this_user_gets_buffers_through_shared_memory(
+        daemons: Callable[..., Daemon]) -> None:
+    d = daemons(2)
+    arrays = [np.random.default_rng(k).random(300_000) for k in range(6)]
+    with Cluster([d.address]) as c:
+        assert c.engine.nodes[0].shares_memory
+        written = c.engine.shared.count if c.engine.shared else 0
+        res = c.map(jobs.bump_and_sum, arrays)
+        assert list(res) == pytest.approx([float((a + 1).sum()) for a in arrays])
+        assert c.engine.shared is not None and c.engine.shared.count - written >= 6
+        back = c.map(jobs.arange_doubled, [300_000] * 3, chunksize=1)
+        assert all(isinstance(backing(v), mmap.mmap) for v in back)  # results too
+        assert np.array_equal(back[0], np.arange(300_000, dtype=np.float64) * 2)
+        assert files_left(c) == []  # each taken (and unlinked) by its reader
+        folder = c.engine.shared.path
+    assert folder is not None and not os.path.exists(folder)
+
+
+def test_a_node_of_hand_started_workers_only_does_not_claim_it(
+        daemons: Callable[..., Daemon]) -> None:
+    d = daemons(0)
+    worker = subprocess.Popen([EXE, "worker", "--connect", f"tcp://127.0.0.1:{d.port + 2}"],
+                              stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: d.status()["workers"] == 1, 20, "the hand-started worker to join")
+        arrays = [np.ones(300_000) * k for k in range(3)]
+        with Cluster([d.address]) as c:
+            assert not c.engine.nodes[0].shares_memory
+            assert c.engine.shared is not None
+            written = c.engine.shared.count
+            res = c.map(jobs.bump_and_sum, arrays)
+            assert list(res) == [300_000.0 * (k + 1) for k in range(3)]
+            assert c.engine.shared.count == written  # through the socket
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_message_in_shared_memory_goes_to_the_daemons_own_worker(
+        daemons: Callable[..., Daemon]) -> None:
+    """One worker of the daemon's own and one hand-started: the node shares memory, and
+    every array message goes to its own worker; small ones go to either."""
+    d = daemons(1)
+    worker = subprocess.Popen([EXE, "worker", "--connect", f"tcp://127.0.0.1:{d.port + 2}"],
+                              stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: d.status()["workers"] == 2, 20, "the hand-started worker to join")
+        with Cluster([d.address]) as c:
+            assert c.engine.nodes[0].shares_memory
+            small = c.map(jobs.whoami, range(200), chunksize=1)
+            hand = {name for name in small if name.endswith(f":{worker.pid}")}
+            assert hand, "the hand-started worker took no small message"
+            arrays = [np.ones(300_000) for _ in range(8)]
+            res = c.map(jobs.bump_and_sum, arrays, chunksize=1)
+            assert list(res) == [600_000.0] * 8
+            assert all(not r.worker.endswith(f":{worker.pid}") for r in res.report)
+    finally:
+        worker.kill()
+        worker.wait()
