@@ -67,6 +67,17 @@ class Tally:
         if rec.worker:
             self.workers[rec.node].add(rec.worker)
 
+    def add_batch(self, node: str, worker: str, completed: int, busy_s: float) -> None:
+        """``add`` for ``completed`` inputs of one message that all succeeded."""
+        row = self.rows.get(node)
+        if row is None:
+            row = self.rows[node] = NodeSummary(node, 0, 0, 0.0, 0)
+            self.workers[node] = set()
+        row.jobs_completed += completed
+        row.busy_s += busy_s
+        if worker:
+            self.workers[node].add(worker)
+
     def summary(self) -> list[NodeSummary]:
         for node, row in self.rows.items():
             row.workers = len(self.workers[node])

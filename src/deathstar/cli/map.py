@@ -19,6 +19,7 @@ from deathstar.cli.common import KeysOption, err, fail, setup_logging, summary_t
 from deathstar.cli.inputs import InputError, load_function, parse_kwargs, read_calls
 from deathstar.cli.output import OutputError, Previous, ResultWriter, read_previous
 from deathstar.client import Cluster, NoNodesError, ordered
+from deathstar.client.job import Batch, Outcome, in_order
 from deathstar.errors import describe
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError
@@ -225,11 +226,13 @@ class _MapRun:
                                                indices=(kept[i] for i in itertools.count()),
                                                total=total, progress=progress, **options,
                                                **common)
-            else:
-                stream = self.cluster.outcomes(fn, calls, total=total, progress=progress,
-                                               **options, **common)
-            for index, ok, value, record in ordered(stream, kept if skip else None):
-                self.deliver(index, ok, value, record)
+                for index, ok, value, record in ordered(stream, kept):
+                    self.deliver(index, ok, value, record)
+            else:  # by message: a batch of results is written, tallied, reported at once
+                pieces = self.cluster.deliveries(fn, calls, total=total, progress=progress,
+                                                 **options, **common)
+                for piece in in_order(pieces):
+                    self.deliver_piece(piece)
         except (InputError, SerializationError, OutputError) as exc:
             code = self.stop(ExitCode.BAD_INPUT, f"[bold red]error:[/] {exc}")
         except NoNodesError as exc:
@@ -247,6 +250,21 @@ class _MapRun:
         if code == ExitCode.OK and self.failed_count:
             code = ExitCode.TASKS_FAILED
         return code
+
+    def deliver_piece(self, piece: list[Outcome] | Batch) -> None:
+        if not isinstance(piece, Batch):
+            for outcome in piece:
+                self.deliver(*outcome)
+            return
+        self.output.write_batch(piece.indices, piece.values)
+        self.tally.add_batch(piece.node, piece.worker, len(piece), piece.busy_s())
+        if self.report is not None or self.records is not None:
+            records = piece.records()
+            if self.report is not None:
+                for record in records:
+                    self.report.add(record)
+            if self.records is not None:
+                self.records.extend(records)
 
     def deliver(self, index: int, ok: bool, value: Any, record: TaskRecord) -> None:
         self.output.write(index, ok, value, record)

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterable
 
 from deathstar.errors import describe
 from deathstar.report import TaskRecord
@@ -88,6 +88,22 @@ class ResultWriter:
         if self.unsynced >= FSYNC_LINES or time.monotonic() >= self.next_sync:
             self.sync()
 
+    def write_batch(self, indices: Iterable[int], values: list[Any]) -> None:
+        """``write`` for inputs that all succeeded, in one go."""
+        if self.pickled:
+            self.values.extend(values)
+            return
+        assert self.fh is not None
+        self._empty_once()
+        if set(map(type, values)) == {int}:  # the common case, without a call per value
+            lines = [f'{{"index": {i}, "result": {v}}}\n' for i, v in zip(indices, values)]
+        else:
+            lines = [ok_line(i, v) + "\n" for i, v in zip(indices, values)]
+        self.fh.write("".join(lines))
+        self.unsynced += len(values)
+        if self.unsynced >= FSYNC_LINES or time.monotonic() >= self.next_sync:
+            self.sync()
+
     def sync(self) -> None:
         """Make what was written durable (a no-op for stdout and pickles)."""
         if self.fh is None:
@@ -120,10 +136,9 @@ class ResultWriter:
 
 def result_line(index: int, ok: bool, value: Any, record: TaskRecord) -> str:
     """One JSONL line; raises OutputError (pointing at .pkl) when JSON can't hold it."""
+    if ok:
+        return ok_line(index, value)
     try:
-        if ok:  # the common case, without building a dict (and ints without the encoder)
-            text = str(value) if type(value) is int else _ENCODER.encode(value)
-            return f'{{"index": {index}, "result": {text}}}'
         info = describe(value)
         return _ENCODER.encode({"index": index, "error": {
             "type": info["type"], "message": info["message"],
@@ -133,6 +148,18 @@ def result_line(index: int, ok: bool, value: Any, record: TaskRecord) -> str:
         raise OutputError(
             f"the result of input {index} ({type(value).__name__}) cannot be written as "
             f"JSON ({exc}); write a pickle instead: --out results.pkl") from None
+
+
+def ok_line(index: int, value: Any) -> str:
+    """The JSONL line of a result, without building a dict (ints without the encoder);
+    raises OutputError (pointing at .pkl) when JSON can't hold it."""
+    try:
+        text = str(value) if type(value) is int else _ENCODER.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise OutputError(
+            f"the result of input {index} ({type(value).__name__}) cannot be written as "
+            f"JSON ({exc}); write a pickle instead: --out results.pkl") from None
+    return f'{{"index": {index}, "result": {text}}}'
 
 
 def _json_default(obj: Any) -> Any:

@@ -292,6 +292,19 @@ class Cluster:
         job = self.make_job(fn, calls, options, common, total=total, indices=indices)
         return self._stream(job, resolve_progress(progress, total), deadline)
 
+    def deliveries(self, fn: Callable[..., Any],
+                   calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
+                   total: int | None = None, **options_and_common: Any
+                   ) -> Iterator[list[Outcome] | Batch]:
+        """``outcomes`` by message, for a consumer that handles many inputs at once: a
+        ``Batch`` (columns) for a message whose inputs all ran, else a list of outcomes;
+        completion order (``job.in_order`` restores input order), each input exactly
+        once. Takes ``outcomes``' options."""
+        options, progress, common = MapOptions.split(options_and_common)
+        job = self.make_job(fn, calls, options, common, total=total)
+        job.columnar = True
+        return self._deliveries(job, resolve_progress(progress, total))
+
     def make_job(self, fn: Callable[..., Any],
                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]],
                  options: MapOptions, common: dict[str, Any], *, total: int | None = None,

@@ -15,6 +15,7 @@ when it died (or when this process is a fork of the one that started it)."""
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +39,10 @@ class LocalDaemon:
 
     def __init__(self, workers: int | None = None, **options: Any):
         from deathstar.daemon.loop import Daemon  # the daemon's modules, on first use
+
+        daemon_log = logging.getLogger("deathstar.daemon")
+        if daemon_log.level == logging.NOTSET and not config.DEBUG:
+            daemon_log.setLevel(logging.WARNING)  # its start and stop are no news here
 
         self.folder = tempfile.mkdtemp(prefix="deathstar-local-")  # 0700: ours alone
         inproc = f"inproc://deathstar-local-{os.path.basename(self.folder)}"

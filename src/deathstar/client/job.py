@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from deathstar import config, serialize
+from deathstar.protocol import Spread
 from deathstar.errors import (TaskFailed, TaskTimeout, WorkerCrashed, describe,
                               remote_exception)
 from deathstar.report import CRASHED, ERROR, OK, TIMEOUT, TaskRecord
@@ -39,6 +40,35 @@ def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
                 break
             yield pending.pop(expected)
             position += 1
+
+
+def in_order(deliveries: Iterable[list[Outcome] | Batch]) -> Iterator[list[Outcome] | Batch]:
+    """Put what a job over inputs 0, 1, 2, ... delivers (completion order) back in input
+    order, piece by piece: a ``Batch`` of consecutive inputs goes whole, a list of
+    outcomes one outcome at a time; each is held only until its predecessors are in.
+    Raises RuntimeError if the deliveries end with a gap (an input never delivered)."""
+    pending: dict[int, list[Outcome] | Batch] = {}
+    position = 0
+    for delivered in deliveries:
+        if isinstance(delivered, Batch) and _consecutive(delivered.indices):
+            pending[delivered.indices[0]] = delivered
+        else:
+            for outcome in as_outcomes(delivered):
+                pending[outcome[0]] = [outcome]
+        while position in pending:
+            piece = pending.pop(position)
+            position += len(piece)
+            yield piece
+    if pending:
+        raise RuntimeError(f"inputs from {position} on were never delivered")
+
+
+def _consecutive(indices: range | list[int]) -> bool:
+    """Whether a message's indices (which increase: inputs are numbered in order) have
+    no gap."""
+    if isinstance(indices, range):
+        return indices.step == 1 and len(indices) > 0
+    return len(indices) > 0 and indices[-1] - indices[0] == len(indices) - 1
 
 
 def drain(batch: list[Outcome]) -> Iterator[Outcome]:
@@ -79,6 +109,12 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.values)
+
+    def busy_s(self) -> float:
+        """Seconds its inputs ran, in all."""
+        if isinstance(self.starts, Spread):  # they shared the message's time
+            return max(0.0, self.ends[-1] - self.starts[0])
+        return max(0.0, sum(self.ends) - sum(self.starts))
 
     def records(self) -> list[TaskRecord]:
         node, worker, attempts = self.node, self.worker, self.attempts
@@ -183,7 +219,10 @@ class Job:
             raise
         if names and not names <= self.modules:
             self.ship_more(names)
-        return Task(self, [index for index, _, _ in chunk], payload)
+        indices = [index for index, _, _ in chunk]
+        if indices[-1] - indices[0] == len(indices) - 1:  # they increase: no gap
+            return Task(self, range(indices[0], indices[-1] + 1), payload)
+        return Task(self, indices, payload)
 
     def _slice_batch(self, size: int) -> Task | None:
         """``read_batch`` of a ``plain`` job: the next slice of its sequence, pickled as
