@@ -190,6 +190,25 @@ def test_the_context_manager_waits_for_every_call(executor: cf.Executor) -> None
         ex.submit(jobs.square, 1)
 
 
+def test_done_callbacks_never_run_in_the_io_thread(daemon: Daemon) -> None:
+    """Outcomes are resolved in the client's I/O thread when their futures have no
+    done-callback; a callback added before the outcome runs in the executor's thread, one
+    added after in the thread that adds it: never in the I/O thread."""
+    with Cluster([daemon.address]) as c, Executor(c) as ex:
+        gate = threading.Event()
+        threads: list[str] = []
+        before = [ex.submit(jobs.sleep_for, 0.3) for _ in range(4)]
+        for future in before:
+            future.add_done_callback(lambda f: threads.append(threading.current_thread().name))
+        plain = [ex.submit(jobs.square, i) for i in range(20)]
+        assert [f.result(timeout=30) for f in plain] == [i * i for i in range(20)]
+        wait_for(lambda: len(threads) == 4, 30, "the callbacks added before")
+        assert set(threads) == {"deathstar-executor"}, threads
+        plain[0].add_done_callback(lambda f: (threads.append(
+            threading.current_thread().name), gate.set()))
+        assert gate.is_set() and threads[-1] == threading.current_thread().name
+
+
 def test_done_callbacks_run_once_per_future(executor: cf.Executor) -> None:
     seen: list[cf.Future[Any]] = []
     futures = [executor.submit(jobs.square, i) for i in range(10)]

@@ -81,7 +81,21 @@ class _Feed:
         return self.executor._take(self)
 
     def put(self, item: Any) -> None:
+        """What the feed's job delivers (I/O thread): outcomes are resolved here, one
+        thread hop sooner, unless a future has done-callbacks (those run in the
+        executor's thread); the rest goes to the executor's thread."""
+        if isinstance(item, list):
+            item = self.executor._resolve_here(self, item)
+            if item is None:
+                return
         self.executor._inbox.put((self, item))
+
+
+@dataclass(eq=False)
+class _Settle:
+    """Calls whose futures have done-callbacks, to resolve in the executor's thread."""
+
+    calls: list[tuple[cf.Future[Any], bool, Any]]
 
 
 class Executor(cf.Executor):
@@ -249,7 +263,10 @@ class Executor(cf.Executor):
             elif isinstance(item, BaseException):
                 self._feed_ended(feed, item)
             else:
-                self._resolve(feed, item)
+                for future, ok, value in item.calls:  # futures with done-callbacks
+                    _settle_future(future, ok, value)
+                with self._lock:
+                    self._settle_locked([future for future, _, _ in item.calls])
             if self._shutdown:
                 self._release_if_idle()
         except Exception:  # a bug here must not leave every later future hanging
@@ -259,18 +276,28 @@ class Executor(cf.Executor):
         if self._unfinished and not self._cluster_usable():
             self._fail_everything(RuntimeError("the executor's Cluster was closed"))
 
-    def _resolve(self, feed: _Feed, outcomes: list[Any]) -> None:
+    def _resolve_here(self, feed: _Feed, outcomes: list[Any]) -> _Settle | None:
+        """Resolve a feed's outcomes in the calling (I/O) thread, each future that has no
+        done-callback; those that have one are returned, for the executor's thread."""
         with self._lock:
             futures = [feed.futures.pop(index, None) for index, _, _, _ in outcomes]
-        done = []
+        done, later = [], []
         for future, (_, ok, value, _) in zip(futures, outcomes):
-            if future is not None:
+            if future is None:
+                continue
+            # Under the future's own (reentrant) lock no callback can be added before it
+            # is resolved: one added after runs at once in the thread that adds it.
+            with future._condition:
+                if future._done_callbacks:  # type: ignore[attr-defined]
+                    later.append((future, ok, value))
+                    continue
                 _settle_future(future, ok, value)
-                done.append(future)
+            done.append(future)
         if feed.job is not None:
             feed.job.mark_consumed(len(outcomes))
         with self._lock:
             self._settle_locked(done)
+        return _Settle(later) if later else None
 
     def _feed_ended(self, feed: _Feed, error: BaseException | None) -> None:
         """A feed's job finished (``error`` None), was cancelled, or failed. Calls it took
