@@ -190,9 +190,10 @@ def run_calls(function: Function, msg: Message, initialized: set[str]
     fn, common, plain = function.fn, function.common, bool(msg.env.get(protocol.F_PLAIN))
     if seeds is None and not capture:
         est = protocol.task_estimate(msg.env)
-        if plain and est is not None and est < SWIFT_INPUT_S * max(n, 1):
-            return _run_swift(functools.partial(fn, **common) if common else fn, items)
-        return _run_quick(fn, common, items, plain)
+        call = _caller(fn, common, plain)
+        if est is not None and est < SWIFT_INPUT_S * max(n, 1):
+            return _run_swift(call, items)
+        return _run_quick(call, items)
     values: list[Any] = []
     oks: list[bool] = []
     stamps: list[float] = []
@@ -220,35 +221,33 @@ def run_calls(function: Function, msg: Message, initialized: set[str]
     return values, oks, stamps, outputs
 
 
-def _run_quick(fn: Callable[..., Any], common: dict[str, Any], items: list[Any], plain: bool
+def _caller(fn: Callable[..., Any], common: dict[str, Any], plain: bool
+            ) -> Callable[[Any], Any]:
+    """What runs one input: ``fn(item, **common)`` for a plain item (``fn`` itself
+    without common arguments), else ``fn(*args, **common, **kwargs)``."""
+    if plain:
+        return functools.partial(fn, **common) if common else fn
+
+    def call(item: Any) -> Any:
+        args, kwargs = item
+        return fn(*args, **{**common, **kwargs}) if kwargs else fn(*args, **common)
+
+    return call
+
+
+def _run_quick(call: Callable[[Any], Any], items: list[Any]
                ) -> tuple[list[Any], list[bool], list[float], None]:
     """``run_calls`` without seeds or captured output: the same outcomes, with no object
     made per input beyond its value and its start time (the loop a stream of tiny inputs
-    spends its time in; an input ends when the next one starts). ``plain``: each item is
-    the one positional argument, else ``(args, kwargs)``."""
+    spends its time in; an input ends when the next one starts)."""
     values: list[Any] = []
     starts: list[float] = []
     failed: list[int] = []
     now, put, stamp = time.time, values.append, starts.append
-    if not plain:
-        items = [(args, {**common, **kwargs} if kwargs else common) for args, kwargs in items]
-    elif common:
-        items = [((item,), common) for item in items]
-    else:  # fn(item): the common case, in the tightest loop
-        for item in items:
-            stamp(now())
-            try:
-                put(fn(item))
-            except Terminate:
-                raise
-            except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt too
-                failed.append(len(values))
-                put(error_info(exc))
-        return values, _oks(len(values), failed), _flat_stamps(starts, now()), None
-    for args, kwargs in items:
+    for item in items:
         stamp(now())
         try:
-            put(fn(*args, **kwargs))
+            put(call(item))
         except Terminate:
             raise
         except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt too
