@@ -34,6 +34,8 @@ def test_calls_without_a_cluster_share_warm_workers_and_an_own_cluster_is_apart(
         from tests import jobs
         first = set(deathstar.map(jobs.whoami, range(40)))
         daemon = embedded._shared.daemon
+        workers = {f"{os.uname().nodename}:{p.pid}"
+                   for p, _ in daemon.daemon.supervisor.procs.values()}
         second = set(deathstar.map(jobs.whoami, range(40)))
         with deathstar.Executor() as ex:
             third = {ex.submit(jobs.whoami).result() for _ in range(10)}
@@ -41,13 +43,18 @@ def test_calls_without_a_cluster_share_warm_workers_and_an_own_cluster_is_apart(
             fourth = set(own.map(jobs.whoami, range(10)))
         print(json.dumps({"first": sorted(first), "second": sorted(second),
                           "third": sorted(third), "fourth": sorted(fourth),
+                          "workers": sorted(workers),
+                          "still": sorted(f"{os.uname().nodename}:{p.pid}"
+                                          for p, _ in daemon.daemon.supervisor.procs.values()),
                           "same": embedded._shared.daemon is daemon,
                           "alive": daemon.alive()}))
     """)
     assert out["same"] and out["alive"]
-    assert set(out["first"]) & set(out["second"]), "the second map started new workers"
-    assert set(out["third"]) <= set(out["first"]) | set(out["second"])
-    assert not set(out["fourth"]) & (set(out["first"]) | set(out["second"]))
+    shared = set(out["workers"])
+    assert len(shared) == os.cpu_count() and out["still"] == out["workers"]  # warm, kept
+    for calls in ("first", "second", "third"):  # every call ran on those same workers
+        assert set(out[calls]) <= shared, (calls, out[calls], shared)
+    assert not set(out["fourth"]) & shared  # an own cluster has workers of its own
 
 
 def test_a_dead_shared_daemon_is_replaced() -> None:
