@@ -189,9 +189,9 @@ class Worker:
         behind the running one can be given back to the daemon for an idle worker.
 
         While user code runs now and then it looks every RECALL_CHECK_S. After a heartbeat
-        without any it rests a heartbeat at a time, until user code wakes it (``beating``);
-        it then looks RECALL_CHECK_S later, not at once. So a stream of tiny tasks pays no
-        thread switch per task, and an idle worker wakes once a heartbeat."""
+        without any it rests until user code wakes it (``beating``); it then looks
+        RECALL_CHECK_S later, not at once. So a stream of tiny tasks pays no thread switch
+        per task, and an idle worker wakes only for its main loop's heartbeat."""
         started, quiet_since = -1, time.monotonic()
         while not self.pulse_stop.is_set():
             now = time.monotonic()
@@ -200,9 +200,11 @@ class Worker:
             if now - quiet_since < self.heartbeat_s:
                 self.pulse_stop.wait(RECALL_CHECK_S)  # user code ran lately: look often
             else:
-                self.resting = True  # a heartbeat without user code: rest till it comes
+                # A heartbeat without user code: rest till it comes (or the worker stops:
+                # both set ``nudge``). Meanwhile the main loop beats and watches the parent.
+                self.resting = True
                 if not self.busy:
-                    self.nudge.wait(self.heartbeat_s * 0.9)
+                    self.nudge.wait()
                 self.resting = False
                 self.nudge.clear()
                 if self.busy:  # woken by user code: look RECALL_CHECK_S into it
