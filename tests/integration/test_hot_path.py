@@ -120,12 +120,12 @@ def test_large_arrays_reach_embedded_workers_through_shared_memory(tmp_path: Pat
     marker = tmp_path / "crashed-once"
     with Cluster(workers=2) as c:
         res = c.map(jobs.bump_and_sum, arrays, crash_marker=str(marker))
-        shared = c.engine.shared
+        shared = c.engine.memory.folder
         assert shared is not None and shared.path is not None
         # every contiguous array (numpy pickles a non-contiguous one inside the stream)
         assert shared.count >= len(arrays) - 1
         # each taken (and unlinked) by its worker; the probe its node answered stays
-        assert os.listdir(shared.path) == [os.path.basename(c.engine.probe[0])]
+        assert os.listdir(shared.path) == [os.path.basename(c.engine.memory.probe[0])]
         folder = shared.path
     assert marker.exists() and max(r.attempts for r in res.report) == 2
     assert list(res) == pytest.approx([float((a + 1).sum()) for a in arrays])
@@ -156,10 +156,10 @@ def test_large_results_come_back_from_embedded_workers_through_shared_memory() -
             # replaced as they went (a worker runs a task it already holds before leaving)
             assert len({r.worker for r in res.report}) >= 4
             res[0][0] = 7.0  # writable here too
-            assert c.engine.shared is not None
-            folder = c.engine.shared.path
+            assert c.engine.memory.folder is not None
+            folder = c.engine.memory.folder.path
             assert folder is not None  # each taken here; the probe its node answered stays
-            assert os.listdir(folder) == [os.path.basename(c.engine.probe[0])]
+            assert os.listdir(folder) == [os.path.basename(c.engine.memory.probe[0])]
     finally:
         local.stop()
     assert not os.path.exists(folder)

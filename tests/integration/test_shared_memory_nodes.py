@@ -37,10 +37,10 @@ def backing(array: Any) -> Any:
 
 def files_left(c: Cluster) -> list[str]:
     """The client's shared-memory files other than its probe."""
-    assert c.engine.shared is not None and c.engine.probe is not None
-    folder = c.engine.shared.path
+    assert c.engine.memory.folder is not None and c.engine.memory.probe is not None
+    folder = c.engine.memory.folder.path
     assert folder is not None
-    return sorted(set(os.listdir(folder)) - {os.path.basename(c.engine.probe[0])})
+    return sorted(set(os.listdir(folder)) - {os.path.basename(c.engine.memory.probe[0])})
 
 
 def test_a_loopback_tcp_node_of_this_user_gets_buffers_through_shared_memory(
@@ -49,15 +49,15 @@ def test_a_loopback_tcp_node_of_this_user_gets_buffers_through_shared_memory(
     arrays = [np.random.default_rng(k).random(300_000) for k in range(6)]
     with Cluster([d.address]) as c:
         assert c.engine.nodes[0].shares_memory
-        written = c.engine.shared.count if c.engine.shared else 0
+        written = c.engine.memory.folder.count if c.engine.memory.folder else 0
         res = c.map(jobs.bump_and_sum, arrays)
         assert list(res) == pytest.approx([float((a + 1).sum()) for a in arrays])
-        assert c.engine.shared is not None and c.engine.shared.count - written >= 6
+        assert c.engine.memory.folder is not None and c.engine.memory.folder.count - written >= 6
         back = c.map(jobs.arange_doubled, [300_000] * 3, chunksize=1)
         assert all(isinstance(backing(v), mmap.mmap) for v in back)  # results too
         assert np.array_equal(back[0], np.arange(300_000, dtype=np.float64) * 2)
         assert files_left(c) == []  # each taken (and unlinked) by its reader
-        folder = c.engine.shared.path
+        folder = c.engine.memory.folder.path
     assert folder is not None and not os.path.exists(folder)
 
 
@@ -71,11 +71,11 @@ def test_a_node_of_hand_started_workers_only_does_not_claim_it(
         arrays = [np.ones(300_000) * k for k in range(3)]
         with Cluster([d.address]) as c:
             assert not c.engine.nodes[0].shares_memory
-            assert c.engine.shared is not None
-            written = c.engine.shared.count
+            assert c.engine.memory.folder is not None
+            written = c.engine.memory.folder.count
             res = c.map(jobs.bump_and_sum, arrays)
             assert list(res) == [300_000.0 * (k + 1) for k in range(3)]
-            assert c.engine.shared.count == written  # through the socket
+            assert c.engine.memory.folder.count == written  # through the socket
     finally:
         worker.kill()
         worker.wait()

@@ -29,6 +29,7 @@ from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
 from deathstar.client.job import FINISHED, Job, JobInputError, Outcome, Task
 from deathstar.client.lost import LOST_HANDLERS, lost_crash
+from deathstar.client.sharing import MemoryLink
 from deathstar.client.node import (BUSY_BACKOFF_MIN_S, CONNECTING, DOWN, READY, RECONNECT_MAX_S,
                                    RECONNECT_MIN_S, REFUSED, UNREACHABLE, Node)
 from deathstar.report import CRASHED
@@ -63,16 +64,8 @@ class Engine(threading.Thread):
         self.closing = False
         self.crashed: BaseException | None = None
         self.next_send_id = 1
-        # Large buffers for nodes that share this machine's /dev/shm go through it: each
-        # node is asked to read a probe file there, and shares it when it can.
-        self.shared = serialize.SharedFolder() if serialize.SharedFolder.available() else None
-        self.probe: tuple[str, str] | None = None
-        if self.shared is not None:
-            try:
-                self.probe = self.shared.probe()
-            except OSError:
-                self.shared = None  # /dev/shm cannot take a file: sockets carry everything
-        self.shared_files: dict[int, list[str]] = {}  # send id -> files not yet taken
+        # large buffers for nodes that prove they share this machine's /dev/shm
+        self.memory = MemoryLink()
         self.late_results = 0
         # seconds per input of the functions run lately (by hash), for their next jobs
         self.estimates: OrderedDict[str, float] = OrderedDict()
@@ -146,8 +139,7 @@ class Engine(threading.Thread):
         finally:
             for node in self.nodes:
                 self.disconnect(node, say_bye=True)
-            if self.shared is not None:
-                self.shared.close()
+            self.memory.close()
 
     def build_poller(self) -> None:
         """Poll the wake-up pipe and every node socket (rebuilt when sockets change)."""
@@ -254,7 +246,7 @@ class Engine(threading.Thread):
         self.send(node, self.hello())
 
     def hello(self) -> list[Any]:
-        return protocol.hello(self.heartbeat_s, None if self.probe is None else self.probe[0])
+        return protocol.hello(self.heartbeat_s, self.memory.probe_path())
 
     def disconnect(self, node: Node, say_bye: bool = False) -> None:
         if node.sock is None:
@@ -318,8 +310,7 @@ class Engine(threading.Thread):
         node.heartbeat_s = protocol.clamp_heartbeat(msg.env["hb"])
         node.hostname = str(msg.env["node"])
         node.versions = dict(msg.env["versions"])
-        node.shares_memory = self.probe is not None and \
-            msg.env.get(protocol.F_PROOF) == self.probe[1]
+        node.shares_memory = self.memory.proved_by(msg)
         node.backoff_s = RECONNECT_MIN_S
         self.check_connected()
 
@@ -534,23 +525,16 @@ class Engine(threading.Thread):
         if est is not None:  # lets the daemon queue a message behind a short one
             extra[protocol.F_EST] = est
         payload = task.payload
-        if node.shares_memory and self.shared is not None:
-            # a node that reads our /dev/shm: large buffers go through it, one copy, both
-            # ways (rshm: the folder its worker may write large results into)
-            payload, extra[protocol.F_SHM], paths = self.shared.share(payload)
-            extra[protocol.F_RSHM] = self.shared.folder()
-            if paths:
-                self.shared_files[send_id] = paths
+        if node.shares_memory:  # large buffers through /dev/shm: one copy, both ways
+            payload, fields = self.memory.share(send_id, payload)
+            extra.update(fields)
         self.send(node, protocol.pack(protocol.TASK, payload, id=send_id, fn=job.fn_hash,
                                       n=len(task.indices), timeout=job.timeout_s, **extra))
         node.bytes_sent += serialize.payload_size(task.payload)
 
     def release(self, send_id: int) -> None:
-        """A sent task is answered, lost or dropped: remove the shared-memory files its
-        worker did not take."""
-        paths = self.shared_files.pop(send_id, None)
-        if paths:
-            serialize.SharedFolder.release(paths)
+        """A sent task is answered, lost or dropped: its shared-memory files go."""
+        self.memory.release(send_id)
 
     def finish_jobs(self) -> None:
         for job in [j for j in self.jobs.values() if j.done()]:

@@ -1,0 +1,56 @@
+"""The client's side of shared memory with its nodes (``MemoryLink``): its private
+``/dev/shm`` folder, the probe every node is asked to read (a node that can, as its own,
+shares this machine's memory with us), and the files of each sent task until its worker
+took them. Used from the client's I/O thread only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deathstar import protocol, serialize
+
+
+class MemoryLink:
+    """Large buffers to and from the nodes that proved they read our ``/dev/shm``.
+
+    ``folder`` is None where /dev/shm cannot be used: then every buffer goes through the
+    sockets and no node is asked for a proof."""
+
+    def __init__(self) -> None:
+        self.folder = serialize.SharedFolder() if serialize.SharedFolder.available() else None
+        self.probe: tuple[str, str] | None = None  # (the file, the proof that answers it)
+        if self.folder is not None:
+            try:
+                self.probe = self.folder.probe()
+            except OSError:
+                self.folder = None  # /dev/shm cannot take a file: sockets carry everything
+        self.files: dict[int, list[str]] = {}  # send id -> files not yet taken
+
+    def probe_path(self) -> str | None:
+        """What a hello names for the node to read."""
+        return None if self.probe is None else self.probe[0]
+
+    def proved_by(self, welcome: protocol.Message) -> bool:
+        """Whether a node's welcome answers our probe: it shares our memory."""
+        return self.probe is not None and welcome.env.get(protocol.F_PROOF) == self.probe[1]
+
+    def share(self, send_id: int, payload: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+        """A task's payload with its large buffers written to files, and the envelope
+        fields that say so (``shm``; ``rshm``, the folder its worker may write large
+        results into). Kept until ``release``."""
+        assert self.folder is not None
+        payload, indices, paths = self.folder.share(payload)
+        if paths:
+            self.files[send_id] = paths
+        return payload, {protocol.F_SHM: indices, protocol.F_RSHM: self.folder.folder()}
+
+    def release(self, send_id: int) -> None:
+        """A sent task is answered, lost or dropped: remove the files its worker did not
+        take."""
+        paths = self.files.pop(send_id, None)
+        if paths:
+            serialize.SharedFolder.release(paths)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            self.folder.close()
