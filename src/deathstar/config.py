@@ -258,8 +258,5 @@ CLIENT_QUEUE_BYTES = _env_int("CLIENT_QUEUE_BYTES", 512 * 1024 * 1024)
 #: Seconds between checks of the daemon's worker processes (exit is noticed this fast).
 SUPERVISE_INTERVAL_S = _env_float("SUPERVISE_INTERVAL", 0.1)
 
-#: Seconds to wait for an embedded local daemon to report its ports.
-EMBEDDED_START_TIMEOUT_S = _env_float("EMBEDDED_START_TIMEOUT", 20.0)
-
 #: Set DEATHSTAR_DEBUG=1 to log every message each component sends and receives.
 DEBUG = os.environ.get("DEATHSTAR_DEBUG", "") not in ("", "0")

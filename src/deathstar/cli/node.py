@@ -59,7 +59,6 @@ def daemon(
         help="Listen on ipc sockets in this folder (exec, status) instead of TCP: only "
              "this machine's users the folder lets in can connect. The embedded local "
              "cluster runs this way.")] = None,
-    parent_pid: Annotated[Optional[int], typer.Option(hidden=True)] = None,
     ready_json: Annotated[bool, typer.Option(hidden=True)] = False,
     zap: Annotated[bool, typer.Option(hidden=True, help="Tests only: without the ZAP "
                                       "authenticator, as if its thread had died.")] = True,
@@ -77,7 +76,7 @@ def daemon(
     server_keys = _server_keys(keys, ipc, insecure)
     try:
         run_daemon(host=host, port=port, workers=workers, worker_port=worker_port,
-                   heartbeat_s=heartbeat, parent_pid=parent_pid,
+                   heartbeat_s=heartbeat,
                    on_ready=_announce(host, ipc, workers, ready_json),
                    max_tasks_per_worker=max_tasks_per_worker,
                    max_worker_memory=limits.memory, keys=server_keys, zap=zap,

@@ -425,7 +425,6 @@ class Executor(cf.Executor):
         executor opened it) once no call or map is left; the daemons keep running.
         Idempotent."""
         queued: list[cf.Future[Any]] = []
-        feeds: list[_Feed] = []
         maps: list[Job] = []
         with self._lock:
             self._shutdown = True

@@ -51,7 +51,7 @@ class Daemon:
 
     def __init__(self, *, host: str = "0.0.0.0", port: int = config.DEFAULT_PORT,
                  workers: int | None = None, worker_port: int | None = None,
-                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, parent_pid: int | None = None,
+                 heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
                  max_tasks_per_worker: int | None = None,
                  max_worker_memory: int | None = None,
                  keys: ServerKeys | None = None, zap: bool = True,
@@ -64,7 +64,6 @@ class Daemon:
         self.port = port
         self.worker_port = worker_port
         self.heartbeat_s = heartbeat_s
-        self.parent_pid = parent_pid
         self.node_name = socket.gethostname()
         self.started = time.monotonic()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -181,7 +180,7 @@ class Daemon:
 
     def supervise_due(self, now: float) -> float:
         """When supervision must run next, short of an exit waking it: on the heartbeat
-        clock (the parent check and the dead man's switch ride on it), at a respawn, and
+        clock (the dead man's switch rides on it), at a respawn, and
         every SUPERVISE_INTERVAL_S where exits cannot be watched."""
         due = now + self.heartbeat_s
         spawn = self.supervisor.next_spawn()
@@ -221,9 +220,6 @@ class Daemon:
                 self.pool.on_exit(exited)
             self.pool.enforce_timeouts(now)
             self.dead_mans_switch(now)
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                log.warning("parent process %d is gone; stopping", self.parent_pid)
-                self.stop()
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.heartbeat_s
             self.expire_clients(now)
