@@ -1,16 +1,40 @@
-"""What the EC2 tests share: an environment pointing boto3 and the `deathstar ec2`
-commands at a moto server, and running those commands as a user would."""
+"""What the EC2 tests share: a moto server, an environment pointing boto3 and the
+`deathstar ec2` commands at it, and running those commands as a user would."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 EXE = str(Path(sys.executable).with_name("deathstar"))
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port free on ``address`` now."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def moto_server_on(address: str) -> Iterator[str]:
+    """A moto server (a real HTTP endpoint) listening on ``address``; yields its URL."""
+    from moto import server
+
+    moto = server.ThreadedMotoServer(ip_address=address, port=free_port(address))
+    moto.start()
+    host, port = moto.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        moto.stop()
 
 
 def moto_environment(moto: str, cache: Path, tmp_path: Path,

@@ -187,3 +187,19 @@ def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def sdist_only_package(links: Path) -> str:
+    """Make ``links`` (a folder for pip's --find-links) hold a package that has only a
+    source distribution, no wheel; returns its name."""
+    import io
+    import tarfile
+
+    links.mkdir(exist_ok=True)
+    name = "deathstar-test-sdist-only"
+    member = tarfile.TarInfo(f"{name.replace('-', '_')}-1.0/PKG-INFO")
+    info = f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode()
+    member.size = len(info)
+    with tarfile.open(links / f"{name.replace('-', '_')}-1.0.tar.gz", "w:gz") as tar:
+        tar.addfile(member, io.BytesIO(info))
+    return name

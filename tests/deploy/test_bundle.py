@@ -21,6 +21,7 @@ from deathstar._version import __version__
 from deathstar.deploy.bundle import (CORE, DIST_NAME, Bundle, BundleError, MissingWheel,
                                      build_bundle, local_platform, platform_tags,
                                      verify_bundle, wheel_from_distribution)
+from tests.conftest import sdist_only_package
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -192,14 +193,7 @@ def test_missing_binary_wheel_names_package_platform_and_python(
     """A --pip package that has only a source distribution: stop, naming it; nothing
     is left in the cache."""
     links = tmp_path / "links"
-    links.mkdir()
-    name = "deathstar-test-sdist-only"
-    member = tarfile.TarInfo(f"{name.replace('-', '_')}-1.0/PKG-INFO")
-    info = f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode()
-    member.size = len(info)
-    with tarfile.open(links / f"{name.replace('-', '_')}-1.0.tar.gz", "w:gz") as tar:
-        import io
-        tar.addfile(member, io.BytesIO(info))
+    name = sdist_only_package(links)
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     before = sorted(p.name for p in (cache / "bundles").iterdir())
     with pytest.raises(MissingWheel) as caught:

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import pytest
 
 pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 import boto3  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
@@ -34,8 +34,8 @@ from deathstar.deploy import ec2  # noqa: E402
 from deathstar.deploy.ec2_boot import BootPlan, daemon_command, public_certificate  # noqa
 from deathstar.client import query_status  # noqa: E402
 from deathstar.nodes import parse_cluster  # noqa: E402
-from tests.aws import ec2_cli, moto_environment  # noqa: E402
-from tests.conftest import wait_for  # noqa: E402
+from tests.aws import ec2_cli, free_port, moto_environment, moto_server_on  # noqa: E402
+from tests.conftest import sdist_only_package, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,21 +43,10 @@ EXE = str(Path(sys.executable).with_name("deathstar"))
 CIDR = "203.0.113.7/32"  # documentation range: never routed anywhere
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def moto() -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with moto_server_on("127.0.0.1") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -421,14 +410,7 @@ def test_cluster_names_stay_inside_the_config_folder(aws_env: dict[str, str]) ->
 def test_no_wheel_for_the_nodes_stops_up_before_anything_is_made(
         aws_env: dict[str, str], tmp_path: Path) -> None:
     links = tmp_path / "links"
-    links.mkdir()
-    name = "deathstar-test-sdist-only"
-    member = tarfile.TarInfo(f"{name.replace('-', '_')}-1.0/PKG-INFO")
-    info = f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode()
-    member.size = len(info)
-    import io
-    with tarfile.open(links / f"{name.replace('-', '_')}-1.0.tar.gz", "w:gz") as tar:
-        tar.addfile(member, io.BytesIO(info))
+    name = sdist_only_package(links)
     env = {**aws_env, "PIP_FIND_LINKS": str(links)}
     before = objects()
     res = cli(env, "up", "--name", "nowheel", "--allow-cidr", CIDR, "--no-wait",
@@ -448,7 +430,7 @@ def strict_moto(tmp_path: Path) -> Iterator[str]:
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
         pytest.skip(f"no {exe} (moto[server] installs it)")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(exe), "-H",
                              "127.0.0.1", "-p", str(port)],
                             env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},

@@ -29,6 +29,22 @@ def start_on(host: Host, workers: int = 1, *extra: str) -> Daemon:
 
 
 @pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A one-host network and a two-worker daemon on it, started in an empty folder (so
+    that nothing of this checkout is importable on it but what a client ships)."""
+    if REASON:
+        pytest.skip(REASON)
+    elsewhere = tmp_path_factory.mktemp("node-cwd")
+    with virtual_hosts(1) as made:
+        daemon = start_daemon(2, "--insecure", host=made[0].address, port=PORT,
+                              wrap=made[0].argv(["env", f"--chdir={elsewhere}"]))
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+
+@pytest.fixture(scope="module")
 def cluster(hosts: list[Host]) -> Iterator[list[Daemon]]:
     """A one-worker daemon on each of the three hosts."""
     started = [start_on(h) for h in hosts]

@@ -27,14 +27,14 @@ from typing import Any, Iterator
 import pytest
 
 pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 import boto3  # noqa: E402
 
 import deathstar  # noqa: E402
 from deathstar import keys  # noqa: E402
 from deathstar.deploy import ec2  # noqa: E402
-from tests.aws import ec2_cli, moto_environment  # noqa: E402
+from tests.aws import ec2_cli, moto_environment, moto_server_on  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
 from tests.netns.hosts import Host, netns_available, virtual_hosts  # noqa: E402
 
@@ -65,12 +65,6 @@ _SKIP = netns_available() or (None if shutil.which("curl") else "the node's boot
 pytestmark = [pytest.mark.timeout(300), pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))]
 
 
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def host() -> Iterator[Host]:
     with virtual_hosts(1) as made:
@@ -86,13 +80,8 @@ def bridge(host: Host) -> str:
 
 @pytest.fixture(scope="module")
 def moto(bridge: str) -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address=bridge, port=_free_port(bridge))
-    server.start()
-    host_, port = server.get_host_and_port()
-    try:
-        yield f"http://{host_}:{port}"
-    finally:
-        server.stop()
+    with moto_server_on(bridge) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -11,28 +11,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import Daemon, start_daemon
-from tests.netns.hosts import netns_available, virtual_hosts
+from tests.conftest import Daemon
 
 jupyter_client = pytest.importorskip("jupyter_client")
 pytest.importorskip("ipykernel")
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    reason = netns_available()
-    if reason:
-        pytest.skip(reason)
-    elsewhere = tmp_path_factory.mktemp("node-cwd")
-    with virtual_hosts(1) as hosts:
-        daemon = start_daemon(2, "--insecure", host=hosts[0].address, port=6000,
-                              wrap=hosts[0].argv(["env", f"--chdir={elsewhere}"]))
-        try:
-            yield daemon
-        finally:
-            daemon.stop()
 
 
 class Kernel:

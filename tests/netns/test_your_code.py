@@ -9,19 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 import deathstar
-from tests.conftest import FAST_HEARTBEAT, Daemon, start_daemon, wait_for
-from tests.netns.hosts import Host, netns_available, virtual_hosts
+from tests.conftest import Daemon
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
-
-PORT = 6000
 
 STATEFUL = '''
 import os
@@ -58,23 +53,6 @@ PACKAGE = {
                   "def scale(x):\n    with _LOCK:\n        return 10 * x\n\n"
                   "def offset():\n    return 7\n",
 }
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A one-host network and a two-worker daemon on it, started in an empty folder."""
-    reason = netns_available()
-    if reason:
-        pytest.skip(reason)
-    elsewhere = tmp_path_factory.mktemp("node-cwd")
-    with virtual_hosts(1) as hosts:
-        host: Host = hosts[0]
-        daemon = start_daemon(2, "--insecure", host=host.address, port=PORT,
-                              wrap=host.argv(["env", f"--chdir={elsewhere}"]))
-        try:
-            yield daemon
-        finally:
-            daemon.stop()
 
 
 @pytest.fixture

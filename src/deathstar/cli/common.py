@@ -41,7 +41,7 @@ def out() -> Console:
 def fail(message: str, code: int) -> typer.Exit:
     """Print ``error: message`` on stderr; ``raise fail(...)`` ends the command with
     ``code`` (an ``ExitCode``, or the one an error carries, like ``Ec2Error.code``)."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from deathstar.cli.common import announce_cluster, err, out, parse_duration
+from deathstar.cli.common import announce_cluster, err, fail, out, parse_duration
 from deathstar.deploy import slurm
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError
@@ -20,11 +20,6 @@ slurm_app = typer.Typer(help="Nodes from a SLURM allocation: up, list, down.",
                         no_args_is_help=True)
 
 Name = Annotated[str, typer.Option(help="Cluster name.")]
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _on_state(started: float) -> slurm.OnState:
@@ -74,16 +69,16 @@ def up_command(
                                wait_s=parse_duration(wait_timeout),
                                environment="bundle" if bundle else "client")
     except ValueError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     try:
         found = slurm.up_with(opts, _on_state(time.monotonic()))
     except KeyboardInterrupt:
         err.print(f"interrupted: cancelled the job of slurm:{name}", highlight=False)
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except (ClusterSpecError, KeyFileError) as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     except slurm.SlurmError as exc:
-        raise _fail(str(exc), ExitCode.NO_NODES) from None
+        raise fail(str(exc), ExitCode.NO_NODES) from None
     announce_cluster("slurm", name, [f"{node.host}:{node.port}" for node in found])
 
 
@@ -96,7 +91,7 @@ def list_command(
     try:
         rows = slurm.list_nodes(name)
     except (ClusterSpecError, slurm.SlurmError) as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -116,9 +111,9 @@ def down_command(name: Name = "slurm") -> None:
     try:
         result = slurm.down(name)
     except ClusterSpecError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     except slurm.SlurmError as exc:
-        raise _fail(str(exc), ExitCode.NO_NODES) from None
+        raise fail(str(exc), ExitCode.NO_NODES) from None
     if "note" in result:
         err.print(result["note"], highlight=False)
         return

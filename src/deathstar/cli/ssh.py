@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from deathstar.cli.common import announce_cluster, err, out, parse_duration
+from deathstar.cli.common import announce_cluster, err, fail, out, parse_duration
 from deathstar.deploy import ssh
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError
@@ -19,11 +19,6 @@ from deathstar.nodes import ClusterSpecError
 ssh_app = typer.Typer(help="Your own machines over SSH: up, list, down.", no_args_is_help=True)
 
 Name = Annotated[str, typer.Option(help="Cluster name.")]
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _event(started: float) -> ssh.OnEvent:
@@ -59,7 +54,7 @@ def up_command(
     """Install this deathstar on each host, start a keyed daemon there, wait until each
     answers, and print the nodes (one a line)."""
     if workers is not None and workers < 1:
-        raise _fail("--workers must be at least 1", ExitCode.USAGE)
+        raise fail("--workers must be at least 1", ExitCode.USAGE)
     try:
         opts = ssh.UpOptions(hosts=hosts, name=name, user=user, workers=workers,
                              pip=pip or [], port=port,
@@ -70,15 +65,15 @@ def up_command(
         for host in hosts:
             ssh.parse_target(host, user)
     except (ValueError, ssh.SshError) as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     try:
         result = ssh.up_with(opts, _event(time.monotonic()))
     except ssh.NoHostUp as exc:
         for why in exc.failures.values():
             err.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)
-        raise _fail(f"no host of {name} came up", ExitCode.NO_NODES) from None
+        raise fail(f"no host of {name} came up", ExitCode.NO_NODES) from None
     except (ClusterSpecError, KeyFileError) as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     for why in result["failures"].values():
         err.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)
     announce_cluster("ssh", name, [f"{node.host}:{node.port}" for node in result["nodes"]])
@@ -93,7 +88,7 @@ def list_command(
     try:
         rows = ssh.list_hosts(name)
     except ClusterSpecError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -117,7 +112,7 @@ def down_command(
     try:
         result: dict[str, Any] = ssh.down(name, purge=purge)
     except ClusterSpecError as exc:
-        raise _fail(str(exc), ExitCode.USAGE) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     if "note" in result:
         err.print(result["note"], highlight=False)
         return
@@ -126,5 +121,5 @@ def down_command(
     if result["failures"]:
         for why in result["failures"].values():
             err.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)
-        raise _fail("some hosts could not be reached; run down again later",
+        raise fail("some hosts could not be reached; run down again later",
                     ExitCode.NO_NODES)

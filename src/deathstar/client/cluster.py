@@ -218,12 +218,9 @@ class Cluster:
         """``map_calls``, or with ``plain`` (a list, tuple or range; ``calls`` None) the
         fast path that slices it into messages. Results are gathered by batch."""
         _check_on_error(on_error)
-        options, progress, common = MapOptions.split(options_and_common)
-        job = self.make_job(fn, iter(()) if calls is None else calls, options, common,
-                            total=total)
-        job.plain, job.columnar = plain, True
         collector = Collector()
-        for delivered in self._deliveries(job, resolve_progress(progress, total)):
+        for delivered in self.deliveries(fn, iter(()) if calls is None else calls,
+                                         total=total, plain=plain, **options_and_common):
             collector.add(delivered)
         result = collector.result()
         if result.errors and on_error == "raise":
@@ -288,22 +285,27 @@ class Cluster:
 
         Raises ``SerializationError`` (before anything is sent) when the function or a
         common argument cannot be pickled, ``NoNodesError`` when no node is left."""
-        options, progress, common = MapOptions.split(options_and_common)
-        job = self.make_job(fn, calls, options, common, total=total, indices=indices)
-        return self._stream(job, resolve_progress(progress, total), deadline)
+        deliveries = self.deliveries(fn, calls, total=total, indices=indices,
+                                     deadline=deadline, columnar=False,
+                                     **options_and_common)
+        return (outcome for delivered in deliveries for outcome in drain(as_outcomes(delivered)))
 
     def deliveries(self, fn: Callable[..., Any],
                    calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
-                   total: int | None = None, **options_and_common: Any
+                   total: int | None = None, indices: Iterable[int] | None = None,
+                   deadline: float | None = None, columnar: bool = True,
+                   plain: Sequence[Any] | None = None, **options_and_common: Any
                    ) -> Iterator[list[Outcome] | Batch]:
         """``outcomes`` by message, for a consumer that handles many inputs at once: a
-        ``Batch`` (columns) for a message whose inputs all ran, else a list of outcomes;
-        completion order (``job.in_order`` restores input order), each input exactly
-        once. Takes ``outcomes``' options."""
+        ``Batch`` (columns) for a message whose inputs all ran (unless ``columnar`` is
+        False), else a list of outcomes; completion order (``job.in_order`` restores
+        input order), each input exactly once. ``plain``: the inputs as a list, tuple or
+        range, each the one argument (``calls`` is then empty), sliced into messages.
+        Takes ``outcomes``' options and raises as it does, before anything is sent."""
         options, progress, common = MapOptions.split(options_and_common)
-        job = self.make_job(fn, calls, options, common, total=total)
-        job.columnar = True
-        return self._deliveries(job, resolve_progress(progress, total))
+        job = self.make_job(fn, calls, options, common, total=total, indices=indices)
+        job.plain, job.columnar = plain, columnar
+        return self._deliveries(job, resolve_progress(progress, total), deadline)
 
     def make_job(self, fn: Callable[..., Any],
                  calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]],
@@ -347,11 +349,6 @@ class Cluster:
         """Raise RuntimeError when this Cluster is closed (or its I/O thread failed)."""
         if self.engine.crashed is not None or not self.engine.is_alive():
             raise RuntimeError("this Cluster is closed")
-
-    def _stream(self, job: Job, progress: ProgressFn | None,
-                deadline: float | None = None) -> Iterator[Outcome]:
-        for delivered in self._deliveries(job, progress, deadline):
-            yield from drain(as_outcomes(delivered))
 
     def _deliveries(self, job: Job, progress: ProgressFn | None,
                     deadline: float | None = None) -> Iterator[list[Outcome] | Batch]:
