@@ -288,7 +288,7 @@ class Cluster:
         deliveries = self.deliveries(fn, calls, total=total, indices=indices,
                                      deadline=deadline, columnar=False,
                                      **options_and_common)
-        return (outcome for delivered in deliveries for outcome in drain(as_outcomes(delivered)))
+        return _one_by_one(deliveries)
 
     def deliveries(self, fn: Callable[..., Any],
                    calls: Iterable[tuple[tuple[Any, ...], dict[str, Any] | None]], *,
@@ -389,6 +389,12 @@ def map(fn: Callable[..., Any], items: Iterable[Any], *,
     """
     with Cluster(cluster, connect_timeout=connect_timeout, keys=keys, shared=True) as c:
         return c.map(fn, items, **options_and_common)
+
+
+def _one_by_one(deliveries: Iterator[list[Outcome] | Batch]) -> Iterator[Outcome]:
+    """Each outcome of the deliveries, holding none once yielded (``drain``)."""
+    for delivered in deliveries:
+        yield from drain(as_outcomes(delivered))
 
 
 def _deliver(outcome: Outcome, on_error: OnError) -> Any:

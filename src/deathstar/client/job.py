@@ -193,63 +193,44 @@ class Job:
         """Read and pickle the next batch of inputs (``batch_size`` of them) as a Task;
         None when none are left. Raises JobInputError when the input iterator fails or an
         input cannot be pickled (naming its index)."""
-        size = self.batch_size(capacity)
+        indices, inputs = self._next_inputs(self.batch_size(capacity))
+        if not inputs:
+            return None
+        names: set[str] | None = None if self.inner is None else set()
+        try:
+            payload = serialize.dumps(inputs, names)
+        except Exception:
+            for index, one in zip(indices, inputs):
+                try:
+                    serialize.dumps(one)
+                except Exception as exc:
+                    raise JobInputError(serialize.SerializationError(
+                        f"input {index} cannot be pickled: {type(exc).__name__}: {exc}")
+                    ) from exc
+            raise
+        if names and not names <= self.modules:
+            self.ship_more(names)
+        return Task(self, indices, payload)
+
+    def _next_inputs(self, size: int) -> tuple[range | list[int], list[Any]]:
+        """The next ``size`` inputs (fewer at the end, which exhausts the job) and their
+        indices, a range when they have no gap: a ``plain`` job's are the next slice of
+        its sequence (no object per input), others ``(args, kwargs)`` from ``items``."""
         if self.plain is not None:
-            return self._slice_batch(size)
+            start, stop = self.read, min(self.read + size, len(self.plain))
+            self.exhausted = stop >= len(self.plain)
+            self.read = max(start, stop)
+            return range(start, stop), list(self.plain[start:stop])
         try:
             chunk = list(islice(self.items, size))
         except Exception as exc:  # the user's input iterator failed (a malformed line...)
             raise JobInputError(exc) from exc
-        if len(chunk) < size:
-            self.exhausted = True
-        if not chunk:
-            return None
+        self.exhausted = len(chunk) < size
         self.read += len(chunk)
-        names: set[str] | None = None if self.inner is None else set()
-        try:
-            payload = serialize.dumps([(args, kwargs) for _, args, kwargs in chunk], names)
-        except Exception:
-            for index, args, kwargs in chunk:
-                try:
-                    serialize.dumps((args, kwargs))
-                except Exception as exc:
-                    raise JobInputError(serialize.SerializationError(
-                        f"input {index} cannot be pickled: {type(exc).__name__}: {exc}")
-                    ) from exc
-            raise
-        if names and not names <= self.modules:
-            self.ship_more(names)
-        indices = [index for index, _, _ in chunk]
-        if indices[-1] - indices[0] == len(indices) - 1:  # they increase: no gap
-            return Task(self, range(indices[0], indices[-1] + 1), payload)
-        return Task(self, indices, payload)
-
-    def _slice_batch(self, size: int) -> Task | None:
-        """``read_batch`` of a ``plain`` job: the next slice of its sequence, pickled as
-        one list (no object per input)."""
-        assert self.plain is not None
-        start, stop = self.read, min(self.read + size, len(self.plain))
-        if stop >= len(self.plain):
-            self.exhausted = True
-        if start >= stop:
-            return None
-        chunk = self.plain[start:stop]
-        names: set[str] | None = None if self.inner is None else set()
-        try:
-            payload = serialize.dumps(list(chunk), names)
-        except Exception:
-            for index in range(start, stop):
-                try:
-                    serialize.dumps(self.plain[index])
-                except Exception as exc:
-                    raise JobInputError(serialize.SerializationError(
-                        f"input {index} cannot be pickled: {type(exc).__name__}: {exc}")
-                    ) from exc
-            raise
-        self.read = stop
-        if names and not names <= self.modules:
-            self.ship_more(names)
-        return Task(self, range(start, stop), payload)
+        indices: range | list[int] = [index for index, _, _ in chunk]
+        if chunk and indices[-1] - indices[0] == len(chunk) - 1:  # they increase: no gap
+            indices = range(indices[0], indices[-1] + 1)
+        return indices, [(args, kwargs) for _, args, kwargs in chunk]
 
     def ship_more(self, names: set[str]) -> None:
         """Inputs refer to modules ``names``: if local ones are among them that the blob
