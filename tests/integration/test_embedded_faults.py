@@ -60,7 +60,8 @@ def test_the_workers_are_this_process_children_and_the_loop_a_thread(
     pids = {int(n.rpartition(":")[2]) for n in names}
     assert os.getpid() not in pids
     assert all(os.getppid() != pid and _parent(pid) == os.getpid() for pid in pids)
-    assert local.thread.is_alive() and local.thread.name == "deathstar-daemon"
+    thread = local.reactor.thread
+    assert local.alive() and thread is not None and thread.name == "deathstar-daemon"
 
 
 def _parent(pid: int) -> int:

@@ -143,7 +143,7 @@ def test_embedded_local_cluster_leaves_no_process_behind() -> None:
     try:
         with Cluster(None) as c:
             assert c.local is not None
-            loop = c.local.thread  # the daemon hosted in this process
+            local = c.local  # the daemon hosted in this process
             res = c.map(jobs.whoami, range(40))
     finally:
         if env_cluster is not None:
@@ -154,7 +154,8 @@ def test_embedded_local_cluster_leaves_no_process_behind() -> None:
     wait_for(lambda: not (set(descendants(os.getpid())) & pids), 15,
              "the embedded workers to exit")
     # (the process's shared embedded daemon, which other tests may have started, stays)
-    assert not loop.is_alive()  # close returns once it has stopped
+    assert local.wait_stopped(0)  # close returns once it has stopped
+    assert not local.alive()
 
 
 def test_embedded_cluster_is_private_to_this_user(tmp_path: Path,

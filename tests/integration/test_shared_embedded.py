@@ -64,7 +64,7 @@ def test_a_dead_shared_daemon_is_replaced() -> None:
         assert deathstar.map(abs, [-1]) == [1]
         old = embedded._shared.daemon
         old.daemon.request_stop(0)  # its loop ends (as if it had failed): its workers too
-        old.thread.join()
+        assert old.wait_stopped(30)
         result = deathstar.map(abs, [-2, -3])
         print(json.dumps({"result": result, "new": embedded._shared.daemon is not old}))
     """)

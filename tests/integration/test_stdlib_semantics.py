@@ -231,12 +231,12 @@ def test_del_shutdown() -> None:
     futures = [executor.submit(abs, v) for v in range(-5, 5)]
     thread = executor._thread
     assert executor.cluster.local is not None
-    loop = executor.cluster.local.thread  # the embedded daemon, hosted in this process
+    local = executor.cluster.local  # the embedded daemon, hosted in this process
     del executor
     assert [f.result(timeout=30) for f in futures] == [abs(v) for v in range(-5, 5)]
     wait_for(lambda: gc.collect() >= 0 and not thread.is_alive(), 30,
              "the dropped executor's thread to end")
-    wait_for(lambda: not loop.is_alive(), 30, "the embedded daemon to stop")
+    wait_for(lambda: not local.alive(), 30, "the embedded daemon to stop")
 
 
 def test_free_reference(daemon: Daemon) -> None:

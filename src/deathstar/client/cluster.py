@@ -107,8 +107,10 @@ class Cluster:
         self.addresses: list[NodeAddress] = addresses
         self._keys = keys
         self._job_ids = itertools.count(1)
+        hosted = self.local or self.shared  # its engine runs in the daemon's own loop
         self.engine = Engine(addresses, connect_timeout=connect_timeout,
-                             heartbeat_s=heartbeat_s, keys=client_keys)
+                             heartbeat_s=heartbeat_s, keys=client_keys,
+                             reactor=None if hosted is None else hosted.reactor)
         self.engine.start()
         self.engine.connected.wait()
         if self.engine.crashed is not None:

@@ -1,6 +1,8 @@
 """The embedded local cluster: the same daemon a node runs, hosted in the client's own
-process. Its loop runs in a thread; its workers are child processes of this one. The
-client reaches it over ``inproc`` (no I/O thread and no kernel on that hop), and
+process. Its loop runs in a thread (``reactor.Reactor``) that also runs the engines of
+the clients that use it, so a message between client and daemon wakes no other thread;
+its workers are child processes of this one. The client reaches it over ``inproc`` (no
+I/O thread and no kernel on that hop), and
 ``deathstar status`` over ipc sockets in a private folder (mode 0700): no other user of
 the machine can reach it, and no keys are needed. Everything the daemon promises holds
 here as on a node: it is the same loop (crash attribution, timeouts that kill,
@@ -24,6 +26,7 @@ from typing import Any
 
 from deathstar import config
 from deathstar.nodes import NodeAddress
+from deathstar.reactor import Reactor
 
 
 class LocalDaemonError(RuntimeError):
@@ -55,22 +58,27 @@ class LocalDaemon:
             raise LocalDaemonError(f"the embedded daemon did not start: {exc}") from exc
         self.address = NodeAddress("local", "localhost", 0, ipc=self.folder, inproc=inproc)
         self.pid = os.getpid()
-        self.thread = threading.Thread(target=self.daemon.serve, name="deathstar-daemon",
-                                       daemon=True)
-        self.thread.start()
+        #: The loop the daemon runs in; a client's engine joins it (``Engine(reactor=)``).
+        self.reactor = Reactor("deathstar-daemon")
+        self.reactor.add(self.daemon)
 
     def alive(self) -> bool:
         """Its loop runs (in this process: a fork has none)."""
-        return self.pid == os.getpid() and self.thread.is_alive()
+        return self.pid == os.getpid() and not self.daemon.ended.is_set()
+
+    def wait_stopped(self, timeout_s: float | None = None) -> bool:
+        """Block until the daemon has stopped and closed (at most ``timeout_s``)."""
+        return self.daemon.ended.wait(timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the daemon: running tasks may finish for ``timeout_s``, then its workers
         are ended. Blocks until it has stopped."""
         if self.pid != os.getpid():
             return  # a fork: the daemon lives in the parent
-        if self.thread.is_alive():
-            self.daemon.request_stop(timeout_s)
-            self.thread.join()
+        if self.reactor.owns_thread():
+            raise RuntimeError("the embedded daemon cannot be stopped from its own loop")
+        self.daemon.request_stop(timeout_s)
+        self.daemon.ended.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -27,6 +27,7 @@ from deathstar.errors import TaskFailed, WorkerCrashed
 from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
+from deathstar.reactor import Reactor
 from deathstar.client.job import FINISHED, Job, JobInputError, Outcome, Task
 from deathstar.client.lost import LOST_HANDLERS, lost_crash
 from deathstar.client.sharing import MemoryLink
@@ -44,13 +45,18 @@ class NoNodesError(ConnectionError):
     """No node of the cluster could be used; the message names each and why."""
 
 
-class Engine(threading.Thread):
-    """The I/O thread. Construct, ``start()``, wait on ``connected``, submit jobs."""
+class Engine:
+    """The I/O loop. Construct, ``start()``, wait on ``connected``, submit jobs.
+
+    It runs in ``reactor``'s thread (the embedded daemon's loop, for a cluster that uses
+    one: a message between them then changes no thread), or in a thread of its own."""
 
     def __init__(self, addresses: list[NodeAddress], *, connect_timeout: float,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
-                 keys: ClientKeys | None = None):
-        super().__init__(name="deathstar-client", daemon=True)
+                 keys: ClientKeys | None = None, reactor: Reactor | None = None):
+        self.reactor = reactor or Reactor("deathstar-client")
+        self.started = False
+        self.ended = threading.Event()  # the loop has closed every socket
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.nodes = [Node(a) for a in addresses]
         self.connect_timeout = connect_timeout
@@ -71,7 +77,6 @@ class Engine(threading.Thread):
         self.estimates: OrderedDict[str, float] = OrderedDict()
         self.snapshot: list[dict[str, Any]] = []
         self.next_snapshot = 0.0
-        self.poller_stale = True
         self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
         self.handlers: dict[str, Callable[[Node, Message], None]] = {
             protocol.WELCOME: self.on_welcome,
@@ -101,11 +106,28 @@ class Engine(threading.Thread):
         """Make the loop go round (a consumer caught up with a throttled job)."""
         self._command("wake", None)
 
+    def start(self) -> None:
+        """Run the loop (returns at once; ``connected`` is set once every node answered
+        or timed out)."""
+        self.started = True
+        self.reactor.add(self)
+
+    def is_alive(self) -> bool:
+        """Started and not ended."""
+        return self.started and not self.ended.is_set()
+
+    def on_loop_thread(self) -> bool:
+        """Whether the caller runs in this engine's loop (which cannot wait for itself)."""
+        return self.reactor.owns_thread()
+
     def close(self) -> None:
-        """Say goodbye to every node and end the thread; returns when it has ended."""
+        """Say goodbye to every node and end the loop; returns when it has ended. Raises
+        RuntimeError when called from the loop's own thread."""
         if self.is_alive():
+            if self.on_loop_thread():
+                raise RuntimeError("a client's engine cannot be closed from its own loop")
             self._command("close", None)
-            self.join()
+            self.ended.wait()
         for fd in (self.wake_r, self.wake_w):
             try:
                 os.close(fd)
@@ -124,50 +146,49 @@ class Engine(threading.Thread):
 
     # ------------------------------------------------------------------ main loop
 
-    def run(self) -> None:
-        try:
-            for node in self.nodes:
-                self.connect(node, time.monotonic())
-            while not self.closing:
-                self.poll_once()
-        except BaseException as exc:  # a bug here must reach the user, not hang them
-            log.exception("the client's I/O thread failed")
-            self.crashed = exc
-            for job in self.jobs.values():
-                job.out.put(exc)
-            self.connected.set()
-        finally:
-            for node in self.nodes:
-                self.disconnect(node, say_bye=True)
-            self.memory.close()
+    # ------------------------------------------------------------------ the loop's part
 
-    def build_poller(self) -> None:
-        """Poll the wake-up pipe and every node socket (rebuilt when sockets change)."""
-        self.poller = zmq.Poller()
-        self.poller.register(self.wake_r, zmq.POLLIN)
-        self.by_sock = {}
-        for node in self.nodes:
-            if node.sock is not None:
-                self.poller.register(node.sock, zmq.POLLIN)
-                self.by_sock[node.sock] = node
-        self.poller_stale = False
-
-    def poll_once(self) -> None:
-        if self.poller_stale:
-            self.build_poller()
+    def begin(self) -> None:
         now = time.monotonic()
-        timeout_ms = max(0, int((self.next_deadline(now) - now) * 1000))
-        for sock, _ in self.poller.poll(timeout_ms):
-            if sock == self.wake_r:
-                self.drain_wakeups()
-            else:
-                node = self.by_sock.get(sock)
-                if node is not None:
-                    self.drain(node)
+        for node in self.nodes:
+            self.connect(node, now)
+
+    def pollables(self) -> tuple[Any, ...]:
+        """The wake-up pipe and every node socket."""
+        return (self.wake_r, *(n.sock for n in self.nodes if n.sock is not None))
+
+    def deadline(self) -> float:
+        return self.next_deadline(time.monotonic())
+
+    def step(self, ready: dict[Any, int], now: float) -> bool:
+        """Read what is ready, run the commands, housekeeping, top the nodes up, finish
+        jobs; False once closing."""
+        if self.wake_r in ready:
+            self.drain_wakeups()
+        for node in self.nodes:
+            if node.sock is not None and node.sock in ready:
+                self.drain(node)
         self.run_commands()
         self.housekeeping(time.monotonic())
         self.fill()
         self.finish_jobs()
+        return not self.closing
+
+    def failed(self, exc: BaseException) -> None:
+        """A bug here must reach the user, not hang them."""
+        log.error("the client's I/O loop failed", exc_info=exc)
+        self.crashed = exc
+        for job in self.jobs.values():
+            job.out.put(exc)
+        self.connected.set()
+
+    def end(self) -> None:
+        try:
+            for node in self.nodes:
+                self.disconnect(node, say_bye=True)
+            self.memory.close()
+        finally:
+            self.ended.set()
 
     def next_deadline(self, now: float) -> float:
         """When the loop must wake with no message: heartbeats, handshake and reconnect
@@ -239,7 +260,6 @@ class Engine(threading.Thread):
                          self.keys.server_key(node.address))
         sock.connect(node.address.exec_endpoint)
         node.sock = sock
-        self.poller_stale = True
         if node.state != DOWN:
             node.state = CONNECTING
             node.deadline = now + self.connect_timeout
@@ -260,7 +280,6 @@ class Engine(threading.Thread):
         else:
             node.sock.close(linger=0)
         node.sock = None
-        self.poller_stale = True
 
     def send(self, node: Node, frames: list[Any]) -> None:
         assert node.sock is not None

@@ -474,7 +474,7 @@ class Executor(cf.Executor):
         self._finalizer.detach()
         self._inbox.put((None, None))
         if self._owns:
-            if threading.current_thread() is self._cluster.engine:
+            if self._cluster.engine.on_loop_thread():
                 # a map dropped in the I/O thread: it cannot wait for itself to end
                 threading.Thread(target=self._cluster.close, daemon=True).start()
             else:

@@ -11,6 +11,8 @@ import threading
 import weakref
 from typing import Any, Protocol
 
+from deathstar.reactor import on_loop_thread
+
 
 class _Waitable(Protocol):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
@@ -49,7 +51,7 @@ def released_by(inbox: queue.SimpleQueue[Any], cluster: _Closable | None) -> Non
     inbox.put((None, None))
     if cluster is None:
         return
-    if threading.current_thread().name == "deathstar-client":  # the I/O thread's name
+    if on_loop_thread():
         threading.Thread(target=cluster.close, daemon=True).start()
     else:
         cluster.close()

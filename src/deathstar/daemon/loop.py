@@ -28,6 +28,7 @@ from typing import Any, Callable
 import zmq
 
 from deathstar import config, protocol, serialize
+from deathstar.reactor import Reactor
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
 from deathstar.daemon.sockets import Ports
@@ -94,6 +95,8 @@ class Daemon:
         self.stop_drain_s = DRAIN_TIMEOUT_S
         self.next_supervise = 0.0
         self.watched: set[int] = set()  # the workers' exit descriptors being polled
+        self.crashed: BaseException | None = None  # what ended the loop, if it failed
+        self.ended = threading.Event()  # the loop has closed everything
         self.next_heartbeat = 0.0
         self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
         # The dead-man's switch: stop after this long without work, or this long in all.
@@ -125,40 +128,62 @@ class Daemon:
                               self.clients, self.client_handlers)
         self.worker_port_ = Port("workers", WORKERS, self.back, protocol.READY,
                                  self.pool.greet, self.pool.workers, self.pool.handlers)
-        self.poller = zmq.Poller()
-        for sock in (self.front, self.back, self.status):
-            self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(self.stop_r, zmq.POLLIN)
+        self.sockets: tuple[Any, ...] = (self.front, self.back, self.status, self.stop_r)
         if self.gate.zap_socket is not None:
-            self.poller.register(self.gate.zap_socket, zmq.POLLIN)
+            self.sockets += (self.gate.zap_socket,)
         return bound
 
     # ------------------------------------------------------------------ main loop
 
     def serve(self) -> None:
-        """Start the local workers and route messages until stopped (SIGTERM drains)."""
+        """Start the local workers and route messages until stopped (SIGTERM drains), in
+        the calling thread; what the loop raises propagates once the daemon is closed."""
+        Reactor("deathstar-daemon").serve(self)
+        if self.crashed is not None:
+            raise self.crashed
+
+    # The daemon as a part of a loop (``reactor.Part``): alone in a node's main thread, or
+    # hosted with the client engines that use it (the embedded cluster).
+
+    def begin(self) -> None:
         self.supervisor.start()
+
+    def pollables(self) -> tuple[Any, ...]:
+        """The sockets, the stop pipe and the local workers' exit descriptors (pidfds), so
+        that a death is noticed at once without supervising on a timer."""
+        self.watched = self.supervisor.exit_fds() or set()
+        return (*self.sockets, *self.watched)
+
+    def deadline(self) -> float:
+        return self.next_deadline()
+
+    def step(self, ready: dict[Any, int], now: float) -> bool:
+        """One turn of the loop: read what is ready, then housekeeping and dispatch."""
+        if self.watched.intersection(ready):
+            self.next_supervise = 0.0  # a worker exited: supervise now
+        if self.stop_r in ready:
+            self.stop_requested()
+        if self.gate.zap_socket in ready:
+            self.gate.handle_zap()  # handshakes wait on this: first
+        if self.front in ready:
+            self.drain(self.front, self.on_client_message)
+        if self.back in ready:
+            self.drain(self.back, self.on_worker_message)
+        if self.status in ready:
+            self.drain(self.status, self.on_status_request)
+        self.housekeeping(time.monotonic())
+        self.dispatch()
+        return not self.finished()
+
+    def failed(self, exc: BaseException) -> None:
+        log.error("the daemon's loop failed", exc_info=exc)
+        self.crashed = exc
+
+    def end(self) -> None:
         try:
-            while not self.finished():
-                self.watch_exits()
-                timeout_ms = max(0, int((self.next_deadline() - time.monotonic()) * 1000))
-                ready = dict(self.poller.poll(timeout_ms))
-                if self.watched.intersection(ready):
-                    self.next_supervise = 0.0  # a worker exited: supervise now
-                if self.stop_r in ready:
-                    self.stop_requested()
-                if self.gate.zap_socket in ready:
-                    self.gate.handle_zap()  # handshakes wait on this: first
-                if self.front in ready:
-                    self.drain(self.front, self.on_client_message)
-                if self.back in ready:
-                    self.drain(self.back, self.on_worker_message)
-                if self.status in ready:
-                    self.drain(self.status, self.on_status_request)
-                self.housekeeping(time.monotonic())
-                self.dispatch()
-        finally:
             self.close()
+        finally:
+            self.ended.set()
 
     def next_deadline(self) -> float:
         """When the loop must wake with no message: the next heartbeat, supervision, a
@@ -167,16 +192,6 @@ class Daemon:
         due = min(self.next_supervise, self.next_heartbeat, self.pool.next_timeout,
                   self.pool.next_recall)
         return min(due, self.stop_deadline) if self.stopping else due
-
-    def watch_exits(self) -> None:
-        """Poll the local workers' exit descriptors (pidfds) with the sockets, so that a
-        death is noticed at once without supervising on a timer."""
-        fds = self.supervisor.exit_fds() or set()
-        for fd in fds - self.watched:
-            self.poller.register(fd, zmq.POLLIN)
-        for fd in self.watched - fds:
-            self.poller.unregister(fd)
-        self.watched = fds
 
     def supervise_due(self, now: float) -> float:
         """When supervision must run next, short of an exit waking it: on the heartbeat

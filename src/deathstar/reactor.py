@@ -1,0 +1,197 @@
+"""One poll loop, in one thread, for several parts: the embedded daemon and the client
+engines that use it share a thread, so a message between them wakes no other thread and
+takes no lock. A remote cluster's engine, or a node's daemon, runs alone in a loop of its
+own. Loop: poll every part's sockets until the earliest part's deadline -> step each
+part -> drop the parts that finished.
+
+A part's methods run only in its loop's thread. ``step`` must not block: every part in the
+loop waits while one does."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Protocol
+
+import zmq
+
+log = logging.getLogger("deathstar")
+
+_current = threading.local()  # .reactor: the Reactor whose loop runs in this thread
+
+
+class Part(Protocol):
+    """What a loop runs. ``begin`` once before the first step, ``end`` once after the
+    last (after ``failed`` when a method raised)."""
+
+    def begin(self) -> None:
+        """Start (connect, spawn...): the first call in the loop's thread."""
+
+    def pollables(self) -> tuple[Any, ...]:
+        """The sockets and file descriptors to poll for input, and ``(fd, events)`` pairs
+        for other events (may change between steps)."""
+
+    def deadline(self) -> float:
+        """The ``time.monotonic()`` by which ``step`` must run even with no input."""
+
+    def step(self, ready: dict[Any, int], now: float) -> bool:
+        """Handle what is ready (``ready`` maps each readable pollable to its events) and
+        what is due; False once finished."""
+
+    def failed(self, exc: BaseException) -> None:
+        """``begin`` or ``step`` raised ``exc``: the part leaves the loop after this."""
+
+    def end(self) -> None:
+        """Close (sockets, processes): the last call in the loop's thread."""
+
+
+def on_loop_thread() -> bool:
+    """Whether the calling thread runs a loop (it must never wait for a part to end)."""
+    return getattr(_current, "reactor", None) is not None
+
+
+class Reactor:
+    """Runs parts in a thread named ``name``: the thread starts with the first part added
+    and ends when the last part has ended (a later ``add`` starts it again)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.parts: list[Part] = []
+        self.lock = threading.Lock()
+        self.incoming: list[Part] = []
+        self.thread: threading.Thread | None = None
+        self.wake_r = self.wake_w = -1  # a pipe while the thread runs: ``add`` wakes it
+        self.polled: tuple[Any, ...] = ()
+        self.turns: list[tuple[Part, tuple[Any, ...], float]] = []
+        self.poller = zmq.Poller()
+
+    def add(self, part: Part) -> None:
+        """Run ``part`` in this loop (any thread); returns at once."""
+        with self.lock:
+            self.incoming.append(part)
+            if self.thread is None:
+                self._open_pipe()
+                self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self.thread.start()
+                return
+            try:
+                os.write(self.wake_w, b"!")
+            except BlockingIOError:
+                pass  # a wake-up waits already
+
+    def _open_pipe(self) -> None:
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    def owns_thread(self) -> bool:
+        """Whether the calling thread is this loop's."""
+        return getattr(_current, "reactor", None) is self
+
+    def serve(self, part: Part) -> None:
+        """Run ``part`` alone in the calling thread until it ends; what it raises
+        propagates (after ``failed`` and ``end``)."""
+        with self.lock:
+            self._open_pipe()
+            self.thread = threading.current_thread()
+            self.incoming.append(part)
+        try:
+            self._loop(reraise=True)
+        finally:
+            _current.reactor = None
+            with self.lock:
+                if self.thread is not None:  # it raised: no part is left to run
+                    self.parts.clear()
+                    self.incoming.clear()
+                    self._take_incoming_locked()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        try:
+            self._loop(reraise=False)
+        finally:
+            _current.reactor = None
+
+    def _loop(self, reraise: bool) -> None:
+        _current.reactor = self
+        while self._take_incoming(reraise):
+            ready = self._poll()
+            now = time.monotonic()
+            for part, pollables, due in self.turns:
+                # a part steps when it has input or is due (and only then: each step
+                # costs the whole loop its housekeeping)
+                if (now >= due or any((p[0] if isinstance(p, tuple) else p) in ready
+                                      for p in pollables)) and part in self.parts:
+                    self._call(part, part.step, reraise, ready, now)
+
+    def _take_incoming(self, reraise: bool) -> bool:
+        """Begin the parts added meanwhile; False (the thread ends) when none is left."""
+        with self.lock:
+            incoming = self._take_incoming_locked()
+            if incoming is None:
+                return False
+        for part in incoming:
+            self.parts.append(part)
+            self._call(part, part.begin, reraise)
+        return True
+
+    def _take_incoming_locked(self) -> list[Part] | None:
+        """The parts added meanwhile, or None when none is left to run: the thread ends
+        (its wake-up pipe is closed; the next ``add`` starts another)."""
+        incoming, self.incoming = self.incoming, []
+        if incoming or self.parts:
+            return incoming
+        self.thread = None
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        self.wake_r = self.wake_w = -1
+        self.polled = ()
+        self.poller = zmq.Poller()
+        return None
+
+    def _call(self, part: Part, method: Any, reraise: bool, *args: Any) -> None:
+        """``method`` of ``part``: the part ends when it returns False or raises."""
+        try:
+            going = method(*args)
+        except BaseException as exc:  # noqa: B036 - one part's failure ends it, not the loop
+            part.failed(exc)
+            self._end(part)
+            if reraise:
+                raise
+            return
+        if going is False:
+            self._end(part)
+
+    def _end(self, part: Part) -> None:
+        self.parts.remove(part)
+        try:
+            part.end()
+        except Exception:  # noqa: BLE001 - the other parts go on
+            log.exception("a part of the %s loop failed to close", self.name)
+
+    def _poll(self) -> dict[Any, int]:
+        """Wait for input or the earliest deadline; notes each part's pollables and
+        deadline in ``turns``."""
+        self.turns = [(part, part.pollables(), part.deadline()) for part in self.parts]
+        pollables = (self.wake_r, *(p for _, mine, _ in self.turns for p in mine))
+        if pollables != self.polled:
+            self.poller = zmq.Poller()
+            for p in pollables:
+                if isinstance(p, tuple):  # (fd, events): to write, say
+                    self.poller.register(*p)
+                else:
+                    self.poller.register(p, zmq.POLLIN)
+            self.polled = pollables
+        now = time.monotonic()
+        due = min((due for _, _, due in self.turns), default=now + 1.0)
+        ready = dict(self.poller.poll(max(0, int((due - now) * 1000))))
+        if self.wake_r in ready:
+            try:
+                while os.read(self.wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        return ready
