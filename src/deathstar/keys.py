@@ -226,15 +226,14 @@ class Gatekeeper:
     """A daemon's door. With keys, every socket is a CURVE server, and the daemon's own
     loop answers ZAP (RFC 27) requests on ``zap_socket``: a key gets in only on the
     sockets of its role (``CLIENTS``: keys in ``authorized/``; ``WORKERS``: keys in
-    ``authorized_workers/`` and the daemon's own workers' ephemeral key), with the key as
+    ``authorized_workers/``, for hand-started workers), with the key as
     ``User-Id``. ``admits`` checks each message's ``User-Id`` again, because CURVE without
     a ZAP handler accepts anyone who knows the node's public key: should the handler ever
     be missing, the daemon fails closed.
 
-    The daemon's own workers get their ephemeral keypair through a 0600 file in the
-    daemon's private folder that each worker removes once read (``write_worker_curve``),
-    never through the environment (``/proc/PID/environ`` keeps it). Without keys,
-    everything is admitted (an ipc folder, or ``--insecure``)."""
+    The daemon's own workers need no key: they talk over pipes they inherited
+    (``pipelink``). Without keys, everything is admitted (an ipc folder, or
+    ``--insecure``)."""
 
     ZAP_ENDPOINT = "inproc://zeromq.zap.01"
     DOMAINS = {CLIENTS: ZAP_DOMAIN, WORKERS: ZAP_DOMAIN + b"-workers"}
@@ -246,13 +245,10 @@ class Gatekeeper:
         self.zap = zap
         self.zap_socket: zmq.Socket[bytes] | None = None
         self.allowed: dict[str, set[str]] = {CLIENTS: set(), WORKERS: set()}
-        self.worker_pair: tuple[bytes, bytes] | None = None
         self.refused = 0
         if keys is not None:
-            self.worker_pair = zmq.curve_keypair()
             self.allowed[CLIENTS] = {k.decode("ascii") for k in keys.authorized}
             self.allowed[WORKERS] = {k.decode("ascii") for k in keys.workers}
-            self.allowed[WORKERS].add(self.worker_pair[0].decode("ascii"))
         self.by_domain = {domain: self.allowed[role] for role, domain in self.DOMAINS.items()}
 
     def start(self) -> None:
@@ -314,31 +310,3 @@ class Gatekeeper:
     def admits(self, frames: list[zmq.Frame], role: str) -> bool:
         """Whether a received message comes from a key authorized for ``role``."""
         return self.user(frames, role) is not None
-
-    def worker_curve(self) -> tuple[bytes, bytes, bytes] | None:
-        """A local worker's (public, secret, node public) keys; None without keys."""
-        if self.keys is None or self.worker_pair is None:
-            return None
-        return (*self.worker_pair, self.keys.public)
-
-
-def write_worker_curve(path: str, curve: tuple[bytes, bytes, bytes]) -> None:
-    """Hand a local worker its keys: a new 0600 file in the daemon's private folder."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(b",".join(curve))  # z85 keys use ':' among their characters, never ','
-
-
-def read_worker_curve(path: str) -> tuple[bytes, bytes, bytes]:
-    """A local worker's keys from its daemon's file, which is removed once read. Raises
-    KeyFileError when the file is missing or malformed."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as fh:
-            parts = fh.read(512).split(b",")
-        os.unlink(path)
-    except OSError as exc:
-        raise KeyFileError(f"worker keys {path}: {exc.strerror}") from None
-    if len(parts) != 3:
-        raise KeyFileError(f"worker keys {path}: malformed")
-    return parts[0], parts[1], parts[2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import pickle
 import re
@@ -279,11 +280,11 @@ def test_key_folder_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert keymod.resolve_dir(tmp_path, keymod.CLIENT) == tmp_path
 
 
-def test_the_daemons_own_workers_keys_are_not_in_their_environment(
+def test_the_daemons_own_workers_hold_no_key_and_talk_over_inherited_pipes(
         daemons: Callable[..., Daemon], keydir: Path) -> None:
-    """The ephemeral worker key travels in a 0600 file the worker removes once read:
-    /proc/PID/environ (which keeps what os.environ.pop removed) never has it, and no key
-    file is left behind; the key is admitted on the worker port only."""
+    """A daemon's own workers are reached through two pipes they inherited, not a socket:
+    no key of any kind is in their command line or environment, and the workers' port
+    admits only the keys in authorized_workers/ (none here)."""
     d = daemons(2, keys=str(keydir))
     pids = worker_pids(d)
     assert len(pids) == 2
@@ -291,12 +292,13 @@ def test_the_daemons_own_workers_keys_are_not_in_their_environment(
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"CURVE" not in environ and b"curve" not in environ
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        curve_file = cmdline[cmdline.index(b"--curve-file") + 1].decode()
-        wait_for(lambda: not Path(curve_file).exists(), 10, "the worker to remove its key file")
+        spec = cmdline[cmdline.index(b"--connect") + 1].decode()
+        assert spec.startswith("pipe:") and not any(b"curve" in a for a in cmdline)
+        for fd in spec.removeprefix("pipe:").split(","):
+            assert os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
     gate = keymod.Gatekeeper(zmq.Context.instance(), keymod.load_server_keys(keydir))
-    worker_key = gate.worker_pair[0].decode() if gate.worker_pair else ""
-    assert worker_key in gate.allowed[keymod.WORKERS]
-    assert worker_key not in gate.allowed[keymod.CLIENTS]
+    assert gate.allowed[keymod.WORKERS] == set()
+    assert d.status()["tasks_done"] == 0 and d.status()["workers"] == 2
 
 
 def test_a_session_belongs_to_the_key_that_opened_it(daemons: Callable[..., Daemon],

@@ -31,9 +31,10 @@ from deathstar import config, protocol, serialize
 from deathstar.reactor import Reactor
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
-from deathstar.daemon.sockets import Ports
+from deathstar.daemon.sockets import Ports, WorkerLinks
+from deathstar.pipelink import DaemonPipe
 from deathstar.daemon.books import BlobCache, ClientConn, Counters, WorkerConn
-from deathstar.daemon.routing import Handler, Port, Router
+from deathstar.daemon.routing import OWN_WORKERS, Handler, Port, Router
 from deathstar.daemon.workers import WorkerSessions
 from deathstar.protocol import Message
 from deathstar.daemon.supervisor import Supervisor
@@ -71,11 +72,9 @@ class Daemon:
         self.gate = Gatekeeper(self.ctx, keys, zap)
         self.ipc_dir = tempfile.mkdtemp(prefix="deathstar-")
         self.supervisor = Supervisor(os.cpu_count() or 1 if workers is None else workers,
-                                     f"ipc://{self.ipc_dir}/workers",
                                      max_tasks=max_tasks_per_worker,
                                      max_memory=max_worker_memory, heartbeat_s=heartbeat_s,
-                                     curve=self.gate.worker_curve(), log_dir=log_dir,
-                                     slot_dir=self.ipc_dir)
+                                     log_dir=log_dir, slot_dir=self.ipc_dir)
         self.clients: dict[bytes, ClientConn] = {}
         self.ready_clients: deque[bytes] = deque()  # clients with queued tasks, round robin
         self.blobs = BlobCache(config.BLOB_CACHE_BYTES, config.BLOB_CACHE_ENTRIES)
@@ -122,11 +121,12 @@ class Daemon:
                            worker_port=self.worker_port, ipc=self.ipc,
                            heartbeat_s=self.heartbeat_s, inproc=self.inproc)
         self.front, self.status, self.back = self.ports.front, self.ports.status, self.ports.back
-        self.pool.sock = self.back
-        bound = self.ports.bind(self.supervisor.connect)
+        self.links = WorkerLinks(self.back, self.supervisor.links)
+        self.pool.sock = self.links
+        bound = self.ports.bind()
         self.exec_port = Port("exec", CLIENTS, self.front, protocol.HELLO, self.on_hello,
                               self.clients, self.client_handlers)
-        self.worker_port_ = Port("workers", WORKERS, self.back, protocol.READY,
+        self.worker_port_ = Port("workers", WORKERS, self.links, protocol.READY,
                                  self.pool.greet, self.pool.workers, self.pool.handlers)
         self.sockets: tuple[Any, ...] = (self.front, self.back, self.status, self.stop_r)
         if self.gate.zap_socket is not None:
@@ -149,10 +149,13 @@ class Daemon:
         self.supervisor.start()
 
     def pollables(self) -> tuple[Any, ...]:
-        """The sockets, the stop pipe and the local workers' exit descriptors (pidfds), so
-        that a death is noticed at once without supervising on a timer."""
+        """The sockets, the stop pipe, the own workers' pipes (to write as well, while a
+        message waits for room) and their exit descriptors (pidfds), so that a death is
+        noticed at once without supervising on a timer."""
         self.watched = self.supervisor.exit_fds() or set()
-        return (*self.sockets, *self.watched)
+        pipes = self.supervisor.links.values()
+        return (*self.sockets, *self.watched, *(p.read_fd for p in pipes if not p.closed),
+                *((p.write_fd, zmq.POLLOUT) for p in pipes if p.wants_out()))
 
     def deadline(self) -> float:
         return self.next_deadline()
@@ -169,6 +172,7 @@ class Daemon:
             self.drain(self.front, self.on_client_message)
         if self.back in ready:
             self.drain(self.back, self.on_worker_message)
+        self.read_pipes(ready)
         if self.status in ready:
             self.drain(self.status, self.on_status_request)
         self.housekeeping(time.monotonic())
@@ -226,11 +230,12 @@ class Daemon:
         if now >= self.next_supervise or now >= self.pool.next_timeout:
             exits = self.supervisor.poll(now)
             self.next_supervise = self.supervise_due(now)
-            if exits:
-                # A dead worker's last result may wait in the socket: read it first, so
-                # the message it was running is the one held responsible (its slot file
-                # covers a result that died unsent).
-                self.drain(self.back, self.on_worker_message)
+            # A dead worker's last result may wait in its pipe: read it first, so the
+            # message it was running is the one held responsible (its slot file covers a
+            # result that died unsent).
+            for pipe in self.supervisor.take_reaped_links():
+                self.read_pipe(pipe)
+                pipe.close()
             for exited in exits:
                 self.pool.on_exit(exited)
             self.pool.enforce_timeouts(now)
@@ -319,6 +324,18 @@ class Daemon:
 
     def on_worker_message(self, frames: list[Any]) -> None:
         self.router.route(self.worker_port_, frames)
+
+    def read_pipes(self, ready: dict[Any, int]) -> None:
+        """Read the own workers' pipes that are ready; write what waits for room."""
+        for pipe in list(self.supervisor.links.values()):
+            if pipe.read_fd in ready:
+                self.read_pipe(pipe)
+            if pipe.write_fd in ready:
+                pipe.flush()
+
+    def read_pipe(self, pipe: DaemonPipe) -> None:
+        for frames in pipe.receive():
+            self.router.route(self.worker_port_, [pipe.ident, *frames], user=OWN_WORKERS)
 
     def on_hello(self, ident: bytes, user: str, msg: Message) -> None:
         try:

@@ -23,6 +23,10 @@ log = logging.getLogger("deathstar.daemon")
 #: identity, the decoded message).
 Handler = Callable[[Any, list[Any], Message], None]
 
+#: Who a message from one of the daemon's own workers comes from (its pipe says so; no
+#: key is ever this string, so no peer on a socket can pass for one).
+OWN_WORKERS = "(own worker)"
+
 
 @dataclass
 class Port:
@@ -31,7 +35,7 @@ class Port:
 
     name: str
     role: str  # keys.CLIENTS or keys.WORKERS: whose keys this port admits
-    sock: zmq.Socket[bytes]
+    sock: zmq.Socket[bytes] | Any  # what sends to its peers (``send_multipart``)
     greeting: str
     greet: Callable[[bytes, str, Message], None]
     peers: Mapping[bytes, ClientConn | WorkerConn]
@@ -46,12 +50,14 @@ class Router:
         self.counters = counters
         self.bad_log = RateLimitedLog()
 
-    def receive(self, port: Port, frames: list[Any]
+    def receive(self, port: Port, frames: list[Any], user: str | None = None
                 ) -> tuple[bytes, str, Message] | None:
         """Admit and decode a message from a ROUTER: (identity, authenticated key, message),
         or None when it was dropped (unauthenticated, malformed: counted) or refused
-        (another protocol version: the peer is told, naming both)."""
-        user = self.gate.user(frames, port.role)
+        (another protocol version: the peer is told, naming both). ``user``: who sent it,
+        when the channel itself says so (an own worker's pipe)."""
+        if user is None:
+            user = self.gate.user(frames, port.role)
         if user is None:
             self.bad_message(port.name, "a message from an unauthenticated peer")
             return None
@@ -66,12 +72,12 @@ class Router:
             self.bad_message(port.name, exc)
         return None
 
-    def route(self, port: Port, frames: list[Any]) -> None:
+    def route(self, port: Port, frames: list[Any], user: str | None = None) -> None:
         """One message on a ROUTER port: the greeting (hello, ready) opens a session; any
         other message from a peer without one is answered "introduce yourself"; the rest
         go to the port's handler table. A handler that fails on a message is a counted bad
         message, never the end of the daemon."""
-        received = self.receive(port, frames)
+        received = self.receive(port, frames, user)
         if received is None:
             return
         ident, user, msg = received

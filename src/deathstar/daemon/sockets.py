@@ -3,8 +3,8 @@
     exec     clients: TCP port P (or ``ipc`` folder/exec, and ``inproc`` for a client in
              the same process: the embedded daemon hosted by its client)
     status   anyone: TCP port P+1 (or ``ipc`` folder/status)
-    workers  the daemon's own workers over ipc, hand-started ones on TCP port P+2 (or
-             ``worker_port``; not on TCP at all with ``ipc``)
+    workers  hand-started workers on TCP port P+2 (or ``worker_port``; none with
+             ``ipc``). The daemon's own workers talk over pipes instead (``WorkerLinks``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import zmq
 
 from deathstar import config
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper
+from deathstar.pipelink import DaemonPipe
 
 
 class UnsafeFolder(ValueError):
@@ -65,10 +66,9 @@ class Ports:
         self.gate.secure(sock, role)
         return sock
 
-    def bind(self, workers_endpoint: str) -> dict[str, Any]:
-        """Open exec and status (port 0 picks free ones) and the workers' port, plus
-        ``workers_endpoint`` for the daemon's own workers. Returns the ports (and
-        ``ipc``)."""
+    def bind(self) -> dict[str, Any]:
+        """Open exec and status (port 0 picks free ones) and the workers' port. Returns
+        the ports (and ``ipc``)."""
         old_umask = os.umask(0o077)  # ipc socket files: this user's only
         try:
             if self.ipc is None:
@@ -82,7 +82,6 @@ class Ports:
                     self.front.bind(self.inproc)
                 self.port = status_port = 0
                 self.worker_port = 0
-            self.back.bind(workers_endpoint)
         finally:
             os.umask(old_umask)
         return {"exec": self.port, "status": status_port, "workers": self.worker_port,
@@ -116,3 +115,19 @@ class Ports:
     def close(self) -> None:
         for sock in (self.front, self.back, self.status):
             sock.close(linger=0)
+
+
+class WorkerLinks:
+    """Where a message to a worker goes (``send_multipart``, routing id first, as to a
+    ROUTER): the pipes of a worker the daemon started, else the workers' socket."""
+
+    def __init__(self, back: zmq.Socket[bytes], pipes: dict[bytes, DaemonPipe]):
+        self.back = back
+        self.pipes = pipes  # by routing id (the supervisor's, kept current by it)
+
+    def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = True) -> None:
+        pipe = self.pipes.get(frames[0])
+        if pipe is None:
+            self.back.send_multipart(frames, flags, copy=copy)
+        else:
+            pipe.send(frames[1:])

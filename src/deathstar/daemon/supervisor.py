@@ -1,4 +1,6 @@
 """The daemon's local worker processes: start them, notice when one exits, replace it.
+Each talks to the daemon over a pair of pipes it inherits (``pipelink``): no socket, no
+key, nothing another process could connect to.
 
 Each worker gets a slot file: it writes there the id of each task message as it starts
 it (a store into shared pages, no system call), so when it dies the daemon knows which
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from deathstar.exitcodes import ExitCode
-from deathstar.keys import write_worker_curve
+from deathstar.pipelink import DaemonPipe, make_pipe
 from deathstar.slot import make_slot, read_slot
 
 log = logging.getLogger("deathstar.daemon")
@@ -56,23 +58,21 @@ class Exited:
 
 @dataclass
 class Supervisor:
-    """Keeps ``count`` worker processes alive, each connected to ``connect``.
+    """Keeps ``count`` worker processes alive, each with its pipes in ``links``.
 
     ``poll`` reaps exited workers, starts replacements (with backoff on crash loops) and
     returns the exits so the broker can report their tasks lost. ``stop`` ends them all.
     """
 
     count: int
-    connect: str
     max_tasks: int | None = None
     max_memory: int | None = None
     heartbeat_s: float | None = None
-    curve: tuple[bytes, bytes, bytes] | None = None  # the workers' keys (keys.Gatekeeper)
     log_dir: str | None = None  # each worker's output goes to worker-PID.log there
     slot_dir: str | None = None  # where each worker's slot file goes (see the docstring)
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
     slots: dict[int, str] = field(default_factory=dict)  # pid -> its slot file
-    curve_files: dict[int, str] = field(default_factory=dict)  # pid -> its keys, unread
+    links: dict[bytes, DaemonPipe] = field(default_factory=dict)  # routing id -> pipes
     pidfds: dict[int, int] = field(default_factory=dict)  # pid -> a fd readable at its exit
     restarts: int = 0
     recycled: int = 0
@@ -85,30 +85,38 @@ class Supervisor:
             self._spawn()
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "deathstar.worker", "--connect", self.connect,
+        to_worker, from_worker = make_pipe(), make_pipe()
+        ends = (to_worker[0], from_worker[1])  # the worker's: it reads one, writes the other
+        cmd = [sys.executable, "-m", "deathstar.worker", "--connect", "pipe:%d,%d" % ends,
                "--parent-pid", str(os.getpid())]
         slot = None
         if self.slot_dir is not None:
             self._spawned += 1
             slot = os.path.join(self.slot_dir, f"slot-{self._spawned}")
             make_slot(slot)
-        curve_file = None
-        if self.curve is not None and self.slot_dir is not None:
-            curve_file = os.path.join(self.slot_dir, f"curve-{self._spawned}")
-            write_worker_curve(curve_file, self.curve)
         for flag, value in (("--max-tasks", self.max_tasks), ("--max-memory", self.max_memory),
                             ("--heartbeat", self.heartbeat_s), ("--log-dir", self.log_dir),
-                            ("--slot", slot), ("--curve-file", curve_file)):
+                            ("--slot", slot)):
             if value is not None:
                 cmd += [flag, str(value)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True,
+                                    pass_fds=ends)
+        except BaseException:
+            os.close(to_worker[1])
+            os.close(from_worker[0])
+            raise
+        finally:
+            for fd in ends:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        link = DaemonPipe(from_worker[0], to_worker[1], proc.pid)
+        self.links[link.ident] = link
         self.procs[proc.pid] = (proc, time.monotonic())
         with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3; else polled
             self.pidfds[proc.pid] = os.pidfd_open(proc.pid)
         if slot is not None:
             self.slots[proc.pid] = slot
-        if curve_file is not None:
-            self.curve_files[proc.pid] = curve_file
 
     def poll(self, now: float) -> list[Exited]:
         """Reap exited workers and start replacements; returns what exited."""
@@ -121,8 +129,6 @@ class Supervisor:
             with contextlib.suppress(KeyError, OSError):
                 os.close(self.pidfds.pop(pid))
             slot = self.slots.pop(pid, None)
-            with contextlib.suppress(OSError):  # a worker that died before reading it
-                os.unlink(self.curve_files.pop(pid, ""))
             running = None if slot is None else read_slot(slot)
             if code == ExitCode.WORKER_RECYCLED:
                 self.recycled += 1
@@ -154,6 +160,12 @@ class Supervisor:
         """When ``poll`` must run to start missing workers (None: none are missing)."""
         return self._next_spawn if len(self.procs) < self.count else None
 
+    def take_reaped_links(self) -> list[DaemonPipe]:
+        """The pipes of workers ``poll`` reaped: the caller reads what they left, then
+        closes them."""
+        gone = [ident for ident, link in self.links.items() if link.pid not in self.procs]
+        return [self.links.pop(ident) for ident in gone]
+
     def owns(self, pid: int) -> bool:
         """Whether ``pid`` is one of our worker processes (not a hand-started one)."""
         return pid in self.procs
@@ -177,6 +189,9 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
         for fd in self.pidfds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)

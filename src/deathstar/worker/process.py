@@ -24,6 +24,7 @@ import zmq
 
 from deathstar import config, keys, protocol, serialize
 from deathstar.exitcodes import ExitCode
+from deathstar.pipelink import PipeClosed, WorkerPipe
 from deathstar.slot import SLOT_BYTES, slot_value
 from deathstar.protocol import Message
 from deathstar.worker.calls import Function, Terminate, dump_results, error_info, run_calls
@@ -91,11 +92,14 @@ class Worker:
         self.waiting: deque[Message] = deque()  # tasks whose function is being fetched
         self.fetching: set[str] = set()
         self.last_sent = 0.0
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
-        self.sock.copy_threshold = config.ZERO_COPY_MIN_BYTES
+        self.sock: Any
+        if connect.startswith("pipe:"):  # started by its daemon: see pipelink
+            self.sock = WorkerPipe.from_spec(connect)
+        else:
+            self.sock = zmq.Context.instance().socket(zmq.DEALER)
+            self.sock.setsockopt(zmq.LINGER, 1000)
+            self.sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
+            self.sock.copy_threshold = config.ZERO_COPY_MIN_BYTES
         self.running = True
         self.socket_lock = threading.Lock()
         # the last task's rshm and the folder it names (None: not a usable folder)
@@ -125,9 +129,10 @@ class Worker:
         previous = {sig: signal.signal(sig, self._terminate)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         pulse = threading.Thread(target=self._pulse, name="deathstar-pulse", daemon=True)
-        if self.curve is not None:
-            keys.connect_with(self.sock, *self.curve)
-        self.sock.connect(self.connect)
+        if isinstance(self.sock, zmq.Socket):
+            if self.curve is not None:
+                keys.connect_with(self.sock, *self.curve)
+            self.sock.connect(self.connect)
         try:
             self.say_ready()
             pulse.start()
@@ -146,10 +151,12 @@ class Worker:
                     return ExitCode.WORKER_RECYCLED
                 self.heartbeat()
             return ExitCode.OK
+        except PipeClosed:
+            return ExitCode.WORKER_PARENT_GONE  # the daemon that started us has gone
         except Terminate:
             try:  # goodbye if it can go now; never block on a daemon that isn't there
                 self.sock.send_multipart(protocol.pack(protocol.BYE), zmq.NOBLOCK)
-            except zmq.ZMQError:
+            except (zmq.ZMQError, PipeClosed):
                 pass
             return ExitCode.OK
         finally:
@@ -217,6 +224,8 @@ class Worker:
                         self.heartbeat()
                         if self.busy:
                             self.take_in()
+                except PipeClosed:
+                    return  # the daemon has gone: the main loop leaves
                 finally:
                     self.socket_lock.release()
 
@@ -226,6 +235,8 @@ class Worker:
         while self.sock.poll(0):
             try:
                 msg = protocol.decode(self.sock.recv_multipart(copy=False))
+            except PipeClosed:
+                return  # the main loop leaves
             except protocol.ProtocolError as exc:
                 log.warning("dropped a message from the daemon: %s", exc)
                 continue
@@ -443,11 +454,11 @@ def main(connect: str, parent_pid: int | None = None, *,
          heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, max_tasks: int | None = None,
          max_memory: int | None = None,
          curve: tuple[bytes, bytes, bytes] | None = None,
-         log_dir: str | None = None, slot: str | None = None,
-         curve_file: str | None = None) -> int:
+         log_dir: str | None = None, slot: str | None = None) -> int:
     """Entry point of a worker process (``deathstar worker`` and the daemon's children).
-    ``curve``: (public, secret, daemon public) keys; a daemon's own workers get theirs
-    from ``curve_file``, which is removed once read."""
+    ``connect``: the daemon's worker endpoint, or ``pipe:READ,WRITE`` (the inherited
+    pipes of a worker its daemon started); ``curve``: (public, secret, daemon public)
+    keys for an endpoint that needs them."""
     logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO,
                         format=f"%(asctime)s worker {os.getpid()} %(levelname)s %(message)s")
     if parent_pid is not None:
@@ -462,8 +473,6 @@ def main(connect: str, parent_pid: int | None = None, *,
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-    if curve is None and curve_file is not None:
-        curve = keys.read_worker_curve(curve_file)
     return Worker(connect, parent_pid=parent_pid, heartbeat_s=heartbeat_s,
                   max_tasks=max_tasks, max_memory=max_memory, curve=curve, slot=slot).run()
 
@@ -480,8 +489,6 @@ def cli_main() -> int:
     parser.add_argument("--max-memory", type=int, default=None)
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--slot", default=None)
-    parser.add_argument("--curve-file", default=None)
     ns = parser.parse_args()
     return main(ns.connect, ns.parent_pid, heartbeat_s=ns.heartbeat, max_tasks=ns.max_tasks,
-                max_memory=ns.max_memory, log_dir=ns.log_dir, slot=ns.slot,
-                curve_file=ns.curve_file)
+                max_memory=ns.max_memory, log_dir=ns.log_dir, slot=ns.slot)

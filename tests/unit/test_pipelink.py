@@ -1,0 +1,82 @@
+"""The pipes between a daemon and the workers it starts: messages come out whole and in
+order however the bytes are cut, the daemon's end never blocks on a full pipe (what does
+not fit waits for room), and either end sees the other go."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+
+import pytest
+
+from deathstar.pipelink import DaemonPipe, PipeClosed, WorkerPipe, encode, make_pipe
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _pair() -> tuple[DaemonPipe, WorkerPipe]:
+    to_worker, from_worker = make_pipe(), make_pipe()
+    daemon = DaemonPipe(from_worker[0], to_worker[1], pid=4242)
+    worker = WorkerPipe.from_spec(f"pipe:{to_worker[0]},{from_worker[1]}")
+    return daemon, worker
+
+
+def _receive_all(daemon: DaemonPipe, count: int) -> list[list[bytes]]:
+    got: list[list[bytes]] = []
+    while len(got) < count and not daemon.closed:
+        select.select([daemon.read_fd], [], [], 10)
+        got += daemon.receive()
+    return got
+
+
+def test_messages_cut_anywhere_come_out_whole_and_in_order() -> None:
+    daemon, worker = _pair()
+    messages = [[b"env-%d" % i, os.urandom(i * 37), b""] for i in range(50)]
+    stream = b"".join(bytes(b) for m in messages for b in encode(m))
+    # written a few bytes at a time, the reader must wait for the rest of each message
+    for at in range(0, len(stream), 7):
+        os.write(worker.write_fd, stream[at:at + 7])
+    assert _receive_all(daemon, 50) == messages
+    assert daemon.ident == b"pipe-4242" and not daemon.closed
+
+
+def test_a_message_larger_than_the_pipe_waits_for_room_without_blocking() -> None:
+    daemon, worker = _pair()
+    big = os.urandom(3 << 20)  # three times the pipe's size at most
+    daemon.send([b"env", big])  # returns at once: the worker reads nothing yet
+    assert daemon.wants_out()
+    daemon.send([b"next", b"x"])  # queued behind, not interleaved
+
+    received: list[list[bytes]] = []
+    reader = threading.Thread(target=lambda: received.extend(
+        [worker.recv_multipart(), worker.recv_multipart()]))
+    reader.start()
+    while daemon.wants_out():
+        select.select([], [daemon.write_fd], [], 10)
+        daemon.flush()
+    reader.join(20)
+    assert received == [[b"env", big], [b"next", b"x"]]
+
+
+def test_the_worker_sees_its_daemon_go() -> None:
+    daemon, worker = _pair()
+    daemon.send([b"last"])
+    daemon.close()
+    assert worker.poll(1000)
+    assert worker.recv_multipart() == [b"last"]  # what was sent before still arrives
+    assert worker.poll(1000)  # then the end: it does not wait out the timeout
+    with pytest.raises(PipeClosed):
+        worker.recv_multipart()
+    with pytest.raises(PipeClosed):
+        worker.send_multipart([b"result"])
+
+
+def test_the_daemon_sees_its_worker_go_and_drops_what_it_sends_then() -> None:
+    daemon, worker = _pair()
+    worker.send_multipart([b"result", b"payload"])
+    worker.close()
+    assert _receive_all(daemon, 2) == [[b"result", b"payload"]]
+    assert daemon.closed
+    daemon.send([b"task"])  # dropped, no BrokenPipeError: the supervisor sees the exit
+    assert not daemon.wants_out()
