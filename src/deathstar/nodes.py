@@ -50,12 +50,10 @@ class NodeAddress:
     port: int
     server_key: bytes | None = None  # its CurveZMQ public key, when known (ec2 nodes)
     ipc: str | None = None  # a folder of ipc sockets instead of TCP (the embedded daemon)
-    inproc: str | None = None  # its exec endpoint in this process (the embedded daemon)
+    hosted: str | None = None  # its name in this process (an embedded daemon: hosting)
 
     @property
     def exec_endpoint(self) -> str:
-        if self.inproc is not None:
-            return self.inproc
         if self.ipc is not None:
             return f"ipc://{self.ipc}/exec"
         return f"tcp://{self._host()}:{self.port}"

@@ -213,7 +213,7 @@ class DaemonPipe:
             pass
         return messages
 
-    def send(self, frames: list[Any]) -> None:
+    def put(self, frames: list[Any]) -> None:
         """Queue one message; what the pipe takes now goes at once. Dropped when the
         worker has gone (its exit is noticed by the supervisor)."""
         if self.closed:

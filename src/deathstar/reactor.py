@@ -36,6 +36,10 @@ class Part(Protocol):
     def deadline(self) -> float:
         """The ``time.monotonic()`` by which ``step`` must run even with no input."""
 
+    def has_input(self) -> bool:
+        """Whether input waits that no pollable shows (a message another part of this
+        loop handed over in memory): the part steps without the loop sleeping."""
+
     def step(self, ready: dict[Any, int], now: float) -> bool:
         """Handle what is ready (``ready`` maps each readable pollable to its events) and
         what is due; False once finished."""
@@ -123,8 +127,9 @@ class Reactor:
             for part, pollables, due in self.turns:
                 # a part steps when it has input or is due (and only then: each step
                 # costs the whole loop its housekeeping)
-                if (now >= due or any((p[0] if isinstance(p, tuple) else p) in ready
-                                      for p in pollables)) and part in self.parts:
+                if (now >= due or part.has_input()
+                        or any((p[0] if isinstance(p, tuple) else p) in ready
+                               for p in pollables)) and part in self.parts:
                     self._call(part, part.step, reraise, ready, now)
 
     def _take_incoming(self, reraise: bool) -> bool:
@@ -187,6 +192,8 @@ class Reactor:
             self.polled = pollables
         now = time.monotonic()
         due = min((due for _, _, due in self.turns), default=now + 1.0)
+        if any(part.has_input() for part in self.parts):
+            due = now
         ready = dict(self.poller.poll(max(0, int((due - now) * 1000))))
         if self.wake_r in ready:
             try:

@@ -8,6 +8,7 @@ must not then judge its workers dead."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -21,6 +22,7 @@ import pytest
 
 from deathstar.client import Cluster
 from deathstar.client.embedded import LocalDaemon
+from deathstar.daemon.hosted import HostedPeer
 from deathstar.errors import TaskTimeout, WorkerCrashed
 from tests import jobs
 from tests.conftest import wait_for
@@ -174,3 +176,25 @@ def test_the_users_thread_holding_the_gil_is_a_stall_not_dead_workers(
         assert list(out["res"]) == [1.0] * 6
         assert all(r.attempts == 1 for r in out["res"].report)
         assert status(c)["worker_restarts"] == 0 and status(c)["tasks_lost"] == 0
+
+
+def test_clients_in_the_daemons_own_loop_come_and_go(local: LocalDaemon,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A client of an embedded daemon of this process runs its engine in the daemon's
+    loop and hands it messages in memory; one that closes says goodbye there (its session
+    ends at once, not by going silent), and the other goes on."""
+    caplog.set_level(logging.WARNING, logger="deathstar.daemon")
+    a, b = connect(local), connect(local)
+    try:
+        for c in (a, b):
+            assert c.engine.reactor is local.reactor
+            assert isinstance(c.engine.nodes[0].sock, HostedPeer)
+        assert status(a)["clients"] == 2
+        a.close()
+        wait_for(lambda: status(b)["clients"] == 1, 10, "the closed client's session to end")
+        assert b.map(jobs.square, range(30)) == [x * x for x in range(30)]
+        assert list(local.daemon.hosted) == [b.engine.nodes[0].sock.ident]
+        assert not [r for r in caplog.records if "silent" in r.getMessage()]
+    finally:
+        a.close()
+        b.close()

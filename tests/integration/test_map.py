@@ -19,6 +19,7 @@ import zmq
 import deathstar
 from deathstar import protocol
 from deathstar.client import Cluster
+from deathstar.daemon.hosted import HostedPeer
 from deathstar.errors import RemoteTraceback
 from deathstar.serialize import SerializationError
 from tests import jobs
@@ -160,8 +161,8 @@ def test_embedded_local_cluster_leaves_no_process_behind() -> None:
 
 def test_embedded_cluster_is_private_to_this_user(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The embedded daemon, hosted in this process, is reached over inproc by its client
-    and over ipc sockets in a 0700 folder by ``status``, on no TCP port at all; it needs
+    """The embedded daemon, hosted in this process, is reached in memory by its client
+    (whose engine runs in the daemon's own loop) and over ipc sockets in a 0700 folder by ``status``, on no TCP port at all; it needs
     no keys even when the user has some (a key folder in DEATHSTAR_KEYS used to turn
     CURVE on for the embedded daemon only, and the map failed), and removes the folder."""
     import psutil
@@ -183,7 +184,9 @@ def test_embedded_cluster_is_private_to_this_user(tmp_path: Path,
         assert c.local is not None
         folder = Path(c.local.folder)
         assert (folder.stat().st_mode & 0o777) == 0o700
-        assert c.addresses[0].exec_endpoint.startswith("inproc://")
+        assert isinstance(c.engine.nodes[0].sock, HostedPeer)
+        assert c.engine.reactor is c.local.reactor
+        assert c.addresses[0].exec_endpoint == f"ipc://{folder}/exec"
         assert c.addresses[0].status_endpoint == f"ipc://{folder}/status"
         assert listening() == before
         assert c.map(jobs.square, range(50)) == [x * x for x in range(50)]

@@ -44,9 +44,9 @@ def test_messages_cut_anywhere_come_out_whole_and_in_order() -> None:
 def test_a_message_larger_than_the_pipe_waits_for_room_without_blocking() -> None:
     daemon, worker = _pair()
     big = os.urandom(3 << 20)  # three times the pipe's size at most
-    daemon.send([b"env", big])  # returns at once: the worker reads nothing yet
+    daemon.put([b"env", big])  # returns at once: the worker reads nothing yet
     assert daemon.wants_out()
-    daemon.send([b"next", b"x"])  # queued behind, not interleaved
+    daemon.put([b"next", b"x"])  # queued behind, not interleaved
 
     received: list[list[bytes]] = []
     reader = threading.Thread(target=lambda: received.extend(
@@ -61,7 +61,7 @@ def test_a_message_larger_than_the_pipe_waits_for_room_without_blocking() -> Non
 
 def test_the_worker_sees_its_daemon_go() -> None:
     daemon, worker = _pair()
-    daemon.send([b"last"])
+    daemon.put([b"last"])
     daemon.close()
     assert worker.poll(1000)
     assert worker.recv_multipart() == [b"last"]  # what was sent before still arrives
@@ -78,5 +78,5 @@ def test_the_daemon_sees_its_worker_go_and_drops_what_it_sends_then() -> None:
     worker.close()
     assert _receive_all(daemon, 2) == [[b"result", b"payload"]]
     assert daemon.closed
-    daemon.send([b"task"])  # dropped, no BrokenPipeError: the supervisor sees the exit
+    daemon.put([b"task"])  # dropped, no BrokenPipeError: the supervisor sees the exit
     assert not daemon.wants_out()

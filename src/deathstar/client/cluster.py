@@ -20,7 +20,7 @@ from deathstar import config, serialize
 from deathstar.client.engine import Engine, NoNodesError
 from deathstar.client.job import Batch, Job, Outcome, as_outcomes, drain, ordered
 from deathstar.client.results import Collector, MapResult
-from deathstar.client.embedded import LocalDaemon, acquire_shared, release_shared
+from deathstar.client.embedded import LocalDaemon, acquire_shared, hosting, release_shared
 from deathstar.client.progress import ProgressFn, resolve as resolve_progress
 from deathstar.client.status import load_keys, query_status
 from deathstar.nodes import NodeAddress, parse_cluster
@@ -107,10 +107,12 @@ class Cluster:
         self.addresses: list[NodeAddress] = addresses
         self._keys = keys
         self._job_ids = itertools.count(1)
-        hosted = self.local or self.shared  # its engine runs in the daemon's own loop
+        # a daemon hosted in this process runs our engine in its own loop
+        hosted = self.local or self.shared or hosting(addresses)
         self.engine = Engine(addresses, connect_timeout=connect_timeout,
                              heartbeat_s=heartbeat_s, keys=client_keys,
-                             reactor=None if hosted is None else hosted.reactor)
+                             reactor=None if hosted is None else hosted.reactor,
+                             hosts=None if hosted is None else hosted.hosts())
         self.engine.start()
         self.engine.connected.wait()
         if self.engine.crashed is not None:

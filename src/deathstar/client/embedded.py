@@ -1,10 +1,10 @@
 """The embedded local cluster: the same daemon a node runs, hosted in the client's own
-process. Its loop runs in a thread (``reactor.Reactor``) that also runs the engines of
-the clients that use it, so a message between client and daemon wakes no other thread;
-its workers are child processes of this one. The client reaches it over ``inproc`` (no
-I/O thread and no kernel on that hop), and
-``deathstar status`` over ipc sockets in a private folder (mode 0700): no other user of
-the machine can reach it, and no keys are needed. Everything the daemon promises holds
+process. Its loop runs in a thread (``reactor.Reactor``) that also runs the engine of
+every client of this process that uses it (``hosting``), so client and daemon hand each
+other messages in memory (``daemon.hosted``): no socket, no other thread woken. Its
+workers are child processes of this one. Other processes of this user (``deathstar
+status``) reach it over ipc sockets in a private folder (mode 0700): no other user of the
+machine can reach it, and no keys are needed. Everything the daemon promises holds
 here as on a node: it is the same loop (crash attribution, timeouts that kill,
 heartbeats, recycling, cancellation).
 
@@ -22,11 +22,14 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deathstar import config
 from deathstar.nodes import NodeAddress
 from deathstar.reactor import Reactor
+
+if TYPE_CHECKING:
+    from deathstar.daemon.loop import Daemon
 
 
 class LocalDaemonError(RuntimeError):
@@ -48,23 +51,31 @@ class LocalDaemon:
             daemon_log.setLevel(logging.WARNING)  # its start and stop are no news here
 
         self.folder = tempfile.mkdtemp(prefix="deathstar-local-")  # 0700: ours alone
-        inproc = f"inproc://deathstar-local-{os.path.basename(self.folder)}"
+        # its name in this process (``hosting``); no socket is bound there
+        self.name = os.path.basename(self.folder)
         try:
-            self.daemon = Daemon(workers=workers, ipc=self.folder, inproc=inproc,
+            self.daemon = Daemon(workers=workers, ipc=self.folder,
                                  log_dir=str(config.log_dir()), **options)
             self.daemon.bind()
         except Exception as exc:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise LocalDaemonError(f"the embedded daemon did not start: {exc}") from exc
-        self.address = NodeAddress("local", "localhost", 0, ipc=self.folder, inproc=inproc)
+        self.address = NodeAddress("local", "localhost", 0, ipc=self.folder,
+                                   hosted=self.name)
         self.pid = os.getpid()
         #: The loop the daemon runs in; a client's engine joins it (``Engine(reactor=)``).
         self.reactor = Reactor("deathstar-daemon")
         self.reactor.add(self.daemon)
+        with _hosted_lock:
+            _hosted[self.name] = self
 
     def alive(self) -> bool:
         """Its loop runs (in this process: a fork has none)."""
         return self.pid == os.getpid() and not self.daemon.ended.is_set()
+
+    def hosts(self) -> dict[str, Daemon]:
+        """For an engine in ``reactor``: this daemon by its endpoint, reached in memory."""
+        return {self.name: self.daemon}
 
     def wait_stopped(self, timeout_s: float | None = None) -> bool:
         """Block until the daemon has stopped and closed (at most ``timeout_s``)."""
@@ -77,9 +88,26 @@ class LocalDaemon:
             return  # a fork: the daemon lives in the parent
         if self.reactor.owns_thread():
             raise RuntimeError("the embedded daemon cannot be stopped from its own loop")
+        with _hosted_lock:
+            _hosted.pop(self.name, None)
         self.daemon.request_stop(timeout_s)
         self.daemon.ended.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_hosted: dict[str, LocalDaemon] = {}  # this process's embedded daemons, by their name
+_hosted_lock = threading.Lock()
+
+
+def hosting(addresses: list[NodeAddress]) -> LocalDaemon | None:
+    """The embedded daemon of this process one of ``addresses`` names, if one is alive:
+    a client of it runs its engine in its loop."""
+    with _hosted_lock:
+        for address in addresses:
+            local = _hosted.get(address.hosted or "")
+            if local is not None and local.alive():
+                return local
+    return None
 
 
 #: Seconds the shared embedded daemon outlives its last user.

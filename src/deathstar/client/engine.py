@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import zmq
 
@@ -28,12 +28,16 @@ from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
 from deathstar.reactor import Reactor
+from deathstar.daemon.hosted import HostedPeer
 from deathstar.client.job import FINISHED, Job, JobInputError, Outcome, Task
 from deathstar.client.lost import LOST_HANDLERS, lost_crash
 from deathstar.client.sharing import MemoryLink
 from deathstar.client.node import (BUSY_BACKOFF_MIN_S, CONNECTING, DOWN, READY, RECONNECT_MAX_S,
                                    RECONNECT_MIN_S, REFUSED, UNREACHABLE, Node)
 from deathstar.report import CRASHED
+
+if TYPE_CHECKING:
+    from deathstar.daemon.loop import Daemon
 
 log = logging.getLogger("deathstar.client")
 
@@ -53,8 +57,11 @@ class Engine:
 
     def __init__(self, addresses: list[NodeAddress], *, connect_timeout: float,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
-                 keys: ClientKeys | None = None, reactor: Reactor | None = None):
+                 keys: ClientKeys | None = None, reactor: Reactor | None = None,
+                 hosts: Mapping[str, Daemon] | None = None):
         self.reactor = reactor or Reactor("deathstar-client")
+        # daemons running in ``reactor`` itself, by their name: reached in memory
+        self.hosts = hosts or {}
         self.started = False
         self.ended = threading.Event()  # the loop has closed every socket
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -155,7 +162,11 @@ class Engine:
 
     def pollables(self) -> tuple[Any, ...]:
         """The wake-up pipe and every node socket."""
-        return (self.wake_r, *(n.sock for n in self.nodes if n.sock is not None))
+        return (self.wake_r, *(n.sock for n in self.nodes if isinstance(n.sock, zmq.Socket)))
+
+    def has_input(self) -> bool:
+        """A hosted daemon's message waits."""
+        return any(isinstance(n.sock, HostedPeer) and n.sock.inbox for n in self.nodes)
 
     def deadline(self) -> float:
         return self.next_deadline(time.monotonic())
@@ -166,7 +177,9 @@ class Engine:
         if self.wake_r in ready:
             self.drain_wakeups()
         for node in self.nodes:
-            if node.sock is not None and node.sock in ready:
+            sock = node.sock
+            if sock is not None and (sock in ready or isinstance(sock, HostedPeer)
+                                     and sock.inbox):
                 self.drain(node)
         self.run_commands()
         self.housekeeping(time.monotonic())
@@ -249,6 +262,14 @@ class Engine:
     # ------------------------------------------------------------------ connections
 
     def connect(self, node: Node, now: float) -> None:
+        host = self.hosts.get(node.address.hosted or "")
+        node.sock = self.open_socket(node) if host is None else host.connect_hosted()
+        if node.state != DOWN:
+            node.state = CONNECTING
+            node.deadline = now + self.connect_timeout
+        self.send(node, self.hello())
+
+    def open_socket(self, node: Node) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
@@ -259,11 +280,7 @@ class Engine:
             connect_with(sock, self.keys.public, self.keys.secret,
                          self.keys.server_key(node.address))
         sock.connect(node.address.exec_endpoint)
-        node.sock = sock
-        if node.state != DOWN:
-            node.state = CONNECTING
-            node.deadline = now + self.connect_timeout
-        self.send(node, self.hello())
+        return sock
 
     def hello(self) -> list[Any]:
         return protocol.hello(self.heartbeat_s, self.memory.probe_path())

@@ -10,6 +10,7 @@ import zmq
 
 from deathstar import config
 from deathstar.client.job import Task
+from deathstar.daemon.hosted import HostedPeer
 from deathstar.nodes import NodeAddress
 
 #: Node states.
@@ -31,7 +32,7 @@ class Node:
     """The client's view of one node: its socket, state, and tasks in flight there."""
 
     address: NodeAddress
-    sock: zmq.Socket[bytes] | None = None
+    sock: zmq.Socket[bytes] | HostedPeer | None = None  # HostedPeer: a daemon in our loop
     state: str = CONNECTING
     error: str = ""
     capacity: int = 0

@@ -31,7 +31,8 @@ from deathstar import config, protocol, serialize
 from deathstar.reactor import Reactor
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
-from deathstar.daemon.sockets import Ports, WorkerLinks
+from deathstar.daemon.hosted import HOSTED_CLIENT, HostedPeer
+from deathstar.daemon.sockets import Links, Ports
 from deathstar.pipelink import DaemonPipe
 from deathstar.daemon.books import BlobCache, ClientConn, Counters, WorkerConn
 from deathstar.daemon.routing import OWN_WORKERS, Handler, Port, Router
@@ -58,11 +59,9 @@ class Daemon:
                  max_worker_memory: int | None = None,
                  keys: ServerKeys | None = None, zap: bool = True,
                  idle_shutdown_s: float | None = None, max_lifetime_s: float | None = None,
-                 log_dir: str | None = None, ipc: str | None = None,
-                 inproc: str | None = None):
+                 log_dir: str | None = None, ipc: str | None = None):
         self.host = host
         self.ipc = ipc  # a folder: exec and status are ipc sockets there, no TCP at all
-        self.inproc = inproc  # exec also on this inproc endpoint (a client in this process)
         self.port = port
         self.worker_port = worker_port
         self.heartbeat_s = heartbeat_s
@@ -95,6 +94,10 @@ class Daemon:
         self.next_supervise = 0.0
         self.watched: set[int] = set()  # the workers' exit descriptors being polled
         self.crashed: BaseException | None = None  # what ended the loop, if it failed
+        # clients whose engines run in this daemon's loop (``connect_hosted``)
+        self.hosted: dict[bytes, HostedPeer] = {}
+        self.hosted_in: deque[list[Any]] = deque()  # their messages, identity first
+        self.hosted_count = 0
         self.ended = threading.Event()  # the loop has closed everything
         self.next_heartbeat = 0.0
         self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
@@ -119,13 +122,14 @@ class Daemon:
         self.gate.start()
         self.ports = Ports(self.ctx, self.gate, host=self.host, port=self.port,
                            worker_port=self.worker_port, ipc=self.ipc,
-                           heartbeat_s=self.heartbeat_s, inproc=self.inproc)
+                           heartbeat_s=self.heartbeat_s)
         self.front, self.status, self.back = self.ports.front, self.ports.status, self.ports.back
-        self.links = WorkerLinks(self.back, self.supervisor.links)
+        self.links = Links(self.back, self.supervisor.links)
         self.pool.sock = self.links
+        self.client_links = Links(self.front, self.hosted)
         bound = self.ports.bind()
-        self.exec_port = Port("exec", CLIENTS, self.front, protocol.HELLO, self.on_hello,
-                              self.clients, self.client_handlers)
+        self.exec_port = Port("exec", CLIENTS, self.client_links, protocol.HELLO,
+                              self.on_hello, self.clients, self.client_handlers)
         self.worker_port_ = Port("workers", WORKERS, self.links, protocol.READY,
                                  self.pool.greet, self.pool.workers, self.pool.handlers)
         self.sockets: tuple[Any, ...] = (self.front, self.back, self.status, self.stop_r)
@@ -160,6 +164,18 @@ class Daemon:
     def deadline(self) -> float:
         return self.next_deadline()
 
+    def has_input(self) -> bool:
+        """A hosted client's message waits (the loop must not sleep)."""
+        return bool(self.hosted_in)
+
+    def connect_hosted(self) -> HostedPeer:
+        """A link for a client whose engine runs in this daemon's loop (call it from that
+        loop): it is then a client as any other, without a socket."""
+        self.hosted_count += 1
+        peer = HostedPeer(b"hosted-%d" % self.hosted_count, self.hosted_in, self.hosted)
+        self.hosted[peer.ident] = peer
+        return peer
+
     def step(self, ready: dict[Any, int], now: float) -> bool:
         """One turn of the loop: read what is ready, then housekeeping and dispatch."""
         if self.watched.intersection(ready):
@@ -170,6 +186,8 @@ class Daemon:
             self.gate.handle_zap()  # handshakes wait on this: first
         if self.front in ready:
             self.drain(self.front, self.on_client_message)
+        while self.hosted_in:
+            self.router.route(self.exec_port, self.hosted_in.popleft(), user=HOSTED_CLIENT)
         if self.back in ready:
             self.drain(self.back, self.on_worker_message)
         self.read_pipes(ready)
@@ -306,7 +324,7 @@ class Daemon:
     # ------------------------------------------------------------------ clients
 
     def send_client(self, ident: bytes, frames: list[Any]) -> None:
-        self.front.send_multipart([ident, *frames], copy=False)
+        self.client_links.send_multipart([ident, *frames], copy=False)
         client = self.clients.get(ident)
         if client is not None:
             client.last_sent = time.monotonic()

@@ -1,23 +1,28 @@
 """A daemon's three ROUTER sockets and how they are bound.
 
-    exec     clients: TCP port P (or ``ipc`` folder/exec, and ``inproc`` for a client in
-             the same process: the embedded daemon hosted by its client)
+    exec     clients: TCP port P (or ``ipc`` folder/exec)
     status   anyone: TCP port P+1 (or ``ipc`` folder/status)
     workers  hand-started workers on TCP port P+2 (or ``worker_port``; none with
-             ``ipc``). The daemon's own workers talk over pipes instead (``WorkerLinks``).
+             ``ipc``)
+
+The daemon's own workers talk over pipes, and a client whose engine runs in the daemon's
+own loop (the embedded cluster) in memory: ``Links`` sends to either as to the socket.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Mapping, Protocol, cast
 
 import zmq
 
 from deathstar import config
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper
-from deathstar.pipelink import DaemonPipe
+
+
+class _Peer(Protocol):
+    def put(self, frames: list[Any]) -> None: ...
 
 
 class UnsafeFolder(ValueError):
@@ -41,13 +46,11 @@ class Ports:
     ``gate``; ``bind`` opens them, ``close`` closes them."""
 
     def __init__(self, ctx: zmq.Context[Any], gate: Gatekeeper, *, host: str, port: int,
-                 worker_port: int | None, ipc: str | None, heartbeat_s: float,
-                 inproc: str | None = None):
+                 worker_port: int | None, ipc: str | None, heartbeat_s: float):
         self.host = host
         self.port = port
         self.worker_port = worker_port
         self.ipc = ipc  # a folder: exec and status are ipc sockets there, no TCP at all
-        self.inproc = inproc  # exec also here, for a client in the daemon's own process
         self.heartbeat_s = heartbeat_s
         self.gate = gate
         self.front = self._router(ctx, config.MAX_MESSAGE_BYTES, CLIENTS)
@@ -78,8 +81,6 @@ class Ports:
                 check_ipc_folder(self.ipc)
                 self.front.bind(f"ipc://{self.ipc}/exec")
                 self.status.bind(f"ipc://{self.ipc}/status")
-                if self.inproc is not None:
-                    self.front.bind(self.inproc)
                 self.port = status_port = 0
                 self.worker_port = 0
         finally:
@@ -117,17 +118,18 @@ class Ports:
             sock.close(linger=0)
 
 
-class WorkerLinks:
-    """Where a message to a worker goes (``send_multipart``, routing id first, as to a
-    ROUTER): the pipes of a worker the daemon started, else the workers' socket."""
+class Links:
+    """Where a port's message goes (``send_multipart``, routing id first, as to a
+    ROUTER): to a peer reached without the socket (``peers``, by routing id: an own
+    worker's pipes, a client hosted in the daemon's loop), else to the socket."""
 
-    def __init__(self, back: zmq.Socket[bytes], pipes: dict[bytes, DaemonPipe]):
-        self.back = back
-        self.pipes = pipes  # by routing id (the supervisor's, kept current by it)
+    def __init__(self, sock: zmq.Socket[bytes], peers: Mapping[bytes, _Peer]):
+        self.sock = sock
+        self.peers = peers  # kept current by their owner
 
     def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = True) -> None:
-        pipe = self.pipes.get(frames[0])
-        if pipe is None:
-            self.back.send_multipart(frames, flags, copy=copy)
+        peer = self.peers.get(frames[0])
+        if peer is None:
+            self.sock.send_multipart(frames, flags, copy=copy)
         else:
-            pipe.send(frames[1:])
+            peer.put(frames[1:])

@@ -1,0 +1,50 @@
+"""A client whose engine runs in its daemon's own loop (the embedded cluster): the two
+hand each other their messages' frames in memory, with no socket between them, so a
+message costs neither a ZeroMQ send nor a turn of the loop of its own. Everything else
+(hello, heartbeats, sessions, routing) is as for a client on a socket."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, MutableMapping
+
+import zmq
+
+#: Who a hosted client's messages come from, in the daemon's sessions (no key is this).
+HOSTED_CLIENT = "(hosted client)"
+
+
+class HostedPeer:
+    """The link of one hosted client. Its client's end is the subset of a ZeroMQ DEALER
+    socket the engine uses (``send_multipart``, ``recv_multipart``, ``close``); the
+    daemon's end is ``put`` and the shared ``to_daemon`` queue, read in the loop's next
+    turn. Both ends run in the same thread: nothing here is locked."""
+
+    def __init__(self, ident: bytes, to_daemon: deque[list[Any]],
+                 registry: MutableMapping[bytes, HostedPeer]):
+        self.ident = ident
+        self.to_daemon = to_daemon
+        self.registry = registry  # the daemon's hosted peers, by routing id
+        self.inbox: deque[list[Any]] = deque()  # the daemon's messages to the client
+
+    # ------------------------------------------------------------------ client's end
+
+    def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = False) -> None:
+        if self.ident in self.registry:  # else closed: gone, as on a closed socket
+            self.to_daemon.append([self.ident, *frames])
+
+    def recv_multipart(self, flags: int = 0, copy: bool = False) -> list[Any]:
+        """The daemon's next message; raises ``zmq.Again`` when there is none."""
+        if not self.inbox:
+            raise zmq.Again()
+        return self.inbox.popleft()
+
+    def close(self, linger: int = 0) -> None:
+        """The client leaves: what it sent before still reaches the daemon."""
+        self.registry.pop(self.ident, None)
+        self.inbox.clear()
+
+    # ------------------------------------------------------------------ daemon's end
+
+    def put(self, frames: list[Any]) -> None:
+        self.inbox.append(list(frames))
