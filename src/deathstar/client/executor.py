@@ -83,11 +83,14 @@ class _Feed:
     def put(self, item: Any) -> None:
         """What the feed's job delivers (I/O thread): outcomes are resolved here, one
         thread hop sooner, unless a future has done-callbacks (those run in the
-        executor's thread); the rest goes to the executor's thread."""
+        executor's thread), and so is the end of a job that answered every call (no
+        future to settle, no thread to wake); the rest goes to the executor's thread."""
         if isinstance(item, list):
             item = self.executor._resolve_here(self, item)
             if item is None:
                 return
+        elif item is FINISHED and self.executor._end_quietly(self):
+            return
         self.executor._inbox.put((self, item))
 
 
@@ -328,6 +331,16 @@ class Executor(cf.Executor):
                 _settle_future(call.future, False, error)
         with self._lock:
             self._settle_locked(leftovers + [c.future for c in stranded])
+
+    def _end_quietly(self, feed: _Feed) -> bool:
+        """End ``feed`` in the calling (I/O) thread when it finished with every call
+        answered and the executor is not shutting down (nothing to settle, nothing to
+        release); False to leave it to the executor's thread."""
+        with self._lock:
+            if feed.futures or self._shutdown:
+                return False
+        self._feed_ended(feed, None)
+        return True
 
     def _fail_everything(self, error: BaseException) -> None:
         """The cluster is gone: every call taken or queued fails with ``error``."""
