@@ -1,5 +1,6 @@
-"""The client's I/O thread: it owns every socket to every node, keeps each node supplied
-with task messages in proportion to its capacity, and hands results to the threads that
+"""The client's I/O loop (``reactor``: a thread of its own, or the embedded daemon's): it
+owns every socket to every node, keeps each node supplied with task messages in
+proportion to its capacity (``supply.Supplier``), and hands results to the threads that
 consume them. User threads talk to it only through ``Engine.submit`` / ``cancel`` /
 ``close`` (a command queue plus a wake-up pipe); it answers through each job's queue.
 
@@ -29,9 +30,10 @@ from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
 from deathstar.reactor import Reactor
 from deathstar.daemon.hosted import HostedPeer
-from deathstar.client.job import FINISHED, Job, JobInputError, Outcome, Task
+from deathstar.client.job import FINISHED, Job, Outcome
 from deathstar.client.lost import LOST_HANDLERS, lost_crash
 from deathstar.client.sharing import MemoryLink
+from deathstar.client.supply import Supplier
 from deathstar.client.node import (BUSY_BACKOFF_MIN_S, CONNECTING, DOWN, READY, RECONNECT_MAX_S,
                                    RECONNECT_MIN_S, REFUSED, UNREACHABLE, Node)
 from deathstar.report import CRASHED
@@ -49,7 +51,7 @@ class NoNodesError(ConnectionError):
     """No node of the cluster could be used; the message names each and why."""
 
 
-class Engine:
+class Engine(Supplier):
     """The I/O loop. Construct, ``start()``, wait on ``connected``, submit jobs.
 
     It runs in ``reactor``'s thread (the embedded daemon's loop, for a cluster that uses
@@ -494,83 +496,6 @@ class Engine:
 
     def take_snapshot(self, now: float) -> None:
         self.snapshot = [node.stats(now, self.late_results) for node in self.nodes]
-
-    # ------------------------------------------------------------------ sending work
-
-    def fill(self) -> None:
-        """Top every ready node up to its window, taking jobs in turn."""
-        if not self.jobs:
-            return
-        ready = self.ready_nodes()
-        capacity = sum(n.capacity for n in ready)
-        short = all(job.short_messages() for job in self.jobs.values())
-        now = time.monotonic()
-        for node in ready:
-            if node.busy_until > now:
-                continue
-            while len(node.inflight) < node.window(short):
-                task = self.next_task(node, capacity, alone=len(ready) == 1)
-                if task is None:
-                    break
-                self.send_task(node, task)
-
-    def next_task(self, node: Node, capacity: int, alone: bool) -> Task | None:
-        """The next task for ``node``: a retry first (unless it failed on this node and
-        another node could take it), else a fresh batch; jobs take turns."""
-        for job in list(self.jobs.values()):
-            if job.cancelled:
-                continue
-            task = job.pick_retry(node.name, alone)
-            if task is None and not job.exhausted and not job.backlogged():
-                task = self.read_batch(job, capacity)
-            if task is None:
-                continue
-            # rotate jobs so concurrent maps share the nodes
-            self.jobs.pop(job.id)
-            self.jobs[job.id] = job
-            return task
-        return None
-
-    def read_batch(self, job: Job, capacity: int) -> Task | None:
-        """The job's next batch of fresh inputs; a job whose inputs cannot be read or
-        pickled fails (its consumer raises why)."""
-        try:
-            return job.read_batch(capacity)
-        except JobInputError as exc:
-            self.fail_job(job, exc.cause)
-            return None
-
-    def send_task(self, node: Node, task: Task) -> None:
-        job = task.job
-        if job.fn_hash not in node.blobs_sent:
-            self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
-            node.blobs_sent[job.fn_hash] = self.next_send_id
-            node.bytes_sent += job.blob_bytes
-        send_id = self.next_send_id
-        self.next_send_id += 1
-        node.inflight[send_id] = task
-        job.outstanding += 1
-        extra: dict[str, Any] = {}
-        if job.seed is not None:
-            extra.update({protocol.F_SEED: job.seed, protocol.F_IX: list(task.indices)})
-        if job.plain is not None:
-            extra[protocol.F_PLAIN] = True
-        if job.capture:
-            extra[protocol.F_CAP] = True
-        est = job.message_estimate(len(task.indices))
-        if est is not None:  # lets the daemon queue a message behind a short one
-            extra[protocol.F_EST] = est
-        payload = task.payload
-        if node.shares_memory:  # large buffers through /dev/shm: one copy, both ways
-            payload, fields = self.memory.share(send_id, payload)
-            extra.update(fields)
-        self.send(node, protocol.pack(protocol.TASK, payload, id=send_id, fn=job.fn_hash,
-                                      n=len(task.indices), timeout=job.timeout_s, **extra))
-        node.bytes_sent += serialize.payload_size(task.payload)
-
-    def release(self, send_id: int) -> None:
-        """A sent task is answered, lost or dropped: its shared-memory files go."""
-        self.memory.release(send_id)
 
     def finish_jobs(self) -> None:
         for job in [j for j in self.jobs.values() if j.done()]:
