@@ -38,6 +38,7 @@ from deathstar.daemon.books import BlobCache, ClientConn, Counters, WorkerConn
 from deathstar.daemon.routing import OWN_WORKERS, Handler, Port, Router
 from deathstar.daemon.workers import WorkerSessions
 from deathstar.protocol import Message
+from deathstar.daemon.status import status_map
 from deathstar.daemon.supervisor import Supervisor
 
 log = logging.getLogger("deathstar.daemon")
@@ -504,51 +505,8 @@ class Daemon:
 
     # ------------------------------------------------------------------ status
 
-    def status_map(self) -> dict[str, Any]:
-        busy = self.pool.busy()
-        try:
-            load1 = os.getloadavg()[0]
-        except OSError:
-            load1 = -1.0
-        return {
-            "hostname": self.node_name,
-            "versions": protocol.local_versions(),
-            "workers": len(self.pool),
-            "idle": len(self.pool) - busy,
-            "busy": busy,
-            "queued": sum(len(c.queue) for c in self.clients.values()),
-            "queued_bytes": sum(c.queued_bytes for c in self.clients.values()),
-            "tasks_busy": self.counters.tasks_busy,
-            "tasks_recalled": self.counters.tasks_recalled,
-            "blob_cache_entries": len(self.blobs),
-            "limits": {"clients": config.MAX_CLIENTS,
-                       "client_queue_messages": config.CLIENT_QUEUE_MESSAGES,
-                       "client_queue_bytes": config.CLIENT_QUEUE_BYTES,
-                       "blob_cache_bytes": config.BLOB_CACHE_BYTES,
-                       "blob_cache_entries": config.BLOB_CACHE_ENTRIES,
-                       "heartbeat_s": [protocol.HEARTBEAT_MIN_S, protocol.HEARTBEAT_MAX_S]},
-            "clients": len(self.clients),
-            "tasks_done": self.counters.tasks_done,
-            "tasks_lost": self.counters.tasks_lost,
-            "tasks_timed_out": self.counters.tasks_timed_out,
-            "tasks_killed": self.counters.tasks_killed,
-            "tasks_prefetched": self.counters.tasks_prefetched,
-            "worker_restarts": self.supervisor.restarts,
-            "workers_recycled": self.supervisor.recycled,
-            "blobs_received": self.counters.blobs_received,
-            "blobs_cached": len(self.blobs),
-            "blob_cache_bytes": self.blobs.bytes,
-            "blobs_evicted": self.blobs.evicted,
-            "blob_bytes_received": self.counters.blob_bytes_received,
-            "bad_messages": self.counters.bad_messages,
-            "refused_handshakes": self.gate.refused,
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "load1": load1,
-            "stopping": self.stopping,
-        }
-
     def on_status_request(self, frames: list[Any]) -> None:
-        self.router.answer_status(self.status, frames, self.status_map)
+        self.router.answer_status(self.status, frames, lambda: status_map(self))
 
     def bad_message(self, port: str, why: object) -> None:
         self.router.bad_message(port, why)
