@@ -99,8 +99,8 @@ class _Reader:
 
 
 def _write_all(fd: int, buffers: list[Any]) -> list[Any]:
-    """Write ``buffers`` until done or the pipe is full (non-blocking ``fd``); returns
-    what is left (views of the unwritten rest)."""
+    """Write ``buffers`` until done or, on a non-blocking ``fd``, the pipe is full;
+    returns what is left (views of the unwritten rest)."""
     pending = deque(memoryview(b).cast("B") for b in buffers)
     while pending:
         try:
@@ -160,19 +160,20 @@ class WorkerPipe:
     def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = False) -> None:
         """Send one message (waits while the pipe is full; with ``flags`` set, gives up
         then instead: a goodbye must not wait for a daemon that stopped reading)."""
-        buffers = encode(frames)
-        os.set_blocking(self.write_fd, False)
+        left = encode(frames)
         try:
-            left = _write_all(self.write_fd, buffers)
-            if left and flags:
-                raise PipeClosed("the daemon does not read")
-            os.set_blocking(self.write_fd, True)
-            while left:
+            if flags:  # the one write that must not wait: the pipe is non-blocking for it
+                os.set_blocking(self.write_fd, False)
+                try:
+                    left = _write_all(self.write_fd, left)
+                finally:
+                    os.set_blocking(self.write_fd, True)
+                if left:
+                    raise PipeClosed("the daemon does not read")
+            while left:  # a blocking write takes all it can; the rest goes next round
                 left = _write_all(self.write_fd, left)
         except BrokenPipeError as exc:
             raise PipeClosed("the daemon's end of the pipe is closed") from exc
-        finally:
-            os.set_blocking(self.write_fd, True)
 
     def close(self, linger: int = 0) -> None:
         for fd in (self.reader.fd, self.write_fd):
@@ -232,7 +233,7 @@ class DaemonPipe:
         try:
             self.pending = _write_all(self.write_fd, self.pending if buffers is None
                                       else buffers)
-        except (BrokenPipeError, OSError):
+        except OSError:  # the worker has gone
             self.pending = []
             self.closed = True
 

@@ -80,10 +80,21 @@ class Reactor:
                 self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self.thread.start()
                 return
-            try:
-                os.write(self.wake_w, b"!")
-            except BlockingIOError:
-                pass  # a wake-up waits already
+            self._wake_locked()
+
+    def wake(self) -> None:
+        """Make the loop go round (any thread): a part that has input no pollable shows
+        (``has_input``: a command queued by another thread) then steps. Nothing when
+        the loop is not running."""
+        with self.lock:
+            if self.thread is not None:
+                self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        try:
+            os.write(self.wake_w, b"!")
+        except BlockingIOError:
+            pass  # a wake-up waits already
 
     def _open_pipe(self) -> None:
         self.wake_r, self.wake_w = os.pipe()

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from deathstar import config
 from deathstar.nodes import NodeAddress
-from deathstar.reactor import Reactor
 
 if TYPE_CHECKING:
     from deathstar.daemon.loop import Daemon
@@ -64,7 +63,7 @@ class LocalDaemon:
                                    hosted=self.name)
         self.pid = os.getpid()
         #: The loop the daemon runs in; a client's engine joins it (``Engine(reactor=)``).
-        self.reactor = Reactor("deathstar-daemon")
+        self.reactor = self.daemon.reactor
         self.reactor.add(self.daemon)
         with _hosted_lock:
             _hosted[self.name] = self

@@ -2,7 +2,7 @@
 owns every socket to every node, keeps each node supplied with task messages in
 proportion to its capacity (``supply.Supplier``), and hands results to the threads that
 consume them. User threads talk to it only through ``Engine.submit`` / ``cancel`` /
-``close`` (a command queue plus a wake-up pipe); it answers through each job's queue.
+``close`` (a command queue, and ``Reactor.wake``); it answers through each job's queue.
 
 Loop: poll until the next deadline -> handle node messages -> handle commands ->
 housekeeping (handshake deadlines, heartbeats, liveness, reconnects) -> top nodes up ->
@@ -14,7 +14,6 @@ result of a task that was sent again elsewhere is recognised and dropped.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -73,8 +72,6 @@ class Engine(Supplier):
         self.keys = keys
         self.jobs: dict[int, Job] = {}
         self.commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
         self.connected = threading.Event()  # every node answered or timed out
         self.closing = False
         self.crashed: BaseException | None = None
@@ -137,18 +134,10 @@ class Engine(Supplier):
                 raise RuntimeError("a client's engine cannot be closed from its own loop")
             self._command("close", None)
             self.ended.wait()
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def _command(self, what: str, arg: Any) -> None:
         self.commands.put((what, arg))
-        try:
-            os.write(self.wake_w, b"!")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
+        self.reactor.wake()
 
     def ready_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.state == READY]
@@ -163,12 +152,13 @@ class Engine(Supplier):
             self.connect(node, now)
 
     def pollables(self) -> tuple[Any, ...]:
-        """The wake-up pipe and every node socket."""
-        return (self.wake_r, *(n.sock for n in self.nodes if isinstance(n.sock, zmq.Socket)))
+        """Every node socket (a hosted daemon's link is no socket: ``has_input``)."""
+        return tuple(n.sock for n in self.nodes if isinstance(n.sock, zmq.Socket))
 
     def has_input(self) -> bool:
-        """A hosted daemon's message waits."""
-        return any(isinstance(n.sock, HostedPeer) and n.sock.inbox for n in self.nodes)
+        """A command, or a hosted daemon's message, waits."""
+        return not self.commands.empty() or any(
+            isinstance(n.sock, HostedPeer) and n.sock.inbox for n in self.nodes)
 
     def deadline(self) -> float:
         return self.next_deadline(time.monotonic())
@@ -176,8 +166,6 @@ class Engine(Supplier):
     def step(self, ready: dict[Any, int], now: float) -> bool:
         """Read what is ready, run the commands, housekeeping, top the nodes up, finish
         jobs; False once closing."""
-        if self.wake_r in ready:
-            self.drain_wakeups()
         for node in self.nodes:
             sock = node.sock
             if sock is not None and (sock in ready or isinstance(sock, HostedPeer)
@@ -215,13 +203,6 @@ class Engine(Supplier):
         deadlines += [n.busy_until for n in self.nodes if n.busy_until > now]
         deadlines += [n.deadline for n in self.nodes if n.state in (CONNECTING, DOWN)]
         return min(deadlines)
-
-    def drain_wakeups(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def drain(self, node: Node) -> None:
         while node.sock is not None:

@@ -47,4 +47,4 @@ class HostedPeer:
     # ------------------------------------------------------------------ daemon's end
 
     def put(self, frames: list[Any]) -> None:
-        self.inbox.append(list(frames))
+        self.inbox.append(frames)

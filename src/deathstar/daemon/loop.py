@@ -13,7 +13,6 @@ Sockets (all ROUTER; the identity frame comes first on every message received):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -60,7 +59,8 @@ class Daemon:
                  max_worker_memory: int | None = None,
                  keys: ServerKeys | None = None, zap: bool = True,
                  idle_shutdown_s: float | None = None, max_lifetime_s: float | None = None,
-                 log_dir: str | None = None, ipc: str | None = None):
+                 log_dir: str | None = None, ipc: str | None = None,
+                 reactor: Reactor | None = None):
         self.host = host
         self.ipc = ipc  # a folder: exec and status are ipc sockets there, no TCP at all
         self.port = port
@@ -87,10 +87,9 @@ class Daemon:
                                    bad_message=self.bad_message)
         self.stopping = False
         self.stop_deadline = 0.0
-        # another thread asks the loop to stop through this pipe (``request_stop``)
-        self.stop_r, self.stop_w = os.pipe()
-        os.set_blocking(self.stop_w, False)
-        self.stop_lock = threading.Lock()  # the pipe is closed under it
+        # the loop this daemon runs in (``serve``; the embedded daemon's is shared)
+        self.reactor = reactor or Reactor("deathstar-daemon")
+        self.stop_asked = False  # another thread asked the loop to stop (``request_stop``)
         self.stop_drain_s = DRAIN_TIMEOUT_S
         self.next_supervise = 0.0
         self.watched: set[int] = set()  # the workers' exit descriptors being polled
@@ -133,7 +132,7 @@ class Daemon:
                               self.on_hello, self.clients, self.client_handlers)
         self.worker_port_ = Port("workers", WORKERS, self.links, protocol.READY,
                                  self.pool.greet, self.pool.workers, self.pool.handlers)
-        self.sockets: tuple[Any, ...] = (self.front, self.back, self.status, self.stop_r)
+        self.sockets: tuple[Any, ...] = (self.front, self.back, self.status)
         if self.gate.zap_socket is not None:
             self.sockets += (self.gate.zap_socket,)
         return bound
@@ -143,7 +142,7 @@ class Daemon:
     def serve(self) -> None:
         """Start the local workers and route messages until stopped (SIGTERM drains), in
         the calling thread; what the loop raises propagates once the daemon is closed."""
-        Reactor("deathstar-daemon").serve(self)
+        self.reactor.serve(self)
         if self.crashed is not None:
             raise self.crashed
 
@@ -166,8 +165,8 @@ class Daemon:
         return self.next_deadline()
 
     def has_input(self) -> bool:
-        """A hosted client's message waits (the loop must not sleep)."""
-        return bool(self.hosted_in)
+        """A hosted client's message, or a request to stop, waits."""
+        return bool(self.hosted_in) or self.stop_asked
 
     def connect_hosted(self) -> HostedPeer:
         """A link for a client whose engine runs in this daemon's loop (call it from that
@@ -181,8 +180,11 @@ class Daemon:
         """One turn of the loop: read what is ready, then housekeeping and dispatch."""
         if self.watched.intersection(ready):
             self.next_supervise = 0.0  # a worker exited: supervise now
-        if self.stop_r in ready:
-            self.stop_requested()
+        if self.stop_asked:
+            self.stop_asked = False
+            self.stop()
+            self.stop_deadline = min(self.stop_deadline,
+                                     time.monotonic() + self.stop_drain_s)
         if self.gate.zap_socket in ready:
             self.gate.handle_zap()  # handshakes wait on this: first
         if self.front in ready:
@@ -293,15 +295,8 @@ class Daemon:
         """Stop, from any thread: as ``stop``, letting running tasks finish for at most
         ``drain_s`` seconds (0: kill them now). ``serve`` returns once done."""
         self.stop_drain_s = min(self.stop_drain_s, drain_s)
-        with self.stop_lock:
-            if self.stop_w >= 0:  # else the loop has closed: it is stopped
-                with contextlib.suppress(BlockingIOError):  # a request waits already
-                    os.write(self.stop_w, b"!")
-
-    def stop_requested(self) -> None:
-        os.read(self.stop_r, 4096)
-        self.stop()
-        self.stop_deadline = min(self.stop_deadline, time.monotonic() + self.stop_drain_s)
+        self.stop_asked = True
+        self.reactor.wake()  # (nothing when the loop has ended: it is stopped)
 
     def finished(self) -> bool:
         if not self.stopping:
@@ -317,10 +312,6 @@ class Daemon:
         self.ports.close()
         self.gate.stop()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
-        with self.stop_lock:
-            os.close(self.stop_r)
-            os.close(self.stop_w)
-            self.stop_r = self.stop_w = -1
 
     # ------------------------------------------------------------------ clients
 
