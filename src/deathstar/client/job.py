@@ -228,7 +228,7 @@ class Job:
         self.exhausted = len(chunk) < size
         self.read += len(chunk)
         indices: range | list[int] = [index for index, _, _ in chunk]
-        if chunk and indices[-1] - indices[0] == len(chunk) - 1:  # they increase: no gap
+        if _consecutive(indices):
             indices = range(indices[0], indices[-1] + 1)
         return indices, [(args, kwargs) for _, args, kwargs in chunk]
 

@@ -260,8 +260,9 @@ def _run_swift(call: Callable[[Any], Any], items: list[Any]
                ) -> tuple[list[Any], list[bool], list[float], None]:
     """``_run_quick`` for inputs the client expects to run under SWIFT_INPUT_S each:
     ``map`` runs them in C, with no clock reading per input, and they share the message's
-    time evenly in their records (the stamps are one pair, the message's start and end). An input that raises stops ``map`` there; it gets its
-    error and the next ones go on."""
+    time evenly in their records (the stamps are one pair, the message's start and end).
+    An input that raises stops ``map`` there; it gets its error and the next ones go
+    on."""
     values: list[Any] = []
     failed: list[int] = []
     start = time.time()
