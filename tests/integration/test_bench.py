@@ -38,3 +38,16 @@ def test_quick_bench_judges_both_deathstar_columns(tmp_path: Path) -> None:
     assert isinstance(w5["peer_figure"], float)  # Pool's, shown beside the need
     assert set(targets["setup_s"]["holds"]) == {"deathstar"}  # TCP setup is not judged
     assert isinstance(targets["setup_s"]["figures"]["deathstar-tcp"], float)
+
+
+def test_w2_stages_times_every_stage_of_a_call() -> None:
+    """scripts/w2_stages.py (the per-stage profile of a single call) still finds every
+    stage it patches: it stops with an error when a stage was not stamped once per
+    call, and prints a figure for each."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "w2_stages.py"), "--calls", "50"],
+        capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = dict(line.strip().rsplit(None, 1) for line in proc.stdout.splitlines()[1:])
+    assert len(rows) == 11 and "whole call" in rows, proc.stdout
+    assert float(rows["whole call"]) > 0 and all(float(v) == float(v) for v in rows.values())
