@@ -55,6 +55,12 @@ def worker_pids(local: LocalDaemon) -> list[int]:
             if proc.poll() is None]
 
 
+def busy_pids(local: LocalDaemon) -> list[int]:
+    """The live workers the daemon's books say hold a message now."""
+    holding = {w.pid for w in list(local.daemon.pool.workers.values()) if w.assigned}
+    return [pid for pid in worker_pids(local) if pid in holding]
+
+
 def test_the_workers_are_this_process_children_and_the_loop_a_thread(
         local: LocalDaemon) -> None:
     with connect(local) as c:
@@ -86,7 +92,9 @@ def test_killing_its_workers_mid_map_loses_nothing(local: LocalDaemon) -> None:
         for _ in range(3):
             wait_for(lambda: len(worker_pids(local)) == 2, 20, "two live workers")
             before = status(c)["worker_restarts"]
-            os.kill(random.choice(worker_pids(local)), signal.SIGKILL)
+            # a worker that holds a message (one between messages would lose nothing)
+            wait_for(lambda: busy_pids(local) or not t.is_alive(), 20, "a busy worker")
+            os.kill(random.choice(busy_pids(local) or worker_pids(local)), signal.SIGKILL)
             wait_for(lambda: status(c)["worker_restarts"] > before, 20, "a replacement")
             if not t.is_alive():
                 break
