@@ -42,7 +42,7 @@ import platform
 import sys
 from array import array
 from dataclasses import dataclass
-from typing import Any, Callable, Final, Sequence, overload
+from typing import Any, Callable, Final, Iterable, Sequence, overload
 
 import cloudpickle
 import msgpack
@@ -221,12 +221,33 @@ class Message:
         return str(self.env["t"])
 
 
-def pack(msg_type: str, payload: Sequence[Any] = (), **fields: Any) -> list[Any]:
+class Packed(list):  # type: ignore[type-arg]
+    """The frames of a message made in this process, with its envelope as a map
+    (``env``): a peer in the same process (``daemon.hosted``) takes the message as it is,
+    without decoding it again (``in_memory``). Frames read off a socket or a pipe are
+    plain lists, never this."""
+
+    __slots__ = ("env",)
+
+    def __init__(self, frames: Iterable[Any], env: dict[str, Any]):
+        super().__init__(frames)
+        self.env = env
+
+
+def pack(msg_type: str, payload: Sequence[Any] = (), **fields: Any) -> Packed:
     """Build the frames of one message: the envelope, then the payload frames."""
     env = {"v": PROTOCOL_VERSION, "t": msg_type, **fields}
     if msg_type in _WITH_PAYLOAD:
         env["nb"] = len(payload)
-    return [msgpack.packb(env, use_bin_type=True), *payload]
+    return Packed((msgpack.packb(env, use_bin_type=True), *payload), env)
+
+
+def in_memory(frames: list[Any]) -> Message | None:
+    """The message of frames handed over in this process (``Packed``: made here, or
+    decoded here once already), else None: frames from a peer must be ``decode``d."""
+    if type(frames) is not Packed:
+        return None
+    return Message(frames.env, frames[1:], frames[0])
 
 
 # ---------------------------------------------------------------- builders

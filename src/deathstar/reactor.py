@@ -19,6 +19,10 @@ import zmq
 
 log = logging.getLogger("deathstar")
 
+#: Rounds of ``Reactor._settle`` after a turn, at most (each steps every part that has
+#: input in memory; more than one only when parts hand each other messages back and forth).
+SETTLE_ROUNDS = 4
+
 _current = threading.local()  # .reactor: the Reactor whose loop runs in this thread
 
 
@@ -67,8 +71,10 @@ class Reactor:
         self.incoming: list[Part] = []
         self.thread: threading.Thread | None = None
         self.wake_r = self.wake_w = -1  # a pipe while the thread runs: ``add`` wakes it
-        self.polled: tuple[Any, ...] = ()
-        self.turns: list[tuple[Part, tuple[Any, ...], float]] = []
+        self.polled: list[Any] = []
+        self.fdsets: dict[tuple[Any, ...], frozenset[Any]] = {}
+        # each part, the file descriptors and sockets it polls, and its deadline
+        self.turns: list[tuple[Part, frozenset[Any], float]] = []
         self.poller = zmq.Poller()
 
     def add(self, part: Part) -> None:
@@ -135,13 +141,25 @@ class Reactor:
         while self._take_incoming(reraise):
             ready = self._poll()
             now = time.monotonic()
-            for part, pollables, due in self.turns:
+            for part, fds, due in self.turns:
                 # a part steps when it has input or is due (and only then: each step
                 # costs the whole loop its housekeeping)
-                if (now >= due or part.has_input()
-                        or any((p[0] if isinstance(p, tuple) else p) in ready
-                               for p in pollables)) and part in self.parts:
+                if (now >= due or not fds.isdisjoint(ready) or part.has_input()) \
+                        and part in self.parts:
                     self._call(part, part.step, reraise, ready, now)
+            self._settle(reraise)
+
+    def _settle(self, reraise: bool) -> None:
+        """Step the parts that a step of another part handed input in memory (a client
+        engine's task to its hosted daemon, after that daemon's turn), before the loop
+        polls again: a message within the loop then costs no turn of its own."""
+        for _ in range(SETTLE_ROUNDS):
+            waiting = [part for part in self.parts if part.has_input()]
+            if not waiting:
+                return
+            for part in waiting:
+                if part in self.parts:
+                    self._call(part, part.step, reraise, {}, time.monotonic())
 
     def _take_incoming(self, reraise: bool) -> bool:
         """Begin the parts added meanwhile; False (the thread ends) when none is left."""
@@ -164,9 +182,21 @@ class Reactor:
         os.close(self.wake_r)
         os.close(self.wake_w)
         self.wake_r = self.wake_w = -1
-        self.polled = ()
+        self.polled = []
+        self.fdsets.clear()
         self.poller = zmq.Poller()
         return None
+
+    def _fds(self, pollables: tuple[Any, ...]) -> frozenset[Any]:
+        """The sockets and descriptors among ``pollables`` (memoised: a part's set
+        changes seldom)."""
+        fds = self.fdsets.get(pollables)
+        if fds is None:
+            if len(self.fdsets) > 64:
+                self.fdsets.clear()
+            fds = self.fdsets[pollables] = frozenset(
+                p[0] if isinstance(p, tuple) else p for p in pollables)
+        return fds
 
     def _call(self, part: Part, method: Any, reraise: bool, *args: Any) -> None:
         """``method`` of ``part``: the part ends when it returns False or raises."""
@@ -191,8 +221,12 @@ class Reactor:
     def _poll(self) -> dict[Any, int]:
         """Wait for input or the earliest deadline; notes each part's pollables and
         deadline in ``turns``."""
-        self.turns = [(part, part.pollables(), part.deadline()) for part in self.parts]
-        pollables = (self.wake_r, *(p for _, mine, _ in self.turns for p in mine))
+        turns, pollables = [], [self.wake_r]
+        for part in self.parts:
+            mine = part.pollables()
+            pollables += mine
+            turns.append((part, self._fds(mine), part.deadline()))
+        self.turns = turns
         if pollables != self.polled:
             self.poller = zmq.Poller()
             for p in pollables:

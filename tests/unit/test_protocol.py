@@ -91,3 +91,30 @@ def test_python_patch_difference_is_a_warning() -> None:
     theirs = dict(ours, python=f"{major}.{minor}.999")
     warnings = protocol.compare_versions(ours, theirs, "node n1")
     assert any("python" in w and "999" in w for w in warnings)
+
+
+@pytest.mark.parametrize("frames", [
+    protocol.hello(1.0, "/dev/shm/probe"),
+    protocol.welcome(1.0, "node1", 2, "proof"),
+    protocol.ready(1.0, "w1", 42),
+    protocol.refused("no", protocol.REFUSED_HELLO),
+    protocol.lost([3, 4], "gone", "w1", protocol.LOST_UNSTARTED, 9),
+    protocol.cancel([5]),
+    protocol.heartbeat(3),
+    protocol.pack(protocol.TASK, [b"p"], id=1, fn="h", n=2, timeout=1.5,
+                  **{protocol.F_IX: [0, 1], protocol.F_SEED: -3, protocol.F_EST: 0.01}),
+    protocol.pack(protocol.RESULT, [b"v"], id=1, worker="w",
+                  **protocol.outcome_fields([True, False], [1.0, 2.0, 3.0, 4.0])),
+])
+def test_a_message_handed_over_in_memory_is_what_its_frames_decode_to(frames: list) -> None:
+    """A hosted peer takes a message made in its process without decoding it: the
+    envelope it gets must equal the decoding of the same frames off a socket (no tuple
+    where the wire gives a list), and frames from outside are never taken as such."""
+    handed = protocol.in_memory(frames)
+    decoded = protocol.decode(list(frames))
+    assert handed is not None
+    assert (handed.env, handed.payload, handed.raw) == (decoded.env, decoded.payload,
+                                                        decoded.raw)
+    assert protocol.in_memory(list(frames)) is None
+    relayed = protocol.Packed(list(frames), decoded.env)  # a daemon relaying a result
+    assert protocol.in_memory(relayed) == decoded

@@ -206,12 +206,13 @@ class Engine(Supplier):
 
     def drain(self, node: Node) -> None:
         while node.sock is not None:
-            try:
-                frames = node.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            frames = _receive(node.sock)
+            if frames is None:
                 return
+            msg = protocol.in_memory(frames)  # a hosted daemon's: decoded there
             try:
-                msg = protocol.decode(frames)
+                if msg is None:
+                    msg = protocol.decode(frames)
             except protocol.ProtocolError as exc:
                 log.warning("dropped a bad message from node %s: %s", node.name, exc)
                 if isinstance(exc, protocol.VersionMismatch):
@@ -482,6 +483,16 @@ class Engine(Supplier):
         for job in [j for j in self.jobs.values() if j.done()]:
             del self.jobs[job.id]
             job.out.put(FINISHED)
+
+
+def _receive(sock: zmq.Socket[bytes] | HostedPeer) -> list[Any] | None:
+    """The next message's frames, or None when none waits (never blocks)."""
+    if isinstance(sock, HostedPeer):
+        return sock.take()
+    try:
+        return sock.recv_multipart(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
 
 
 __all__ = ["Engine", "Job", "NoNodesError", "Outcome", "FINISHED", "TaskFailed"]

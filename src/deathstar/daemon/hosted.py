@@ -8,19 +8,19 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, MutableMapping
 
-import zmq
-
 #: Who a hosted client's messages come from, in the daemon's sessions (no key is this).
 HOSTED_CLIENT = "(hosted client)"
 
 
 class HostedPeer:
     """The link of one hosted client. Its client's end is the subset of a ZeroMQ DEALER
-    socket the engine uses (``send_multipart``, ``recv_multipart``, ``close``); the
-    daemon's end is ``put`` and the shared ``to_daemon`` queue, read in the loop's next
-    turn. Both ends run in the same thread: nothing here is locked."""
+    socket the engine uses (``send_multipart``, ``close``; ``take`` reads); the
+    daemon's end is ``put`` and the shared ``to_daemon`` queue (the sender's routing id
+    and the frames), read in the loop's next turn. Frames go as they are: a message made
+    here (``protocol.Packed``) is not decoded again. Both ends run in the same thread:
+    nothing here is locked."""
 
-    def __init__(self, ident: bytes, to_daemon: deque[list[Any]],
+    def __init__(self, ident: bytes, to_daemon: deque[tuple[bytes, list[Any]]],
                  registry: MutableMapping[bytes, HostedPeer]):
         self.ident = ident
         self.to_daemon = to_daemon
@@ -31,13 +31,11 @@ class HostedPeer:
 
     def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = False) -> None:
         if self.ident in self.registry:  # else closed: gone, as on a closed socket
-            self.to_daemon.append([self.ident, *frames])
+            self.to_daemon.append((self.ident, frames))
 
-    def recv_multipart(self, flags: int = 0, copy: bool = False) -> list[Any]:
-        """The daemon's next message; raises ``zmq.Again`` when there is none."""
-        if not self.inbox:
-            raise zmq.Again()
-        return self.inbox.popleft()
+    def take(self) -> list[Any] | None:
+        """The daemon's next message, or None (``recv_multipart`` without the raise)."""
+        return self.inbox.popleft() if self.inbox else None
 
     def close(self, linger: int = 0) -> None:
         """The client leaves: what it sent before still reaches the daemon."""

@@ -96,7 +96,7 @@ class Daemon:
         self.crashed: BaseException | None = None  # what ended the loop, if it failed
         # clients whose engines run in this daemon's loop (``connect_hosted``)
         self.hosted: dict[bytes, HostedPeer] = {}
-        self.hosted_in: deque[list[Any]] = deque()  # their messages, identity first
+        self.hosted_in: deque[tuple[bytes, list[Any]]] = deque()  # (sender, frames)
         self.hosted_count = 0
         self.ended = threading.Event()  # the loop has closed everything
         self.next_heartbeat = 0.0
@@ -190,7 +190,9 @@ class Daemon:
         if self.front in ready:
             self.drain(self.front, self.on_client_message)
         while self.hosted_in:
-            self.router.route(self.exec_port, self.hosted_in.popleft(), user=HOSTED_CLIENT)
+            ident, frames = self.hosted_in.popleft()
+            self.router.route(self.exec_port, [ident, *frames], user=HOSTED_CLIENT,
+                              msg=protocol.in_memory(frames))
         if self.back in ready:
             self.drain(self.back, self.on_worker_message)
         self.read_pipes(ready)
@@ -316,7 +318,11 @@ class Daemon:
     # ------------------------------------------------------------------ clients
 
     def send_client(self, ident: bytes, frames: list[Any]) -> None:
-        self.client_links.send_multipart([ident, *frames], copy=False)
+        hosted = self.hosted.get(ident)
+        if hosted is not None:  # frames as they are: a Packed message is not decoded again
+            hosted.put(frames)
+        else:
+            self.client_links.send_multipart([ident, *frames], copy=False)
         client = self.clients.get(ident)
         if client is not None:
             client.last_sent = time.monotonic()
@@ -435,10 +441,11 @@ class Daemon:
         if ident not in self.ready_clients:
             self.ready_clients.appendleft(ident)
 
-    def relay(self, ident: bytes, frames: list[Any]) -> None:
-        """A worker's result to its client (nothing when the client is gone)."""
+    def relay(self, ident: bytes, frames: list[Any], msg: Message) -> None:
+        """A worker's result (``msg``, decoded from ``frames``) to its client (nothing
+        when the client is gone); a hosted client takes the decoded message."""
         if ident in self.clients:
-            self.send_client(ident, frames)
+            self.send_client(ident, protocol.Packed(frames, msg.env))
 
     def drop_client(self, ident: bytes) -> None:
         """Forget a client: its queued tasks and its cached blobs no other client uses."""

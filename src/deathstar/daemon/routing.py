@@ -50,12 +50,15 @@ class Router:
         self.counters = counters
         self.bad_log = RateLimitedLog()
 
-    def receive(self, port: Port, frames: list[Any], user: str | None = None
-                ) -> tuple[bytes, str, Message] | None:
+    def receive(self, port: Port, frames: list[Any], user: str | None = None,
+                msg: Message | None = None) -> tuple[bytes, str, Message] | None:
         """Admit and decode a message from a ROUTER: (identity, authenticated key, message),
         or None when it was dropped (unauthenticated, malformed: counted) or refused
         (another protocol version: the peer is told, naming both). ``user``: who sent it,
-        when the channel itself says so (an own worker's pipe)."""
+        when the channel itself says so (an own worker's pipe); ``msg``: the message
+        already, when it was made in this process (a hosted client's)."""
+        if msg is not None and user is not None:
+            return protocol.frame_bytes(frames[0]), user, msg
         if user is None:
             user = self.gate.user(frames, port.role)
         if user is None:
@@ -72,12 +75,13 @@ class Router:
             self.bad_message(port.name, exc)
         return None
 
-    def route(self, port: Port, frames: list[Any], user: str | None = None) -> None:
+    def route(self, port: Port, frames: list[Any], user: str | None = None,
+              msg: Message | None = None) -> None:
         """One message on a ROUTER port: the greeting (hello, ready) opens a session; any
         other message from a peer without one is answered "introduce yourself"; the rest
         go to the port's handler table. A handler that fails on a message is a counted bad
         message, never the end of the daemon."""
-        received = self.receive(port, frames, user)
+        received = self.receive(port, frames, user, msg)
         if received is None:
             return
         ident, user, msg = received

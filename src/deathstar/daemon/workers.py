@@ -22,8 +22,8 @@ from deathstar.slot import slot_value
 
 log = logging.getLogger("deathstar.daemon")
 
-#: Relay a result's frames to the client with this identity.
-Relay = Callable[[bytes, list[Any]], None]
+#: Relay a result (its frames, and their decoding) to the client with this identity.
+Relay = Callable[[bytes, list[Any], Message], None]
 #: Tell a client these task messages will not be answered: (client, ids, reason, worker,
 #: code, sig).
 Lost = Callable[..., None]
@@ -134,7 +134,7 @@ class WorkerSessions:
             return
         self.counters.tasks_done += job.n
         self.slot_freed(worker)
-        self.relay(job.client, frames)
+        self.relay(job.client, frames, msg)
 
     def on_lost(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
         for send_id in msg.env["ids"]:
