@@ -29,6 +29,7 @@ import os
 import pickle
 import shutil
 import stat
+import sys
 import tempfile
 from types import FunctionType, ModuleType
 from typing import Any, Iterable, Sequence
@@ -41,7 +42,7 @@ from deathstar.shipping import Bundle, ShippingError, bundle_for
 __all__ = ["Bundle", "Deferred", "SerializationError", "SharedFolder", "ShippingError",
            "bundle_for", "chunk", "content_hash", "dumps", "dumps_function",
            "function_blob", "loads", "loads_function", "payload_size", "pickle_function",
-           "seal", "unseal"]
+           "pickles_by_name", "seal", "unseal"]
 
 log = logging.getLogger("deathstar.client")
 
@@ -458,6 +459,28 @@ def pickle_function(fn: Any, common: dict[str, Any], modules: Iterable[str] = ()
         return inner, bundle_for(names), names
     except ShippingError as exc:
         raise SerializationError(str(exc)) from None
+
+
+def pickles_by_name(fn: Any) -> bool:
+    """Whether ``fn`` is a plain function its module holds under its own name, outside
+    ``__main__``, in a module not registered with cloudpickle to go by value: it pickles
+    as a reference (module, name), the same bytes every time."""
+    if not isinstance(fn, FunctionType) or "<locals>" in fn.__qualname__:
+        return False
+    module = sys.modules.get(fn.__module__)
+    if module is None or fn.__module__ == "__main__":
+        return False
+    found: Any = module
+    for part in fn.__qualname__.split("."):
+        found = getattr(found, part, None)
+    if found is not fn:
+        return False
+    try:  # (private; where it is missing, nothing is taken for a reference)
+        by_value: bool = cloudpickle.cloudpickle._is_registered_pickle_by_value(
+            module)
+    except AttributeError:
+        return False
+    return not by_value
 
 
 def function_blob(inner: list[Any], bundle: Bundle | None) -> list[Any]:

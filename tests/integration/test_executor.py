@@ -261,6 +261,24 @@ def test_consecutive_calls_share_jobs(daemon: Daemon) -> None:
         assert daemon.status()["blobs_received"] == 1
 
 
+def test_each_call_runs_the_function_as_it_was_when_submitted(daemon: Daemon) -> None:
+    """The executor keeps the pickle of a module's function from call to call (it is
+    only a name); a function that travels by value is pickled again at each submit, so
+    what it captured then is what runs."""
+    box = [1]
+
+    def add_box(x: int) -> int:
+        return x + box[0]
+
+    with Executor(cluster=[daemon.address]) as ex:
+        assert ex.submit(add_box, 1).result(timeout=30) == 2
+        box[0] = 10
+        assert ex.submit(add_box, 1).result(timeout=30) == 11
+        assert [ex.submit(jobs.square, i).result(timeout=30) for i in (2, 3)] == [4, 9]
+        box[0] = 100
+        assert ex.submit(add_box, 1).result(timeout=30) == 101
+
+
 def test_an_executor_on_a_cluster_leaves_it_and_the_daemon_running(daemon: Daemon) -> None:
     with Cluster([daemon.address]) as c:
         with Executor(c) as ex:

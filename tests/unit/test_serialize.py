@@ -187,3 +187,23 @@ def test_a_probe_is_proved_only_by_a_reader_of_its_own_deathstar_file(tmp_path: 
         assert serialize.prove_shared(path) is None
     finally:
         ours.close()
+
+
+def test_only_a_function_found_by_its_name_pickles_by_name() -> None:
+    """What may keep its pickle from call to call: a module's own function, not a
+    closure, a lambda, a partial, nor a function of a module registered to go by value."""
+    import functools
+    import json
+
+    def local(x: int) -> int:
+        return x
+
+    assert serialize.pickles_by_name(json.dumps)
+    assert not serialize.pickles_by_name(local)
+    assert not serialize.pickles_by_name(lambda x: x)
+    assert not serialize.pickles_by_name(functools.partial(json.dumps, indent=1))
+    cloudpickle.register_pickle_by_value(json)
+    try:
+        assert not serialize.pickles_by_name(json.dumps)
+    finally:
+        cloudpickle.unregister_pickle_by_value(json)

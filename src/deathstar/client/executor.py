@@ -156,6 +156,8 @@ class Executor(cf.Executor):
         self._maps: set[Job] = set()
         self._indices = itertools.count()
         self._last_blob: tuple[tuple[Any, ...], str, list[Any]] | None = None
+        # the last function's pickle when it is a module's function, found by name
+        self._by_name: tuple[Callable[..., Any], list[Any], set[str]] | None = None
         self._inbox: queue.SimpleQueue[tuple[_Feed | None, Any]] = queue.SimpleQueue()
         self._shutdown = False
         self._released = False
@@ -218,7 +220,16 @@ class Executor(cf.Executor):
             raise serialize.SerializationError(
                 f"an argument cannot be pickled: {type(exc).__name__}: {exc}") from exc
         # the local modules the arguments refer to (a joblib batch's function) go with it
-        inner, bundle, _ = serialize.pickle_function(fn, {}, modules, self._init)
+        memo = self._by_name
+        if memo is not None and memo[0] is fn and modules <= memo[2] and serialize.pickles_by_name(fn):
+            inner, names = memo[1], memo[2]  # a function known by name pickles the same
+            try:
+                bundle = serialize.bundle_for(names)  # (its modules' sources may change)
+            except serialize.ShippingError as exc:
+                raise serialize.SerializationError(str(exc)) from None
+        else:
+            inner, bundle, names = serialize.pickle_function(fn, {}, modules, self._init)
+            self._by_name = (fn, inner, names) if serialize.pickles_by_name(fn) else None
         key = (bundle, *inner)
         last = self._last_blob
         if last is not None and last[0] == key:
