@@ -27,6 +27,8 @@ _WRITEV_MAX = 512
 _COUNT = struct.Struct("<I")
 _LENGTH = 8
 _READ_BYTES = 1 << 16
+#: Messages up to this size are joined into one buffer before they are written.
+_JOIN_BYTES = 1 << 14
 
 
 class PipeClosed(ConnectionError):
@@ -42,9 +44,13 @@ def make_pipe() -> tuple[int, int]:
 
 
 def encode(frames: list[Any]) -> list[Any]:
-    """The buffers that make one message: a header, then the frames (not copied)."""
-    views = [f if isinstance(f, bytes) else memoryview(f).cast("B") for f in frames]
-    header = struct.pack(f"<I{len(views)}Q", len(views), *(len(v) for v in views))
+    """The buffers that make one message: a header, then the frames (not copied; a
+    message of small frames is joined into one buffer, as one write takes it anyway)."""
+    views = [f if type(f) is bytes else memoryview(f).cast("B") for f in frames]
+    lengths = [len(v) for v in views]
+    header = struct.pack(f"<I{len(views)}Q", len(views), *lengths)
+    if sum(lengths) <= _JOIN_BYTES:
+        return [b"".join([header, *views])]
     return [header, *views]
 
 
@@ -101,6 +107,13 @@ class _Reader:
 def _write_all(fd: int, buffers: list[Any]) -> list[Any]:
     """Write ``buffers`` until done or, on a non-blocking ``fd``, the pipe is full;
     returns what is left (views of the unwritten rest)."""
+    if len(buffers) == 1 and type(buffers[0]) is bytes:  # a small message, joined
+        data = buffers[0]
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            return buffers
+        return [] if written == len(data) else [memoryview(data)[written:]]
     pending = deque(memoryview(b).cast("B") for b in buffers)
     while pending:
         try:
@@ -127,6 +140,8 @@ class WorkerPipe:
         self.write_fd = write_fd
         self.inbox: deque[list[bytes]] = deque()
         self.closed = False
+        self.poller = select.poll()
+        self.poller.register(read_fd, select.POLLIN)
 
     @classmethod
     def from_spec(cls, spec: str) -> WorkerPipe:
@@ -138,9 +153,7 @@ class WorkerPipe:
         """Whether a message (or the end) is there, waiting up to ``timeout_ms``."""
         if self.inbox or self.closed:
             return True
-        poller = select.poll()
-        poller.register(self.reader.fd, select.POLLIN)
-        if not poller.poll(timeout_ms):
+        if not self.poller.poll(timeout_ms):
             return False
         if not self.reader.fill():
             self.closed = True

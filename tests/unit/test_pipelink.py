@@ -59,6 +59,26 @@ def test_a_message_larger_than_the_pipe_waits_for_room_without_blocking() -> Non
     assert received == [[b"env", big], [b"next", b"x"]]
 
 
+def test_small_messages_that_fill_the_pipe_come_out_whole_and_in_order() -> None:
+    """A small message goes as one joined buffer; one that finds the pipe nearly full
+    (each is larger than what a pipe writes whole) is written in part, and the rest,
+    and what follows, waits for room."""
+    daemon, worker = _pair()
+    sent = []
+    while not daemon.wants_out():
+        sent.append([b"env-%d" % len(sent), os.urandom(9_999 + len(sent) % 7)])
+        daemon.put(sent[-1])
+    sent += [[b"after"], [b"end", b"x"]]
+    daemon.put(sent[-2])
+    daemon.put(sent[-1])
+    got: list[list[bytes]] = []
+    while len(got) < len(sent):
+        assert worker.poll(10_000)
+        got.append(worker.recv_multipart())
+        daemon.flush()
+    assert got == sent and not daemon.wants_out()
+
+
 def test_the_worker_sees_its_daemon_go() -> None:
     daemon, worker = _pair()
     daemon.put([b"last"])

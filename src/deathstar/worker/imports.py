@@ -32,6 +32,7 @@ class ModuleFolders:
         self.bundles: dict[str, Bundle] = {}
         self.imported: dict[str, dict[str, ModuleType]] = {}  # bundle hash -> its modules
         self.active: str | None = None
+        self.noted: tuple[str, int] | None = None  # (active, len(sys.modules)) at ``remember``
 
     def folder(self, bundle: Bundle) -> str:
         if self.root is None:
@@ -103,8 +104,9 @@ class ModuleFolders:
     def remember(self) -> None:
         """Note the active bundle's modules imported so far (call after unpickling or
         running its code), so that activating it again brings back those objects."""
-        if self.active is None:
-            return
+        if self.active is None or self.noted == (self.active, len(sys.modules)):
+            return  # nothing was imported since it last looked
+        self.noted = (self.active, len(sys.modules))
         folder = self.folder(self.bundles[self.active])
         kept = self.imported.setdefault(self.active, {})
         for name in self.bundles[self.active].names:

@@ -7,7 +7,6 @@ unpickled. Started by the daemon (one per core) or by hand with ``deathstar work
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import mmap
@@ -18,7 +17,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import zmq
 
@@ -112,6 +111,7 @@ class Worker:
         self.busy = False  # the main thread runs user code (the pulse thread may read)
         self.resting = False  # the pulse thread sleeps a heartbeat (wake it for user code)
         self.started = 0  # times user code started (the pulse thread watches it)
+        self._beating = _Beating(self)
         self.handlers: dict[str, Callable[[Message], None]] = {
             protocol.TASK: self.on_task,
             protocol.BLOB: self.on_blob,
@@ -330,20 +330,10 @@ class Worker:
             self.functions.popitem(last=False)
         self.run_waiting()
 
-    @contextlib.contextmanager
-    def beating(self) -> Iterator[None]:
+    def beating(self) -> _Beating:
         """Within ``with``: the pulse thread may use the socket (the main thread runs user
         code, or other long work that does not touch the socket)."""
-        self.busy = True  # a task prefetched behind this work can be given back meanwhile
-        self.started += 1
-        if self.resting:
-            self.nudge.set()
-        self.socket_lock.release()
-        try:
-            yield
-        finally:
-            self.socket_lock.acquire()
-            self.busy = False
+        return self._beating
 
     def load_function(self, payload: list[Any]) -> Function:
         """A function blob: its modules written and imported here, then the function
@@ -438,6 +428,27 @@ class Worker:
             self.results_to = (rshm, None if folder is None
                                else serialize.SharedFolder(into=folder))
         return self.results_to[1]
+
+
+class _Beating:
+    """``Worker.beating``'s context (a class, not a generator: it is entered per task)."""
+
+    __slots__ = ("worker",)
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    def __enter__(self) -> None:
+        worker = self.worker
+        worker.busy = True  # a task prefetched behind this work can be given back meanwhile
+        worker.started += 1
+        if worker.resting:
+            worker.nudge.set()
+        worker.socket_lock.release()
+
+    def __exit__(self, *exc: object) -> None:
+        self.worker.socket_lock.acquire()
+        self.worker.busy = False
 
 
 def _map_slot(path: str | None) -> mmap.mmap | None:
