@@ -15,6 +15,11 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 
+class SerializationError(pickle.PicklingError):
+    """Something the user handed over cannot be pickled (or unpickled); the message names
+    it. A ``pickle.PicklingError``, as the stdlib's executors raise."""
+
+
 class TaskFailed(Exception):
     """One input did not produce a result. The map goes on with the others."""
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import deathstar
-from deathstar import serialize
+from deathstar import shm
 from deathstar.client import Cluster
 from deathstar.client.embedded import LocalDaemon
 from deathstar.errors import WorkerCrashed
@@ -112,7 +112,7 @@ def test_large_arrays_reach_embedded_workers_through_shared_memory(tmp_path: Pat
     """To the embedded daemon, arrays of 1 MiB and more go through /dev/shm: they arrive
     equal and writable (even non-contiguous ones), a worker killed while holding one gets
     it again on the retry, and no file is left behind."""
-    if not serialize.SharedFolder.available():
+    if not shm.SharedFolder.available():
         pytest.skip("no writable /dev/shm")
     rng = np.random.default_rng(5)
     arrays = [rng.random(200_000) for _ in range(6)]
@@ -136,7 +136,7 @@ def test_large_results_come_back_from_embedded_workers_through_shared_memory() -
     """Arrays of 1 MiB and more returned by the embedded daemon's workers are written into
     the client's /dev/shm folder and mapped here: equal, writable, no file left behind,
     and the folder gone with the client even though the workers live on."""
-    if not serialize.SharedFolder.available():
+    if not shm.SharedFolder.available():
         pytest.skip("no writable /dev/shm")
 
     def backing(array: Any) -> Any:

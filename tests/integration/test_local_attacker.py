@@ -247,14 +247,14 @@ def test_another_user_cannot_prove_our_shared_memory(attacker: pwd.struct_passwd
     """A daemon of another user on this machine is not given our large buffers through
     /dev/shm: it cannot read our probe (a 0600 file in a 0700 folder), so it cannot
     answer it, and our client sends it everything through the socket."""
-    from deathstar import serialize
+    from deathstar import shm
 
-    if not serialize.SharedFolder.available():
+    if not shm.SharedFolder.available():
         pytest.skip("no writable /dev/shm")
-    ours = serialize.SharedFolder()
+    ours = shm.SharedFolder()
     try:
         path, proof = ours.probe()
-        assert serialize.prove_shared(path) == proof  # we can
-        assert as_user(attacker, lambda: serialize.prove_shared(path)) is None
+        assert shm.prove_shared(path) == proof  # we can
+        assert as_user(attacker, lambda: shm.prove_shared(path)) is None
     finally:
         ours.close()

@@ -17,13 +17,13 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from deathstar import serialize
+from deathstar import shm
 from deathstar.client import Cluster
 from tests import jobs
 from tests.conftest import Daemon, wait_for
 
 pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(not serialize.SharedFolder.available(),
+              pytest.mark.skipif(not shm.SharedFolder.available(),
                                  reason="no writable /dev/shm")]
 
 EXE = str(Path(sys.executable).with_name("deathstar"))

@@ -10,7 +10,7 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from deathstar import serialize
+from deathstar import serialize, shm
 
 
 def test_large_arrays_travel_out_of_band_and_come_back_writable() -> None:
@@ -79,9 +79,9 @@ def test_unpicklable_common_argument_is_named() -> None:
 
 
 def test_shared_buffers_map_copy_on_write_and_only_from_deathstar_folders(tmp_path: Path) -> None:
-    big = np.arange(serialize.SHARED_MIN_BYTES // 8 + 10, dtype=np.float64)
+    big = np.arange(shm.SHARED_MIN_BYTES // 8 + 10, dtype=np.float64)
     small = np.arange(10)
-    folder = serialize.SharedFolder()
+    folder = shm.SharedFolder()
     try:
         frames, shared, paths = folder.share(serialize.dumps((big, small)))
         assert shared == [1] and len(paths) == 1 and frames[1] == paths[0].encode()
@@ -95,24 +95,24 @@ def test_shared_buffers_map_copy_on_write_and_only_from_deathstar_folders(tmp_pa
         folder.release(paths)  # never taken: the sender removes it
         assert not os.path.exists(paths[0])
         # a worker writes its results into the client's folder, and never removes it
-        assert serialize.shared_folder(folder.path) == os.path.realpath(folder.path)
-        borrowed = serialize.SharedFolder(into=serialize.shared_folder(folder.path))
+        assert shm.shared_folder(folder.path) == os.path.realpath(folder.path)
+        borrowed = shm.SharedFolder(into=shm.shared_folder(folder.path))
         frames, shared, paths = borrowed.share(serialize.dumps(big))
         assert os.path.dirname(paths[0]) == folder.path
         borrowed.close()
         assert os.path.exists(paths[0])
-        serialize.discard_shared(frames, shared)  # a late result: the client drops it
+        shm.discard_shared(frames, shared)  # a late result: the client drops it
         assert not os.path.exists(paths[0])
     finally:
         folder.close()
     assert folder.path is None
     for bad in (str(tmp_path), "/dev/shm/../tmp", "/dev/shm/deathstar-none", 7, None):
-        assert serialize.shared_folder(bad) is None
+        assert shm.shared_folder(bad) is None
     outside = tmp_path / "secret"
     outside.write_bytes(b"x" * 10)
     for bad in (str(outside), "/dev/shm/../etc/passwd", "/dev/shm/other-1/0"):
         with pytest.raises(serialize.SerializationError, match="not a deathstar"):
-            serialize.map_shared(bad.encode())
+            shm.map_shared(bad.encode())
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
@@ -122,12 +122,12 @@ def test_a_full_shared_memory_falls_back_to_the_socket(tmp_path: Path) -> None:
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
     try:
-        folder = serialize.SharedFolder(into=str(small))  # on a 1 MiB tmpfs
-        frames = serialize.dumps(np.ones(serialize.SHARED_MIN_BYTES // 4))  # 2 MiB
+        folder = shm.SharedFolder(into=str(small))  # on a 1 MiB tmpfs
+        frames = serialize.dumps(np.ones(shm.SHARED_MIN_BYTES // 4))  # 2 MiB
         out, shared, paths = folder.share(frames)
         assert out is frames and shared == [] and paths == []
         assert os.listdir(small) == []
-        assert np.array_equal(serialize.loads(out), np.ones(serialize.SHARED_MIN_BYTES // 4))
+        assert np.array_equal(serialize.loads(out), np.ones(shm.SHARED_MIN_BYTES // 4))
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
@@ -135,30 +135,30 @@ def test_a_full_shared_memory_falls_back_to_the_socket(tmp_path: Path) -> None:
 def test_shared_paths_with_nul_bytes_or_foreign_owners_are_refused(tmp_path: Path) -> None:
     """A peer names the files we map and unlink: a NUL byte, a folder another user owns
     or others may write, and a symbolic link are each refused, never followed."""
-    if not serialize.SharedFolder.available():
+    if not shm.SharedFolder.available():
         pytest.skip("no writable /dev/shm")
-    ours = serialize.SharedFolder()
+    ours = shm.SharedFolder()
     try:
-        _, _, paths = ours.share([b"head", bytearray(serialize.SHARED_MIN_BYTES)])
+        _, _, paths = ours.share([b"head", bytearray(shm.SHARED_MIN_BYTES)])
         folder = ours.folder()
         with pytest.raises(serialize.SerializationError, match="not a file name"):
-            serialize.map_shared(f"{folder}/x\0y".encode())
-        serialize.discard_shared([b"", f"{folder}/x\0y".encode()], [1])  # no raise
+            shm.map_shared(f"{folder}/x\0y".encode())
+        shm.discard_shared([b"", f"{folder}/x\0y".encode()], [1])  # no raise
         os.symlink(paths[0], f"{folder}/link")
         with pytest.raises(serialize.SerializationError):
-            serialize.map_shared(f"{folder}/link".encode())
+            shm.map_shared(f"{folder}/link".encode())
         assert os.path.exists(paths[0])  # the link was not followed to its target
         os.chmod(folder, 0o777)
         with pytest.raises(serialize.SerializationError, match="not a deathstar"):
-            serialize.map_shared(paths[0].encode())
-        assert serialize.shared_folder(folder) is None
+            shm.map_shared(paths[0].encode())
+        assert shm.shared_folder(folder) is None
         os.chmod(folder, 0o700)
         if os.geteuid() == 0:
             os.chown(folder, 65534, 65534)  # nobody's now
             with pytest.raises(serialize.SerializationError, match="not a deathstar"):
-                serialize.map_shared(paths[0].encode())
+                shm.map_shared(paths[0].encode())
             os.chown(folder, 0, 0)
-        assert len(serialize.map_shared(paths[0].encode())) == serialize.SHARED_MIN_BYTES
+        assert len(shm.map_shared(paths[0].encode())) == shm.SHARED_MIN_BYTES
     finally:
         ours.close()
 
@@ -167,24 +167,24 @@ def test_a_probe_is_proved_only_by_a_reader_of_its_own_deathstar_file(tmp_path: 
     """``prove_shared`` answers a client's probe with the hash of its token; anything else
     it is named (a file outside a deathstar folder of /dev/shm, a symbolic link, a large
     file, a folder others may write) gets no answer and is not read."""
-    if not serialize.SharedFolder.available():
+    if not shm.SharedFolder.available():
         pytest.skip("no writable /dev/shm")
-    ours = serialize.SharedFolder()
+    ours = shm.SharedFolder()
     try:
         path, proof = ours.probe()
-        assert serialize.prove_shared(path) == proof
+        assert shm.prove_shared(path) == proof
         other, other_proof = ours.probe()
-        assert other_proof != proof and serialize.prove_shared(other) == other_proof
+        assert other_proof != proof and shm.prove_shared(other) == other_proof
         outside = tmp_path / "token"
         outside.write_bytes(b"x" * 16)
         folder = ours.folder()
         os.symlink(path, f"{folder}/link")
-        _, _, big = ours.share([b"head", bytearray(serialize.SHARED_MIN_BYTES)])
+        _, _, big = ours.share([b"head", bytearray(shm.SHARED_MIN_BYTES)])
         for named in (str(outside), "/etc/hostname", f"{folder}/link", big[0],
                       f"{folder}/missing", f"{folder}/x\0y", 42):
-            assert serialize.prove_shared(named) is None, named
+            assert shm.prove_shared(named) is None, named
         os.chmod(folder, 0o777)
-        assert serialize.prove_shared(path) is None
+        assert shm.prove_shared(path) is None
     finally:
         ours.close()
 

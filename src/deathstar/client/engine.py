@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import zmq
 
-from deathstar import config, protocol, serialize
+from deathstar import config, protocol, shm
 from deathstar.errors import TaskFailed, WorkerCrashed
 from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
@@ -366,7 +366,7 @@ class Engine(Supplier):
             log.warning("node %s: %s", node.name, exc)
             shared = []
         if task is None or task.job.cancelled:
-            serialize.discard_shared(msg.payload, shared)
+            shm.discard_shared(msg.payload, shared)
         if task is None:
             self.late_results += 1  # its task was already re-run elsewhere
             return

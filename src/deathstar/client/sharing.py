@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deathstar import protocol, serialize
+from deathstar import protocol, shm
 
 
 class MemoryLink:
@@ -17,7 +17,7 @@ class MemoryLink:
     sockets and no node is asked for a proof."""
 
     def __init__(self) -> None:
-        self.folder = serialize.SharedFolder() if serialize.SharedFolder.available() else None
+        self.folder = shm.SharedFolder() if shm.SharedFolder.available() else None
         self.probe: tuple[str, str] | None = None  # (the file, the proof that answers it)
         if self.folder is not None:
             try:
@@ -49,7 +49,7 @@ class MemoryLink:
         take."""
         paths = self.files.pop(send_id, None)
         if paths:
-            serialize.SharedFolder.release(paths)
+            shm.SharedFolder.release(paths)
 
     def close(self) -> None:
         if self.folder is not None:

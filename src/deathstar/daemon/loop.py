@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import zmq
 
-from deathstar import config, protocol, serialize
+from deathstar import config, protocol, shm
 from deathstar.reactor import Reactor
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
@@ -373,7 +373,7 @@ class Daemon:
         hb = protocol.clamp_heartbeat(msg.env["hb"])
         self.clients[ident] = ClientConn(ident, hb, time.monotonic(), user=user)
         probe = msg.env.get(protocol.F_PROBE)  # read here: we share the client's memory
-        proof = None if probe is None or self.remote_only() else serialize.prove_shared(probe)
+        proof = None if probe is None or self.remote_only() else shm.prove_shared(probe)
         self.send_client(ident, protocol.welcome(self.heartbeat_s, self.node_name,
                                                  self.capacity(), proof))
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import zmq
 
-from deathstar import config, keys, protocol, serialize
+from deathstar import config, keys, protocol, serialize, shm
 from deathstar.exitcodes import ExitCode
 from deathstar.pipelink import PipeClosed, WorkerPipe
 from deathstar.slot import SLOT_BYTES, slot_value
@@ -102,7 +102,7 @@ class Worker:
         self.running = True
         self.socket_lock = threading.Lock()
         # the last task's rshm and the folder it names (None: not a usable folder)
-        self.results_to: tuple[Any, serialize.SharedFolder | None] = (None, None)
+        self.results_to: tuple[Any, shm.SharedFolder | None] = (None, None)
         self.pulse_stop = threading.Event()
         # Messages the pulse thread (or the main thread, before user code) read off the
         # socket for the main loop: a task waiting here can still be given back (RECALL).
@@ -418,15 +418,15 @@ class Worker:
         self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
                                 **protocol.outcome_fields(oks, stamps), **extra))
 
-    def results_folder(self, rshm: Any) -> serialize.SharedFolder | None:
+    def results_folder(self, rshm: Any) -> shm.SharedFolder | None:
         """Where large results go when the client is on this machine: its /dev/shm folder
         named by the task's ``rshm``, checked once per client."""
         if rshm is None:
             return None
         if self.results_to[0] != rshm:
-            folder = serialize.shared_folder(rshm)
+            folder = shm.shared_folder(rshm)
             self.results_to = (rshm, None if folder is None
-                               else serialize.SharedFolder(into=folder))
+                               else shm.SharedFolder(into=folder))
         return self.results_to[1]
 
 

@@ -1,0 +1,203 @@
+"""Large buffers through shared memory, to and from a process on this machine: each
+buffer a file in a private /dev/shm folder (``SharedFolder``), written once by the sender
+and mapped copy-on-write by the receiver (``map_shared``), which removes it. A peer may
+name only files in a deathstar folder of /dev/shm that this user owns and no one else may
+write; a node proves it shares this memory by reading a probe file (``prove_shared``)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import mmap
+import os
+import shutil
+import stat
+import tempfile
+from typing import Any, Iterable, Sequence
+
+from deathstar.errors import SerializationError
+
+log = logging.getLogger("deathstar.client")
+
+#: Out-of-band buffers at least this large go to a node on this machine through a file in
+#: /dev/shm: written once by the client, mapped by the worker.
+SHARED_MIN_BYTES = 1 << 20
+SHARED_ROOT = "/dev/shm"
+_SHARED_PREFIX = "deathstar-"
+_FILE_NUMBERS = itertools.count()
+
+
+class SharedFolder:
+    """A private folder (0700) in /dev/shm for large buffers sent to a process on this
+    machine: each buffer one file, which the receiver unlinks once it has mapped it.
+    A client makes one for its inputs to workers; its workers write their large results
+    into the same folder (``into``), so every file lives no longer than the client.
+    ``release`` removes files never taken (the task was cancelled or lost), ``close`` the
+    folder if this object made it. Used from one thread."""
+
+    def __init__(self, into: str | None = None) -> None:
+        self.path: str | None = into
+        self.owned = into is None
+        self.count = 0  # files written
+        self.warned = False
+
+    def folder(self) -> str:
+        """The folder's path, made on first use."""
+        if self.path is None:
+            self.path = tempfile.mkdtemp(prefix=_SHARED_PREFIX, dir=SHARED_ROOT)
+        return self.path
+
+    @staticmethod
+    def available() -> bool:
+        return os.path.isdir(SHARED_ROOT) and os.access(SHARED_ROOT, os.W_OK)
+
+    def share(self, frames: list[Any]) -> tuple[list[Any], list[int], list[str]]:
+        """``frames`` with each large buffer written to a file and replaced by its path:
+        (the frames to send, the indices replaced, the files made). When /dev/shm cannot
+        take them (full, gone), ``frames`` as they are: they go through the socket."""
+        out: list[Any] = [frames[0]]
+        indices: list[int] = []
+        paths: list[str] = []
+        try:
+            for k, frame in enumerate(frames[1:], 1):
+                view = memoryview(frame).cast("B")
+                if view.nbytes < SHARED_MIN_BYTES:
+                    out.append(frame)
+                    continue
+                path = self._write(view)
+                out.append(path.encode())
+                indices.append(k)
+                paths.append(path)
+        except OSError as exc:
+            self.release(paths)
+            if not self.warned:
+                self.warned = True
+                log.warning("shared memory unavailable (%s): large buffers go through the "
+                            "sockets", exc)
+            return frames, [], []
+        return out, indices, paths
+
+    def _write(self, view: memoryview) -> str:
+        # unique across the processes that write into one folder
+        path = os.path.join(self.folder(), f"{os.getpid()}-{next(_FILE_NUMBERS)}")
+        self.count += 1
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            done = 0
+            while done < view.nbytes:
+                done += os.write(fd, view[done:])
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return path
+
+    def probe(self) -> tuple[str, str]:
+        """A file in the folder with a random token, and the proof a process that can read
+        it answers with (``prove_shared``): a node that answers it shares this machine's
+        /dev/shm with us, whatever its address says."""
+        token = os.urandom(16)
+        path = self._write(memoryview(token))
+        return path, hashlib.blake2b(token, digest_size=16).hexdigest()
+
+    @staticmethod
+    def release(paths: Iterable[str]) -> None:
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # the worker took it
+
+    def close(self) -> None:
+        if self.path is not None and self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+
+def _is_shared_folder(folder: str) -> bool:
+    """Whether a real path is a deathstar folder of /dev/shm that this user owns and no one
+    else may write: the only place a peer may make us open, write or remove files."""
+    if os.path.dirname(folder) != SHARED_ROOT or \
+            not os.path.basename(folder).startswith(_SHARED_PREFIX):
+        return False
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def shared_folder(path: Any) -> str | None:
+    """``path`` if it names an existing deathstar folder of /dev/shm, else None."""
+    if not isinstance(path, str) or "\0" in path:
+        return None
+    real = os.path.realpath(path)
+    return real if _is_shared_folder(real) else None
+
+
+def _shared_path(frame: Any) -> str:
+    """The file a shared frame names; SerializationError unless it is in a deathstar
+    folder of /dev/shm."""
+    name = bytes(frame).decode(errors="replace")
+    if "\0" in name:
+        raise SerializationError(f"{name!r} is not a file name")
+    # the folder resolved, the file itself not: it is opened with O_NOFOLLOW
+    path = os.path.join(os.path.realpath(os.path.dirname(name)), os.path.basename(name))
+    if not _is_shared_folder(os.path.dirname(path)):
+        raise SerializationError(f"{path!r} is not a deathstar shared-memory file")
+    return path
+
+
+def prove_shared(probe: Any) -> str | None:
+    """The proof for a client's ``SharedFolder.probe`` file, when this process can read
+    it as its own (same /dev/shm, same user); else None. Only a small regular file in a
+    deathstar folder of /dev/shm is read."""
+    try:
+        path = _shared_path(str(probe).encode())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except (SerializationError, OSError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode) or st.st_size > 64:
+            return None
+        return hashlib.blake2b(os.read(fd, 64), digest_size=16).hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def discard_shared(frames: list[Any], shared: Sequence[int]) -> None:
+    """Remove the files of a payload that will not be read (a late or cancelled result)."""
+    for k in shared:
+        try:
+            os.unlink(_shared_path(frames[k]))
+        except (SerializationError, OSError):
+            pass
+
+
+def map_shared(frame: Any) -> Any:
+    """Map a ``SharedFolder`` file named by ``frame`` copy-on-write (writes stay in this
+    process) and unlink it. Only files in a deathstar folder of /dev/shm are opened;
+    anything else raises SerializationError."""
+    path = _shared_path(frame)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise SerializationError(f"shared buffer {path} cannot be opened: {exc}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
+            raise SerializationError(f"shared buffer {path} is not this user's file")
+        size = st.st_size
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else bytearray()
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return mapped
