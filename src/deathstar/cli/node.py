@@ -23,7 +23,7 @@ from deathstar.keys import (CLIENT, KeyFileError, ServerKeys, default_dir, load_
                             resolve_dir)
 from deathstar.keys import keygen as keygen_keys
 from deathstar.nodes import NodeAddress
-from deathstar.worker.process import main as worker_main
+from deathstar.worker.start import main as worker_main
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

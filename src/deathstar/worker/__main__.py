@@ -1,3 +1,3 @@
-from deathstar.worker.process import cli_main
+from deathstar.worker.start import cli_main
 
 raise SystemExit(cli_main())
