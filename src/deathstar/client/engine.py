@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import zmq
 
-from deathstar import config, protocol, shm
+from deathstar import config, heartbeats, protocol, shm
 from deathstar.errors import TaskFailed, WorkerCrashed
 from deathstar.keys import ClientKeys, connect_with
 from deathstar.nodes import NodeAddress
@@ -83,7 +83,7 @@ class Engine(Supplier):
         self.estimates: OrderedDict[str, float] = OrderedDict()
         self.snapshot: list[dict[str, Any]] = []
         self.next_snapshot = 0.0
-        self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
+        self.stall = heartbeats.StallClock(heartbeat_s, time.monotonic())
         self.handlers: dict[str, Callable[[Node, Message], None]] = {
             protocol.WELCOME: self.on_welcome,
             protocol.REFUSED: self.on_refused,
@@ -327,7 +327,7 @@ class Engine(Supplier):
             return
         node.state, node.error = READY, ""
         node.capacity = max(0, int(msg.env["workers"]))
-        node.heartbeat_s = protocol.clamp_heartbeat(msg.env["hb"])
+        node.heartbeat_s = heartbeats.clamp_heartbeat(msg.env["hb"])
         node.hostname = str(msg.env["node"])
         node.versions = dict(msg.env["versions"])
         node.shares_memory = self.memory.proved_by(msg)
@@ -455,7 +455,7 @@ class Engine(Supplier):
                                  f"node {node.name} ({node.address.exec_endpoint}) did not "
                                  f"answer within {self.connect_timeout:g} s{hint}")
             elif node.state == READY:
-                if now - node.last_seen > protocol.liveness_window(node.heartbeat_s,
+                if now - node.last_seen > heartbeats.liveness_window(node.heartbeat_s,
                                                                    self.heartbeat_s):
                     self.node_down(node, now, f"node {node.name} silent for "
                                               f"{now - node.last_seen:.1f} s")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import zmq
 
-from deathstar import config, protocol, shm
+from deathstar import config, heartbeats, protocol, shm
 from deathstar.reactor import Reactor
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
@@ -100,7 +100,7 @@ class Daemon:
         self.hosted_count = 0
         self.ended = threading.Event()  # the loop has closed everything
         self.next_heartbeat = 0.0
-        self.stall = protocol.StallClock(heartbeat_s, time.monotonic())
+        self.stall = heartbeats.StallClock(heartbeat_s, time.monotonic())
         # The dead-man's switch: stop after this long without work, or this long in all.
         self.idle_shutdown_s = idle_shutdown_s
         self.max_lifetime_s = max_lifetime_s
@@ -370,7 +370,7 @@ class Daemon:
             self.send_client(ident, protocol.refused(
                 f"this daemon serves {config.MAX_CLIENTS} clients already (max_clients)"))
             return
-        hb = protocol.clamp_heartbeat(msg.env["hb"])
+        hb = heartbeats.clamp_heartbeat(msg.env["hb"])
         self.clients[ident] = ClientConn(ident, hb, time.monotonic(), user=user)
         probe = msg.env.get(protocol.F_PROBE)  # read here: we share the client's memory
         proof = None if probe is None or self.remote_only() else shm.prove_shared(probe)
@@ -461,7 +461,7 @@ class Daemon:
 
     def expire_clients(self, now: float) -> None:
         for ident, client in list(self.clients.items()):
-            if now - client.last_seen > protocol.liveness_window(client.heartbeat_s,
+            if now - client.last_seen > heartbeats.liveness_window(client.heartbeat_s,
                                                                  self.heartbeat_s):
                 log.warning("client silent for %.1f s; dropping its work",
                             now - client.last_seen)

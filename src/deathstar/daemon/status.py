@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any, Protocol
 
-from deathstar import config, protocol
+from deathstar import config, heartbeats, protocol
 from deathstar.daemon.books import BlobCache, ClientConn, Counters
 from deathstar.daemon.supervisor import Supervisor
 from deathstar.daemon.workers import WorkerSessions
@@ -51,7 +51,7 @@ def status_map(daemon: Daemon) -> dict[str, Any]:
                    "client_queue_bytes": config.CLIENT_QUEUE_BYTES,
                    "blob_cache_bytes": config.BLOB_CACHE_BYTES,
                    "blob_cache_entries": config.BLOB_CACHE_ENTRIES,
-                   "heartbeat_s": [protocol.HEARTBEAT_MIN_S, protocol.HEARTBEAT_MAX_S]},
+                   "heartbeat_s": [heartbeats.HEARTBEAT_MIN_S, heartbeats.HEARTBEAT_MAX_S]},
         "clients": len(daemon.clients),
         "tasks_done": daemon.counters.tasks_done,
         "tasks_lost": daemon.counters.tasks_lost,

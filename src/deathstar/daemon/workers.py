@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import zmq
 
-from deathstar import config, protocol
+from deathstar import config, heartbeats, protocol
 from deathstar.daemon.books import Assignment, BlobCache, Counters, WorkerConn
 from deathstar.daemon.supervisor import Exited, Supervisor
 from deathstar.protocol import Message
@@ -121,7 +121,7 @@ class WorkerSessions:
         if ident in self.workers:
             self.forget(self.workers[ident], "it said ready again")
         self.workers[ident] = WorkerConn(ident, msg.env["worker"], msg.env["pid"],
-                                         protocol.clamp_heartbeat(msg.env["hb"]),
+                                         heartbeats.clamp_heartbeat(msg.env["hb"]),
                                          time.monotonic(), user=user)
         self.idle.append(ident)
         self.sock.send_multipart([ident, *protocol.welcome(
@@ -178,7 +178,7 @@ class WorkerSessions:
         """Drop workers silent past the liveness window (a hung process cannot beat);
         a local one is killed so the supervisor starts a fresh one."""
         for worker in list(self.workers.values()):
-            if now - worker.last_seen > protocol.liveness_window(worker.heartbeat_s,
+            if now - worker.last_seen > heartbeats.liveness_window(worker.heartbeat_s,
                                                                  self.heartbeat_s):
                 reason = f"worker {worker.name} hung: silent for {now - worker.last_seen:.1f} s"
                 log.warning("%s", reason)
