@@ -201,7 +201,7 @@ def test_clients_in_the_daemons_own_loop_come_and_go(local: LocalDaemon,
         a.close()
         wait_for(lambda: status(b)["clients"] == 1, 10, "the closed client's session to end")
         assert b.map(jobs.square, range(30)) == [x * x for x in range(30)]
-        assert list(local.daemon.hosted) == [b.engine.nodes[0].sock.ident]
+        assert list(local.daemon.sessions.hosted) == [b.engine.nodes[0].sock.ident]
         assert not [r for r in caplog.records if "silent" in r.getMessage()]
     finally:
         a.close()

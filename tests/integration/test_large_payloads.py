@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pytest

@@ -11,10 +11,9 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import joblib
 import pytest

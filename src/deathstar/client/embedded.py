@@ -1,7 +1,7 @@
 """The embedded local cluster: the same daemon a node runs, hosted in the client's own
 process. Its loop runs in a thread (``reactor.Reactor``) that also runs the engine of
 every client of this process that uses it (``hosting``), so client and daemon hand each
-other messages in memory (``daemon.hosted``): no socket, no other thread woken. Its
+other messages in memory (``daemon.sessions.hosted``): no socket, no other thread woken. Its
 workers are child processes of this one. Other processes of this user (``deathstar
 status``) reach it over ipc sockets in a private folder (mode 0700): no other user of the
 machine can reach it, and no keys are needed. Everything the daemon promises holds

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import zmq
 
-from deathstar import config, heartbeats, protocol, shm
+from deathstar import config, heartbeats, protocol
 from deathstar.reactor import Reactor
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
@@ -34,9 +34,9 @@ from deathstar.daemon.hosted import HOSTED_CLIENT, HostedPeer
 from deathstar.daemon.sockets import Links, Ports
 from deathstar.pipelink import DaemonPipe
 from deathstar.daemon.books import BlobCache, ClientConn, Counters, WorkerConn
-from deathstar.daemon.routing import OWN_WORKERS, Handler, Port, Router
+from deathstar.daemon.clients import ClientSessions
+from deathstar.daemon.routing import OWN_WORKERS, Port, Router
 from deathstar.daemon.workers import WorkerSessions
-from deathstar.protocol import Message
 from deathstar.daemon.status import status_map
 from deathstar.daemon.supervisor import Supervisor
 
@@ -75,16 +75,19 @@ class Daemon:
                                      max_tasks=max_tasks_per_worker,
                                      max_memory=max_worker_memory, heartbeat_s=heartbeat_s,
                                      log_dir=log_dir, slot_dir=self.ipc_dir)
-        self.clients: dict[bytes, ClientConn] = {}
-        self.ready_clients: deque[bytes] = deque()  # clients with queued tasks, round robin
         self.blobs = BlobCache(config.BLOB_CACHE_BYTES, config.BLOB_CACHE_ENTRIES)
         self.counters = Counters()
         self.router = Router(self.gate, self.counters)
+        self.sessions = ClientSessions(self.counters, self.blobs, heartbeat_s=heartbeat_s,
+                                       node_name=self.node_name, capacity=self.capacity,
+                                       remote_only=self.remote_only)
         self.pool = WorkerSessions(self.supervisor, self.counters, self.blobs,
                                    heartbeat_s=heartbeat_s, node_name=self.node_name,
-                                   capacity=self.capacity, relay=self.relay,
-                                   lost=self.send_lost, requeue=self.requeue,
+                                   capacity=self.capacity, relay=self.sessions.relay,
+                                   lost=self.sessions.send_lost,
+                                   requeue=self.sessions.requeue,
                                    bad_message=self.bad_message)
+        self.sessions.pool = self.pool
         self.stopping = False
         self.stop_deadline = 0.0
         # the loop this daemon runs in (``serve``; the embedded daemon's is shared)
@@ -94,8 +97,7 @@ class Daemon:
         self.next_supervise = 0.0
         self.watched: set[int] = set()  # the workers' exit descriptors being polled
         self.crashed: BaseException | None = None  # what ended the loop, if it failed
-        # clients whose engines run in this daemon's loop (``connect_hosted``)
-        self.hosted: dict[bytes, HostedPeer] = {}
+        # what clients whose engines run in this daemon's loop sent (``connect_hosted``)
         self.hosted_in: deque[tuple[bytes, list[Any]]] = deque()  # (sender, frames)
         self.hosted_count = 0
         self.ended = threading.Event()  # the loop has closed everything
@@ -105,13 +107,6 @@ class Daemon:
         self.idle_shutdown_s = idle_shutdown_s
         self.max_lifetime_s = max_lifetime_s
         self.last_work = time.monotonic()
-        self.client_handlers: dict[str, Handler] = {
-            protocol.BLOB: self.on_blob,
-            protocol.TASK: self.on_task,
-            protocol.CANCEL: self.on_cancel,
-            protocol.HEARTBEAT: lambda client, frames, msg: None,
-            protocol.BYE: lambda client, frames, msg: self.drop_client(client.ident),
-        }
 
     # ------------------------------------------------------------------ setup
 
@@ -126,10 +121,11 @@ class Daemon:
         self.front, self.status, self.back = self.ports.front, self.ports.status, self.ports.back
         self.links = Links(self.back, self.supervisor.links)
         self.pool.sock = self.links
-        self.client_links = Links(self.front, self.hosted)
+        self.sessions.links = Links(self.front, self.sessions.hosted)
         bound = self.ports.bind()
-        self.exec_port = Port("exec", CLIENTS, self.client_links, protocol.HELLO,
-                              self.on_hello, self.clients, self.client_handlers)
+        sessions = self.sessions
+        self.exec_port = Port("exec", CLIENTS, sessions.links, protocol.HELLO,
+                              sessions.on_hello, sessions.clients, sessions.handlers)
         self.worker_port_ = Port("workers", WORKERS, self.links, protocol.READY,
                                  self.pool.greet, self.pool.workers, self.pool.handlers)
         self.sockets: tuple[Any, ...] = (self.front, self.back, self.status)
@@ -172,8 +168,9 @@ class Daemon:
         """A link for a client whose engine runs in this daemon's loop (call it from that
         loop): it is then a client as any other, without a socket."""
         self.hosted_count += 1
-        peer = HostedPeer(b"hosted-%d" % self.hosted_count, self.hosted_in, self.hosted)
-        self.hosted[peer.ident] = peer
+        peer = HostedPeer(b"hosted-%d" % self.hosted_count, self.hosted_in,
+                          self.sessions.hosted)
+        self.sessions.hosted[peer.ident] = peer
         return peer
 
     def step(self, ready: dict[Any, int], now: float) -> bool:
@@ -246,7 +243,7 @@ class Daemon:
         stalled = self.stall.stalled(now)
         if stalled:
             log.warning("this daemon stalled for %.1f s; not judging peers by it", stalled)
-            peers: list[ClientConn | WorkerConn] = [*self.clients.values(),
+            peers: list[ClientConn | WorkerConn] = [*self.sessions.clients.values(),
                                                     *self.pool.workers.values()]
             for peer in peers:
                 peer.last_seen = now
@@ -265,16 +262,16 @@ class Daemon:
             self.dead_mans_switch(now)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.heartbeat_s
-            self.expire_clients(now)
+            self.sessions.expire(now)
             self.pool.expire(now)
-            self.heartbeat_clients(now)
+            self.sessions.beat(now)
 
     def dead_mans_switch(self, now: float) -> None:
         """Stop (draining) after ``idle_shutdown_s`` without work or ``max_lifetime_s`` in
         all, so a forgotten cloud node does not run up a bill."""
         if self.stopping:
             return
-        if self.pool.running_count() or any(c.queue for c in self.clients.values()):
+        if self.pool.running_count() or any(c.queue for c in self.sessions.clients.values()):
             self.last_work = now
         elif self.idle_shutdown_s is not None and now - self.last_work > self.idle_shutdown_s:
             log.warning("no work for %.0f s (--idle-shutdown): stopping", now - self.last_work)
@@ -290,8 +287,7 @@ class Daemon:
                      self.pool.running_count())
             self.stopping = True
             self.stop_deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            for client in self.clients.values():
-                self.return_queued(client, "the daemon is stopping")
+            self.sessions.close()
 
     def request_stop(self, drain_s: float = DRAIN_TIMEOUT_S) -> None:
         """Stop, from any thread: as ``stop``, letting running tasks finish for at most
@@ -316,16 +312,6 @@ class Daemon:
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ clients
-
-    def send_client(self, ident: bytes, frames: list[Any]) -> None:
-        hosted = self.hosted.get(ident)
-        if hosted is not None:  # frames as they are: a Packed message is not decoded again
-            hosted.put(frames)
-        else:
-            self.client_links.send_multipart([ident, *frames], copy=False)
-        client = self.clients.get(ident)
-        if client is not None:
-            client.last_sent = time.monotonic()
 
     def remote_only(self) -> bool:
         """Every worker here is hand-started (none of ours can read shared memory)."""
@@ -353,126 +339,6 @@ class Daemon:
         for frames in pipe.receive():
             self.router.route(self.worker_port_, [pipe.ident, *frames], user=OWN_WORKERS)
 
-    def on_hello(self, ident: bytes, user: str, msg: Message) -> None:
-        try:
-            warnings = protocol.handshake(msg.env["versions"], "client")
-        except protocol.VersionMismatch as exc:
-            self.send_client(ident, protocol.refused(str(exc)))
-            return
-        for warning in warnings:
-            log.warning("%s", warning)
-        if self.stopping:
-            self.send_client(ident, protocol.refused("the daemon is stopping"))
-            return
-        if ident in self.clients:
-            self.drop_client(ident)  # a client that reconnected starts afresh
-        if len(self.clients) >= config.MAX_CLIENTS:
-            self.send_client(ident, protocol.refused(
-                f"this daemon serves {config.MAX_CLIENTS} clients already (max_clients)"))
-            return
-        hb = heartbeats.clamp_heartbeat(msg.env["hb"])
-        self.clients[ident] = ClientConn(ident, hb, time.monotonic(), user=user)
-        probe = msg.env.get(protocol.F_PROBE)  # read here: we share the client's memory
-        proof = None if probe is None or self.remote_only() else shm.prove_shared(probe)
-        self.send_client(ident, protocol.welcome(self.heartbeat_s, self.node_name,
-                                                 self.capacity(), proof))
-
-    def on_blob(self, client: ClientConn, frames: list[Any], msg: Message) -> None:
-        self.counters.blobs_received += 1
-        self.counters.blob_bytes_received += self.blobs.put(msg.env["h"], msg.payload)
-        client.blobs.add(msg.env["h"])
-
-    def on_task(self, client: ClientConn, frames: list[Any], msg: Message) -> None:
-        ident = client.ident
-        if self.stopping:
-            self.send_lost(ident, [msg.env["id"]], "the daemon is stopping", "",
-                           code=protocol.LOST_STOPPING)
-        elif self.blobs.get(msg.env["fn"]) is None:
-            self.send_lost(ident, [msg.env["id"]], "function not cached here", "",
-                           code=protocol.LOST_BLOB)
-        elif not client.has_room(msg, config.CLIENT_QUEUE_MESSAGES, config.CLIENT_QUEUE_BYTES):
-            self.counters.tasks_busy += 1
-            self.send_lost(ident, [msg.env["id"]], (
-                f"this client's queue here is full ({len(client.queue)} messages, "
-                f"{client.queued_bytes} bytes; limits {config.CLIENT_QUEUE_MESSAGES}, "
-                f"{config.CLIENT_QUEUE_BYTES})"), "", code=protocol.LOST_BUSY)
-        else:
-            if not client.queue:
-                self.ready_clients.append(ident)
-            client.enqueue(msg)
-
-    def on_cancel(self, client: ClientConn, frames: list[Any], msg: Message) -> None:
-        """Drop the named task messages (all of the client's when ``ids`` is empty) from
-        the queue, and kill the workers running any of them."""
-        ident = client.ident
-        ids = set(msg.env["ids"])
-        client.keep(lambda m: bool(ids) and m.env["id"] not in ids)
-        self.unready(client)
-        self.pool.kill_running(lambda a: a.client == ident and (not ids or a.id in ids),
-                          "its client cancelled it")
-
-    def return_queued(self, client: ClientConn, reason: str) -> None:
-        """Hand a client's queued tasks back as lost, so it sends them elsewhere."""
-        ids = [m.env["id"] for m in client.keep(lambda m: False)]
-        self.unready(client)
-        if ids:
-            self.send_lost(client.ident, ids, reason, "", code=protocol.LOST_STOPPING)
-
-    def unready(self, client: ClientConn) -> None:
-        """Take a client whose queue emptied out of the round robin."""
-        if not client.queue and client.ident in self.ready_clients:
-            self.ready_clients.remove(client.ident)
-
-    def send_lost(self, ident: bytes, ids: list[int], reason: str, worker: str,
-                  code: str = protocol.LOST_CRASH, sig: int = 0) -> None:
-        """Tell a client its task messages will not be answered, and why (``code``, one
-        of ``protocol.LOST_CODES``; ``sig`` the signal that killed the worker). Nothing
-        when the client is gone."""
-        if ident in self.clients:
-            self.send_client(ident, protocol.lost(ids, reason, worker, code, sig))
-
-    def requeue(self, ident: bytes, msg: Message) -> None:
-        """A task message a worker gave back unstarted goes first in its client's queue
-        (dropped when the client is gone)."""
-        client = self.clients.get(ident)
-        if client is None:
-            return
-        client.enqueue_first(msg)
-        if ident not in self.ready_clients:
-            self.ready_clients.appendleft(ident)
-
-    def relay(self, ident: bytes, frames: list[Any], msg: Message) -> None:
-        """A worker's result (``msg``, decoded from ``frames``) to its client (nothing
-        when the client is gone); a hosted client takes the decoded message."""
-        if ident in self.clients:
-            self.send_client(ident, protocol.Packed(frames, msg.env))
-
-    def drop_client(self, ident: bytes) -> None:
-        """Forget a client: its queued tasks and its cached blobs no other client uses."""
-        client = self.clients.pop(ident, None)
-        if client is None:
-            return
-        client.queue.clear()
-        self.unready(client)
-        self.pool.kill_running(lambda a: a.client == ident, "its client is gone")
-        in_use = set().union(*(c.blobs for c in self.clients.values()))
-        for h in client.blobs - in_use:
-            self.blobs.discard(h)
-
-    def expire_clients(self, now: float) -> None:
-        for ident, client in list(self.clients.items()):
-            if now - client.last_seen > heartbeats.liveness_window(client.heartbeat_s,
-                                                                 self.heartbeat_s):
-                log.warning("client silent for %.1f s; dropping its work",
-                            now - client.last_seen)
-                self.drop_client(ident)
-
-    def heartbeat_clients(self, now: float) -> None:
-        beat = protocol.heartbeat(self.capacity())
-        for ident, client in self.clients.items():
-            if now - client.last_sent >= self.heartbeat_s * 0.9:
-                self.send_client(ident, beat)
-
     # ------------------------------------------------------------------ workers
 
     # ------------------------------------------------------------------ scheduling
@@ -480,11 +346,12 @@ class Daemon:
     def dispatch(self) -> None:
         """Give queued task messages to workers, one client after another: idle workers
         first, then a second message to workers running a short one."""
-        while self.ready_clients:
-            client_ident = self.ready_clients[0]
-            client = self.clients.get(client_ident)
+        ready, clients = self.sessions.ready, self.sessions.clients
+        while ready:
+            client_ident = ready[0]
+            client = clients.get(client_ident)
             if client is None or not client.queue:
-                self.ready_clients.popleft()
+                ready.popleft()
                 continue
             # a message whose buffers are in shared memory goes to a worker of ours
             worker = self.pool.free_worker(own=bool(client.queue[0].env.get(protocol.F_SHM)))
@@ -492,11 +359,11 @@ class Daemon:
                 break
             msg = client.dequeue()
             if client.queue:
-                self.ready_clients.rotate(-1)
+                ready.rotate(-1)
             else:
-                self.ready_clients.popleft()
+                ready.popleft()
             self.pool.assign(worker, client_ident, msg)
-        if self.pool.idle and not self.ready_clients:
+        if self.pool.idle and not ready:
             self.pool.rebalance(time.monotonic())
         else:
             self.pool.next_recall = float("inf")

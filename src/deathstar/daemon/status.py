@@ -7,7 +7,8 @@ import time
 from typing import Any, Protocol
 
 from deathstar import config, heartbeats, protocol
-from deathstar.daemon.books import BlobCache, ClientConn, Counters
+from deathstar.daemon.books import BlobCache, Counters
+from deathstar.daemon.clients import ClientSessions
 from deathstar.daemon.supervisor import Supervisor
 from deathstar.daemon.workers import WorkerSessions
 from deathstar.keys import Gatekeeper
@@ -17,7 +18,7 @@ class Daemon(Protocol):
     """What of a daemon (``loop.Daemon``) its status shows."""
 
     pool: WorkerSessions
-    clients: dict[bytes, ClientConn]
+    sessions: ClientSessions
     counters: Counters
     blobs: BlobCache
     supervisor: Supervisor
@@ -41,8 +42,8 @@ def status_map(daemon: Daemon) -> dict[str, Any]:
         "workers": len(daemon.pool),
         "idle": len(daemon.pool) - busy,
         "busy": busy,
-        "queued": sum(len(c.queue) for c in daemon.clients.values()),
-        "queued_bytes": sum(c.queued_bytes for c in daemon.clients.values()),
+        "queued": sum(len(c.queue) for c in daemon.sessions.clients.values()),
+        "queued_bytes": sum(c.queued_bytes for c in daemon.sessions.clients.values()),
         "tasks_busy": daemon.counters.tasks_busy,
         "tasks_recalled": daemon.counters.tasks_recalled,
         "blob_cache_entries": len(daemon.blobs),
@@ -52,7 +53,7 @@ def status_map(daemon: Daemon) -> dict[str, Any]:
                    "blob_cache_bytes": config.BLOB_CACHE_BYTES,
                    "blob_cache_entries": config.BLOB_CACHE_ENTRIES,
                    "heartbeat_s": [heartbeats.HEARTBEAT_MIN_S, heartbeats.HEARTBEAT_MAX_S]},
-        "clients": len(daemon.clients),
+        "clients": len(daemon.sessions.clients),
         "tasks_done": daemon.counters.tasks_done,
         "tasks_lost": daemon.counters.tasks_lost,
         "tasks_timed_out": daemon.counters.tasks_timed_out,
