@@ -21,7 +21,7 @@ from deathstar.client import engine as engine_mod
 from deathstar.client import executor as executor_mod
 from deathstar.client import job as job_mod
 from deathstar.client.executor import Executor
-from deathstar.daemon import loop as loop_mod
+from deathstar.daemon import clients as clients_mod
 from deathstar.daemon import workers as workers_mod
 
 STAMPS: dict[str, list[float]] = collections.defaultdict(list)
@@ -30,9 +30,9 @@ STAMPS: dict[str, list[float]] = collections.defaultdict(list)
 PATCHES: list[tuple[str, Any, str, bool]] = [
     ("the I/O loop takes the job", engine_mod.Engine, "add_job", False),
     ("the engine has sent the message", engine_mod.Engine, "send_task", True),
-    ("the daemon routes it", loop_mod.Daemon, "on_task", False),
+    ("the daemon routes it", clients_mod.ClientSessions, "on_task", False),
     ("the daemon assigns it to a worker", workers_mod.WorkerSessions, "assign", False),
-    ("the daemon relays the result", loop_mod.Daemon, "relay", False),
+    ("the daemon relays the result", clients_mod.ClientSessions, "relay", False),
     ("the engine takes the result", engine_mod.Engine, "on_result", False),
     ("the future is resolved", executor_mod.Executor, "_resolve_here", True),
 ]
