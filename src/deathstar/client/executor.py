@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from deathstar import serialize
+from deathstar.client.blobs import FunctionBlobs
 from deathstar.client.cluster import Cluster, MapOptions
 from deathstar.client.engine import NoNodesError
 from deathstar.client.exits import check_not_exiting, register, released_by
@@ -155,9 +156,7 @@ class Executor(cf.Executor):
         self._unfinished: set[cf.Future[Any]] = set()
         self._maps: set[Job] = set()
         self._indices = itertools.count()
-        self._last_blob: tuple[tuple[Any, ...], str, list[Any]] | None = None
-        # the last function's pickle when it is a module's function, found by name
-        self._by_name: tuple[Callable[..., Any], list[Any], set[str]] | None = None
+        self._blobs = FunctionBlobs(self._init)
         self._inbox: queue.SimpleQueue[tuple[_Feed | None, Any]] = queue.SimpleQueue()
         self._shutdown = False
         self._released = False
@@ -186,7 +185,7 @@ class Executor(cf.Executor):
         self._check_accepting()
         future: cf.Future[Any] = cf.Future()
         try:
-            fn_hash, blob = self._pickle(fn, args, kwargs)
+            fn_hash, blob = self._blobs.blob(fn, args, kwargs)
         except serialize.SerializationError as exc:
             future.set_exception(exc)
             return future
@@ -207,37 +206,6 @@ class Executor(cf.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         check_not_exiting()
         self._cluster.check_open()
-
-    def _pickle(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-                ) -> tuple[str, list[Any]]:
-        """The function's blob and hash (the previous call's blob when it is the same
-        function, so queued calls share it); checks that the arguments pickle (large
-        buffers are not copied for the check; the I/O thread pickles them again to send)."""
-        modules: set[str] = set()
-        try:
-            serialize.dumps((args, kwargs), modules)
-        except Exception as exc:
-            raise serialize.SerializationError(
-                f"an argument cannot be pickled: {type(exc).__name__}: {exc}") from exc
-        # the local modules the arguments refer to (a joblib batch's function) go with it
-        memo = self._by_name
-        if memo is not None and memo[0] is fn and modules <= memo[2] and serialize.pickles_by_name(fn):
-            inner, names = memo[1], memo[2]  # a function known by name pickles the same
-            try:
-                bundle = serialize.bundle_for(names)  # (its modules' sources may change)
-            except serialize.ShippingError as exc:
-                raise serialize.SerializationError(str(exc)) from None
-        else:
-            inner, bundle, names = serialize.pickle_function(fn, {}, modules, self._init)
-            self._by_name = (fn, inner, names) if serialize.pickles_by_name(fn) else None
-        key = (bundle, *inner)
-        last = self._last_blob
-        if last is not None and last[0] == key:
-            return last[1], last[2]  # the same function and modules as the last call
-        blob = serialize.function_blob(inner, bundle)
-        fn_hash = serialize.content_hash(blob)
-        self._last_blob = (key, fn_hash, blob)
-        return fn_hash, blob
 
     def _start_feed_locked(self) -> None:
         """Start a job for the calls at the head of the queue (lock held)."""
