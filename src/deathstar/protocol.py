@@ -225,9 +225,9 @@ class Message:
 
 class Packed(list):  # type: ignore[type-arg]
     """The frames of a message made in this process, with its envelope as a map
-    (``env``): a peer in the same process (a hosted client, ``daemon.hosted``) takes the message as it is,
-    without decoding it again (``in_memory``). Frames read off a socket or a pipe are
-    plain lists, never this."""
+    (``env``): a peer in the same process (a client hosted in its daemon's loop) takes
+    the message as it is, without decoding it again (``in_memory``). Frames read off a
+    socket or a pipe are plain lists, never this."""
 
     __slots__ = ("env",)
 

@@ -72,9 +72,6 @@ class Reactor:
         self.thread: threading.Thread | None = None
         self.wake_r = self.wake_w = -1  # a pipe while the thread runs: ``add`` wakes it
         self.polled: list[Any] = []
-        self.fdsets: dict[tuple[Any, ...], frozenset[Any]] = {}
-        # each part, the file descriptors and sockets it polls, and its deadline
-        self.turns: list[tuple[Part, frozenset[Any], float]] = []
         self.poller = zmq.Poller()
 
     def add(self, part: Part) -> None:
@@ -139,9 +136,9 @@ class Reactor:
     def _loop(self, reraise: bool) -> None:
         _current.reactor = self
         while self._take_incoming(reraise):
-            ready = self._poll()
+            ready, turns = self._poll()
             now = time.monotonic()
-            for part, fds, due in self.turns:
+            for part, fds, due in turns:
                 # a part steps when it has input or is due (and only then: each step
                 # costs the whole loop its housekeeping)
                 if (now >= due or not fds.isdisjoint(ready) or part.has_input()) \
@@ -183,20 +180,8 @@ class Reactor:
         os.close(self.wake_w)
         self.wake_r = self.wake_w = -1
         self.polled = []
-        self.fdsets.clear()
         self.poller = zmq.Poller()
         return None
-
-    def _fds(self, pollables: tuple[Any, ...]) -> frozenset[Any]:
-        """The sockets and descriptors among ``pollables`` (memoised: a part's set
-        changes seldom)."""
-        fds = self.fdsets.get(pollables)
-        if fds is None:
-            if len(self.fdsets) > 64:
-                self.fdsets.clear()
-            fds = self.fdsets[pollables] = frozenset(
-                p[0] if isinstance(p, tuple) else p for p in pollables)
-        return fds
 
     def _call(self, part: Part, method: Any, reraise: bool, *args: Any) -> None:
         """``method`` of ``part``: the part ends when it returns False or raises."""
@@ -218,15 +203,15 @@ class Reactor:
         except Exception:  # noqa: BLE001 - the other parts go on
             log.exception("a part of the %s loop failed to close", self.name)
 
-    def _poll(self) -> dict[Any, int]:
-        """Wait for input or the earliest deadline; notes each part's pollables and
-        deadline in ``turns``."""
+    def _poll(self) -> tuple[dict[Any, int], list[tuple[Part, frozenset[Any], float]]]:
+        """Wait for input or the earliest deadline: what is ready, and each part's turn
+        (the part, the sockets and descriptors it polls, its deadline)."""
         turns, pollables = [], [self.wake_r]
         for part in self.parts:
             mine = part.pollables()
             pollables += mine
-            turns.append((part, self._fds(mine), part.deadline()))
-        self.turns = turns
+            turns.append((part, frozenset(p[0] if isinstance(p, tuple) else p for p in mine),
+                          part.deadline()))
         if pollables != self.polled:
             self.poller = zmq.Poller()
             for p in pollables:
@@ -236,7 +221,7 @@ class Reactor:
                     self.poller.register(p, zmq.POLLIN)
             self.polled = pollables
         now = time.monotonic()
-        due = min((due for _, _, due in self.turns), default=now + 1.0)
+        due = min((due for _, _, due in turns), default=now + 1.0)
         if any(part.has_input() for part in self.parts):
             due = now
         ready = dict(self.poller.poll(max(0, int((due - now) * 1000))))
@@ -246,4 +231,4 @@ class Reactor:
                     pass
             except BlockingIOError:
                 pass
-        return ready
+        return ready, turns

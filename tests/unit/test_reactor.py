@@ -21,7 +21,7 @@ class CountingReactor(Reactor):
         super().__init__("test-loop")
         self.polls = 0
 
-    def _poll(self) -> dict[Any, int]:
+    def _poll(self) -> Any:
         self.polls += 1
         return super()._poll()
 

@@ -107,8 +107,9 @@ class Cluster:
         self.addresses: list[NodeAddress] = addresses
         self._keys = keys
         self._job_ids = itertools.count(1)
-        # a daemon hosted in this process runs our engine in its own loop
-        hosted = self.local or self.shared or hosting(addresses)
+        # a daemon hosted in this process (ours, the shared one, another Cluster's) runs
+        # our engine in its own loop
+        hosted = hosting(addresses)
         self.engine = Engine(addresses, connect_timeout=connect_timeout,
                              heartbeat_s=heartbeat_s, keys=client_keys,
                              reactor=None if hosted is None else hosted.reactor,

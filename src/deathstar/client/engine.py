@@ -157,8 +157,7 @@ class Engine(Supplier):
 
     def has_input(self) -> bool:
         """A command, or a hosted daemon's message, waits."""
-        return not self.commands.empty() or any(
-            isinstance(n.sock, HostedPeer) and n.sock.inbox for n in self.nodes)
+        return not self.commands.empty() or any(_has_mail(n.sock) for n in self.nodes)
 
     def deadline(self) -> float:
         return self.next_deadline(time.monotonic())
@@ -167,9 +166,7 @@ class Engine(Supplier):
         """Read what is ready, run the commands, housekeeping, top the nodes up, finish
         jobs; False once closing."""
         for node in self.nodes:
-            sock = node.sock
-            if sock is not None and (sock in ready or isinstance(sock, HostedPeer)
-                                     and sock.inbox):
+            if node.sock is not None and (node.sock in ready or _has_mail(node.sock)):
                 self.drain(node)
         self.run_commands()
         self.housekeeping(time.monotonic())
@@ -483,6 +480,11 @@ class Engine(Supplier):
         for job in [j for j in self.jobs.values() if j.done()]:
             del self.jobs[job.id]
             job.out.put(FINISHED)
+
+
+def _has_mail(sock: zmq.Socket[bytes] | HostedPeer | None) -> bool:
+    """A hosted daemon's message waits in memory (a socket's shows in the poll)."""
+    return isinstance(sock, HostedPeer) and bool(sock.inbox)
 
 
 def _receive(sock: zmq.Socket[bytes] | HostedPeer) -> list[Any] | None:

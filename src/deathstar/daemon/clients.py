@@ -54,13 +54,9 @@ class ClientSessions:
         }
 
     def send(self, ident: bytes, frames: list[Any]) -> None:
-        """A message to a client: in memory to a hosted one (a Packed message is not
-        decoded again), else through the exec port."""
-        hosted = self.hosted.get(ident)
-        if hosted is not None:
-            hosted.put(frames)
-        else:
-            self.links.send_multipart([ident, *frames], copy=False)
+        """A message to a client: in memory to a hosted one, else through the exec
+        port."""
+        self.links.send(ident, frames)
         client = self.clients.get(ident)
         if client is not None:
             client.last_sent = time.monotonic()

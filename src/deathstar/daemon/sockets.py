@@ -119,17 +119,23 @@ class Ports:
 
 
 class Links:
-    """Where a port's message goes (``send_multipart``, routing id first, as to a
-    ROUTER): to a peer reached without the socket (``peers``, by routing id: an own
-    worker's pipes, a client hosted in the daemon's loop), else to the socket."""
+    """Where a port's message goes: to a peer reached without the socket (``peers``, by
+    routing id: an own worker's pipes, a client hosted in the daemon's loop), handed the
+    frames as they are (a ``protocol.Packed`` message stays one), else to the socket."""
 
     def __init__(self, sock: zmq.Socket[bytes], peers: Mapping[bytes, _Peer]):
         self.sock = sock
         self.peers = peers  # kept current by their owner
 
-    def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = True) -> None:
-        peer = self.peers.get(frames[0])
+    def send(self, ident: bytes, frames: list[Any], flags: int = 0, copy: bool = False
+             ) -> None:
+        """One message to the peer ``ident``."""
+        peer = self.peers.get(ident)
         if peer is None:
-            self.sock.send_multipart(frames, flags, copy=copy)
+            self.sock.send_multipart([ident, *frames], flags, copy=copy)
         else:
-            peer.put(frames[1:])
+            peer.put(frames)
+
+    def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = True) -> None:
+        """As a ROUTER's: the routing id first."""
+        self.send(frames[0], frames[1:], flags, copy)

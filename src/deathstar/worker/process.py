@@ -98,7 +98,9 @@ class Worker:
         self.busy = False  # the main thread runs user code (the pulse thread may read)
         self.resting = False  # the pulse thread sleeps a heartbeat (wake it for user code)
         self.started = 0  # times user code started (the pulse thread watches it)
-        self._beating = _Beating(self)
+        # ``with self.beating``: the pulse thread may use the socket meanwhile (the main
+        # thread runs user code, or other long work that does not touch the socket)
+        self.beating = _Beating(self)
         self.handlers: dict[str, Callable[[Message], None]] = {
             protocol.TASK: self.on_task,
             protocol.BLOB: self.on_blob,
@@ -305,7 +307,7 @@ class Worker:
         fn_hash = msg.env["h"]
         self.fetching.discard(fn_hash)
         try:
-            with self.beating():  # unpickling imports the user's modules: user code
+            with self.beating:  # unpickling imports the user's modules: user code
                 function = self.load_function(msg.payload)
         except Terminate:
             raise
@@ -316,11 +318,6 @@ class Worker:
         while len(self.functions) > FUNCTION_CACHE_ENTRIES:
             self.functions.popitem(last=False)
         self.run_waiting()
-
-    def beating(self) -> _Beating:
-        """Within ``with``: the pulse thread may use the socket (the main thread runs user
-        code, or other long work that does not touch the socket)."""
-        return self._beating
 
     def load_function(self, payload: list[Any]) -> Function:
         """A function blob: its modules written and imported here, then the function
@@ -390,7 +387,7 @@ class Worker:
         self.modules.activate(function.bundle)
         if self.slot is not None:
             self.slot[:] = slot_value(msg.env["id"]).to_bytes(SLOT_BYTES, "little")
-        with self.beating():  # user code: the calls, then pickling their results
+        with self.beating:  # user code: the calls, then pickling their results
             values, oks, stamps, outputs = run_calls(function, msg, self.initialized)
             for value, ok in zip(values, oks):
                 if not ok:  # the client's own file names in its tracebacks
@@ -418,7 +415,9 @@ class Worker:
 
 
 class _Beating:
-    """``Worker.beating``'s context (a class, not a generator: it is entered per task)."""
+    """``Worker.beating``: while it is entered, the main thread gives the socket up to
+    the pulse thread (a class, not a generator context manager: it is entered per
+    task)."""
 
     __slots__ = ("worker",)
 
