@@ -37,7 +37,7 @@ from deathstar.shipping import Bundle, ShippingError, bundle_for
 from deathstar.shm import map_shared
 
 __all__ = ["Bundle", "Deferred", "SerializationError", "ShippingError",
-           "bundle_for", "chunk", "content_hash", "dumps", "dumps_function",
+           "bundle_for", "chunk", "content_hash", "dumps", "dumps_sealed", "dumps_function",
            "function_blob", "loads", "loads_function", "payload_size", "pickle_function",
            "pickles_by_name", "seal", "unseal"]
 
@@ -80,7 +80,14 @@ def dumps(obj: Any, modules: set[str] | None = None) -> list[Any]:
     return chunk(_dumps(obj, modules))
 
 
-def _dumps(obj: Any, modules: set[str] | None = None) -> list[Any]:
+def dumps_sealed(values: Any) -> list[Any]:
+    """``dumps`` of what holds only ``seal``'s output (and plain containers and strings
+    around it): everything in it pickles by reference, so the standard pickler does,
+    without cloudpickle's Python-level hook on every object."""
+    return chunk(_dumps(values, by_value=False))
+
+
+def _dumps(obj: Any, modules: set[str] | None = None, by_value: bool = True) -> list[Any]:
     buffers: list[Any] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -90,7 +97,9 @@ def _dumps(obj: Any, modules: set[str] | None = None) -> list[Any]:
         buffers.append(view)
         return False
 
-    if modules is None:
+    if not by_value:
+        stream = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+    elif modules is None:
         stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
     else:
         out = io.BytesIO()
@@ -191,11 +200,9 @@ def _deferred(stream: bytes, *buffers: Any) -> Deferred:
 
 def seal(value: Any) -> Any:
     """``value`` ready to go in a list of results whose items are unpickled one by one
-    (``unseal``): plain scalars as they are, anything else as a ``Deferred``. Raises
-    what pickling ``value`` raises."""
-    if value is None or type(value) in _PLAIN:
-        return value
-    return Deferred(_dumps(value))
+    (``unseal``): a value whose unpickling runs no code of the user's (``_bare``) as it
+    is, anything else as a ``Deferred``. Raises what pickling ``value`` raises."""
+    return value if _bare(value) else Deferred(_dumps(value))
 
 
 def unseal(value: Any) -> Any:
@@ -207,10 +214,12 @@ def seal_all(values: list[Any]) -> tuple[list[Any], bool]:
     """``seal`` of every value, in one pass, and whether every value is a plain scalar
     (then the list is ``values`` itself, and ``unseal_all`` need not look at it). Raises
     what the first value that fails raises."""
-    if set(map(type, values)) <= _PLAIN_OR_NONE:
+    types = set(map(type, values))
+    if types <= _PLAIN_OR_NONE:
         return values, True
-    plain = _PLAIN
-    return [v if v is None or type(v) in plain else Deferred(_dumps(v)) for v in values], False
+    if all(map(_bare_type, types)):  # numpy's scalars, say: nothing to seal
+        return values, False
+    return [v if _bare(v) else Deferred(_dumps(v)) for v in values], False
 
 
 def unseal_all(values: list[Any]) -> list[Any]:
@@ -220,6 +229,43 @@ def unseal_all(values: list[Any]) -> list[Any]:
 
 _PLAIN = frozenset({int, float, bool, str, bytes, complex})
 _PLAIN_OR_NONE = _PLAIN | {type(None)}
+#: Whether a type's values unpickle without running user code (``_bare_type``), by type.
+_BARE_TYPES: dict[type, bool] = {}
+_BARE_TYPES_KEPT = 1024  # a program that makes classes on the fly does not grow it
+
+
+def _bare(value: Any) -> bool:
+    """Whether ``value`` may travel inside its message's one pickle instead of sealed on
+    its own: unpickling it at the client runs no code of the user's, so it cannot fail
+    by itself (and a value that does runs, when sealed, where its own input can take the
+    blame). So: plain scalars and None, numpy's numeric scalars, numpy arrays (not
+    subclasses) of a dtype without objects, and tuples, lists and dicts whose items are
+    such scalars. Costs a type lookup per item of a container (a set of their types)."""
+    kind = type(value)
+    if kind in _PLAIN_OR_NONE:
+        return True
+    if kind is tuple or kind is list:
+        return all(map(_bare_type, set(map(type, value))))
+    if kind is dict:
+        return all(map(_bare_type, {*map(type, value), *map(type, value.values())}))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and kind is numpy.ndarray:
+        return not value.dtype.hasobject
+    return _bare_type(kind)
+
+
+def _bare_type(kind: type) -> bool:
+    """A plain scalar's type, None's, or one of numpy's numeric scalar types (numpy is
+    imported wherever one of its values exists)."""
+    known = _BARE_TYPES.get(kind)
+    if known is None:
+        numpy = sys.modules.get("numpy")
+        known = kind in _PLAIN_OR_NONE or (
+            numpy is not None and kind.__module__ == "numpy"
+            and issubclass(kind, (numpy.number, numpy.bool_)))
+        if len(_BARE_TYPES) < _BARE_TYPES_KEPT:
+            _BARE_TYPES[kind] = known
+    return known
 
 
 def payload_size(frames: Iterable[Any]) -> int:

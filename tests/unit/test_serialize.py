@@ -207,3 +207,38 @@ def test_only_a_function_found_by_its_name_pickles_by_name() -> None:
         assert not serialize.pickles_by_name(json.dumps)
     finally:
         cloudpickle.unregister_pickle_by_value(json)
+
+
+class _Mine:
+    """A class of the user's: its unpickling is user code."""
+
+
+@pytest.mark.parametrize("value", [
+    None, 3, 2.5, "s", np.float64(1.5), np.int32(7), np.bool_(True), np.arange(4.0),
+    (1, 2.0, "x"), [np.float64(1), 2], {"a": 1, "b": np.int64(2)},
+])
+def test_values_whose_unpickling_runs_no_user_code_are_not_sealed(value: object) -> None:
+    """They travel inside the result's one pickle: no pickle of their own each."""
+    assert serialize.seal(value) is value
+    values, _ = serialize.seal_all([value, value])
+    assert values[0] is value and values[1] is value
+
+
+@pytest.mark.parametrize("value", [
+    _Mine(), [1, _Mine()], (np.arange(3.0),), {"k": _Mine()}, {_Mine: 1},
+    np.array([None, 1], dtype=object), np.ma.array([1.0]), np.datetime64("2026-01-01"),
+    np.arange(3.0).view(np.matrix),
+])
+def test_values_whose_unpickling_may_run_user_code_are_sealed(value: object) -> None:
+    assert isinstance(serialize.seal(value), serialize.Deferred)
+    values, raw = serialize.seal_all([1.0, value])
+    assert values[0] == 1.0 and isinstance(values[1], serialize.Deferred) and not raw
+
+
+def test_sealed_results_round_trip_through_the_standard_pickler() -> None:
+    values = [np.float64(0.5), _Mine(), np.arange(200_000.0), (1, "x"), None]
+    sealed, raw = serialize.seal_all(values)
+    back = serialize.unseal_all(serialize.loads(serialize.dumps_sealed(sealed)))
+    assert not raw and back[0] == 0.5 and type(back[0]) is np.float64
+    assert isinstance(back[1], _Mine) and back[3] == (1, "x") and back[4] is None
+    np.testing.assert_array_equal(back[2], values[2])

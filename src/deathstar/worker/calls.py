@@ -310,13 +310,14 @@ def _initialize(function: Function, initialized: set[str]) -> dict[str, Any] | N
 
 def dump_results(values: list[Any], oks: list[bool], outputs: list[str] | None
                  ) -> tuple[list[Any], bool]:
-    """Pickle the results (with the captured outputs, when asked), each value on its own
-    (``serialize.seal``); one that cannot be pickled becomes that input's error. Also
+    """Pickle the results (with the captured outputs, when asked), each value whose
+    unpickling could run user code on its own (``serialize.seal``); one that cannot be
+    pickled becomes that input's error. Also
     whether every value is a plain scalar, sent as it is (the result's ``raw``)."""
     if all(oks):
         try:
             sealed, raw = serialize.seal_all(values)
-            return serialize.dumps(sealed if outputs is None else (sealed, outputs)), raw
+            return serialize.dumps_sealed(sealed if outputs is None else (sealed, outputs)), raw
         except Terminate:
             raise
         except BaseException:  # noqa: B036 - find the culprit below, value by value
@@ -333,4 +334,4 @@ def dump_results(values: list[Any], oks: list[bool], outputs: list[str] | None
             exc.add_note(f"deathstar: the result ({type(value).__name__}) could not be "
                          "pickled on the worker")
             values[i], oks[i] = error_info(exc), False
-    return serialize.dumps(values if outputs is None else (values, outputs)), False
+    return serialize.dumps_sealed(values if outputs is None else (values, outputs)), False
