@@ -94,3 +94,29 @@ def test_inputs_known_to_be_tiny_run_in_one_loop_and_still_fail_one_by_one(
     # (a quarter of a microsecond at today's epoch)
     durations = [r.end - r.start for r in report[:1000]]
     assert max(durations) - min(durations) < 1e-6, "timed one by one"
+
+
+def test_a_daemon_in_this_process_gives_out_the_first_messages_before_more_are_pickled(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded daemon shares the client's loop: each of the first messages (one per
+    worker) reaches a worker before the next is read and pickled, so the workers start
+    while the rest of the window is still being made (16 MB arrays: ~6 ms each)."""
+    (daemon,) = cluster.engine.hosts.values()
+    events: list[str] = []
+    read_batch, assign = Job.read_batch, daemon.pool.assign
+
+    def reading(job: Job, capacity: int) -> object:
+        task = read_batch(job, capacity)
+        if task is not None:
+            events.append("read")
+        return task
+
+    def assigning(*args: object) -> None:
+        events.append("assign")
+        assign(*args)
+
+    monkeypatch.setattr(Job, "read_batch", reading)
+    monkeypatch.setattr(daemon.pool, "assign", assigning)
+    assert cluster.map(jobs.square, range(12), chunksize=1) == [x * x for x in range(12)]
+    assert events[:4] == ["read", "assign", "read", "assign"], events
+    assert events.count("read") == events.count("assign") == 12

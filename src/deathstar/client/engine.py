@@ -156,8 +156,9 @@ class Engine(Supplier):
         return tuple(n.sock for n in self.nodes if isinstance(n.sock, zmq.Socket))
 
     def has_input(self) -> bool:
-        """A command, or a hosted daemon's message, waits."""
-        return not self.commands.empty() or any(_has_mail(n.sock) for n in self.nodes)
+        """A command, or a hosted daemon's message, waits, or ``fill`` has more to send."""
+        return self.filling or not self.commands.empty() or \
+            any(_has_mail(n.sock) for n in self.nodes)
 
     def deadline(self) -> float:
         return self.next_deadline(time.monotonic())

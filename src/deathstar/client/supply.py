@@ -19,6 +19,8 @@ class Supplier:
     jobs: dict[int, Job]
     memory: MemoryLink
     next_send_id: int
+    #: ``fill`` stopped early, for a daemon in this thread to take what it sent first
+    filling: bool = False
 
     # what the engine provides
     def ready_nodes(self) -> list[Node]:
@@ -31,7 +33,11 @@ class Supplier:
         raise NotImplementedError
 
     def fill(self) -> None:
-        """Top every ready node up to its window, taking jobs in turn."""
+        """Top every ready node up to its window, taking jobs in turn. A node whose daemon
+        runs in this loop gets one message at a time while it may have idle workers: the
+        daemon hands each to a worker (its turn comes before ours again, ``filling``)
+        before the next is pickled."""
+        self.filling = False
         if not self.jobs:
             return
         ready = self.ready_nodes()
@@ -46,6 +52,9 @@ class Supplier:
                 if task is None:
                     break
                 self.send_task(node, task)
+                if node.address.hosted and len(node.inflight) <= node.capacity:
+                    self.filling = True
+                    break
 
     def next_task(self, node: Node, capacity: int, alone: bool) -> Task | None:
         """The next task for ``node``: a retry first (unless it failed on this node and
