@@ -223,8 +223,9 @@ BATCH_MIN_S = _env_float("BATCH_MIN", 0.002)
 #: inputs are read until the consumer catches up (memory stays bounded).
 MAX_PENDING_RESULTS = _env_int("MAX_PENDING_RESULTS", 20_000)
 
-#: Upper bound on inputs per message whatever the measured task time.
-BATCH_MAX_ITEMS = _env_int("BATCH_MAX_ITEMS", 4096)
+#: Upper bound on inputs per message whatever the measured task time (under
+#: MAX_PENDING_RESULTS: one message's results never throttle a map on their own).
+BATCH_MAX_ITEMS = _env_int("BATCH_MAX_ITEMS", 16384)
 
 #: Frames sent without copying (pyzmq's zero-copy, whose buffers a helper thread frees)
 #: start at this size; smaller ones are copied, which costs less up to about here.

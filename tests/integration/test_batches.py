@@ -75,6 +75,20 @@ def test_the_end_of_a_map_keeps_messages_worth_sending() -> None:
     assert job.batch_size(2) == 1  # long inputs still spread one by one
 
 
+def test_a_map_is_cut_into_whole_rounds_of_equal_messages() -> None:
+    """``batch_size``: one message per worker a round, all of a size, so that no message
+    is left over for one worker while the other idles; a map of little work is one
+    round (before: 20,000 tiny inputs went as 4 x 4,096 + 3,616, three to one worker)."""
+    job = Job(1, "h", [], iter(()), 20_000, None, 3)
+    job.per_item_s = 1e-7
+    assert job.batch_size(2) == 10_000
+    job.total = 200_000
+    assert job.batch_size(2) == 14_286  # 7 rounds: at most BATCH_MAX_ITEMS a message
+    job.per_item_s = 1e-4  # 500 fill BATCH_TARGET_S
+    job.total = 2_100
+    assert job.batch_size(2) == 350  # 3 rounds of 350, not 4 x 500 and 100
+
+
 def test_inputs_known_to_be_tiny_run_in_one_loop_and_still_fail_one_by_one(
         cluster: Cluster) -> None:
     """The second map of a function of some microseconds runs each message's inputs in

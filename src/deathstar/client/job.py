@@ -277,10 +277,14 @@ class Job:
 
     def batch_size(self, capacity: int) -> int:
         """Inputs for the next message: fixed by ``chunksize``, else sized so a batch keeps
-        a worker busy about BATCH_TARGET_S, shrinking near the end so workers finish
-        together."""
+        a worker busy about BATCH_TARGET_S, the map cut into whole rounds of equal
+        messages (a round: one message per worker; a map of little work is one round),
+        shrinking near the end so workers finish together."""
         size = self.typical_batch()
         if not self.chunksize and self.total is not None:
+            workers = max(capacity, 1)
+            rounds = -(-self.total // (workers * size))
+            size = -(-self.total // (rounds * workers))
             remaining = self.total - self.read
             share = -(-remaining // (2 * max(capacity, 1)))
             size = max(1, min(size, max(share, self.smallest_batch()), remaining))
