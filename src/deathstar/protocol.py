@@ -312,7 +312,7 @@ def shared_frames(msg: Message) -> list[int]:
     return shared
 
 
-def outcome_fields(oks: Sequence[bool], stamps: Sequence[float]) -> dict[str, bytes]:
+def outcome_fields(oks: Sequence[int], stamps: Sequence[float]) -> dict[str, bytes]:
     """A result's ``ok`` and ``ts`` fields from each input's success and the flat list
     start0, end0, start1, end1, ... of their times."""
     times = array("d", stamps)

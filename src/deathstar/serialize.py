@@ -37,7 +37,7 @@ from deathstar.shipping import Bundle, ShippingError, bundle_for
 from deathstar.shm import map_shared
 
 __all__ = ["Bundle", "Deferred", "SerializationError", "ShippingError",
-           "bundle_for", "chunk", "content_hash", "dumps", "dumps_sealed", "dumps_function",
+           "bundle_for", "chunk", "content_hash", "dumps", "dumps_results", "dumps_sealed", "dumps_function",
            "function_blob", "loads", "loads_function", "payload_size", "pickle_function",
            "pickles_by_name", "seal", "unseal"]
 
@@ -87,7 +87,38 @@ def dumps_sealed(values: Any) -> list[Any]:
     return chunk(_dumps(values, by_value=False))
 
 
-def _dumps(obj: Any, modules: set[str] | None = None, by_value: bool = True) -> list[Any]:
+def dumps_results(results: Any) -> tuple[list[Any], bool]:
+    """A worker's results (a list of values, or the values and what they printed) as
+    payload frames, and whether nothing in them was sealed (the result's ``raw``).
+    Results made of builtin scalars and containers only are pickled as they are, in one
+    pass of the C pickler (``_BuiltinsOnly``); any other object sends them through
+    ``seal_all`` and ``dumps_sealed``. Raises what pickling a value raises."""
+    try:
+        return chunk(_dumps(results, builtins_only=True)), True
+    except _NotBuiltin:
+        pass
+    values, outputs = (results, None) if isinstance(results, list) else results
+    sealed, _ = seal_all(values)
+    return dumps_sealed(sealed if outputs is None else (sealed, outputs)), False
+
+
+class _NotBuiltin(Exception):
+    """``_BuiltinsOnly`` met an object that is not a builtin scalar or container."""
+
+
+class _BuiltinsOnly(pickle.Pickler):
+    """The C pickler, stopped (``_NotBuiltin``) by the first object its own fast paths do
+    not take: those are None, bool, int, float, str, bytes, bytearray, and lists,
+    tuples, dicts, sets and frozensets, whose unpickling runs no code. It asks
+    ``reducer_override`` for everything else, and for nothing of those: a list of 10,000
+    ints costs no Python call per item."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        raise _NotBuiltin
+
+
+def _dumps(obj: Any, modules: set[str] | None = None, by_value: bool = True,
+           builtins_only: bool = False) -> list[Any]:
     buffers: list[Any] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -97,7 +128,11 @@ def _dumps(obj: Any, modules: set[str] | None = None, by_value: bool = True) -> 
         buffers.append(view)
         return False
 
-    if not by_value:
+    if builtins_only:
+        out = io.BytesIO()
+        _BuiltinsOnly(out, protocol=5, buffer_callback=keep_large).dump(obj)
+        stream = out.getvalue()
+    elif not by_value:
         stream = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
     elif modules is None:
         stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)

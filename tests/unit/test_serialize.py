@@ -242,3 +242,19 @@ def test_sealed_results_round_trip_through_the_standard_pickler() -> None:
     assert not raw and back[0] == 0.5 and type(back[0]) is np.float64
     assert isinstance(back[1], _Mine) and back[3] == (1, "x") and back[4] is None
     np.testing.assert_array_equal(back[2], values[2])
+
+
+def test_results_of_builtins_only_are_pickled_as_they_are() -> None:
+    """One pass of the C pickler, nothing sealed (raw); any other object anywhere in them
+    sends them through ``seal_all``, each value whose unpickling may run user code on its
+    own."""
+    plain = [1, 2.5, None, "s", b"b", (1, "x"), {"k": [1, 2]}, {3}]
+    frames, raw = serialize.dumps_results(plain)
+    assert raw and serialize.loads(frames) == plain
+    frames, raw = serialize.dumps_results((plain, ["printed"] * len(plain)))
+    assert raw and serialize.loads(frames) == (plain, ["printed"] * len(plain))
+    mixed = [1, np.float64(2.0), [3, _Mine()]]
+    frames, raw = serialize.dumps_results(mixed)
+    back = serialize.loads(frames)
+    assert not raw and back[:2] == [1, 2.0] and isinstance(back[2], serialize.Deferred)
+    assert back[2].load()[0] == 3

@@ -162,9 +162,9 @@ class Terminate(BaseException):
 
 
 def run_calls(function: Function, msg: Message, initialized: set[str]
-              ) -> tuple[list[Any], list[bool], list[float], list[str] | None]:
+              ) -> tuple[list[Any], bytearray, list[float], list[str] | None]:
     """Call the function on each input of the message: values (or error info), whether
-    each succeeded, each one's start and end time (flat: start0, end0, start1, ...; or one
+    each succeeded (a byte each, nonzero if it did), each one's start and end time (flat: start0, end0, start1, ...; or one
     pair for the message, whose inputs share it: ``_run_swift``), and
     (when the task asks, ``cap``) what each printed. With ``seed``, Python's and numpy's
     generators are seeded with seed + the input's index (``ix``) before each input.
@@ -186,7 +186,7 @@ def run_calls(function: Function, msg: Message, initialized: set[str]
         failure = _initialize(function, initialized)
     if failure is not None:
         now = time.time()
-        return [failure] * n, [False] * n, [now] * (2 * n), [""] * n if capture else None
+        return [failure] * n, bytearray(n), [now] * (2 * n), [""] * n if capture else None
     fn, common, plain = function.fn, function.common, bool(msg.env.get(protocol.F_PLAIN))
     if seeds is None and not capture:
         est = protocol.task_estimate(msg.env)
@@ -195,7 +195,7 @@ def run_calls(function: Function, msg: Message, initialized: set[str]
             return _run_swift(call, items)
         return _run_quick(call, items)
     values: list[Any] = []
-    oks: list[bool] = []
+    oks = bytearray()
     stamps: list[float] = []
     outputs: list[str] | None = [] if capture else None
     for k, item in enumerate(items):
@@ -209,12 +209,12 @@ def run_calls(function: Function, msg: Message, initialized: set[str]
                     values.append(fn(*args, **{**common, **kwargs}))
                 else:
                     values.append(fn(*args, **common))
-                oks.append(True)
+                oks.append(1)
             except Terminate:
                 raise
             except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt too
                 values.append(error_info(exc))
-                oks.append(False)
+                oks.append(0)
         stamps += (start, time.time())
         if outputs is not None:
             outputs.append(captured.text())
@@ -236,7 +236,7 @@ def _caller(fn: Callable[..., Any], common: dict[str, Any], plain: bool
 
 
 def _run_quick(call: Callable[[Any], Any], items: list[Any]
-               ) -> tuple[list[Any], list[bool], list[float], None]:
+               ) -> tuple[list[Any], bytearray, list[float], None]:
     """``run_calls`` without seeds or captured output: the same outcomes, with no object
     made per input beyond its value and its start time (the loop a stream of tiny inputs
     spends its time in; an input ends when the next one starts)."""
@@ -257,7 +257,7 @@ def _run_quick(call: Callable[[Any], Any], items: list[Any]
 
 
 def _run_swift(call: Callable[[Any], Any], items: list[Any]
-               ) -> tuple[list[Any], list[bool], list[float], None]:
+               ) -> tuple[list[Any], bytearray, list[float], None]:
     """``_run_quick`` for inputs the client expects to run under SWIFT_INPUT_S each:
     ``map`` runs them in C, with no clock reading per input, and they share the message's
     time evenly in their records (the stamps are one pair, the message's start and end).
@@ -277,10 +277,10 @@ def _run_swift(call: Callable[[Any], Any], items: list[Any]
     return values, _oks(len(values), failed), [start, time.time()], None
 
 
-def _oks(n: int, failed: list[int]) -> list[bool]:
-    oks = [True] * n
+def _oks(n: int, failed: list[int]) -> bytearray:
+    oks = bytearray(b"\x01") * n
     for i in failed:
-        oks[i] = False
+        oks[i] = 0
     return oks
 
 
@@ -308,16 +308,15 @@ def _initialize(function: Function, initialized: set[str]) -> dict[str, Any] | N
     return None
 
 
-def dump_results(values: list[Any], oks: list[bool], outputs: list[str] | None
+def dump_results(values: list[Any], oks: bytearray, outputs: list[str] | None
                  ) -> tuple[list[Any], bool]:
     """Pickle the results (with the captured outputs, when asked), each value whose
     unpickling could run user code on its own (``serialize.seal``); one that cannot be
-    pickled becomes that input's error. Also
-    whether every value is a plain scalar, sent as it is (the result's ``raw``)."""
-    if all(oks):
+    pickled becomes that input's error (its byte in ``oks`` 0). Also whether no value was
+    sealed (the result's ``raw``: the client need not look for any)."""
+    if 0 not in oks:
         try:
-            sealed, raw = serialize.seal_all(values)
-            return serialize.dumps_sealed(sealed if outputs is None else (sealed, outputs)), raw
+            return serialize.dumps_results(values if outputs is None else (values, outputs))
         except Terminate:
             raise
         except BaseException:  # noqa: B036 - find the culprit below, value by value
@@ -333,5 +332,5 @@ def dump_results(values: list[Any], oks: list[bool], outputs: list[str] | None
             # what pickling raised is that input's error, as with ProcessPoolExecutor
             exc.add_note(f"deathstar: the result ({type(value).__name__}) could not be "
                          "pickled on the worker")
-            values[i], oks[i] = error_info(exc), False
+            values[i], oks[i] = error_info(exc), 0
     return serialize.dumps_sealed(values if outputs is None else (values, outputs)), False

@@ -360,7 +360,7 @@ class Worker:
                 continue
             n = msg.env["n"]
             now = time.time()
-            payload, _ = dump_results([dict(info)] * n, [False] * n,
+            payload, _ = dump_results([dict(info)] * n, bytearray(n),
                                       [""] * n if msg.env.get(protocol.F_CAP) else None)
             self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"],
                                     worker=self.name,
@@ -389,9 +389,10 @@ class Worker:
             self.slot[:] = slot_value(msg.env["id"]).to_bytes(SLOT_BYTES, "little")
         with self.beating:  # user code: the calls, then pickling their results
             values, oks, stamps, outputs = run_calls(function, msg, self.initialized)
-            for value, ok in zip(values, oks):
-                if not ok:  # the client's own file names in its tracebacks
-                    value["traceback"] = self.modules.translate(value["traceback"])
+            if 0 in oks:  # the client's own file names in the tracebacks
+                for value, ok in zip(values, oks):
+                    if not ok:
+                        value["traceback"] = self.modules.translate(value["traceback"])
             payload, raw = dump_results(values, oks, outputs)
             extra: dict[str, Any] = {protocol.F_RAW: True} if raw else {}
             shared = self.results_folder(msg.env.get(protocol.F_RSHM))
