@@ -223,6 +223,12 @@ BATCH_MIN_S = _env_float("BATCH_MIN", 0.002)
 #: inputs are read until the consumer catches up (memory stays bounded).
 MAX_PENDING_RESULTS = _env_int("MAX_PENDING_RESULTS", 20_000)
 
+#: A message's pickled inputs are at most about this many bytes, unless one input alone is
+#: larger (it then goes alone): the client writes a message whole before its worker can
+#: start, and 16 MB arrays batched by their run time alone kept workers idle for tens of
+#: milliseconds.
+BATCH_MAX_BYTES = _env_int("BATCH_MAX_BYTES", 4 << 20)
+
 #: Upper bound on inputs per message whatever the measured task time (under
 #: MAX_PENDING_RESULTS: one message's results never throttle a map on their own).
 BATCH_MAX_ITEMS = _env_int("BATCH_MAX_ITEMS", 16384)

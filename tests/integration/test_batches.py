@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 
 from deathstar import Cluster
@@ -87,6 +88,38 @@ def test_a_map_is_cut_into_whole_rounds_of_equal_messages() -> None:
     job.per_item_s = 1e-4  # 500 fill BATCH_TARGET_S
     job.total = 2_100
     assert job.batch_size(2) == 350  # 3 rounds of 350, not 4 x 500 and 100
+
+
+def test_large_inputs_go_one_per_message_and_the_daemon_runs_between_them(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches are sized by run time and by bytes (BATCH_MAX_BYTES): 3 MB inputs of a
+    function known to be quick go one per message, not all in one; and after each large
+    message the embedded daemon takes its turn (hands out work, reads results) before the
+    engine writes the next."""
+    arrays = [np.full(400_000, float(i)) for i in range(8)]  # 3.2 MB each
+    cluster.map(jobs.square, list(range(2000)))  # not this function: no estimate yet
+    cluster.map(np.sum, arrays)
+    (daemon,) = cluster.engine.hosts.values()
+    events: list[str] = []
+    read_batch, step = Job.read_batch, daemon.step
+
+    def reading(job: Job, capacity: int) -> object:
+        task = read_batch(job, capacity)
+        if task is not None:
+            events.append(f"read {len(task.indices)}")
+        return task
+
+    def stepping(*args: object) -> bool:
+        events.append("daemon")
+        return step(*args)
+
+    monkeypatch.setattr(Job, "read_batch", reading)
+    monkeypatch.setattr(daemon, "step", stepping)
+    assert cluster.map(np.sum, arrays) == [a.sum() for a in arrays]
+    reads = [e for e in events if e.startswith("read")]
+    assert reads == ["read 1"] * 8, events
+    later_reads = [i for i, e in enumerate(events) if e.startswith("read")][1:]
+    assert all(events[i - 1] == "daemon" for i in later_reads), events
 
 
 def test_inputs_known_to_be_tiny_run_in_one_loop_and_still_fail_one_by_one(

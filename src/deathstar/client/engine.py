@@ -79,8 +79,9 @@ class Engine(Supplier):
         # large buffers for nodes that prove they share this machine's /dev/shm
         self.memory = MemoryLink()
         self.late_results = 0
-        # seconds per input of the functions run lately (by hash), for their next jobs
-        self.estimates: OrderedDict[str, float] = OrderedDict()
+        # the seconds per input of the functions run lately (by hash), and the pickled
+        # bytes of their inputs (``Job.bytes_per_item``): their next jobs start from them
+        self.estimates: OrderedDict[str, tuple[float, float | None]] = OrderedDict()
         self.snapshot: list[dict[str, Any]] = []
         self.next_snapshot = 0.0
         self.stall = heartbeats.StallClock(heartbeat_s, time.monotonic())
@@ -233,8 +234,9 @@ class Engine(Supplier):
             self.command_handlers[what](arg)
 
     def add_job(self, job: Job) -> None:
-        if job.per_item_s is None:  # a function run before starts with big batches
-            job.per_item_s = self.estimates.get(job.fn_hash)
+        known = self.estimates.get(job.fn_hash)
+        if known is not None and job.per_item_s is None:  # it starts with big batches
+            job.per_item_s, job.bytes_per_item = known
         self.jobs[job.id] = job
         self.fail_if_no_nodes()
 
@@ -379,7 +381,7 @@ class Engine(Supplier):
         node.done += len(task.indices) - failed
         node.failed += failed
         if job.per_item_s is not None:
-            self.estimates[job.fn_hash] = job.per_item_s
+            self.estimates[job.fn_hash] = (job.per_item_s, job.bytes_per_item)
             self.estimates.move_to_end(job.fn_hash)
             if len(self.estimates) > ESTIMATES_KEPT:
                 self.estimates.popitem(last=False)

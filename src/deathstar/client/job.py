@@ -160,6 +160,7 @@ class Job:
     outstanding: int = 0  # tasks sent and not yet answered
     read: int = 0  # inputs taken from ``items``
     per_item_s: float | None = None
+    bytes_per_item: float | None = None  # pickled input bytes, as the last batches had
     cancelled: bool = False
     # Back-pressure: outcomes handed to the consumer vs taken by it. While too many wait,
     # no new inputs are read, so memory stays bounded when the consumer is slow.
@@ -210,6 +211,9 @@ class Job:
             raise
         if names and not names <= self.modules:
             self.ship_more(names)
+        per_item = serialize.payload_size(payload) / len(inputs)
+        self.bytes_per_item = per_item if self.bytes_per_item is None else \
+            0.5 * (self.bytes_per_item + per_item)
         return Task(self, indices, payload)
 
     def _next_inputs(self, size: int) -> tuple[range | list[int], list[Any]]:
@@ -301,13 +305,17 @@ class Job:
     def typical_batch(self) -> int:
         """Inputs per message away from the end of the map: ``chunksize``; one while the
         task time is unknown or a timeout applies (it is per input); else what fills
-        BATCH_TARGET_S."""
+        BATCH_TARGET_S, within BATCH_MAX_ITEMS and (as far as the inputs' size is known)
+        BATCH_MAX_BYTES."""
         if self.chunksize:
             return self.chunksize
         if self.timeout_s or self.per_item_s is None:
             return 1
-        size = int(config.BATCH_TARGET_S / max(self.per_item_s, 1e-7))
-        return max(1, min(size, config.BATCH_MAX_ITEMS))
+        size = min(int(config.BATCH_TARGET_S / max(self.per_item_s, 1e-7)),
+                   config.BATCH_MAX_ITEMS)
+        if self.bytes_per_item:
+            size = min(size, int(config.BATCH_MAX_BYTES / self.bytes_per_item))
+        return max(1, size)
 
     def message_estimate(self, n: int) -> float | None:
         """Seconds a message of ``n`` inputs is expected to run (None: not known yet)."""

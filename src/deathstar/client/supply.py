@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from deathstar import protocol, serialize
+from deathstar import protocol, serialize, shm
 from deathstar.client.job import Job, JobInputError, Task
 from deathstar.client.node import Node
 from deathstar.client.sharing import MemoryLink
@@ -34,9 +34,10 @@ class Supplier:
 
     def fill(self) -> None:
         """Top every ready node up to its window, taking jobs in turn. A node whose daemon
-        runs in this loop gets one message at a time while it may have idle workers: the
-        daemon hands each to a worker (its turn comes before ours again, ``filling``)
-        before the next is pickled."""
+        runs in this loop gets one message at a time while it may have idle workers, and
+        after each large one: the daemon hands each to a worker, and reads the results
+        that came meanwhile (its turn comes before ours again, ``filling``), before the
+        next is pickled and written."""
         self.filling = False
         if not self.jobs:
             return
@@ -51,8 +52,9 @@ class Supplier:
                 task = self.next_task(node, capacity, alone=len(ready) == 1)
                 if task is None:
                     break
-                self.send_task(node, task)
-                if node.address.hosted and len(node.inflight) <= node.capacity:
+                sent = self.send_task(node, task)
+                if node.address.hosted and (len(node.inflight) <= node.capacity
+                                            or sent >= shm.SHARED_MIN_BYTES):
                     self.filling = True
                     break
 
@@ -82,7 +84,9 @@ class Supplier:
             self.fail_job(job, exc.cause)
             return None
 
-    def send_task(self, node: Node, task: Task) -> None:
+    def send_task(self, node: Node, task: Task) -> int:
+        """Send ``task`` to ``node`` (its function's blob first if the node lacks it);
+        returns the task's payload bytes."""
         job = task.job
         if job.fn_hash not in node.blobs_sent:
             self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
@@ -108,7 +112,9 @@ class Supplier:
             extra.update(fields)
         self.send(node, protocol.pack(protocol.TASK, payload, id=send_id, fn=job.fn_hash,
                                       n=len(task.indices), timeout=job.timeout_s, **extra))
-        node.bytes_sent += serialize.payload_size(task.payload)
+        size = serialize.payload_size(task.payload)
+        node.bytes_sent += size
+        return size
 
     def release(self, send_id: int) -> None:
         """A sent task is answered, lost or dropped: its shared-memory files go."""
