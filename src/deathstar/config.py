@@ -229,9 +229,14 @@ MAX_PENDING_RESULTS = _env_int("MAX_PENDING_RESULTS", 20_000)
 #: milliseconds.
 BATCH_MAX_BYTES = _env_int("BATCH_MAX_BYTES", 4 << 20)
 
-#: Upper bound on inputs per message whatever the measured task time (under
-#: MAX_PENDING_RESULTS: one message's results never throttle a map on their own).
-BATCH_MAX_ITEMS = _env_int("BATCH_MAX_ITEMS", 16384)
+#: Upper bound on inputs per message whatever the measured task time, in a map whose
+#: length is unknown: what the window holds was read ahead of a consumer that may be slow.
+BATCH_MAX_ITEMS = _env_int("BATCH_MAX_ITEMS", 4096)
+
+#: The same in a map of known length, which is cut into whole rounds of messages: a map of
+#: 20,000 tiny inputs goes as one message per worker. Under MAX_PENDING_RESULTS: one
+#: message's results never throttle a map on their own.
+BATCH_MAX_ITEMS_KNOWN = _env_int("BATCH_MAX_ITEMS_KNOWN", 16384)
 
 #: Frames sent without copying (pyzmq's zero-copy, whose buffers a helper thread frees)
 #: start at this size; smaller ones are copied, which costs less up to about here.

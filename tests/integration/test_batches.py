@@ -84,7 +84,11 @@ def test_a_map_is_cut_into_whole_rounds_of_equal_messages() -> None:
     job.per_item_s = 1e-7
     assert job.batch_size(2) == 10_000
     job.total = 200_000
-    assert job.batch_size(2) == 14_286  # 7 rounds: at most BATCH_MAX_ITEMS a message
+    assert job.batch_size(2) == 14_286  # 7 rounds: at most BATCH_MAX_ITEMS_KNOWN each
+    job.total = None  # what is read ahead is held: no more than BATCH_MAX_ITEMS
+    assert job.batch_size(2) == 4096
+    job.total = 0  # nothing to send (a resumed map that has every result)
+    assert job.batch_size(2) >= 1
     job.per_item_s = 1e-4  # 500 fill BATCH_TARGET_S
     job.total = 2_100
     assert job.batch_size(2) == 350  # 3 rounds of 350, not 4 x 500 and 100

@@ -285,12 +285,12 @@ class Job:
         messages (a round: one message per worker; a map of little work is one round),
         shrinking near the end so workers finish together."""
         size = self.typical_batch()
-        if not self.chunksize and self.total is not None:
+        if not self.chunksize and self.total:
             workers = max(capacity, 1)
             rounds = -(-self.total // (workers * size))
             size = -(-self.total // (rounds * workers))
             remaining = self.total - self.read
-            share = -(-remaining // (2 * max(capacity, 1)))
+            share = -(-remaining // (2 * workers))
             size = max(1, min(size, max(share, self.smallest_batch()), remaining))
         return size
 
@@ -305,14 +305,15 @@ class Job:
     def typical_batch(self) -> int:
         """Inputs per message away from the end of the map: ``chunksize``; one while the
         task time is unknown or a timeout applies (it is per input); else what fills
-        BATCH_TARGET_S, within BATCH_MAX_ITEMS and (as far as the inputs' size is known)
-        BATCH_MAX_BYTES."""
+        BATCH_TARGET_S, within BATCH_MAX_ITEMS (BATCH_MAX_ITEMS_KNOWN for a map of known
+        length) and, as far as the inputs' size is known, BATCH_MAX_BYTES."""
         if self.chunksize:
             return self.chunksize
         if self.timeout_s or self.per_item_s is None:
             return 1
         size = min(int(config.BATCH_TARGET_S / max(self.per_item_s, 1e-7)),
-                   config.BATCH_MAX_ITEMS)
+                   config.BATCH_MAX_ITEMS if self.total is None
+                   else config.BATCH_MAX_ITEMS_KNOWN)
         if self.bytes_per_item:
             size = min(size, int(config.BATCH_MAX_BYTES / self.bytes_per_item))
         return max(1, size)
