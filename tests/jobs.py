@@ -132,6 +132,21 @@ def bump_and_sum(a: Any, crash_marker: str = "") -> float:
     return float(a.sum())
 
 
+_KEPT: list[Any] = []  # inputs ``keep_input`` holds on to, in this worker
+
+
+def keep_input(a: Any) -> float:
+    """Hold on to the input array (its shared-memory map must then never be written
+    again) and return its sum."""
+    _KEPT.append(a)
+    return float(a.sum())
+
+
+def kept_sums(_: Any = None) -> list[float]:
+    """The sums of the arrays ``keep_input`` kept in this worker, now."""
+    return [float(a.sum()) for a in _KEPT]
+
+
 def arange_doubled(n: int) -> Any:
     """A fresh array of ``n`` float64s (big ones come back through shared memory when the
     client is on this machine)."""

@@ -94,6 +94,7 @@ F_EST: Final = "est"  # task: the client's estimate of the seconds the message r
 F_RAW: Final = "raw"  # result: every value is a plain scalar, none pickled on its own
 F_SHM: Final = "shm"  # task, result: payload frames that name shared-memory files
 F_RSHM: Final = "rshm"  # task: the client's shared-memory folder for large results
+F_FREE: Final = "free"  # result: the task's shm frames whose files the worker gave back
 F_WORKERS: Final = "workers"  # heartbeat (daemon -> client): the node's capacity now
 F_PROBE: Final = "probe"  # hello: a file in the client's shared-memory folder
 F_PROOF: Final = "proof"  # welcome: the hash of that file, read here: memory is shared
@@ -182,7 +183,7 @@ OPTIONAL: Final[dict[str, dict[str, Callable[[Any], bool]]]] = {
     TASK: {F_SEED: lambda v: isinstance(v, int) and not isinstance(v, bool)
            and abs(v) <= MAX_INT, F_IX: _ids, F_CAP: _flag, F_PLAIN: _flag, F_EST: _num,
            F_SHM: _ids, F_RSHM: _text},
-    RESULT: {F_SHM: _ids, F_RAW: _flag},
+    RESULT: {F_SHM: _ids, F_RAW: _flag, F_FREE: _ids},
     HEARTBEAT: {F_WORKERS: _int},
     HELLO: {F_PROBE: _text},
     WELCOME: {F_PROOF: _text},

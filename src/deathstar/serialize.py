@@ -34,7 +34,7 @@ import cloudpickle
 from deathstar import config
 from deathstar.errors import SerializationError
 from deathstar.shipping import Bundle, ShippingError, bundle_for
-from deathstar.shm import map_shared
+from deathstar.shm import Kept, map_kept, map_shared
 
 __all__ = ["Bundle", "Deferred", "SerializationError", "ShippingError",
            "bundle_for", "chunk", "content_hash", "dumps", "dumps_results", "dumps_sealed", "dumps_function",
@@ -143,9 +143,11 @@ def _dumps(obj: Any, modules: set[str] | None = None, by_value: bool = True,
     return [stream, *buffers]
 
 
-def loads(frames: list[Any], shared: Sequence[int] = ()) -> Any:
+def loads(frames: list[Any], shared: Sequence[int] = (),
+          kept: list[Kept] | None = None) -> Any:
     """Deserialize payload frames made by ``dumps`` (``shared``: the indices of frames that
-    are ``SharedFolder`` paths rather than buffers).
+    are ``SharedFolder`` paths rather than buffers; with ``kept``, their files stay and
+    their maps are added to it, for ``shm.give_back``, else the files are removed).
 
     Out-of-band buffers are copied into writable memory so that arrays the user receives
     can be modified in place, as they can with multiprocessing; shared ones are mapped
@@ -153,7 +155,12 @@ def loads(frames: list[Any], shared: Sequence[int] = ()) -> Any:
     """
     if not frames:
         raise SerializationError("empty payload")
-    if shared:
+    if shared and kept is not None:
+        frames = list(frames)
+        for k in shared:
+            path, frames[k] = map_kept(frames[k])
+            kept.append((k, path, frames[k]))
+    elif shared:
         frames = [map_shared(f) if k in shared else f for k, f in enumerate(frames)]
     if bytes(memoryview(frames[0])[:len(_CHUNKED)]) == _CHUNKED:
         frames = _join(frames)  # copies into writable memory, as below

@@ -1,6 +1,9 @@
 """Large buffers through shared memory, to and from a process on this machine: each
 buffer a file in a private /dev/shm folder (``SharedFolder``), written once by the sender
-and mapped copy-on-write by the receiver (``map_shared``), which removes it. A peer may
+and mapped copy-on-write by the receiver (``map_shared``), which removes it. A worker
+instead keeps the files of a task's inputs while it runs (``map_kept``) and gives back
+those it no longer maps (``give_back``): the client writes its next inputs into them,
+over pages /dev/shm already holds, which is much faster than into new files. A peer may
 name only files in a deathstar folder of /dev/shm that this user owns and no one else may
 write; a node proves it shares this memory by reading a probe file (``prove_shared``)."""
 
@@ -24,23 +27,32 @@ log = logging.getLogger("deathstar.client")
 #: /dev/shm: written once by the client, mapped by the worker.
 SHARED_MIN_BYTES = 1 << 20
 SHARED_ROOT = "/dev/shm"
+#: Files a client keeps to write again once their worker gave them back, at most (their
+#: bytes and their number); past either, a file given back is removed.
+FREE_MAX_BYTES = 256 << 20
+FREE_MAX_FILES = 64
 _SHARED_PREFIX = "deathstar-"
 _FILE_NUMBERS = itertools.count()
 
 
 class SharedFolder:
     """A private folder (0700) in /dev/shm for large buffers sent to a process on this
-    machine: each buffer one file, which the receiver unlinks once it has mapped it.
-    A client makes one for its inputs to workers; its workers write their large results
-    into the same folder (``into``), so every file lives no longer than the client.
-    ``release`` removes files never taken (the task was cancelled or lost), ``close`` the
-    folder if this object made it. Used from one thread."""
+    machine: each buffer one file, which the receiver unlinks once it has mapped it, or
+    (a worker's inputs) gives back when it maps it no more: ``recycle`` keeps those, and
+    the next buffer of the same size is written into one of them. A client makes one for
+    its inputs to workers; its workers write their large results into the same folder
+    (``into``), so every file lives no longer than the client. ``release`` removes files
+    (a task answered, cancelled or lost), ``close`` the folder if this object made it.
+    Used from one thread."""
 
     def __init__(self, into: str | None = None) -> None:
         self.path: str | None = into
         self.owned = into is None
-        self.count = 0  # files written
+        self.count = 0  # buffers written
+        self.reused = 0  # of them, into a file a worker gave back
         self.warned = False
+        self.free: dict[int, list[str]] = {}  # files given back, by size
+        self.free_bytes = 0
 
     def folder(self) -> str:
         """The folder's path, made on first use."""
@@ -79,20 +91,60 @@ class SharedFolder:
         return out, indices, paths
 
     def _write(self, view: memoryview) -> str:
-        # unique across the processes that write into one folder
-        path = os.path.join(self.folder(), f"{os.getpid()}-{next(_FILE_NUMBERS)}")
         self.count += 1
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        path = self._reopen(view.nbytes)
+        if path is not None:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+                self.reused += 1
+            except OSError:
+                self.release([path])
+                path = None
+        if path is None:
+            # unique across the processes that write into one folder
+            path = os.path.join(self.folder(), f"{os.getpid()}-{next(_FILE_NUMBERS)}")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             done = 0
             while done < view.nbytes:
-                done += os.write(fd, view[done:])
+                done += os.pwrite(fd, view[done:], done)
         except OSError:
             os.unlink(path)
             raise
         finally:
             os.close(fd)
         return path
+
+    def _reopen(self, size: int) -> str | None:
+        """A file given back of exactly ``size`` bytes (still this user's regular file),
+        taken off the free list; None when there is none."""
+        files = self.free.get(size)
+        while files:
+            path = files.pop()
+            self.free_bytes -= size
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size == size:
+                return path
+            self.release([path])
+        return None
+
+    def recycle(self, paths: Iterable[str]) -> None:
+        """Files of ours a worker has given back (it maps them no more): kept to write
+        again, within FREE_MAX_BYTES and FREE_MAX_FILES; the others are removed."""
+        for path in paths:
+            try:
+                size = os.lstat(path).st_size
+            except OSError:
+                continue
+            kept = sum(len(files) for files in self.free.values())
+            if size and self.free_bytes + size <= FREE_MAX_BYTES and kept < FREE_MAX_FILES:
+                self.free.setdefault(size, []).append(path)
+                self.free_bytes += size
+            else:
+                self.release([path])
 
     def probe(self) -> tuple[str, str]:
         """A file in the folder with a random token, and the proof a process that can read
@@ -183,6 +235,21 @@ def map_shared(frame: Any) -> Any:
     """Map a ``SharedFolder`` file named by ``frame`` copy-on-write (writes stay in this
     process) and unlink it. Only files in a deathstar folder of /dev/shm are opened;
     anything else raises SerializationError."""
+    path, mapped = map_kept(frame)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return mapped
+
+
+#: A task's input file a worker maps: the payload frame that named it, its path, the map.
+Kept = tuple[int, str, Any]
+
+
+def map_kept(frame: Any) -> tuple[str, Any]:
+    """``map_shared`` without removing the file: its path and the map (see
+    ``give_back``)."""
     path = _shared_path(frame)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -196,8 +263,24 @@ def map_shared(frame: Any) -> Any:
         mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else bytearray()
     finally:
         os.close(fd)
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-    return mapped
+    return path, mapped
+
+
+def give_back(kept: Sequence[Kept]) -> list[int]:
+    """After a task: close the maps of its input files that nothing refers to any more,
+    and return their frames' indices (their files stay, for the client to write again);
+    a file whose buffer is still in use (an input kept by the function, a result that is
+    a view of it) is removed instead, its map living on as long as it is used."""
+    given: list[int] = []
+    for index, path, mapped in kept:
+        if isinstance(mapped, mmap.mmap):
+            try:
+                mapped.close()
+            except BufferError:  # still viewed: the file must never be written again
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                continue
+        given.append(index)
+    return given

@@ -359,7 +359,7 @@ class Engine(Supplier):
 
     def on_result(self, node: Node, msg: Message) -> None:
         task = node.inflight.pop(msg.env["id"], None)
-        self.release(msg.env["id"])
+        self.release(msg.env["id"], msg.env.get(protocol.F_FREE, ()))
         try:
             shared = protocol.shared_frames(msg)
         except protocol.ProtocolError as exc:

@@ -5,7 +5,7 @@ took them. Used from the client's I/O thread only."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from deathstar import protocol, shm
 
@@ -24,7 +24,8 @@ class MemoryLink:
                 self.probe = self.folder.probe()
             except OSError:
                 self.folder = None  # /dev/shm cannot take a file: sockets carry everything
-        self.files: dict[int, list[str]] = {}  # send id -> files not yet taken
+        # send id -> the frames of its payload that are files, and those files
+        self.files: dict[int, tuple[list[int], list[str]]] = {}
 
     def probe_path(self) -> str | None:
         """What a hello names for the node to read."""
@@ -41,15 +42,20 @@ class MemoryLink:
         assert self.folder is not None
         payload, indices, paths = self.folder.share(payload)
         if paths:
-            self.files[send_id] = paths
+            self.files[send_id] = (indices, paths)
         return payload, {protocol.F_SHM: indices, protocol.F_RSHM: self.folder.folder()}
 
-    def release(self, send_id: int) -> None:
-        """A sent task is answered, lost or dropped: remove the files its worker did not
-        take."""
-        paths = self.files.pop(send_id, None)
-        if paths:
-            shm.SharedFolder.release(paths)
+    def release(self, send_id: int, given_back: Iterable[int] = ()) -> None:
+        """A sent task is answered, lost or dropped: the files of its frames that its
+        worker gave back (``given_back``, a result's ``free``) are kept to write again,
+        the others are removed (if the worker did not)."""
+        files = self.files.pop(send_id, None)
+        if not files:
+            return
+        assert self.folder is not None
+        back = set(given_back)
+        self.folder.recycle(p for k, p in zip(*files) if k in back)
+        shm.SharedFolder.release(p for k, p in zip(*files) if k not in back)
 
     def close(self) -> None:
         if self.folder is not None:

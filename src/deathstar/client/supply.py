@@ -5,7 +5,7 @@ the engine's loop only (``Engine`` is a ``Supplier``)."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from deathstar import protocol, serialize, shm
 from deathstar.client.job import Job, JobInputError, Task
@@ -116,6 +116,7 @@ class Supplier:
         node.bytes_sent += size
         return size
 
-    def release(self, send_id: int) -> None:
-        """A sent task is answered, lost or dropped: its shared-memory files go."""
-        self.memory.release(send_id)
+    def release(self, send_id: int, given_back: Iterable[int] = ()) -> None:
+        """A sent task is answered, lost or dropped: its shared-memory files go, but for
+        those its worker gave back (``MemoryLink.release``)."""
+        self.memory.release(send_id, given_back)

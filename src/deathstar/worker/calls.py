@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from deathstar import protocol, serialize
+from deathstar import protocol, serialize, shm
 from deathstar.protocol import Message
 from deathstar.shipping import Bundle
 
@@ -161,7 +161,8 @@ class Terminate(BaseException):
     """Raised in the main thread by SIGTERM/SIGINT: say goodbye and exit."""
 
 
-def run_calls(function: Function, msg: Message, initialized: set[str]
+def run_calls(function: Function, msg: Message, initialized: set[str],
+              kept: list[shm.Kept] | None = None
               ) -> tuple[list[Any], bytearray, list[float], list[str] | None]:
     """Call the function on each input of the message: values (or error info), whether
     each succeeded (a byte each, nonzero if it did), each one's start and end time (flat: start0, end0, start1, ...; or one
@@ -170,12 +171,12 @@ def run_calls(function: Function, msg: Message, initialized: set[str]
     generators are seeded with seed + the input's index (``ix``) before each input.
     The executor's initializer runs first, once per process (``initialized`` holds the
     tokens of those that ran); when it raises, every input of the message fails with it
-    and it runs again before the next message."""
+    and it runs again before the next message. ``kept``: as for ``serialize.loads``."""
     n = msg.env["n"]
     capture = bool(msg.env.get(protocol.F_CAP))
     failure = None
     try:
-        items = serialize.loads(msg.payload, protocol.shared_frames(msg))
+        items = serialize.loads(msg.payload, protocol.shared_frames(msg), kept)
         seeds = task_seeds(msg.env, n)
     except Terminate:
         raise

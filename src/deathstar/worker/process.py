@@ -387,21 +387,29 @@ class Worker:
         self.modules.activate(function.bundle)
         if self.slot is not None:
             self.slot[:] = slot_value(msg.env["id"]).to_bytes(SLOT_BYTES, "little")
+        kept: list[shm.Kept] = []  # the input files it maps, given back after
         with self.beating:  # user code: the calls, then pickling their results
-            values, oks, stamps, outputs = run_calls(function, msg, self.initialized)
-            if 0 in oks:  # the client's own file names in the tracebacks
-                for value, ok in zip(values, oks):
-                    if not ok:
-                        value["traceback"] = self.modules.translate(value["traceback"])
+            values, oks, stamps, outputs = run_calls(function, msg, self.initialized, kept)
+            if 0 in oks:
+                self.translate_tracebacks(values, oks)
             payload, raw = dump_results(values, oks, outputs)
+            del values  # (the inputs they hold may let their files go)
             extra: dict[str, Any] = {protocol.F_RAW: True} if raw else {}
             shared = self.results_folder(msg.env.get(protocol.F_RSHM))
             if shared is not None:
                 payload, extra[protocol.F_SHM], _ = shared.share(payload)
+            if kept:
+                extra[protocol.F_FREE] = shm.give_back(kept)
         self.modules.remember()
         self.inputs_done += len(oks)
         self.send(protocol.pack(protocol.RESULT, payload, id=msg.env["id"], worker=self.name,
                                 **protocol.outcome_fields(oks, stamps), **extra))
+
+    def translate_tracebacks(self, values: list[Any], oks: bytearray) -> None:
+        """The client's own file names in the failed inputs' tracebacks."""
+        for value, ok in zip(values, oks):
+            if not ok:
+                value["traceback"] = self.modules.translate(value["traceback"])
 
     def results_folder(self, rshm: Any) -> shm.SharedFolder | None:
         """Where large results go when the client is on this machine: its /dev/shm folder
