@@ -194,9 +194,8 @@ class Executor(cf.Executor):
             self._pending.append(_Call(future, next(self._indices), fn_hash, blob, args,
                                        kwargs or None))
             self._unfinished.add(future)
-            job = self._start_feed_locked() if self._feed is None else None
-        if job is not None:
-            self._cluster.engine.submit(job)
+            if self._feed is None:
+                self._start_feed_locked()
         return future
 
     def _check_accepting(self, locked: bool = False) -> None:
@@ -208,22 +207,19 @@ class Executor(cf.Executor):
         check_not_exiting()
         self._cluster.check_open()
 
-    def _start_feed_locked(self) -> Job:
-        """A feed for the calls at the head of the queue (lock held), and its job: the
-        caller submits it once it has let the lock go (the I/O thread that wakes for it
-        takes this lock first, and would only wait for ours)."""
+    def _start_feed_locked(self) -> None:
+        """Start a job for the calls at the head of the queue (lock held)."""
         head = self._pending[0]
         feed = _Feed(self, head.fn_hash)
         feed.job = self._cluster.job_from_blob(head.fn_hash, head.blob, feed, self._options,
                                                out=feed)
         self._feed = feed
         self._feeds.add(feed)
-        return feed.job
+        self._cluster.engine.submit(feed.job)
 
     def _take(self, feed: _Feed) -> tuple[int, tuple[Any, ...], dict[str, Any] | None]:
         """The next call for ``feed`` (called in the I/O thread when a node has room): it
         becomes running. Cancelled calls are skipped (their waiters notified)."""
-        job = None
         with self._lock:
             while not feed.closed and self._pending \
                     and self._pending[0].fn_hash == feed.fn_hash:
@@ -236,9 +232,7 @@ class Executor(cf.Executor):
             if self._feed is feed:
                 self._feed = None
                 if self._pending:
-                    job = self._start_feed_locked()
-        if job is not None:
-            self._cluster.engine.submit(job)
+                    self._start_feed_locked()
         raise StopIteration
 
     # ------------------------------------------------------------------ outcomes
@@ -292,7 +286,6 @@ class Executor(cf.Executor):
         and never answered fail; when the cluster is unusable so do the queued ones, else
         a new feed takes them."""
         stranded: list[_Call] = []
-        job = None
         with self._lock:
             self._feeds.discard(feed)
             feed.closed = True
@@ -306,9 +299,7 @@ class Executor(cf.Executor):
                     stranded = list(self._pending)
                     self._pending.clear()
                 else:
-                    job = self._start_feed_locked()
-        if job is not None:
-            self._cluster.engine.submit(job)
+                    self._start_feed_locked()
         if error is None and leftovers:
             error = (cf.CancelledError(_CANCELLED) if feed.cancelled else
                      RuntimeError("the cluster finished a job without answering a call"))
