@@ -31,6 +31,8 @@ SHARED_ROOT = "/dev/shm"
 #: bytes and their number); past either, a file given back is removed.
 FREE_MAX_BYTES = 256 << 20
 FREE_MAX_FILES = 64
+#: Seconds without a buffer written after which an idle client removes those files.
+FREE_IDLE_S = 10.0
 _SHARED_PREFIX = "deathstar-"
 _FILE_NUMBERS = itertools.count()
 
@@ -130,6 +132,13 @@ class SharedFolder:
                 return path
             self.release([path])
         return None
+
+    def drop_free(self) -> None:
+        """Remove the files given back (the client is idle: /dev/shm is memory)."""
+        for files in self.free.values():
+            self.release(files)
+        self.free.clear()
+        self.free_bytes = 0
 
     def recycle(self, paths: Iterable[str]) -> None:
         """Files of ours a worker has given back (it maps them no more): kept to write

@@ -121,3 +121,17 @@ def test_input_files_are_written_again_but_never_under_an_array_a_worker_kept() 
             assert c.map(np.sum, arrays) == [a.sum() for a in arrays]
         assert folder.reused >= 8  # the np.sum maps' files went round again
         assert c.map(jobs.kept_sums, [None]) == [[300_000.0 * (1 + k) for k in range(3)]]
+
+
+def test_an_idle_client_removes_the_files_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/dev/shm is memory: the files workers gave back stay while maps come, and go once
+    the client has written none for ``shm.FREE_IDLE_S`` with no job running."""
+    with Cluster(workers=1) as c:
+        folder = c.engine.memory.folder
+        assert folder is not None and folder.path is not None
+        arrays = [np.full(300_000, float(k)) for k in range(3)]
+        assert c.map(np.sum, arrays) == [a.sum() for a in arrays]
+        assert folder.free  # kept for the next map (FREE_IDLE_S is 10 s)
+        monkeypatch.setattr(shm, "FREE_IDLE_S", 0.0)
+        wait_for(lambda: not folder.free, 20, "the idle client to drop the files")
+        assert os.listdir(folder.path) == [os.path.basename(c.engine.memory.probe[0])]

@@ -469,6 +469,8 @@ class Engine(Supplier):
         if now >= self.next_snapshot or not self.jobs:
             self.next_snapshot = now + 0.25
             self.take_snapshot(now)
+        if not self.jobs:
+            self.memory.trim(now)
 
     def node_down(self, node: Node, now: float, reason: str) -> None:
         node.downs += 1

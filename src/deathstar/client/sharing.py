@@ -1,10 +1,12 @@
 """The client's side of shared memory with its nodes (``MemoryLink``): its private
 ``/dev/shm`` folder, the probe every node is asked to read (a node that can, as its own,
-shares this machine's memory with us), and the files of each sent task until its worker
-took them. Used from the client's I/O thread only."""
+shares this machine's memory with us), the files of each sent task until its worker
+took them, and those workers gave back, to write again (until the client is idle). Used
+from the client's I/O thread only."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable
 
 from deathstar import protocol, shm
@@ -26,6 +28,7 @@ class MemoryLink:
                 self.folder = None  # /dev/shm cannot take a file: sockets carry everything
         # send id -> the frames of its payload that are files, and those files
         self.files: dict[int, tuple[list[int], list[str]]] = {}
+        self.last_write = 0.0  # when a task last had a buffer written (time.monotonic)
 
     def probe_path(self) -> str | None:
         """What a hello names for the node to read."""
@@ -43,6 +46,7 @@ class MemoryLink:
         payload, indices, paths = self.folder.share(payload)
         if paths:
             self.files[send_id] = (indices, paths)
+            self.last_write = time.monotonic()
         return payload, {protocol.F_SHM: indices, protocol.F_RSHM: self.folder.folder()}
 
     def release(self, send_id: int, given_back: Iterable[int] = ()) -> None:
@@ -56,6 +60,13 @@ class MemoryLink:
         back = set(given_back)
         self.folder.recycle(p for k, p in zip(*files) if k in back)
         shm.SharedFolder.release(p for k, p in zip(*files) if k not in back)
+
+    def trim(self, now: float) -> None:
+        """With no job running: remove the files workers gave back once none was written
+        for ``shm.FREE_IDLE_S`` (an idle client holds no /dev/shm memory)."""
+        if self.folder is not None and self.folder.free and \
+                now - self.last_write >= shm.FREE_IDLE_S:
+            self.folder.drop_free()
 
     def close(self) -> None:
         if self.folder is not None:
