@@ -5,7 +5,7 @@ the engine's loop only (``Engine`` is a ``Supplier``)."""
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from deathstar import protocol, serialize, shm
 from deathstar.client.job import Job, JobInputError, Task
@@ -22,15 +22,12 @@ class Supplier:
     #: ``fill`` stopped early, for a daemon in this thread to take what it sent first
     filling: bool = False
 
-    # what the engine provides
-    def ready_nodes(self) -> list[Node]:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # what the engine (a Supplier) provides
+        def ready_nodes(self) -> list[Node]: ...
 
-    def send(self, node: Node, frames: list[Any]) -> None:
-        raise NotImplementedError
+        def send(self, node: Node, frames: list[Any]) -> None: ...
 
-    def fail_job(self, job: Job, exc: BaseException) -> None:
-        raise NotImplementedError
+        def fail_job(self, job: Job, exc: BaseException) -> None: ...
 
     def fill(self) -> None:
         """Top every ready node up to its window, taking jobs in turn. A node whose daemon
