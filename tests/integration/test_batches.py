@@ -11,7 +11,7 @@ import pickle
 import numpy as np
 import pytest
 
-from deathstar import Cluster
+from deathstar import Cluster, serialize
 from deathstar.client.job import Job
 from tests import jobs
 
@@ -171,3 +171,23 @@ def test_a_daemon_in_this_process_gives_out_the_first_messages_before_more_are_p
     assert cluster.map(jobs.square, range(12), chunksize=1) == [x * x for x in range(12)]
     assert events[:4] == ["read", "assign", "read", "assign"], events
     assert events.count("read") == events.count("assign") == 12
+
+
+def test_a_function_mapped_before_is_not_pickled_again(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last map's function blob is kept (as the Executor keeps its calls'): a map of
+    the same function without common arguments pickles nothing before its inputs; common
+    arguments, or another function, are pickled as before."""
+    pickled: list[object] = []
+    pickle_function = serialize.pickle_function
+
+    def counting(fn: object, *args: object) -> object:
+        pickled.append(fn)
+        return pickle_function(fn, *args)
+
+    monkeypatch.setattr(serialize, "pickle_function", counting)
+    assert cluster.map(jobs.square, range(5)) == [0, 1, 4, 9, 16]
+    assert cluster.map(jobs.square, range(3)) == [0, 1, 4]
+    assert cluster.map(jobs.add, range(3), y=1) == [1, 2, 3]
+    assert cluster.map(jobs.add, range(3)) == [0, 1, 2]
+    assert pickled.count(jobs.square) <= 1 and pickled.count(jobs.add) == 2

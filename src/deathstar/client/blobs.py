@@ -1,6 +1,7 @@
-"""The function blob of each call an executor takes (``Executor.submit``): the last
-one is kept while the same function comes again, so the calls queued one behind the
-other share one blob, and so one job."""
+"""The function blob of each call an executor takes (``Executor.submit``), and of each
+map a Cluster runs without common arguments: the last one is kept while the same
+function comes again, so the calls queued one behind the other share one blob (and so
+one job), and a map of a function mapped before pickles nothing again."""
 
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ class FunctionBlobs:
             raise serialize.SerializationError(
                 f"an argument cannot be pickled: {type(exc).__name__}: {exc}") from exc
         # the local modules the arguments refer to (a joblib batch's function) go with it
+        fn_hash, blob, _, _ = self.function(fn, modules)
+        return fn_hash, blob
+
+    def function(self, fn: Callable[..., Any], modules: set[str] | None = None
+                 ) -> tuple[str, list[Any], list[Any], set[str]]:
+        """The function's hash, its blob, its own pickle and the modules that travel
+        with it (``modules`` among them), all kept from the last time when it is the
+        same function and modules. The set returned is shared: copy it to change it.
+        Raises ``SerializationError`` naming what cannot be pickled or shipped."""
+        modules = modules or set()
         kept = self.by_name
         if kept is not None and kept[0] is fn and modules <= kept[2] \
                 and serialize.pickles_by_name(fn):
@@ -47,8 +58,8 @@ class FunctionBlobs:
         key = (bundle, *inner)
         last = self.last
         if last is not None and last[0] == key:
-            return last[1], last[2]  # the same function and modules as the last call
+            return last[1], last[2], inner, names  # the same function and modules
         blob = serialize.function_blob(inner, bundle)
         fn_hash = serialize.content_hash(blob)
         self.last = (key, fn_hash, blob)
-        return fn_hash, blob
+        return fn_hash, blob, inner, names

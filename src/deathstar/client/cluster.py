@@ -20,6 +20,7 @@ from deathstar import config, serialize
 from deathstar.client.engine import Engine, NoNodesError
 from deathstar.client.job import Batch, Job, Outcome, as_outcomes, drain, ordered
 from deathstar.client.results import Collector, MapResult
+from deathstar.client.blobs import FunctionBlobs
 from deathstar.client.embedded import LocalDaemon, acquire_shared, hosting, release_shared
 from deathstar.client.progress import ProgressFn, resolve as resolve_progress
 from deathstar.client.status import load_keys, query_status
@@ -107,6 +108,7 @@ class Cluster:
         self.addresses: list[NodeAddress] = addresses
         self._keys = keys
         self._job_ids = itertools.count(1)
+        self._blobs = FunctionBlobs(None)  # the last map's function (no common arguments)
         # a daemon hosted in this process (ours, the shared one, another Cluster's) runs
         # our engine in its own loop
         hosted = hosting(addresses)
@@ -323,14 +325,18 @@ class Cluster:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         self.check_open()
-        inner, bundle, modules = serialize.pickle_function(fn, common)
-        blob = serialize.function_blob(inner, bundle)
+        if common:
+            inner, bundle, modules = serialize.pickle_function(fn, common)
+            blob = serialize.function_blob(inner, bundle)
+            fn_hash = serialize.content_hash(blob)
+        else:  # the last map's blob when it is the same function (and modules)
+            fn_hash, blob, inner, modules = self._blobs.function(fn)
         # calls before indices: an index may be known only once its call has been read
         numbered = zip(calls, itertools.count() if indices is None else indices)
-        job = self.job_from_blob(serialize.content_hash(blob), blob,
+        job = self.job_from_blob(fn_hash, blob,
                                  ((i, args, kwargs) for (args, kwargs), i in numbered),
                                  options, total=total, out=out)
-        job.inner, job.modules = inner, modules  # inputs may need more modules shipped
+        job.inner, job.modules = inner, set(modules)  # inputs may need more modules shipped
         return job
 
     def job_from_blob(self, fn_hash: str, blob: list[Any],
