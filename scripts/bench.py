@@ -13,9 +13,9 @@ worker count and the same functions (scripts/bench_tasks.py; W3's from the state
 module scripts/bench_stateful.py); every repetition gets fresh data; each figure is the
 median of the repetitions after one warm-up (a W1 repetition is itself the median of
 up to 15 maps of its data: one map of 20,000 tiny inputs lasts milliseconds); setup time
-(start to first result) is reported apart. W5 runs one lognormal drawn with 5 seeds and is judged on the worst;
-idle is the CPU of this process and all its children (daemon, workers) while a
-connected cluster sits idle after a first map; GridSearchCV (bench_grid.py) runs
+(start to first result) is reported apart. W5 runs one lognormal drawn with 5 seeds and
+is judged on the worst; idle is the CPU of this process and all its children (daemon,
+workers) while a connected cluster sits idle after a first map; GridSearchCV (bench_grid.py) runs
 scikit-learn through joblib with no cluster given, beside loky. Dask, Ray and loky (or
 joblib's copy of loky) are used when importable.
 

@@ -37,9 +37,9 @@ from deathstar.shipping import Bundle, ShippingError, bundle_for
 from deathstar.shm import Kept, map_kept, map_shared
 
 __all__ = ["Bundle", "Deferred", "SerializationError", "ShippingError",
-           "bundle_for", "chunk", "content_hash", "dumps", "dumps_results", "dumps_sealed", "dumps_function",
-           "function_blob", "loads", "loads_function", "payload_size", "pickle_function",
-           "pickles_by_name", "seal", "unseal"]
+           "bundle_for", "chunk", "content_hash", "dumps", "dumps_results", "dumps_sealed",
+           "dumps_function", "function_blob", "loads", "loads_function", "payload_size",
+           "pickle_function", "pickles_by_name", "seal", "unseal"]
 
 log = logging.getLogger("deathstar.client")
 
@@ -80,26 +80,30 @@ def dumps(obj: Any, modules: set[str] | None = None) -> list[Any]:
     return chunk(_dumps(obj, modules))
 
 
-def dumps_sealed(values: Any) -> list[Any]:
-    """``dumps`` of what holds only ``seal``'s output (and plain containers and strings
-    around it): everything in it pickles by reference, so the standard pickler does,
-    without cloudpickle's Python-level hook on every object."""
-    return chunk(_dumps(values, by_value=False))
+def dumps_sealed(values: list[Any], outputs: list[str] | None = None) -> list[Any]:
+    """A worker's results as payload frames, once each value is ``seal``'s output (with
+    what each input printed, when captured): everything in them pickles by reference,
+    so the standard pickler does, without cloudpickle's Python-level hook on every
+    object."""
+    return chunk(_dumps(_results(values, outputs), pickler=pickle.Pickler))
 
 
-def dumps_results(results: Any) -> tuple[list[Any], bool]:
-    """A worker's results (a list of values, or the values and what they printed) as
-    payload frames, and whether nothing in them was sealed (the result's ``raw``).
-    Results made of builtin scalars and containers only are pickled as they are, in one
-    pass of the C pickler (``_BuiltinsOnly``); any other object sends them through
-    ``seal_all`` and ``dumps_sealed``. Raises what pickling a value raises."""
+def dumps_results(values: list[Any], outputs: list[str] | None = None
+                  ) -> tuple[list[Any], bool]:
+    """A worker's results (with what each input printed, when captured) as payload
+    frames, and whether nothing in them was sealed (the result's ``raw``). Results made
+    of builtin scalars and containers only are pickled as they are, in one pass of the C
+    pickler (``_BuiltinsOnly``); any other object sends them through ``seal_all`` and
+    ``dumps_sealed``. Raises what pickling a value raises."""
     try:
-        return chunk(_dumps(results, builtins_only=True)), True
+        return chunk(_dumps(_results(values, outputs), pickler=_BuiltinsOnly)), True
     except _NotBuiltin:
-        pass
-    values, outputs = (results, None) if isinstance(results, list) else results
-    sealed, _ = seal_all(values)
-    return dumps_sealed(sealed if outputs is None else (sealed, outputs)), False
+        return dumps_sealed(seal_all(values)[0], outputs), False
+
+
+def _results(values: list[Any], outputs: list[str] | None) -> Any:
+    """What a result's payload holds: the values, or the values and their outputs."""
+    return values if outputs is None else (values, outputs)
 
 
 class _NotBuiltin(Exception):
@@ -117,8 +121,10 @@ class _BuiltinsOnly(pickle.Pickler):
         raise _NotBuiltin
 
 
-def _dumps(obj: Any, modules: set[str] | None = None, by_value: bool = True,
-           builtins_only: bool = False) -> list[Any]:
+def _dumps(obj: Any, modules: set[str] | None = None,
+           pickler: type[pickle.Pickler] | None = None) -> list[Any]:
+    """The pickle stream and out-of-band buffers of ``obj``: by cloudpickle (noting the
+    modules it refers to in ``modules``), or by ``pickler``, a standard pickler class."""
     buffers: list[Any] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -128,12 +134,10 @@ def _dumps(obj: Any, modules: set[str] | None = None, by_value: bool = True,
         buffers.append(view)
         return False
 
-    if builtins_only:
+    if pickler is not None:
         out = io.BytesIO()
-        _BuiltinsOnly(out, protocol=5, buffer_callback=keep_large).dump(obj)
+        pickler(out, protocol=5, buffer_callback=keep_large).dump(obj)
         stream = out.getvalue()
-    elif not by_value:
-        stream = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
     elif modules is None:
         stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
     else:

@@ -123,7 +123,8 @@ def test_input_files_are_written_again_but_never_under_an_array_a_worker_kept() 
         assert c.map(jobs.kept_sums, [None]) == [[300_000.0 * (1 + k) for k in range(3)]]
 
 
-def test_an_idle_client_removes_the_files_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_idle_client_removes_the_files_given_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """/dev/shm is memory: the files workers gave back stay while maps come, and go once
     the client has written none for ``shm.FREE_IDLE_S`` with no job running."""
     with Cluster(workers=1) as c:

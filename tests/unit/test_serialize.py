@@ -251,7 +251,7 @@ def test_results_of_builtins_only_are_pickled_as_they_are() -> None:
     plain = [1, 2.5, None, "s", b"b", (1, "x"), {"k": [1, 2]}, {3}]
     frames, raw = serialize.dumps_results(plain)
     assert raw and serialize.loads(frames) == plain
-    frames, raw = serialize.dumps_results((plain, ["printed"] * len(plain)))
+    frames, raw = serialize.dumps_results(plain, ["printed"] * len(plain))
     assert raw and serialize.loads(frames) == (plain, ["printed"] * len(plain))
     mixed = [1, np.float64(2.0), [3, _Mine()]]
     frames, raw = serialize.dumps_results(mixed)

@@ -137,6 +137,10 @@ class Task:
     last_reason: str = ""
     node_losses: int = 0  # re-sends because a node was lost (a budget of its own)
     avoid: str = ""  # the node where it last failed: another is preferred
+    nbytes: int = field(init=False)  # the payload's bytes, counted once
+
+    def __post_init__(self) -> None:
+        self.nbytes = serialize.payload_size(self.payload)
 
 
 @dataclass(eq=False)
@@ -211,10 +215,9 @@ class Job:
             raise
         if names and not names <= self.modules:
             self.ship_more(names)
-        per_item = serialize.payload_size(payload) / len(inputs)
-        self.bytes_per_item = per_item if self.bytes_per_item is None else \
-            0.5 * (self.bytes_per_item + per_item)
-        return Task(self, indices, payload)
+        task = Task(self, indices, payload)
+        self.bytes_per_item = _folded(self.bytes_per_item, task.nbytes / len(inputs))
+        return task
 
     def _next_inputs(self, size: int) -> tuple[range | list[int], list[Any]]:
         """The next ``size`` inputs (fewer at the end, which exhausts the job) and their
@@ -431,8 +434,7 @@ class Job:
         first start to the last end (what a worker spends per input, between inputs
         included), without a pass over every input."""
         per_item = max(0.0, ends[-1] - starts[0]) / n if n and len(ends) == n else 0.0
-        self.per_item_s = per_item if self.per_item_s is None else 0.5 * (self.per_item_s
-                                                                          + per_item)
+        self.per_item_s = _folded(self.per_item_s, per_item)
 
     def _read_values(self, payload: list[Any], shared: list[int], n: int
                      ) -> tuple[list[Any], list[str]]:
@@ -457,6 +459,12 @@ class Job:
                                 str(error))
             outcomes.append((index, False, error, record))
         self.deliver(outcomes)
+
+
+def _folded(estimate: float | None, measured: float) -> float:
+    """An estimate with a new measurement folded in (the mean of the two; the
+    measurement itself when there is no estimate yet)."""
+    return measured if estimate is None else 0.5 * (estimate + measured)
 
 
 def _unreadable(exc: BaseException) -> dict[str, Any]:

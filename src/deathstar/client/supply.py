@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
-from deathstar import protocol, serialize, shm
+from deathstar import protocol, shm
 from deathstar.client.job import Job, JobInputError, Task
 from deathstar.client.node import Node
 from deathstar.client.sharing import MemoryLink
@@ -49,9 +49,9 @@ class Supplier:
                 task = self.next_task(node, capacity, alone=len(ready) == 1)
                 if task is None:
                     break
-                sent = self.send_task(node, task)
+                self.send_task(node, task)
                 if node.address.hosted and (len(node.inflight) <= node.capacity
-                                            or sent >= shm.SHARED_MIN_BYTES):
+                                            or task.nbytes >= shm.SHARED_MIN_BYTES):
                     self.filling = True
                     break
 
@@ -81,9 +81,8 @@ class Supplier:
             self.fail_job(job, exc.cause)
             return None
 
-    def send_task(self, node: Node, task: Task) -> int:
-        """Send ``task`` to ``node`` (its function's blob first if the node lacks it);
-        returns the task's payload bytes."""
+    def send_task(self, node: Node, task: Task) -> None:
+        """Send ``task`` to ``node`` (its function's blob first if the node lacks it)."""
         job = task.job
         if job.fn_hash not in node.blobs_sent:
             self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
@@ -109,9 +108,7 @@ class Supplier:
             extra.update(fields)
         self.send(node, protocol.pack(protocol.TASK, payload, id=send_id, fn=job.fn_hash,
                                       n=len(task.indices), timeout=job.timeout_s, **extra))
-        size = serialize.payload_size(task.payload)
-        node.bytes_sent += size
-        return size
+        node.bytes_sent += task.nbytes
 
     def release(self, send_id: int, given_back: Iterable[int] = ()) -> None:
         """A sent task is answered, lost or dropped: its shared-memory files go, but for

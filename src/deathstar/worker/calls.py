@@ -165,10 +165,11 @@ def run_calls(function: Function, msg: Message, initialized: set[str],
               kept: list[shm.Kept] | None = None
               ) -> tuple[list[Any], bytearray, list[float], list[str] | None]:
     """Call the function on each input of the message: values (or error info), whether
-    each succeeded (a byte each, nonzero if it did), each one's start and end time (flat: start0, end0, start1, ...; or one
-    pair for the message, whose inputs share it: ``_run_swift``), and
-    (when the task asks, ``cap``) what each printed. With ``seed``, Python's and numpy's
-    generators are seeded with seed + the input's index (``ix``) before each input.
+    each succeeded (a byte each, nonzero if it did), each one's start and end time (flat:
+    start0, end0, start1, ...; or one pair for the message, whose inputs share it:
+    ``_run_swift``), and (when the task asks, ``cap``) what each printed. With ``seed``,
+    Python's and numpy's generators are seeded with seed + the input's index (``ix``)
+    before each input.
     The executor's initializer runs first, once per process (``initialized`` holds the
     tokens of those that ran); when it raises, every input of the message fails with it
     and it runs again before the next message. ``kept``: as for ``serialize.loads``."""
@@ -317,7 +318,7 @@ def dump_results(values: list[Any], oks: bytearray, outputs: list[str] | None
     sealed (the result's ``raw``: the client need not look for any)."""
     if 0 not in oks:
         try:
-            return serialize.dumps_results(values if outputs is None else (values, outputs))
+            return serialize.dumps_results(values, outputs)
         except Terminate:
             raise
         except BaseException:  # noqa: B036 - find the culprit below, value by value
@@ -334,4 +335,4 @@ def dump_results(values: list[Any], oks: bytearray, outputs: list[str] | None
             exc.add_note(f"deathstar: the result ({type(value).__name__}) could not be "
                          "pickled on the worker")
             values[i], oks[i] = error_info(exc), 0
-    return serialize.dumps_sealed(values if outputs is None else (values, outputs)), False
+    return serialize.dumps_sealed(values, outputs), False
