@@ -57,9 +57,14 @@ class SharedFolder:
         self.free_bytes = 0
 
     def folder(self) -> str:
-        """The folder's path, made on first use."""
+        """The folder's path, made on first use (after removing the folders of this
+        user's processes that died without removing theirs: ``sweep_dead``)."""
         if self.path is None:
-            self.path = tempfile.mkdtemp(prefix=_SHARED_PREFIX, dir=SHARED_ROOT)
+            stamp = _process_stamp(os.getpid())
+            if stamp is not None:
+                sweep_dead()
+            self.path = tempfile.mkdtemp(prefix=f"{_SHARED_PREFIX}{stamp or ''}",
+                                         dir=SHARED_ROOT)
         return self.path
 
     @staticmethod
@@ -175,6 +180,50 @@ class SharedFolder:
         if self.path is not None and self.owned:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
+
+
+def _process_stamp(pid: int) -> str | None:
+    """What names a process for as long as it lives, and never another one after it: its
+    pid namespace, pid and start time (``ns-pid-start-``); None when /proc does not say
+    (or the process is gone)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    digits = "".join(c for c in namespace if c.isdigit())
+    return f"{digits}-{pid}-{int(fields[19])}-" if digits and len(fields) > 19 else None
+
+
+def sweep_dead() -> list[str]:
+    """Remove this user's deathstar folders of /dev/shm whose process (named in the
+    folder's stamp, in this pid namespace) is gone: a client killed with ``kill -9``
+    leaves its buffers there, and /dev/shm is memory. A folder of a live process, of
+    another pid namespace, of another user or without a stamp is left alone. Returns
+    the folders removed."""
+    try:
+        names = os.listdir(SHARED_ROOT)
+    except OSError:
+        return []
+    mine = _process_stamp(os.getpid())
+    if mine is None:
+        return []
+    namespace = mine.split("-", 1)[0]
+    removed = []
+    for name in names:
+        parts = name[len(_SHARED_PREFIX):].split("-")
+        if not name.startswith(_SHARED_PREFIX) or len(parts) != 4 \
+                or parts[0] != namespace or not parts[1].isdigit():
+            continue
+        folder = os.path.join(SHARED_ROOT, name)
+        if _is_shared_folder(folder) and \
+                _process_stamp(int(parts[1])) != "-".join(parts[:3]) + "-":
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d shared-memory folders of dead processes", len(removed))
+    return removed
 
 
 def _is_shared_folder(folder: str) -> bool:

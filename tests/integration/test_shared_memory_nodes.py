@@ -136,3 +136,40 @@ def test_an_idle_client_removes_the_files_given_back(
         monkeypatch.setattr(shm, "FREE_IDLE_S", 0.0)
         wait_for(lambda: not folder.free, 20, "the idle client to drop the files")
         assert os.listdir(folder.path) == [os.path.basename(c.engine.memory.probe[0])]
+
+
+KILLED_CLIENT = """
+import sys
+import numpy as np
+from deathstar.client import Cluster
+from tests import jobs
+with Cluster(workers=1) as c:
+    print(c.engine.memory.folder.folder(), flush=True)
+    c.map(jobs.gated, [np.full(300_000, 1.0)] * 3, gate=sys.argv[1])
+"""
+
+
+def test_the_folder_of_a_client_killed_mid_map_goes_with_the_next_client(
+        tmp_path: Path) -> None:
+    """/dev/shm is memory: a client killed with ``kill -9`` while its inputs sit there
+    cannot remove them, so the next client of this user removes the folder of a process
+    that is gone, and leaves those of live processes (this one's) alone."""
+    gate = tmp_path / "gate"
+    with Cluster(workers=1) as alive:
+        kept = alive.engine.memory.folder.folder()
+        client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(gate)],
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                  cwd=Path(__file__).parents[2])
+        try:
+            assert client.stdout is not None
+            dead = client.stdout.readline().strip()
+            wait_for(lambda: list(tmp_path.glob("gate.started.*")), 60, "the map to start")
+            assert len(os.listdir(dead)) > 1  # its probe and an input file at least
+        finally:
+            os.killpg(client.pid, 9)
+            client.wait()
+        assert os.path.isdir(dead)  # nothing removed it
+        with Cluster(workers=1) as following:
+            assert following.engine.memory.folder.folder() != dead
+            assert not os.path.exists(dead)
+            assert os.path.isdir(kept)

@@ -74,3 +74,37 @@ def test_files_given_back_are_kept_within_bounds(folder: shm.SharedFolder,
     folder.recycle(paths)
     assert sum(len(f) for f in folder.free.values()) == 2
     assert [os.path.exists(p) for p in paths] == [True, True, False]
+
+
+def test_only_this_users_folders_of_dead_processes_in_this_namespace_are_swept(
+        folder: shm.SharedFolder) -> None:
+    """A folder is stamped with its process (pid namespace, pid, start time): the sweep
+    removes one whose process is gone or whose pid now names another process, and never
+    one of a live process, of another pid namespace, of another user or unstamped."""
+    mine = os.path.basename(folder.folder())
+    namespace, pid, start = mine[len("deathstar-"):].split("-")[:3]
+    assert int(pid) == os.getpid()
+    names = {
+        "reused": f"deathstar-{namespace}-{pid}-{int(start) + 1}-aaaa",  # an earlier life
+        "gone": f"deathstar-{namespace}-{2**22 + 1}-{start}-bbbb",  # above pid_max
+        "other_ns": f"deathstar-1-{2**22 + 1}-{start}-cccc",
+        "other_user": f"deathstar-{namespace}-{2**22 + 1}-{start}-dddd",
+        "unstamped": "deathstar-eeee",
+    }
+    paths = {k: os.path.join(shm.SHARED_ROOT, n) for k, n in names.items()}
+    try:
+        for path in paths.values():
+            os.mkdir(path, 0o700)
+        if os.getuid() == 0:
+            os.chown(paths["other_user"], 65534, 65534)
+        else:
+            os.rmdir(paths.pop("other_user"))
+        removed = shm.sweep_dead()
+        assert sorted(removed) == sorted([paths["reused"], paths["gone"]])
+        assert os.path.isdir(folder.folder())
+        for key in paths.keys() - {"reused", "gone"}:
+            assert os.path.isdir(paths[key]), key
+    finally:
+        for path in paths.values():
+            if os.path.isdir(path):
+                os.rmdir(path)
