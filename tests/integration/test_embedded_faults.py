@@ -196,12 +196,12 @@ def test_clients_in_the_daemons_own_loop_come_and_go(local: LocalDaemon,
     try:
         for c in (a, b):
             assert c.engine.reactor is local.reactor
-            assert isinstance(c.engine.nodes[0].sock, HostedPeer)
+            assert isinstance(c.engine.nodes[0].link, HostedPeer)
         assert status(a)["clients"] == 2
         a.close()
         wait_for(lambda: status(b)["clients"] == 1, 10, "the closed client's session to end")
         assert b.map(jobs.square, range(30)) == [x * x for x in range(30)]
-        assert list(local.daemon.sessions.hosted) == [b.engine.nodes[0].sock.ident]
+        assert list(local.daemon.sessions.hosted) == [b.engine.nodes[0].link.ident]
         assert not [r for r in caplog.records if "silent" in r.getMessage()]
     finally:
         a.close()

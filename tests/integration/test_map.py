@@ -184,7 +184,7 @@ def test_embedded_cluster_is_private_to_this_user(tmp_path: Path,
         assert c.local is not None
         folder = Path(c.local.folder)
         assert (folder.stat().st_mode & 0o777) == 0o700
-        assert isinstance(c.engine.nodes[0].sock, HostedPeer)
+        assert isinstance(c.engine.nodes[0].link, HostedPeer)
         assert c.engine.reactor is c.local.reactor
         assert c.addresses[0].exec_endpoint == f"ipc://{folder}/exec"
         assert c.addresses[0].status_endpoint == f"ipc://{folder}/status"

@@ -24,11 +24,11 @@ import zmq
 
 from deathstar import config, heartbeats, protocol, shm
 from deathstar.errors import TaskFailed, WorkerCrashed
-from deathstar.keys import ClientKeys, connect_with
+from deathstar.keys import ClientKeys
 from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
 from deathstar.reactor import Reactor
-from deathstar.daemon.hosted import HostedPeer
+from deathstar.client import links
 from deathstar.client.job import FINISHED, Job, Outcome
 from deathstar.client.lost import LOST_HANDLERS, lost_crash
 from deathstar.client.sharing import MemoryLink
@@ -154,12 +154,13 @@ class Engine(Supplier):
 
     def pollables(self) -> tuple[Any, ...]:
         """Every node socket (a hosted daemon's link is no socket: ``has_input``)."""
-        return tuple(n.sock for n in self.nodes if isinstance(n.sock, zmq.Socket))
+        return tuple(n.link.pollable for n in self.nodes
+                     if n.link is not None and n.link.pollable is not None)
 
     def has_input(self) -> bool:
         """A command, or a hosted daemon's message, waits, or ``fill`` has more to send."""
         return self.filling or not self.commands.empty() or \
-            any(_has_mail(n.sock) for n in self.nodes)
+            any(n.link is not None and n.link.has_mail() for n in self.nodes)
 
     def deadline(self) -> float:
         return self.next_deadline(time.monotonic())
@@ -168,7 +169,8 @@ class Engine(Supplier):
         """Read what is ready, run the commands, housekeeping, top the nodes up, finish
         jobs; False once closing."""
         for node in self.nodes:
-            if node.sock is not None and (node.sock in ready or _has_mail(node.sock)):
+            if node.link is not None and (node.link.pollable in ready
+                                          or node.link.has_mail()):
                 self.drain(node)
         self.run_commands()
         self.housekeeping(time.monotonic())
@@ -204,8 +206,8 @@ class Engine(Supplier):
         return min(deadlines)
 
     def drain(self, node: Node) -> None:
-        while node.sock is not None:
-            frames = _receive(node.sock)
+        while node.link is not None:
+            frames = node.link.take()
             if frames is None:
                 return
             msg = protocol.in_memory(frames)  # a hosted daemon's: decoded there
@@ -247,44 +249,32 @@ class Engine(Supplier):
 
     def connect(self, node: Node, now: float) -> None:
         host = self.hosts.get(node.address.hosted or "")
-        node.sock = self.open_socket(node) if host is None else host.connect_hosted()
+        node.link = host.connect_hosted() if host is not None else links.open_socket(
+            self.ctx, node.address, self.heartbeat_s, self.keys)
         if node.state != DOWN:
             node.state = CONNECTING
             node.deadline = now + self.connect_timeout
         self.send(node, self.hello())
 
-    def open_socket(self, node: Node) -> zmq.Socket[bytes]:
-        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
-        sock.copy_threshold = config.ZERO_COPY_MIN_BYTES
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * config.LIVENESS * 1000))
-        if self.keys is not None:
-            connect_with(sock, self.keys.public, self.keys.secret,
-                         self.keys.server_key(node.address))
-        sock.connect(node.address.exec_endpoint)
-        return sock
-
     def hello(self) -> list[Any]:
         return protocol.hello(self.heartbeat_s, self.memory.probe_path())
 
     def disconnect(self, node: Node, say_bye: bool = False) -> None:
-        if node.sock is None:
+        if node.link is None:
             return
         if say_bye and node.state == READY:
             try:
-                node.sock.send_multipart(protocol.pack(protocol.BYE), zmq.NOBLOCK)
+                node.link.send_multipart(protocol.pack(protocol.BYE), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-            node.sock.close(linger=200)
+            node.link.close(linger=200)
         else:
-            node.sock.close(linger=0)
-        node.sock = None
+            node.link.close(linger=0)
+        node.link = None
 
     def send(self, node: Node, frames: list[Any]) -> None:
-        assert node.sock is not None
-        node.sock.send_multipart(frames, copy=False)
+        assert node.link is not None
+        node.link.send_multipart(frames, copy=False)
         node.last_sent = time.monotonic()
 
     def mark_failed(self, node: Node, state: str, error: str) -> None:
@@ -436,7 +426,7 @@ class Engine(Supplier):
             for sid in ids:
                 del node.inflight[sid]
                 self.release(sid)
-            if ids and node.sock is not None and node.state == READY:
+            if ids and node.link is not None and node.state == READY:
                 self.send(node, protocol.cancel(ids))
 
     # ------------------------------------------------------------------ housekeeping
@@ -485,21 +475,6 @@ class Engine(Supplier):
         for job in [j for j in self.jobs.values() if j.done()]:
             del self.jobs[job.id]
             job.out.put(FINISHED)
-
-
-def _has_mail(sock: zmq.Socket[bytes] | HostedPeer | None) -> bool:
-    """A hosted daemon's message waits in memory (a socket's shows in the poll)."""
-    return isinstance(sock, HostedPeer) and bool(sock.inbox)
-
-
-def _receive(sock: zmq.Socket[bytes] | HostedPeer) -> list[Any] | None:
-    """The next message's frames, or None when none waits (never blocks)."""
-    if isinstance(sock, HostedPeer):
-        return sock.take()
-    try:
-        return sock.recv_multipart(zmq.NOBLOCK, copy=False)
-    except zmq.Again:
-        return None
 
 
 __all__ = ["Engine", "Job", "NoNodesError", "Outcome", "FINISHED", "TaskFailed"]

@@ -1,4 +1,4 @@
-"""The client's view of one node: its socket, state, tasks in flight, and figures."""
+"""The client's view of one node: its link, state, tasks in flight, and figures."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
 from deathstar import config
 from deathstar.client.job import Task
-from deathstar.daemon.hosted import HostedPeer
+from deathstar.client.links import Link
 from deathstar.nodes import NodeAddress
 
 #: Node states.
@@ -29,10 +27,10 @@ RECONNECT_MAX_S = 32.0
 
 @dataclass(eq=False)
 class Node:
-    """The client's view of one node: its socket, state, and tasks in flight there."""
+    """The client's view of one node: its link, state, and tasks in flight there."""
 
     address: NodeAddress
-    sock: zmq.Socket[bytes] | HostedPeer | None = None  # HostedPeer: a daemon in our loop
+    link: Link | None = None  # a socket, or a HostedPeer (a daemon in our loop)
     state: str = CONNECTING
     error: str = ""
     capacity: int = 0

@@ -13,8 +13,8 @@ HOSTED_CLIENT = "(hosted client)"
 
 
 class HostedPeer:
-    """The link of one hosted client. Its client's end is the subset of a ZeroMQ DEALER
-    socket the engine uses (``send_multipart``, ``close``; ``take`` reads); the
+    """The link of one hosted client. Its client's end is a ``client.links.Link``
+    (``send_multipart``, ``take``, ``has_mail``, ``close``); the
     daemon's end is ``put`` and the shared ``to_daemon`` queue (the sender's routing id
     and the frames), read in the loop's next turn. Frames go as they are: a message made
     here (``protocol.Packed``) is not decoded again. Both ends run in the same thread:
@@ -26,6 +26,7 @@ class HostedPeer:
         self.to_daemon = to_daemon
         self.registry = registry  # the daemon's hosted peers, by routing id
         self.inbox: deque[list[Any]] = deque()  # the daemon's messages to the client
+        self.pollable: None = None  # nothing to poll: ``has_mail``
 
     # ------------------------------------------------------------------ client's end
 
@@ -36,6 +37,9 @@ class HostedPeer:
     def take(self) -> list[Any] | None:
         """The daemon's next message, or None (``recv_multipart`` without the raise)."""
         return self.inbox.popleft() if self.inbox else None
+
+    def has_mail(self) -> bool:
+        return bool(self.inbox)
 
     def close(self, linger: int = 0) -> None:
         """The client leaves: what it sent before still reaches the daemon."""
