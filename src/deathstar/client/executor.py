@@ -28,13 +28,14 @@ import time
 import uuid
 import weakref
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from deathstar import serialize
 from deathstar.client.blobs import FunctionBlobs
 from deathstar.client.cluster import Cluster, MapOptions
 from deathstar.client.engine import NoNodesError
+from deathstar.client.futures import Call, CallFuture, Settle, settle
 from deathstar.client.exits import check_not_exiting, register, released_by
 from deathstar.client.job import FINISHED, Job, Outcome, as_outcomes, drain, ordered
 
@@ -49,18 +50,6 @@ LIVENESS_CHECK_S = 1.0
 _CANCELLED = "cancelled by shutdown(cancel_futures=True)"
 
 
-@dataclass(eq=False)
-class _Call:
-    """A submitted call waiting in the executor's queue."""
-
-    future: cf.Future[Any]
-    index: int  # the executor's submission number: the input index of its record
-    fn_hash: str
-    blob: list[Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] | None
-
-
 class _Feed:
     """A job that runs consecutive calls of one function: its input iterator (read by the
     I/O thread when a node has room; it ends for good at the first call of another
@@ -70,7 +59,7 @@ class _Feed:
     def __init__(self, executor: Executor, fn_hash: str):
         self.executor = executor
         self.fn_hash = fn_hash
-        self.futures: dict[int, cf.Future[Any]] = {}  # taken and not yet resolved
+        self.futures: dict[int, CallFuture] = {}  # taken and not yet resolved
         self.closed = False
         self.cancelled = False
         self.job: Job | None = None
@@ -93,13 +82,6 @@ class _Feed:
         elif item is FINISHED and self.executor._end_quietly(self):
             return
         self.executor._inbox.put((self, item))
-
-
-@dataclass(eq=False)
-class _Settle:
-    """Calls whose futures have done-callbacks, to resolve in the executor's thread."""
-
-    calls: list[tuple[cf.Future[Any], bool, Any]]
 
 
 class Executor(cf.Executor):
@@ -150,7 +132,7 @@ class Executor(cf.Executor):
             cluster, workers=max_workers, shared=True)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when no future is left
-        self._pending: deque[_Call] = deque()
+        self._pending: deque[Call] = deque()
         self._feed: _Feed | None = None  # the feed taking calls from the queue's head
         self._feeds: set[_Feed] = set()  # feeds whose job is with the I/O thread
         self._unfinished: set[cf.Future[Any]] = set()
@@ -183,7 +165,7 @@ class Executor(cf.Executor):
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         self._check_accepting()
-        future: cf.Future[Any] = cf.Future()
+        future = CallFuture()
         try:
             fn_hash, blob = self._blobs.blob(fn, args, kwargs)
         except serialize.SerializationError as exc:
@@ -191,7 +173,7 @@ class Executor(cf.Executor):
             return future
         with self._lock:
             self._check_accepting(locked=True)
-            self._pending.append(_Call(future, next(self._indices), fn_hash, blob, args,
+            self._pending.append(Call(future, next(self._indices), fn_hash, blob, args,
                                        kwargs or None))
             self._unfinished.add(future)
             if self._feed is None:
@@ -246,7 +228,7 @@ class Executor(cf.Executor):
                 self._feed_ended(feed, item)
             else:
                 for future, ok, value in item.calls:  # futures with done-callbacks
-                    _settle_future(future, ok, value)
+                    settle(future, ok, value)
                 with self._lock:
                     self._settle_locked([future for future, _, _ in item.calls])
             if self._shutdown:
@@ -258,7 +240,7 @@ class Executor(cf.Executor):
         if self._unfinished and not self._cluster_usable():
             self._fail_everything(RuntimeError("the executor's Cluster was closed"))
 
-    def _resolve_here(self, feed: _Feed, outcomes: list[Any]) -> _Settle | None:
+    def _resolve_here(self, feed: _Feed, outcomes: list[Any]) -> Settle | None:
         """Resolve a feed's outcomes in the calling (I/O) thread, each future that has no
         done-callback; those that have one are returned, for the executor's thread."""
         with self._lock:
@@ -267,25 +249,21 @@ class Executor(cf.Executor):
         for future, (_, ok, value, _) in zip(futures, outcomes):
             if future is None:
                 continue
-            # Under the future's own (reentrant) lock no callback can be added before it
-            # is resolved: one added after runs at once in the thread that adds it.
-            with future._condition:
-                if future._done_callbacks:  # type: ignore[attr-defined]
-                    later.append((future, ok, value))
-                    continue
-                _settle_future(future, ok, value)
-            done.append(future)
+            if future.settle_unless_hooked(ok, value):
+                done.append(future)
+            else:
+                later.append((future, ok, value))
         if feed.job is not None:
             feed.job.mark_consumed(len(outcomes))
         with self._lock:
             self._settle_locked(done)
-        return _Settle(later) if later else None
+        return Settle(later) if later else None
 
     def _feed_ended(self, feed: _Feed, error: BaseException | None) -> None:
         """A feed's job finished (``error`` None), was cancelled, or failed. Calls it took
         and never answered fail; when the cluster is unusable so do the queued ones, else
         a new feed takes them."""
-        stranded: list[_Call] = []
+        stranded: list[Call] = []
         with self._lock:
             self._feeds.discard(feed)
             feed.closed = True
@@ -304,10 +282,10 @@ class Executor(cf.Executor):
             error = (cf.CancelledError(_CANCELLED) if feed.cancelled else
                      RuntimeError("the cluster finished a job without answering a call"))
         for future in leftovers:
-            _settle_future(future, False, error)
+            settle(future, False, error)
         for call in stranded:
             if call.future.set_running_or_notify_cancel():
-                _settle_future(call.future, False, error)
+                settle(call.future, False, error)
         with self._lock:
             self._settle_locked(leftovers + [c.future for c in stranded])
 
@@ -471,16 +449,6 @@ class Executor(cf.Executor):
                 threading.Thread(target=self._cluster.close, daemon=True).start()
             else:
                 self._cluster.close()
-
-
-def _settle_future(future: cf.Future[Any], ok: bool, value: Any) -> None:
-    try:
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-    except cf.InvalidStateError:
-        pass  # someone resolved it by hand
 
 
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
