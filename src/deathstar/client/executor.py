@@ -10,9 +10,10 @@ How a submitted call travels:
   each node once). A call it has taken is running (it is about to be sent); one still in
   the queue can be cancelled. Calls start in submission order: when the head of the queue
   is another function, the feed ends and a feed for that function starts.
-* Outcomes come back through the job's ``out`` sink to the executor's own thread, which
-  resolves the futures and runs their done-callbacks (never the I/O thread, so a slow
-  callback cannot starve the heartbeats).
+* Outcomes come back through the job's ``out`` sink. The I/O thread resolves a future
+  that has no done-callback at once (``futures.CallFuture``); the others go to the
+  executor's own thread, which resolves them and runs their callbacks (never the I/O
+  thread, so a slow callback cannot starve the heartbeats).
 
 ``map`` is one lazy job of its own, read as the nodes have room, delivered in input order.
 """
