@@ -104,6 +104,11 @@ class Reactor:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
 
+    def shared(self) -> bool:
+        """Whether the loop runs more than one part (a client engine and the embedded
+        daemon it uses): a turn of it is then long."""
+        return len(self.parts) > 1
+
     def owns_thread(self) -> bool:
         """Whether the calling thread is this loop's."""
         return getattr(_current, "reactor", None) is self
