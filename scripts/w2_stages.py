@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import bench_tasks as T
 from deathstar.client import engine as engine_mod
-from deathstar.client import executor as executor_mod
+from deathstar.client import futures as futures_mod
 from deathstar.client import job as job_mod
 from deathstar.client.executor import Executor
 from deathstar.daemon import clients as clients_mod
@@ -34,7 +34,7 @@ PATCHES: list[tuple[str, Any, str, bool]] = [
     ("the daemon assigns it to a worker", workers_mod.WorkerSessions, "assign", False),
     ("the daemon relays the result", clients_mod.ClientSessions, "relay", False),
     ("the engine takes the result", engine_mod.Engine, "on_result", False),
-    ("the future is resolved", executor_mod.Executor, "_resolve_here", True),
+    ("the future is resolved", futures_mod.CallFuture, "settle_unless_hooked", True),
 ]
 
 
