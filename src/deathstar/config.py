@@ -222,6 +222,11 @@ BATCH_MIN_S = _env_float("BATCH_MIN", 0.002)
 #: Results a client holds for a consumer that has not taken them yet; past it, no new
 #: inputs are read until the consumer catches up (memory stays bounded).
 MAX_PENDING_RESULTS = _env_int("MAX_PENDING_RESULTS", 20_000)
+#: Seconds a map's outcomes may wait in the client's I/O thread to be handed to the map's
+#: consumer together: a consumer thread blocked on the outcomes is woken once per this,
+#: not once per message (each wake costs the I/O thread a switch of the GIL). The outcomes
+#: of a map that has ended go at once.
+DELIVERY_HOLD_S = _env_float("DELIVERY_HOLD", 0.002)
 
 #: A message's pickled inputs are at most about this many bytes, unless one input alone is
 #: larger (it then goes alone): the client writes a message whole before its worker can

@@ -7,12 +7,14 @@ their neighbours' results; a function run before starts with full batches."""
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from deathstar import Cluster, serialize
-from deathstar.client.job import Job
+from deathstar.client.executor import Executor
+from deathstar.client.job import FINISHED, Job
 from tests import jobs
 
 pytestmark = pytest.mark.timeout(120)
@@ -191,3 +193,41 @@ def test_a_function_mapped_before_is_not_pickled_again(
     assert cluster.map(jobs.add, range(3), y=1) == [1, 2, 3]
     assert cluster.map(jobs.add, range(3)) == [0, 1, 2]
     assert pickled.count(jobs.square) <= 1 and pickled.count(jobs.add) == 2
+
+
+def test_outcomes_wait_at_most_the_hold_and_all_go_before_the_end() -> None:
+    """A map's outcomes wait in the I/O thread up to ``hold_s`` to wake its consumer once
+    for several messages: none is handed over before the first has waited that long,
+    then all of them in the order they came; the end of the job hands over what waits
+    first. A consumer that resolves in the I/O thread (``hold_s`` 0) gets each at once."""
+    job = Job(1, "h", [], iter(()), 3, None, 3)
+    job.hold_s = 0.5
+    job.deliver([(0, True, "a", None)])
+    job.deliver([(1, True, "b", None)])
+    assert job.out.empty() and job.delivered == 2
+    job.hand_held(job.held_since + 0.4)
+    assert job.out.empty()
+    job.hand_held(job.held_since + 0.5)
+    assert job.take(timeout=0) == [(0, True, "a", None)]
+    assert job.take(timeout=0) == [(1, True, "b", None)]
+    job.deliver([(2, True, "c", None)])
+    job.end(FINISHED)
+    assert job.take(timeout=0) == [(2, True, "c", None)]
+    assert job.take(timeout=0) is None and job.consumed == 3
+
+    at_once = Job(2, "h", [], iter(()), 1, None, 3)
+    at_once.deliver([(0, True, "a", None)])
+    assert at_once.take(timeout=0) == [(0, True, "a", None)]
+
+
+def test_a_result_reaches_the_consumer_while_the_map_still_runs(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """Outcomes held for the consumer go within the hold, not at the end of the map: the
+    first result comes while the second input is still running."""
+    gate = jobs.Gate(tmp_path / "gate")
+    with Executor(cluster) as ex:
+        results = ex.map(jobs.gated, ["first", "second"], ["", gate.name], timeout=20)
+        assert next(results) == "first"
+        assert gate.started() == 1  # the second is still at its gate
+        gate.open()
+        assert next(results) == "second"

@@ -354,6 +354,8 @@ class Cluster:
                   options.timeout_retries, options.seed, options.capture_output)
         if out is not None:
             job.out = out
+        else:  # a consumer thread blocked on ``job.out``: woken once per hold
+            job.hold_s = config.DELIVERY_HOLD_S
         return job
 
     def check_open(self) -> None:

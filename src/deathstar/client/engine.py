@@ -175,7 +175,7 @@ class Engine(Supplier):
         self.run_commands()
         self.housekeeping(time.monotonic())
         self.fill()
-        self.finish_jobs()
+        self.finish_jobs(time.monotonic())
         return not self.closing
 
     def failed(self, exc: BaseException) -> None:
@@ -183,7 +183,7 @@ class Engine(Supplier):
         log.error("the client's I/O loop failed", exc_info=exc)
         self.crashed = exc
         for job in self.jobs.values():
-            job.out.put(exc)
+            job.end(exc)
         self.connected.set()
 
     def end(self) -> None:
@@ -201,6 +201,7 @@ class Engine(Supplier):
         deadlines = [now + self.heartbeat_s]
         if self.jobs:
             deadlines.append(self.next_snapshot)
+            deadlines += [j.held_since + j.hold_s for j in self.jobs.values() if j.held]
         deadlines += [n.busy_until for n in self.nodes if n.busy_until > now]
         deadlines += [n.deadline for n in self.nodes if n.state in (CONNECTING, DOWN)]
         return min(deadlines)
@@ -298,7 +299,7 @@ class Engine(Supplier):
             return
         error = NoNodesError(self.no_nodes_message())
         for job in list(self.jobs.values()):
-            job.out.put(error)
+            job.end(error)
             self.jobs.pop(job.id, None)
 
     def no_nodes_message(self) -> str:
@@ -411,12 +412,12 @@ class Engine(Supplier):
     def cancel_job(self, job: Job) -> None:
         """Stop a job: what is queued at the nodes is dropped there; then FINISHED."""
         self.abort_job(job)
-        job.out.put(FINISHED)
+        job.end(FINISHED)
 
     def fail_job(self, job: Job, exc: BaseException) -> None:
         """Stop a job whose inputs cannot be sent; its consumer raises ``exc``."""
         self.abort_job(job)
-        job.out.put(exc)
+        job.end(exc)
 
     def abort_job(self, job: Job) -> None:
         job.cancelled = True
@@ -471,10 +472,14 @@ class Engine(Supplier):
     def take_snapshot(self, now: float) -> None:
         self.snapshot = [node.stats(now, self.late_results) for node in self.nodes]
 
-    def finish_jobs(self) -> None:
-        for job in [j for j in self.jobs.values() if j.done()]:
-            del self.jobs[job.id]
-            job.out.put(FINISHED)
+    def finish_jobs(self, now: float) -> None:
+        """End the jobs that are done; hand over the outcomes held long enough."""
+        for job in list(self.jobs.values()):
+            if job.done():
+                del self.jobs[job.id]
+                job.end(FINISHED)
+            else:
+                job.hand_held(now)
 
 
 __all__ = ["Engine", "Job", "NoNodesError", "Outcome", "FINISHED", "TaskFailed"]

@@ -173,6 +173,11 @@ class Job:
     throttled: bool = False
     ended: bool = False  # the consumer took FINISHED or the job's exception
     wake: Callable[[], None] = lambda: None  # set by the I/O thread's submit
+    # Outcomes not yet handed to the consumer (``hand_held``) and since when: each item
+    # waits at most ``hold_s`` (0: none waits; a consumer that resolves in the I/O thread)
+    hold_s: float = 0.0
+    held: list[Any] = field(default_factory=list)
+    held_since: float = 0.0
     # The function's own pickle and the modules known to travel with it: when inputs
     # refer to a local module that is not among them, the blob is made again with it
     # (``ship_more``). None: the caller ships what its inputs need (the Executor).
@@ -184,9 +189,29 @@ class Job:
     columnar: bool = False  # the consumer takes a ``Batch`` for a message that all ran
 
     def deliver(self, outcomes: list[Any] | Batch) -> None:
-        """Hand a list of outcomes (or a ``Batch``) to the consumer (I/O thread)."""
+        """Hand a list of outcomes (or a ``Batch``) to the consumer (I/O thread): at once,
+        or with the next ones within ``hold_s`` (``hand_held``)."""
         self.delivered += len(outcomes)
-        self.out.put(outcomes)
+        if not self.hold_s:
+            self.out.put(outcomes)
+            return
+        if not self.held:
+            self.held_since = time.monotonic()
+        self.held.append(outcomes)
+
+    def hand_held(self, now: float | None = None) -> None:
+        """Hand the held outcomes to the consumer (I/O thread), in the order they came:
+        all of them when ``now`` is None, else once the first has waited ``hold_s``."""
+        if self.held and (now is None or now >= self.held_since + self.hold_s):
+            for item in self.held:
+                self.out.put(item)
+            self.held.clear()
+
+    def end(self, last: Any) -> None:
+        """Hand the consumer what ends the job (``FINISHED`` or the exception it raises),
+        after every outcome held (I/O thread)."""
+        self.hand_held()
+        self.out.put(last)
 
     def backlogged(self) -> bool:
         """Too many outcomes wait for the consumer: read no more inputs for now (I/O
