@@ -10,6 +10,7 @@ loop waits while one does."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -229,7 +230,9 @@ class Reactor:
         due = min((due for _, _, due in turns), default=now + 1.0)
         if any(part.has_input() for part in self.parts):
             due = now
-        ready = dict(self.poller.poll(max(0, int((due - now) * 1000))))
+        # whole milliseconds, rounded up: rounded down, a deadline less than 1 ms away
+        # would be polled for with 0 again and again, spinning a core until it passed
+        ready = dict(self.poller.poll(max(0, math.ceil((due - now) * 1000))))
         if self.wake_r in ready:
             try:
                 while os.read(self.wake_r, 4096):
