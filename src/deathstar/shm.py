@@ -60,7 +60,8 @@ class SharedFolder:
         """The folder's path, made on first use (after removing the folders of this
         user's processes that died without removing theirs: ``sweep_dead``)."""
         if self.path is None:
-            stamp = _process_stamp(os.getpid())
+            namespace = _pid_namespace()
+            stamp = None if namespace is None else _process_stamp(os.getpid(), namespace)
             if stamp is not None:
                 sweep_dead()
             self.path = tempfile.mkdtemp(prefix=f"{_SHARED_PREFIX}{stamp or ''}",
@@ -182,18 +183,25 @@ class SharedFolder:
             self.path = None
 
 
-def _process_stamp(pid: int) -> str | None:
-    """What names a process for as long as it lives, and never another one after it: its
-    pid namespace, pid and start time (``ns-pid-start-``); None when /proc does not say
-    (or the process is gone)."""
+def _pid_namespace() -> str | None:
+    """This process's pid namespace, as digits (None when /proc does not say)."""
     try:
-        namespace = os.readlink("/proc/self/ns/pid")
+        digits = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    except OSError:
+        return None
+    return digits or None
+
+
+def _process_stamp(pid: int, namespace: str) -> str | None:
+    """What names a process of ``namespace`` (ours) for as long as it lives, and never
+    another one after it: the namespace, its pid and start time (``ns-pid-start-``);
+    None when /proc does not say (or the process is gone)."""
+    try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    digits = "".join(c for c in namespace if c.isdigit())
-    return f"{digits}-{pid}-{int(fields[19])}-" if digits and len(fields) > 19 else None
+    return f"{namespace}-{pid}-{int(fields[19])}-" if len(fields) > 19 else None
 
 
 def sweep_dead() -> list[str]:
@@ -202,14 +210,11 @@ def sweep_dead() -> list[str]:
     leaves its buffers there, and /dev/shm is memory. A folder of a live process, of
     another pid namespace, of another user or without a stamp is left alone. Returns
     the folders removed."""
+    namespace = _pid_namespace()
     try:
-        names = os.listdir(SHARED_ROOT)
+        names = os.listdir(SHARED_ROOT) if namespace is not None else []
     except OSError:
         return []
-    mine = _process_stamp(os.getpid())
-    if mine is None:
-        return []
-    namespace = mine.split("-", 1)[0]
     removed = []
     for name in names:
         parts = name[len(_SHARED_PREFIX):].split("-")
@@ -218,7 +223,7 @@ def sweep_dead() -> list[str]:
             continue
         folder = os.path.join(SHARED_ROOT, name)
         if _is_shared_folder(folder) and \
-                _process_stamp(int(parts[1])) != "-".join(parts[:3]) + "-":
+                _process_stamp(int(parts[1]), parts[0]) != "-".join(parts[:3]) + "-":
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     if removed:

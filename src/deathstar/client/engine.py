@@ -201,7 +201,7 @@ class Engine(Supplier):
         deadlines = [now + self.heartbeat_s]
         if self.jobs:
             deadlines.append(self.next_snapshot)
-            deadlines += [j.held_since + j.hold_s for j in self.jobs.values() if j.held]
+            deadlines += [j.held_due() for j in self.jobs.values() if j.held]
         deadlines += [n.busy_until for n in self.nodes if n.busy_until > now]
         deadlines += [n.deadline for n in self.nodes if n.state in (CONNECTING, DOWN)]
         return min(deadlines)

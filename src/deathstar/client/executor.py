@@ -36,7 +36,7 @@ from deathstar import serialize
 from deathstar.client.blobs import FunctionBlobs
 from deathstar.client.cluster import Cluster, MapOptions
 from deathstar.client.engine import NoNodesError
-from deathstar.client.futures import Call, CallFuture, Settle, hand_over, settle
+from deathstar.client.futures import Call, CallFuture, Settle, settle
 from deathstar.client.exits import check_not_exiting, register, released_by
 from deathstar.client.job import FINISHED, Job, Outcome, as_outcomes, drain, ordered
 
@@ -258,8 +258,8 @@ class Executor(cf.Executor):
             feed.job.mark_consumed(len(outcomes))
         with self._lock:
             self._settle_locked(done)
-        if any(future.awaited for future in done) and self._cluster.engine.reactor.shared():
-            hand_over()
+        if any(future.awaited for future in done):
+            self._cluster.engine.reactor.hand_over()
         return Settle(later) if later else None
 
     def _feed_ended(self, feed: _Feed, error: BaseException | None) -> None:

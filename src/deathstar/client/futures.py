@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 
 class CallFuture(cf.Future[Any]):
@@ -24,23 +22,20 @@ class CallFuture(cf.Future[Any]):
         self._blocked = 0  # threads waiting in result() or exception()
 
     def result(self, timeout: float | None = None) -> Any:
-        if self.done():
-            return super().result(timeout)
-        with self._blocking():
-            return super().result(timeout)
+        return self._wait(super().result, timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self.done():
-            return super().exception(timeout)
-        with self._blocking():
-            return super().exception(timeout)
+        exc: BaseException | None = self._wait(super().exception, timeout)
+        return exc
 
-    @contextmanager
-    def _blocking(self) -> Iterator[None]:
+    def _wait(self, method: Callable[[float | None], Any], timeout: float | None) -> Any:
+        """``method(timeout)``, counted in ``awaited`` while it may block."""
+        if self.done():
+            return method(timeout)
         with self._hook_lock:
             self._blocked += 1
         try:
-            yield
+            return method(timeout)
         finally:
             with self._hook_lock:
                 self._blocked -= 1
@@ -64,17 +59,6 @@ class CallFuture(cf.Future[Any]):
                 return False
             settle(self, ok, value)
             return True
-
-
-def hand_over() -> None:
-    """Let a thread that a resolved future woke run now: called by the I/O thread after
-    it resolved a future a thread is blocked on, when the rest of its turn is long (its
-    loop also runs the embedded daemon). The woken thread needs the GIL, which the I/O
-    thread would otherwise keep until it blocks in its next poll; a zero sleep releases
-    it, and the waiting thread takes it. On the embedded cluster this took about 50 µs
-    off a single call's round trip (W2); with an I/O thread of its own, whose turn is
-    short, the extra switch costs what it saves."""
-    time.sleep(0)
 
 
 @dataclass(eq=False)

@@ -202,10 +202,14 @@ class Job:
     def hand_held(self, now: float | None = None) -> None:
         """Hand the held outcomes to the consumer (I/O thread), in the order they came:
         all of them when ``now`` is None, else once the first has waited ``hold_s``."""
-        if self.held and (now is None or now >= self.held_since + self.hold_s):
+        if self.held and (now is None or now >= self.held_due()):
             for item in self.held:
                 self.out.put(item)
             self.held.clear()
+
+    def held_due(self) -> float:
+        """When the outcomes held now must go (only meaningful while ``held``)."""
+        return self.held_since + self.hold_s
 
     def end(self, last: Any) -> None:
         """Hand the consumer what ends the job (``FINISHED`` or the exception it raises),
