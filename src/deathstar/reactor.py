@@ -73,6 +73,8 @@ class Reactor:
         self.thread: threading.Thread | None = None
         self.wake_r = self.wake_w = -1  # a pipe while the thread runs: ``add`` wakes it
         self.polled: list[Any] = []
+        # each part's pollables as last seen, and the descriptors among them
+        self.known: dict[Part, tuple[tuple[Any, ...], frozenset[Any]]] = {}
         self.poller = zmq.Poller()
 
     def add(self, part: Part) -> None:
@@ -210,6 +212,7 @@ class Reactor:
 
     def _end(self, part: Part) -> None:
         self.parts.remove(part)
+        self.known.pop(part, None)
         try:
             part.end()
         except Exception:  # noqa: BLE001 - the other parts go on
@@ -219,11 +222,15 @@ class Reactor:
         """Wait for input or the earliest deadline: what is ready, and each part's turn
         (the part, the sockets and descriptors it polls, its deadline)."""
         turns, pollables = [], [self.wake_r]
+        known = self.known
         for part in self.parts:
             mine = part.pollables()
             pollables += mine
-            turns.append((part, frozenset(p[0] if isinstance(p, tuple) else p for p in mine),
-                          part.deadline()))
+            fds = known.get(part)
+            if fds is None or fds[0] != mine:
+                fds = known[part] = (mine, frozenset(p[0] if isinstance(p, tuple) else p
+                                                     for p in mine))
+            turns.append((part, fds[1], part.deadline()))
         if pollables != self.polled:
             self.poller = zmq.Poller()
             for p in pollables:
@@ -240,9 +247,8 @@ class Reactor:
         # would be polled for with 0 again and again, spinning a core until it passed
         ready = dict(self.poller.poll(max(0, math.ceil((due - now) * 1000))))
         if self.wake_r in ready:
-            try:
-                while os.read(self.wake_r, 4096):
-                    pass
+            try:  # one read: a byte left over (4,096 wake-ups queued) is one more turn
+                os.read(self.wake_r, 4096)
             except BlockingIOError:
                 pass
         return ready, turns

@@ -96,6 +96,7 @@ class Daemon:
         self.stop_drain_s = DRAIN_TIMEOUT_S
         self.next_supervise = 0.0
         self.watched: set[int] = set()  # the workers' exit descriptors being polled
+        self.polled: tuple[Any, ...] | None = None  # ``pollables`` since the last step
         self.crashed: BaseException | None = None  # what ended the loop, if it failed
         # what clients whose engines run in this daemon's loop sent (``connect_hosted``)
         self.hosted_in: deque[tuple[bytes, list[Any]]] = deque()  # (sender, frames)
@@ -147,15 +148,20 @@ class Daemon:
 
     def begin(self) -> None:
         self.supervisor.start()
+        self.polled = None
 
     def pollables(self) -> tuple[Any, ...]:
-        """The sockets, the stop pipe, the own workers' pipes (to write as well, while a
-        message waits for room) and their exit descriptors (pidfds), so that a death is
-        noticed at once without supervising on a timer."""
-        self.watched = self.supervisor.exit_fds() or set()
-        pipes = self.supervisor.links.values()
-        return (*self.sockets, *self.watched, *(p.read_fd for p in pipes if not p.closed),
-                *((p.write_fd, zmq.POLLOUT) for p in pipes if p.wants_out()))
+        """The sockets, the own workers' pipes (to write as well, while a message waits
+        for room) and their exit descriptors (pidfds), so that a death is noticed at once
+        without supervising on a timer. Only a step changes them: they are worked out
+        again after one."""
+        if self.polled is None:
+            self.watched = self.supervisor.exit_fds() or set()
+            pipes = self.supervisor.links.values()
+            self.polled = (*self.sockets, *self.watched,
+                           *(p.read_fd for p in pipes if not p.closed),
+                           *((p.write_fd, zmq.POLLOUT) for p in pipes if p.wants_out()))
+        return self.polled
 
     def deadline(self) -> float:
         return self.next_deadline()
@@ -175,6 +181,7 @@ class Daemon:
 
     def step(self, ready: dict[Any, int], now: float) -> bool:
         """One turn of the loop: read what is ready, then housekeeping and dispatch."""
+        self.polled = None
         if self.watched.intersection(ready):
             self.next_supervise = 0.0  # a worker exited: supervise now
         if self.stop_asked:
