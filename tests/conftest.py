@@ -3,9 +3,11 @@ with free ports, waited on until its status port answers, and always reaped."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # inherit this). Tests that use keys name their folder explicitly.
 os.environ["DEATHSTAR_KEYS"] = "none"
 os.environ.pop("DEATHSTAR_CLUSTER", None)
-os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="deathstar-test-state-")  # worker logs
+os.environ["XDG_STATE_HOME"] = _STATE = tempfile.mkdtemp(prefix="deathstar-test-state-")
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)  # the worker logs go with the run
 #: Fast heartbeats so liveness tests finish quickly.
 FAST_HEARTBEAT = "0.2"
 

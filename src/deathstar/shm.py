@@ -19,6 +19,7 @@ import stat
 import tempfile
 from typing import Any, Iterable, Sequence
 
+from deathstar import scratch
 from deathstar.errors import SerializationError
 
 log = logging.getLogger("deathstar.client")
@@ -60,12 +61,12 @@ class SharedFolder:
         """The folder's path, made on first use (after removing the folders of this
         user's processes that died without removing theirs: ``sweep_dead``)."""
         if self.path is None:
-            namespace = _pid_namespace()
-            stamp = None if namespace is None else _process_stamp(os.getpid(), namespace)
+            stamp = scratch.own_stamp()
             if stamp is not None:
                 sweep_dead()
-            self.path = tempfile.mkdtemp(prefix=f"{_SHARED_PREFIX}{stamp or ''}",
-                                         dir=SHARED_ROOT)
+            self.path = tempfile.mkdtemp(
+                prefix=_SHARED_PREFIX if stamp is None else f"{_SHARED_PREFIX}{stamp}-",
+                dir=SHARED_ROOT)
         return self.path
 
     @staticmethod
@@ -183,52 +184,19 @@ class SharedFolder:
             self.path = None
 
 
-def _pid_namespace() -> str | None:
-    """This process's pid namespace, as digits (None when /proc does not say)."""
-    try:
-        digits = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
-    except OSError:
-        return None
-    return digits or None
-
-
-def _process_stamp(pid: int, namespace: str) -> str | None:
-    """What names a process of ``namespace`` (ours) for as long as it lives, and never
-    another one after it: the namespace, its pid and start time (``ns-pid-start-``);
-    None when /proc does not say (or the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return f"{namespace}-{pid}-{int(fields[19])}-" if len(fields) > 19 else None
-
-
 def sweep_dead() -> list[str]:
     """Remove this user's deathstar folders of /dev/shm whose process (named in the
     folder's stamp, in this pid namespace) is gone: a client killed with ``kill -9``
     leaves its buffers there, and /dev/shm is memory. A folder of a live process, of
     another pid namespace, of another user or without a stamp is left alone. Returns
     the folders removed."""
-    namespace = _pid_namespace()
-    try:
-        names = os.listdir(SHARED_ROOT) if namespace is not None else []
-    except OSError:
-        return []
-    removed = []
-    for name in names:
-        parts = name[len(_SHARED_PREFIX):].split("-")
-        if not name.startswith(_SHARED_PREFIX) or len(parts) != 4 \
-                or parts[0] != namespace or not parts[1].isdigit():
-            continue
-        folder = os.path.join(SHARED_ROOT, name)
-        if _is_shared_folder(folder) and \
-                _process_stamp(int(parts[1]), parts[0]) != "-".join(parts[:3]) + "-":
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    if removed:
-        log.info("removed %d shared-memory folders of dead processes", len(removed))
-    return removed
+    return scratch.sweep_dead(SHARED_ROOT, _stamp_in_name)
+
+
+def _stamp_in_name(name: str, folder: str) -> str | None:
+    """The stamp a /dev/shm folder's name carries (``deathstar-NS-PID-START-xxxx``)."""
+    parts = name[len(_SHARED_PREFIX):].split("-")  # ns, pid, start, mkdtemp's letters
+    return "-".join(parts[:3]) if len(parts) == 4 else None
 
 
 def _is_shared_folder(folder: str) -> bool:
@@ -237,11 +205,7 @@ def _is_shared_folder(folder: str) -> bool:
     if os.path.dirname(folder) != SHARED_ROOT or \
             not os.path.basename(folder).startswith(_SHARED_PREFIX):
         return False
-    try:
-        st = os.lstat(folder)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+    return scratch.is_private_folder(folder)
 
 
 def shared_folder(path: Any) -> str | None:

@@ -124,6 +124,16 @@ def test_a_timeout_kills_the_worker(local: LocalDaemon) -> None:
         assert [v for i, v in enumerate(res) if i != 3] == [0, 1, 2, 4, 5]
         assert status(c)["tasks_timed_out"] == 1
         wait_for(lambda: status(c)["workers"] == 2, 20, "a fresh worker")
+    # The killed worker left its folder (its slot file, the modules shipped to it): the
+    # daemon removed it when it reaped the worker. Only the live workers' remain.
+    folders = local.daemon.scratch_dir
+    wait_for(lambda: {os.path.join(folders, n) for n in os.listdir(folders)
+                      if n.startswith("worker-")}
+             == set(local.daemon.supervisor.folders.values()), 20, "the live workers' only")
+    assert len(local.daemon.supervisor.folders) == 2
+    assert any(os.listdir(os.path.join(f, "modules"))  # tests.jobs went there
+               for f in local.daemon.supervisor.folders.values()
+               if os.path.isdir(os.path.join(f, "modules")))
 
 
 def test_a_silent_worker_is_found_and_killed(local: LocalDaemon) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from deathstar import shm
+from deathstar import scratch, shm
 from deathstar.client import Cluster
 from tests import jobs
 from tests.conftest import Daemon, wait_for
@@ -144,16 +144,19 @@ import numpy as np
 from deathstar.client import Cluster
 from tests import jobs
 with Cluster(workers=1) as c:
-    print(c.engine.memory.folder.folder(), flush=True)
+    print(c.engine.memory.folder.folder(), c.local.folder, c.local.daemon.scratch_dir,
+          flush=True)
     c.map(jobs.gated, [np.full(300_000, 1.0)] * 3, gate=sys.argv[1])
 """
 
 
-def test_the_folder_of_a_client_killed_mid_map_goes_with_the_next_client(
-        tmp_path: Path) -> None:
+def test_the_folders_of_a_client_killed_mid_map_go_with_the_next_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """/dev/shm is memory: a client killed with ``kill -9`` while its inputs sit there
     cannot remove them, so the next client of this user removes the folder of a process
-    that is gone, and leaves those of live processes (this one's) alone."""
+    that is gone, and leaves those of live processes (this one's) alone. So with its
+    embedded daemon's folders in the temporary directory (ipc sockets, worker folders):
+    the first scratch folder a process makes sweeps those of dead processes."""
     gate = tmp_path / "gate"
     with Cluster(workers=1) as alive:
         kept = alive.engine.memory.folder.folder()
@@ -162,14 +165,20 @@ def test_the_folder_of_a_client_killed_mid_map_goes_with_the_next_client(
                                   cwd=Path(__file__).parents[2])
         try:
             assert client.stdout is not None
-            dead = client.stdout.readline().strip()
+            dead, *dead_tmp = client.stdout.readline().split()
             wait_for(lambda: list(tmp_path.glob("gate.started.*")), 60, "the map to start")
             assert len(os.listdir(dead)) > 1  # its probe and an input file at least
         finally:
             os.killpg(client.pid, 9)
             client.wait()
         assert os.path.isdir(dead)  # nothing removed it
+        assert all(os.path.isdir(f) for f in dead_tmp) and len(dead_tmp) == 2
+        monkeypatch.setattr(scratch, "_swept", False)  # as in a process of its own
         with Cluster(workers=1) as following:
             assert following.engine.memory.folder.folder() != dead
             assert not os.path.exists(dead)
             assert os.path.isdir(kept)
+            wait_for(lambda: not any(os.path.exists(f) for f in dead_tmp), 30,
+                     "the killed client's folders in the temporary directory to go")
+            assert os.path.isdir(following.local.folder)
+            assert os.path.isdir(alive.local.daemon.scratch_dir)

@@ -20,11 +20,10 @@ import atexit
 import logging
 import os
 import shutil
-import tempfile
 import threading
 from typing import TYPE_CHECKING, Any
 
-from deathstar import config
+from deathstar import config, scratch
 from deathstar.nodes import NodeAddress
 
 if TYPE_CHECKING:
@@ -49,7 +48,7 @@ class LocalDaemon:
         if daemon_log.level == logging.NOTSET and not config.DEBUG:
             daemon_log.setLevel(logging.WARNING)  # its start and stop are no news here
 
-        self.folder = tempfile.mkdtemp(prefix="deathstar-local-")  # 0700: ours alone
+        self.folder = scratch.make_folder("deathstar-local-")  # 0700: ours alone
         # its name in this process (``hosting``); no socket is bound there
         self.name = os.path.basename(self.folder)
         try:

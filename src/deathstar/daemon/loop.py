@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections import deque
@@ -26,7 +25,7 @@ from typing import Any, Callable
 
 import zmq
 
-from deathstar import config, heartbeats, protocol
+from deathstar import config, heartbeats, protocol, scratch
 from deathstar.reactor import Reactor
 from deathstar.daemon.guard import check_bind
 from deathstar.keys import CLIENTS, WORKERS, Gatekeeper, ServerKeys
@@ -70,11 +69,12 @@ class Daemon:
         self.started = time.monotonic()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.gate = Gatekeeper(self.ctx, keys, zap)
-        self.ipc_dir = tempfile.mkdtemp(prefix="deathstar-")
+        # its workers' folders (slot files, shipped modules); swept if this process dies
+        self.scratch_dir = scratch.make_folder("deathstar-daemon-")
         self.supervisor = Supervisor(os.cpu_count() or 1 if workers is None else workers,
                                      max_tasks=max_tasks_per_worker,
                                      max_memory=max_worker_memory, heartbeat_s=heartbeat_s,
-                                     log_dir=log_dir, slot_dir=self.ipc_dir)
+                                     log_dir=log_dir, slot_dir=self.scratch_dir)
         self.blobs = BlobCache(config.BLOB_CACHE_BYTES, config.BLOB_CACHE_ENTRIES)
         self.counters = Counters()
         self.router = Router(self.gate, self.counters)
@@ -316,7 +316,7 @@ class Daemon:
         self.supervisor.stop()
         self.ports.close()
         self.gate.stop()
-        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        shutil.rmtree(self.scratch_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ clients
 

@@ -2,16 +2,19 @@
 Each talks to the daemon over a pair of pipes it inherits (``pipelink``): no socket, no
 key, nothing another process could connect to.
 
-Each worker gets a slot file: it writes there the id of each task message as it starts
-it (a store into shared pages, no system call), so when it dies the daemon knows which
-of the two messages it held it was running, even though the result it sent for the first
-one died with it, unsent."""
+Each worker gets a folder of its own in the daemon's (``slot_dir``), removed when it is
+reaped, so that a worker killed at its timeout leaves nothing behind: its slot file and
+the user's modules shipped to it. In its slot file it writes the id of each task message
+as it starts it (a store into shared pages, no system call), so when it dies the daemon
+knows which of the two messages it held it was running, even though the result it sent
+for the first one died with it, unsent."""
 
 from __future__ import annotations
 
 import logging
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,9 +72,9 @@ class Supervisor:
     max_memory: int | None = None
     heartbeat_s: float | None = None
     log_dir: str | None = None  # each worker's output goes to worker-PID.log there
-    slot_dir: str | None = None  # where each worker's slot file goes (see the docstring)
+    slot_dir: str | None = None  # where each worker's folder goes (see the docstring)
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
-    slots: dict[int, str] = field(default_factory=dict)  # pid -> its slot file
+    folders: dict[int, str] = field(default_factory=dict)  # pid -> its folder
     links: dict[bytes, DaemonPipe] = field(default_factory=dict)  # routing id -> pipes
     pidfds: dict[int, int] = field(default_factory=dict)  # pid -> a fd readable at its exit
     restarts: int = 0
@@ -89,14 +92,16 @@ class Supervisor:
         ends = (to_worker[0], from_worker[1])  # the worker's: it reads one, writes the other
         cmd = [sys.executable, "-m", "deathstar.worker", "--connect", "pipe:%d,%d" % ends,
                "--parent-pid", str(os.getpid())]
-        slot = None
+        folder = slot = modules = None
         if self.slot_dir is not None:
             self._spawned += 1
-            slot = os.path.join(self.slot_dir, f"slot-{self._spawned}")
+            folder = os.path.join(self.slot_dir, f"worker-{self._spawned}")
+            os.mkdir(folder, 0o700)
+            slot, modules = os.path.join(folder, "slot"), os.path.join(folder, "modules")
             make_slot(slot)
         for flag, value in (("--max-tasks", self.max_tasks), ("--max-memory", self.max_memory),
                             ("--heartbeat", self.heartbeat_s), ("--log-dir", self.log_dir),
-                            ("--slot", slot)):
+                            ("--slot", slot), ("--modules", modules)):
             if value is not None:
                 cmd += [flag, str(value)]
         try:
@@ -115,8 +120,8 @@ class Supervisor:
         self.procs[proc.pid] = (proc, time.monotonic())
         with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3; else polled
             self.pidfds[proc.pid] = os.pidfd_open(proc.pid)
-        if slot is not None:
-            self.slots[proc.pid] = slot
+        if folder is not None:
+            self.folders[proc.pid] = folder
 
     def poll(self, now: float) -> list[Exited]:
         """Reap exited workers and start replacements; returns what exited."""
@@ -128,8 +133,11 @@ class Supervisor:
             del self.procs[pid]
             with contextlib.suppress(KeyError, OSError):
                 os.close(self.pidfds.pop(pid))
-            slot = self.slots.pop(pid, None)
-            running = None if slot is None else read_slot(slot)
+            folder = self.folders.pop(pid, None)
+            running = None
+            if folder is not None:
+                running = read_slot(os.path.join(folder, "slot"))
+                shutil.rmtree(folder, ignore_errors=True)
             if code == ExitCode.WORKER_RECYCLED:
                 self.recycled += 1
                 log.info("worker %d reached its task or memory limit; replacing it", pid)

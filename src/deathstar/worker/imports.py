@@ -1,8 +1,10 @@
 """The user's modules in a worker: bundles of source files (``deathstar.shipping``)
 written to folders of this process and imported under their real names.
 
-Each bundle gets its own folder, named by its content hash, in a private temporary folder
-of this worker (mode 0700, removed at exit). Before a function of a bundle is unpickled
+Each bundle gets its own folder, named by its content hash, in a private folder of this
+worker (mode 0700, removed at exit): the one its daemon gave it (removed by the daemon
+when the worker dies), else a scratch folder of the temporary directory
+(``deathstar.scratch``: swept once its process is gone). Before a function of a bundle is unpickled
 or called, that bundle is made *active*: its folder goes first on ``sys.path`` (the
 previous bundle's folder comes off), and ``sys.modules`` holds its modules under their
 names (those of another bundle are put aside). So two clients with two versions of
@@ -18,6 +20,7 @@ import sys
 import tempfile
 from types import ModuleType
 
+from deathstar import scratch
 from deathstar.shipping import Bundle
 
 #: Bundles whose folders a worker keeps (least recently used ones go first).
@@ -27,7 +30,8 @@ MAX_BUNDLES = 32
 class ModuleFolders:
     """The bundles this worker has written, and which one is active."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: str | None = None) -> None:
+        self.given = root  # the folder to use (made on first use), if the daemon gave one
         self.root: str | None = None
         self.bundles: dict[str, Bundle] = {}
         self.imported: dict[str, dict[str, ModuleType]] = {}  # bundle hash -> its modules
@@ -36,7 +40,11 @@ class ModuleFolders:
 
     def folder(self, bundle: Bundle) -> str:
         if self.root is None:
-            self.root = tempfile.mkdtemp(prefix="deathstar-modules-")
+            if self.given is not None:
+                os.makedirs(self.given, mode=0o700, exist_ok=True)
+                self.root = self.given
+            else:
+                self.root = scratch.make_folder("deathstar-modules-")
         return os.path.join(self.root, bundle.hash)
 
     def install(self, bundle: Bundle) -> None:

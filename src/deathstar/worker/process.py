@@ -62,7 +62,8 @@ class Worker:
     def __init__(self, connect: str, *, parent_pid: int | None = None,
                  heartbeat_s: float = config.HEARTBEAT_INTERVAL_S,
                  max_tasks: int | None = None, max_memory: int | None = None,
-                 curve: tuple[bytes, bytes, bytes] | None = None, slot: str | None = None):
+                 curve: tuple[bytes, bytes, bytes] | None = None, slot: str | None = None,
+                 modules: str | None = None):
         self.connect = connect
         self.slot = _map_slot(slot)  # the daemon reads the task we last started here
         self.curve = curve  # (our public, our secret, the daemon's public key)
@@ -73,7 +74,7 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.functions: OrderedDict[str, Function] = OrderedDict()
-        self.modules = ModuleFolders()
+        self.modules = ModuleFolders(modules)
         self.initialized: set[str] = set()  # executors whose initializer ran here
         self.waiting: deque[Message] = deque()  # tasks whose function is being fetched
         self.fetching: set[str] = set()

@@ -30,11 +30,14 @@ def main(connect: str, parent_pid: int | None = None, *,
          heartbeat_s: float = config.HEARTBEAT_INTERVAL_S, max_tasks: int | None = None,
          max_memory: int | None = None,
          curve: tuple[bytes, bytes, bytes] | None = None,
-         log_dir: str | None = None, slot: str | None = None) -> int:
+         log_dir: str | None = None, slot: str | None = None,
+         modules: str | None = None) -> int:
     """Entry point of a worker process (``deathstar worker`` and the daemon's children).
     ``connect``: the daemon's worker endpoint, or ``pipe:READ,WRITE`` (the inherited
     pipes of a worker its daemon started); ``curve``: (public, secret, daemon public)
-    keys for an endpoint that needs them."""
+    keys for an endpoint that needs them; ``slot``: the daemon's slot file for this
+    worker; ``modules``: the folder for the user's modules shipped here (its daemon's,
+    removed when this worker is reaped; else a folder of the temporary directory)."""
     logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO,
                         format=f"%(asctime)s worker {os.getpid()} %(levelname)s %(message)s")
     if parent_pid is not None:
@@ -50,7 +53,8 @@ def main(connect: str, parent_pid: int | None = None, *,
         os.dup2(fd, 2)
         os.close(fd)
     return Worker(connect, parent_pid=parent_pid, heartbeat_s=heartbeat_s,
-                  max_tasks=max_tasks, max_memory=max_memory, curve=curve, slot=slot).run()
+                  max_tasks=max_tasks, max_memory=max_memory, curve=curve, slot=slot,
+                  modules=modules).run()
 
 
 def cli_main() -> int:
@@ -65,6 +69,8 @@ def cli_main() -> int:
     parser.add_argument("--max-memory", type=int, default=None)
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--slot", default=None)
+    parser.add_argument("--modules", default=None)
     ns = parser.parse_args()
     return main(ns.connect, ns.parent_pid, heartbeat_s=ns.heartbeat, max_tasks=ns.max_tasks,
-                max_memory=ns.max_memory, log_dir=ns.log_dir, slot=ns.slot)
+                max_memory=ns.max_memory, log_dir=ns.log_dir, slot=ns.slot,
+                modules=ns.modules)
