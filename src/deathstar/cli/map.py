@@ -19,7 +19,7 @@ from deathstar.cli.common import KeysOption, err, fail, setup_logging, summary_t
 from deathstar.cli.inputs import InputError, load_function, parse_kwargs, read_calls
 from deathstar.cli.output import OutputError, Previous, ResultWriter, read_previous
 from deathstar.client import Cluster, NoNodesError, ordered
-from deathstar.client.job import Batch, Outcome, in_order
+from deathstar.client.outcomes import Batch, Outcome, in_order
 from deathstar.errors import describe
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import KeyFileError

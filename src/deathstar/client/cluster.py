@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, cast
 
 from deathstar import config, serialize
 from deathstar.client.engine import Engine, NoNodesError
-from deathstar.client.job import Batch, Job, Outcome, as_outcomes, drain, ordered
+from deathstar.client.job import Job
+from deathstar.client.outcomes import Batch, Outcome, as_outcomes, drain, ordered
 from deathstar.client.results import Collector, MapResult
 from deathstar.client.blobs import FunctionBlobs
 from deathstar.client.embedded import LocalDaemon, acquire_shared, hosting, release_shared

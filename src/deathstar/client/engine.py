@@ -29,7 +29,8 @@ from deathstar.nodes import NodeAddress
 from deathstar.protocol import Message
 from deathstar.reactor import Reactor
 from deathstar.client import links
-from deathstar.client.job import FINISHED, Job, Outcome
+from deathstar.client.job import FINISHED, Job
+from deathstar.client.outcomes import Outcome
 from deathstar.client.lost import LOST_HANDLERS, lost_crash
 from deathstar.client.sharing import MemoryLink
 from deathstar.client.supply import Supplier

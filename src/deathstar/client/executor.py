@@ -38,7 +38,8 @@ from deathstar.client.cluster import Cluster, MapOptions
 from deathstar.client.engine import NoNodesError
 from deathstar.client.futures import Call, CallFuture, Settle, settle
 from deathstar.client.exits import check_not_exiting, register, released_by
-from deathstar.client.job import FINISHED, Job, Outcome, as_outcomes, drain, ordered
+from deathstar.client.job import FINISHED, Job
+from deathstar.client.outcomes import Outcome, as_outcomes, drain, ordered
 
 __all__ = ["Executor", "LIVENESS_CHECK_S"]
 

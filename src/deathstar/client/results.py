@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from deathstar.client.job import Batch, Outcome
+from deathstar.client.outcomes import Batch, Outcome
 from deathstar.report import TaskRecord
 
 
