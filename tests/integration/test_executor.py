@@ -371,3 +371,21 @@ def test_a_done_callback_may_submit_and_shut_down(daemon: Daemon) -> None:
         ex.submit(jobs.square, 3).add_done_callback(then)
         assert ended.wait(30)
         assert chained[0].result(timeout=30) == 81
+
+
+def test_a_script_function_runs_as_it_is_at_each_submit() -> None:
+    """A function pickled by value keeps its pickle only while what it refers to is the
+    same immutable objects: a global rebound, or a list changed in place, reaches the
+    workers at the next call (``client.blobs.value_state``)."""
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec("K = 1\nBOX = [10]\n"  # noqa: S102 - the test's own source: a script's functions
+         "def plus_k(x):\n    return x + K\n"
+         "def plus_box(x):\n    return x + BOX[0]\n", namespace)
+    with deathstar.Executor(max_workers=2) as ex:
+        assert [ex.submit(namespace["plus_k"], 1).result(timeout=30) for _ in range(3)] \
+            == [2, 2, 2]
+        namespace["K"] = 5
+        assert ex.submit(namespace["plus_k"], 1).result(timeout=30) == 6
+        assert ex.submit(namespace["plus_box"], 1).result(timeout=30) == 11
+        namespace["BOX"][0] = 20
+        assert ex.submit(namespace["plus_box"], 1).result(timeout=30) == 21
