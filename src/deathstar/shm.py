@@ -140,10 +140,13 @@ class SharedFolder:
             self.release([path])
         return None
 
+    def free_files(self) -> list[str]:
+        """The files given back and kept to be written again."""
+        return [path for files in self.free.values() for path in files]
+
     def drop_free(self) -> None:
         """Remove the files given back (the client is idle: /dev/shm is memory)."""
-        for files in self.free.values():
-            self.release(files)
+        self.release(self.free_files())
         self.free.clear()
         self.free_bytes = 0
 

@@ -127,7 +127,7 @@ def test_large_arrays_reach_embedded_workers_through_shared_memory(tmp_path: Pat
         assert shared.count >= len(arrays) - 1
         # each unlinked by its worker, or given back to be written again; the probe its
         # node answered stays
-        kept = [os.path.basename(p) for files in shared.free.values() for p in files]
+        kept = [os.path.basename(p) for p in shared.free_files()]
         assert sorted(os.listdir(shared.path)) == sorted(
             [os.path.basename(c.engine.memory.probe[0]), *kept])
         folder = shared.path

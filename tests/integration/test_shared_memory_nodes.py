@@ -57,8 +57,7 @@ def test_a_loopback_tcp_node_of_this_user_gets_buffers_through_shared_memory(
         assert all(isinstance(backing(v), mmap.mmap) for v in back)  # results too
         assert np.array_equal(back[0], np.arange(300_000, dtype=np.float64) * 2)
         # each taken by its reader, and unlinked, or given back to be written again
-        kept = [os.path.basename(p) for files in c.engine.memory.folder.free.values()
-                for p in files]
+        kept = [os.path.basename(p) for p in c.engine.memory.folder.free_files()]
         assert files_left(c) == sorted(kept) and len(kept) <= 6
         folder = c.engine.memory.folder.path
     assert folder is not None and not os.path.exists(folder)
