@@ -2,9 +2,12 @@
 
 An input file is JSONL (one input a line: a JSON array is the positional arguments, an
 object the keyword arguments, anything else the single argument) or a pickle
-(``.pkl``/``.pickle``: a list of the same shapes). JSONL is read lazily, so a file of a
-million lines never sits in memory at once; a malformed line is an ``InputError`` naming
-the file and line.
+(``.pkl``/``.pickle``: a list of the same shapes). Every line of a JSONL file is checked
+when it is opened, so a malformed one (an ``InputError`` naming the file and line) stops
+the map before anything runs. A file whose lines are all numbers of one kind (integers,
+or floats) is kept from that pass as a typed array, 8 bytes an input, and sliced into
+messages as a list would be; any other is read again lazily as the map goes, so a file of
+a million lines never sits in memory as Python objects.
 """
 
 from __future__ import annotations
@@ -14,10 +17,16 @@ import json
 import os
 import pickle
 import sys
+from array import array
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 Call = tuple[tuple[Any, ...], "dict[str, Any] | None"]
+
+#: Numbers a JSONL file may hold to be kept as an array (8 bytes each) rather than read
+#: again lazily.
+KEPT_MAX_INPUTS = 4_000_000
 
 
 class InputError(ValueError):
@@ -34,8 +43,20 @@ def to_call(value: Any) -> Call:
     return (value,), None
 
 
-def read_calls(path: str | Path) -> tuple[Iterator[Call], int]:
-    """Open an input file; returns the calls (read lazily for JSONL) and their count."""
+@dataclass
+class Inputs:
+    """A map's inputs: the calls (read lazily), how many, and, when every input is one
+    argument held here already (``plain``), those arguments, which a map slices into
+    messages without a call per input (``calls`` then comes from them)."""
+
+    calls: Iterator[Call]
+    total: int
+    plain: Sequence[Any] | None = None
+
+
+def read_inputs(path: str | Path) -> Inputs:
+    """Open an input file and check every input in it (``InputError`` names the file and
+    the line)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -48,20 +69,42 @@ def read_calls(path: str | Path) -> tuple[Iterator[Call], int]:
         if not isinstance(values, (list, tuple)):
             raise InputError(f"{path}: the pickle holds a {type(values).__name__}, "
                              "not a list of inputs")
-        return (to_call(v) for v in values), len(values)
-    return _jsonl_calls(path), _count_lines(path)
+        if any(isinstance(v, (list, dict)) for v in values):
+            return Inputs((to_call(v) for v in values), len(values))
+        return _plain(values)
+    total, numbers = _check_lines(path)
+    return Inputs(_jsonl_calls(path), total) if numbers is None else _plain(numbers)
 
 
-def _count_lines(path: Path) -> int:
-    """Inputs in a JSONL file (its non-blank lines), checking that each is JSON, so a bad
-    line stops the map before anything runs rather than half-way through."""
+def _plain(values: Sequence[Any]) -> Inputs:
+    return Inputs((((v,), None) for v in values), len(values), values)
+
+
+def _check_lines(path: Path) -> tuple[int, array[Any] | None]:
+    """The inputs in a JSONL file (its non-blank lines), checking that each is JSON, so a
+    bad line stops the map before anything runs rather than half-way through; and, when
+    every line is a number of the first one's kind (an integer of 64 bits, or a float),
+    at most ``KEPT_MAX_INPUTS`` of them, those numbers."""
     count = 0
+    kept: array[Any] | None = None
+    kind: type = type(None)
     with path.open("rb") as fh:
         for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                _parse_line(path, lineno, line)
-                count += 1
-    return count
+            if not line.strip():
+                continue
+            value = _parse_line(path, lineno, line)
+            count += 1
+            if count == 1 and type(value) in (int, float):
+                kind, kept = type(value), array("q" if type(value) is int else "d")
+            if kept is not None:
+                if type(value) is not kind or count > KEPT_MAX_INPUTS:
+                    kept = None  # (a bool is no int here: True must stay True)
+                    continue
+                try:
+                    kept.append(value)
+                except OverflowError:  # an integer past 64 bits
+                    kept = None
+    return count, kept
 
 
 _DECODER = json.JSONDecoder()

@@ -16,7 +16,8 @@ from rich.table import Table
 
 from deathstar import config
 from deathstar.cli.common import KeysOption, err, fail, setup_logging, summary_table, write_plot
-from deathstar.cli.inputs import InputError, load_function, parse_kwargs, read_calls
+from deathstar.cli.inputs import (InputError, Inputs, load_function, parse_kwargs,
+                                  read_inputs)
 from deathstar.cli.output import OutputError, Previous, ResultWriter, read_previous
 from deathstar.client import Cluster, NoNodesError, ordered
 from deathstar.client.outcomes import Batch, Outcome, in_order
@@ -128,7 +129,8 @@ def map_command(
     try:
         fn = load_function(function)
         common = parse_kwargs(kwargs)
-        calls, total = read_calls(args)
+        inputs = read_inputs(args)
+        total = inputs.total
         _check_map_options(out, report, resume, retry_failed, timeout, max_attempts,
                            chunksize)
         previous = read_previous(out, retry_failed) if resume and out is not None \
@@ -148,7 +150,7 @@ def map_command(
     options: dict[str, Any] = dict(chunksize=chunksize, timeout=timeout,
                                    max_attempts=max_attempts, seed=seed,
                                    capture_output=capture_output)
-    code = run.run(fn, common, calls, skip, total - len(skip), options)
+    code = run.run(fn, common, inputs, skip, total - len(skip), options)
     if plot is not None and run.records:
         write_plot(run.records, plot)
     raise typer.Exit(code)
@@ -207,13 +209,13 @@ class _MapRun:
         #: whole output
         self.failed_count = earlier_failures
 
-    def run(self, fn: Any, common: dict[str, Any], calls: Iterator[Any], skip: set[int],
+    def run(self, fn: Any, common: dict[str, Any], inputs: Inputs, skip: set[int],
             total: int, options: dict[str, Any]) -> ExitCode:
         started = time.monotonic()
         kept: list[int] = []  # with --resume: the original index of each input sent
 
         def remaining() -> Iterator[Any]:
-            for index, call in enumerate(calls):
+            for index, call in enumerate(inputs.calls):
                 if index not in skip:
                     kept.append(index)
                     yield call
@@ -229,8 +231,9 @@ class _MapRun:
                 for index, ok, value, record in ordered(stream, kept):
                     self.deliver(index, ok, value, record)
             else:  # by message: a batch of results is written, tallied, reported at once
-                pieces = self.cluster.deliveries(fn, calls, total=total, progress=progress,
-                                                 **options, **common)
+                pieces = self.cluster.deliveries(
+                    fn, iter(()) if inputs.plain is not None else inputs.calls,
+                    plain=inputs.plain, total=total, progress=progress, **options, **common)
                 for piece in in_order(pieces):
                     self.deliver_piece(piece)
         except (InputError, SerializationError, OutputError) as exc:
