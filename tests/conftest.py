@@ -25,8 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # inherit this). Tests that use keys name their folder explicitly.
 os.environ["DEATHSTAR_KEYS"] = "none"
 os.environ.pop("DEATHSTAR_CLUSTER", None)
-os.environ["XDG_STATE_HOME"] = _STATE = tempfile.mkdtemp(prefix="deathstar-test-state-")
-atexit.register(shutil.rmtree, _STATE, ignore_errors=True)  # the worker logs go with the run
+# The worker logs go in a folder of the run, removed at its end; a process the run spawns
+# (a ProcessPoolExecutor's worker imports this module too) keeps the run's.
+_STATE = os.environ.get("XDG_STATE_HOME", "")
+if not os.path.basename(_STATE).startswith("deathstar-test-state-"):
+    os.environ["XDG_STATE_HOME"] = _STATE = tempfile.mkdtemp(prefix="deathstar-test-state-")
+    atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 #: Fast heartbeats so liveness tests finish quickly.
 FAST_HEARTBEAT = "0.2"
 
