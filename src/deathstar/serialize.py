@@ -361,25 +361,33 @@ def pickle_function(fn: Any, common: dict[str, Any], modules: Iterable[str] = ()
 
 
 def pickles_by_name(fn: Any) -> bool:
-    """Whether ``fn`` is a plain function its module holds under its own name, outside
-    ``__main__``, in a module not registered with cloudpickle to go by value: it pickles
-    as a reference (module, name), the same bytes every time."""
-    if not isinstance(fn, FunctionType) or "<locals>" in fn.__qualname__:
-        return False
-    module = sys.modules.get(fn.__module__)
-    if module is None or fn.__module__ == "__main__":
+    """Whether ``fn`` is a plain function that pickles as a reference (``by_reference``),
+    the same bytes every time."""
+    return isinstance(fn, FunctionType) and by_reference(fn)
+
+
+def by_reference(obj: Any) -> bool:
+    """Whether a function or class pickles as a reference (module, name): its module, not
+    ``__main__`` nor registered with cloudpickle to go by value, holds it under its own
+    qualified name."""
+    name = getattr(obj, "__qualname__", None)
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    if not isinstance(name, str) or "<locals>" in name or module is None \
+            or module.__name__ == "__main__" or registered_by_value(module):
         return False
     found: Any = module
-    for part in fn.__qualname__.split("."):
+    for part in name.split("."):
         found = getattr(found, part, None)
-    if found is not fn:
-        return False
-    try:  # (private; where it is missing, nothing is taken for a reference)
-        by_value: bool = cloudpickle.cloudpickle._is_registered_pickle_by_value(
-            module)
+    return found is obj
+
+
+def registered_by_value(module: ModuleType) -> bool:
+    """Whether cloudpickle was told to pickle ``module`` by value (where it cannot say,
+    yes: nothing is taken for a reference then)."""
+    try:  # (private)
+        return bool(cloudpickle.cloudpickle._is_registered_pickle_by_value(module))
     except AttributeError:
-        return False
-    return not by_value
+        return True
 
 
 def function_blob(inner: list[Any], bundle: Bundle | None) -> list[Any]:

@@ -34,7 +34,7 @@ FREE_MAX_BYTES = 256 << 20
 FREE_MAX_FILES = 64
 #: Seconds without a buffer written after which an idle client removes those files.
 FREE_IDLE_S = 10.0
-_SHARED_PREFIX = "deathstar-"
+_SHARED_PREFIX = scratch.PREFIX
 _FILE_NUMBERS = itertools.count()
 
 

@@ -10,11 +10,8 @@ very same immutable object as then (``value_state``), else it is pickled again."
 
 from __future__ import annotations
 
-import sys
 from types import BuiltinFunctionType, CodeType, FunctionType, ModuleType
 from typing import Any, Callable
-
-import cloudpickle
 
 from deathstar import serialize
 
@@ -76,31 +73,20 @@ def _collect(obj: Any, parts: list[Any], seen: set[int], depth: int) -> bool:
     if type(obj) in (tuple, frozenset):
         return depth < 8 and all(_collect(item, parts, seen, depth + 1) for item in obj)
     if isinstance(obj, ModuleType):
-        return not _by_value(obj)
+        return not serialize.registered_by_value(obj)
     if isinstance(obj, type):
-        module = sys.modules.get(obj.__module__)
-        return (module is not None and obj.__module__ != "__main__"
-                and getattr(module, obj.__qualname__, None) is obj and not _by_value(module))
+        return serialize.by_reference(obj)
     if type(obj) is FunctionType:
-        return serialize.pickles_by_name(obj) or id(obj) in seen or \
+        return serialize.by_reference(obj) or id(obj) in seen or \
             _function_parts(obj, parts, seen)
     return False
-
-
-def _by_value(module: ModuleType) -> bool:
-    """Whether cloudpickle was told to pickle ``module`` by value (where it cannot say:
-    yes)."""
-    try:
-        return bool(cloudpickle.cloudpickle._is_registered_pickle_by_value(module))
-    except AttributeError:
-        return True
 
 
 class FunctionBlobs:
     """The last function's blob (matched by content, for any function) and its pickle
     (matched by identity, for a function that pickles by name or whose ``value_state``
-    is the same). Safe to call from
-    several threads: each slot is one tuple, replaced whole."""
+    is the same). Safe to call from several threads: each slot is one tuple, replaced
+    whole."""
 
     def __init__(self, init: tuple[str, Any, tuple[Any, ...]] | None):
         self.init = init  # the executor's (token, initializer, initargs)

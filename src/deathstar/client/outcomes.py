@@ -13,6 +13,7 @@ from deathstar.report import OK, TaskRecord
 #: One delivered input: (index, succeeded, value or exception, record).
 Outcome = tuple[int, bool, Any, TaskRecord]
 
+
 def ordered(outcomes: Iterable[Outcome], order: Sequence[int] | None = None
             ) -> Iterator[Outcome]:
     """Put a completion-order stream of outcomes back into input order, holding an outcome

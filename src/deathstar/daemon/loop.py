@@ -74,7 +74,7 @@ class Daemon:
         self.supervisor = Supervisor(os.cpu_count() or 1 if workers is None else workers,
                                      max_tasks=max_tasks_per_worker,
                                      max_memory=max_worker_memory, heartbeat_s=heartbeat_s,
-                                     log_dir=log_dir, slot_dir=self.scratch_dir)
+                                     log_dir=log_dir, folders_in=self.scratch_dir)
         self.blobs = BlobCache(config.BLOB_CACHE_BYTES, config.BLOB_CACHE_ENTRIES)
         self.counters = Counters()
         self.router = Router(self.gate, self.counters)

@@ -2,7 +2,7 @@
 Each talks to the daemon over a pair of pipes it inherits (``pipelink``): no socket, no
 key, nothing another process could connect to.
 
-Each worker gets a folder of its own in the daemon's (``slot_dir``), removed when it is
+Each worker gets a folder of its own in the daemon's (``folders_in``), removed when it is
 reaped, so that a worker killed at its timeout leaves nothing behind: its slot file and
 the user's modules shipped to it. In its slot file it writes the id of each task message
 as it starts it (a store into shared pages, no system call), so when it dies the daemon
@@ -45,6 +45,10 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
+#: The slot file in each worker's folder.
+SLOT_FILE = "slot"
+
+
 @dataclass
 class Exited:
     """A worker process that has exited, as the supervisor reports it: with the id of the
@@ -72,7 +76,7 @@ class Supervisor:
     max_memory: int | None = None
     heartbeat_s: float | None = None
     log_dir: str | None = None  # each worker's output goes to worker-PID.log there
-    slot_dir: str | None = None  # where each worker's folder goes (see the docstring)
+    folders_in: str | None = None  # where each worker's folder goes (see the docstring)
     procs: dict[int, tuple[subprocess.Popen[bytes], float]] = field(default_factory=dict)
     folders: dict[int, str] = field(default_factory=dict)  # pid -> its folder
     links: dict[bytes, DaemonPipe] = field(default_factory=dict)  # routing id -> pipes
@@ -93,11 +97,11 @@ class Supervisor:
         cmd = [sys.executable, "-m", "deathstar.worker", "--connect", "pipe:%d,%d" % ends,
                "--parent-pid", str(os.getpid())]
         folder = slot = modules = None
-        if self.slot_dir is not None:
+        if self.folders_in is not None:
             self._spawned += 1
-            folder = os.path.join(self.slot_dir, f"worker-{self._spawned}")
+            folder = os.path.join(self.folders_in, f"worker-{self._spawned}")
             os.mkdir(folder, 0o700)
-            slot, modules = os.path.join(folder, "slot"), os.path.join(folder, "modules")
+            slot, modules = os.path.join(folder, SLOT_FILE), os.path.join(folder, "modules")
             make_slot(slot)
         for flag, value in (("--max-tasks", self.max_tasks), ("--max-memory", self.max_memory),
                             ("--heartbeat", self.heartbeat_s), ("--log-dir", self.log_dir),
@@ -136,7 +140,7 @@ class Supervisor:
             folder = self.folders.pop(pid, None)
             running = None
             if folder is not None:
-                running = read_slot(os.path.join(folder, "slot"))
+                running = read_slot(os.path.join(folder, SLOT_FILE))
                 shutil.rmtree(folder, ignore_errors=True)
             if code == ExitCode.WORKER_RECYCLED:
                 self.recycled += 1

@@ -4,10 +4,10 @@ written to folders of this process and imported under their real names.
 Each bundle gets its own folder, named by its content hash, in a private folder of this
 worker (mode 0700, removed at exit): the one its daemon gave it (removed by the daemon
 when the worker dies), else a scratch folder of the temporary directory
-(``deathstar.scratch``: swept once its process is gone). Before a function of a bundle is unpickled
-or called, that bundle is made *active*: its folder goes first on ``sys.path`` (the
-previous bundle's folder comes off), and ``sys.modules`` holds its modules under their
-names (those of another bundle are put aside). So two clients with two versions of
+(``deathstar.scratch``: swept once its process is gone). Before a function of a bundle
+is unpickled or called, that bundle is made *active*: its folder goes first on
+``sys.path`` (the previous bundle's folder comes off), and ``sys.modules`` holds its
+modules under their names (those of another bundle are put aside). So two clients with two versions of
 ``mymod`` each get their own, and a module edited and sent again is imported afresh.
 """
 
