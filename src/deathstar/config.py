@@ -227,6 +227,10 @@ MAX_PENDING_RESULTS = _env_int("MAX_PENDING_RESULTS", 20_000)
 #: not once per message (each wake costs the I/O thread a switch of the GIL). The outcomes
 #: of a map that has ended go at once.
 DELIVERY_HOLD_S = _env_float("DELIVERY_HOLD", 0.002)
+#: Seconds an executor's job for one function stays open with no call to run and none
+#: running: a call submitted meanwhile rides in it (no job to start, none to end, per
+#: call); past it the job ends, and the client's loop goes quiet.
+FEED_IDLE_S = _env_float("FEED_IDLE", 0.25)
 
 #: A message's pickled inputs are at most about this many bytes, unless one input alone is
 #: larger (it then goes alone): the client writes a message whole before its worker can

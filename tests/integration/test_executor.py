@@ -261,6 +261,27 @@ def test_consecutive_calls_share_jobs(daemon: Daemon) -> None:
         assert daemon.status()["blobs_received"] == 1
 
 
+def test_one_call_at_a_time_rides_in_one_job_that_ends_when_idle(daemon: Daemon) -> None:
+    """A call submitted after the last one was answered rides in the job still open for
+    its function (no job to start and end per call); a call of another function starts
+    its own and ends that one; an idle job ends by itself, and the next call starts
+    another."""
+    with Cluster([daemon.address]) as c:
+        engine = c.engine
+        with Executor(c) as ex:
+            assert [ex.submit(jobs.square, i).result(timeout=30) for i in range(20)] == \
+                [i * i for i in range(20)]
+            assert next(c._job_ids) == 2  # one job made for the 20 calls
+            assert ex.submit(jobs.add, 2, 3).result(timeout=30) == 5
+            assert ex.submit(jobs.square, 7).result(timeout=30) == 49
+            assert next(c._job_ids) == 5  # a job for add, then square's again (and 2, 4)
+            wait_for(lambda: not engine.jobs, 30, "the idle job to end")
+            assert ex.submit(jobs.square, 8).result(timeout=30) == 64
+            assert next(c._job_ids) == 7
+            wait_for(lambda: not engine.jobs, 30, "the idle job to end")
+        assert daemon.status()["blobs_received"] == 2
+
+
 def test_each_call_runs_the_function_as_it_was_when_submitted(daemon: Daemon) -> None:
     """The executor keeps the pickle of a module's function from call to call (it is
     only a name); a function that travels by value is pickled again at each submit, so

@@ -160,8 +160,12 @@ class Engine(Supplier):
 
     def has_input(self) -> bool:
         """A command, or a hosted daemon's message, waits, or ``fill`` has more to send."""
-        return self.filling or not self.commands.empty() or \
-            any(n.link is not None and n.link.has_mail() for n in self.nodes)
+        if self.filling or not self.commands.empty():
+            return True
+        for node in self.nodes:  # (a loop: this runs several times a turn)
+            if node.link is not None and node.link.has_mail():
+                return True
+        return False
 
     def deadline(self) -> float:
         return self.next_deadline(time.monotonic())
@@ -197,12 +201,18 @@ class Engine(Supplier):
 
     def next_deadline(self, now: float) -> float:
         """When the loop must wake with no message: heartbeats, handshake and reconnect
-        deadlines, a busy node's back-off, and the node figures' refresh while a map runs
-        (an idle connected client wakes once a heartbeat interval)."""
+        deadlines, a busy node's back-off, the node figures' refresh while a map runs and
+        the end of an idle executor's job (an idle connected client wakes once a
+        heartbeat interval)."""
         deadlines = [now + self.heartbeat_s]
         if self.jobs:
             deadlines.append(self.next_snapshot)
-            deadlines += [j.held_due() for j in self.jobs.values() if j.held]
+            for job in self.jobs.values():
+                if job.held:
+                    deadlines.append(job.held_due())
+                idle = job.idle_due()
+                if idle is not None:
+                    deadlines.append(idle)
         deadlines += [n.busy_until for n in self.nodes if n.busy_until > now]
         deadlines += [n.deadline for n in self.nodes if n.state in (CONNECTING, DOWN)]
         return min(deadlines)
@@ -474,8 +484,10 @@ class Engine(Supplier):
         self.snapshot = [node.stats(now, self.late_results) for node in self.nodes]
 
     def finish_jobs(self, now: float) -> None:
-        """End the jobs that are done; hand over the outcomes held long enough."""
+        """End the jobs that are done (an executor's that stayed idle too); hand over
+        the outcomes held long enough."""
         for job in list(self.jobs.values()):
+            job.close_if_idle(now)
             if job.done():
                 del self.jobs[job.id]
                 job.end(FINISHED)

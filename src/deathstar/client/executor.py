@@ -9,7 +9,10 @@ How a submitted call travels:
   only when a node has room (so the engine batches tiny calls and ships the function to
   each node once). A call it has taken is running (it is about to be sent); one still in
   the queue can be cancelled. Calls start in submission order: when the head of the queue
-  is another function, the feed ends and a feed for that function starts.
+  is another function, the feed ends and a feed for that function starts. A feed that
+  finds the queue empty stays open (*starved*: the next call of its function wakes the
+  I/O thread, and rides in it) until it has been idle ``config.FEED_IDLE_S``: one call at
+  a time then costs no job to start and none to end.
 * Outcomes come back through the job's ``out`` sink. The I/O thread resolves a future
   that has no done-callback at once (``futures.CallFuture``); the others go to the
   executor's own thread, which resolves them and runs their callbacks (never the I/O
@@ -62,7 +65,8 @@ class _Feed:
         self.executor = executor
         self.fn_hash = fn_hash
         self.futures: dict[int, CallFuture] = {}  # taken and not yet resolved
-        self.closed = False
+        self.closed = False  # it takes no more calls (its job ends once they are answered)
+        self.starved = False  # it found the queue empty: a call for it must wake the loop
         self.cancelled = False
         self.job: Job | None = None
 
@@ -71,6 +75,15 @@ class _Feed:
 
     def __next__(self) -> tuple[int, tuple[Any, ...], dict[str, Any] | None]:
         return self.executor._take(self)
+
+    def dry(self) -> bool:
+        return self.starved and not self.closed
+
+    def ended(self) -> bool:
+        return self.closed
+
+    def close_idle(self) -> bool:
+        return self.executor._close_idle(self)
 
     def put(self, item: Any) -> None:
         """What the feed's job delivers (I/O thread): outcomes are resolved here, one
@@ -178,8 +191,18 @@ class Executor(cf.Executor):
             self._pending.append(Call(future, next(self._indices), fn_hash, blob, args,
                                        kwargs or None))
             self._unfinished.add(future)
+            feed = self._feed
+            wake = feed is not None and feed.starved
+            if wake:
+                assert feed is not None
+                feed.starved = False
+                if feed.fn_hash != fn_hash:  # it would end at this call: it ends now
+                    feed.closed = True
+                    self._feed = None
             if self._feed is None:
                 self._start_feed_locked()
+        if wake:
+            self._cluster.engine.wake()
         return future
 
     def _check_accepting(self, locked: bool = False) -> None:
@@ -197,6 +220,7 @@ class Executor(cf.Executor):
         feed = _Feed(self, head.fn_hash)
         feed.job = self._cluster.job_from_blob(head.fn_hash, head.blob, feed, self._options,
                                                out=feed)
+        feed.job.resumable = feed
         self._feed = feed
         self._feeds.add(feed)
         self._cluster.engine.submit(feed.job)
@@ -212,12 +236,29 @@ class Executor(cf.Executor):
                     feed.futures[call.index] = call.future
                     return call.index, call.args, call.kwargs
                 self._settle_locked([call.future])
-            feed.closed = True
-            if self._feed is feed:
-                self._feed = None
-                if self._pending:
-                    self._start_feed_locked()
+            if not feed.closed and not self._pending:
+                feed.starved = True  # dry for now: the next submit wakes the loop
+                raise StopIteration
+            self._end_feed_locked(feed)
         raise StopIteration
+
+    def _close_idle(self, feed: _Feed) -> bool:
+        """End an idle feed (I/O thread) unless a call for it waits in the queue; True
+        when it has ended."""
+        with self._lock:
+            if not feed.closed and self._pending and \
+                    self._pending[0].fn_hash == feed.fn_hash:
+                return False
+            self._end_feed_locked(feed)
+        return True
+
+    def _end_feed_locked(self, feed: _Feed) -> None:
+        """``feed`` takes no more calls; a feed for the queue's head starts (lock held)."""
+        feed.closed = True
+        if self._feed is feed:
+            self._feed = None
+            if self._pending:
+                self._start_feed_locked()
 
     # ------------------------------------------------------------------ outcomes
 

@@ -9,7 +9,7 @@ import time
 from collections import deque
 from itertools import islice
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from deathstar import config, serialize
 from deathstar.client.outcomes import Batch, Outcome, consecutive
@@ -28,6 +28,22 @@ class JobInputError(Exception):
     def __init__(self, cause: BaseException):
         super().__init__(str(cause))
         self.cause = cause
+
+
+class Resumable(Protocol):
+    """A job's input source that may run dry for a while and give inputs again later (an
+    executor's queue of calls): a short read ends the job only once it has ``ended``."""
+
+    def dry(self) -> bool:
+        """No input to read now: reading waits for one to come (I/O thread; a hint, read
+        without a lock: its source wakes the loop when an input comes)."""
+
+    def ended(self) -> bool:
+        """No input will come any more (I/O thread, after a short read)."""
+
+    def close_idle(self) -> bool:
+        """End now unless an input waits to be read; True when it has ended (I/O
+        thread)."""
 
 
 @dataclass(eq=False)
@@ -91,11 +107,16 @@ class Job:
     # (input i is ``fn(plain[i], **common)``), sliced into messages; ``items`` is unused.
     plain: Sequence[Any] | None = None
     columnar: bool = False  # the consumer takes a ``Batch`` for a message that all ran
+    # ``items`` may run dry and resume (``Resumable``): the job then stays open until its
+    # source ends, or it has been idle ``config.FEED_IDLE_S`` (``idle_due``)
+    resumable: Resumable | None = None
+    active_at: float = field(default_factory=time.monotonic)  # an input read or answered
 
     def deliver(self, outcomes: list[Any] | Batch) -> None:
         """Hand a list of outcomes (or a ``Batch``) to the consumer (I/O thread): at once,
         or with the next ones within ``hold_s`` (``hand_held``)."""
         self.delivered += len(outcomes)
+        self.active_at = time.monotonic()
         if not self.hold_s:
             self.out.put(outcomes)
             return
@@ -120,6 +141,13 @@ class Job:
         after every outcome held (I/O thread)."""
         self.hand_held()
         self.out.put(last)
+
+    def readable(self) -> bool:
+        """Inputs may be read now: not exhausted, not waiting for its source to have
+        some, not throttled (``backlogged``) (I/O thread)."""
+        if self.exhausted or self.resumable is not None and self.resumable.dry():
+            return False
+        return not self.backlogged()
 
     def backlogged(self) -> bool:
         """Too many outcomes wait for the consumer: read no more inputs for now (I/O
@@ -165,8 +193,11 @@ class Job:
             chunk = list(islice(self.items, size))
         except Exception as exc:  # the user's input iterator failed (a malformed line...)
             raise JobInputError(exc) from exc
-        self.exhausted = len(chunk) < size
-        self.read += len(chunk)
+        self.exhausted = len(chunk) < size and (self.resumable is None
+                                                or self.resumable.ended())
+        if chunk:
+            self.read += len(chunk)
+            self.active_at = time.monotonic()
         indices: range | list[int] = [index for index, _, _ in chunk]
         if consecutive(indices):
             indices = range(indices[0], indices[-1] + 1)
@@ -214,6 +245,26 @@ class Job:
 
     def done(self) -> bool:
         return self.exhausted and not self.retry and self.outstanding == 0
+
+    def idle_due(self) -> float | None:
+        """When a resumable job with nothing to send and nothing in flight ends (None for
+        any other job): ``config.FEED_IDLE_S`` after its last input was read or
+        answered."""
+        if self.resumable is None or self.exhausted or self.outstanding or self.retry:
+            return None
+        return self.active_at + config.FEED_IDLE_S
+
+    def close_if_idle(self, now: float) -> None:
+        """End a resumable job idle past ``idle_due`` (I/O thread): its source closes,
+        unless an input came for it meanwhile (its idle time then starts again)."""
+        due = self.idle_due()
+        if due is None or now < due:
+            return
+        assert self.resumable is not None
+        if self.resumable.close_idle():
+            self.exhausted = True
+        else:
+            self.active_at = now
 
     def batch_size(self, capacity: int) -> int:
         """Inputs for the next message: fixed by ``chunksize``, else sized so a batch keeps

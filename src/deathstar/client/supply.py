@@ -39,13 +39,22 @@ class Supplier:
         if not self.jobs:
             return
         ready = self.ready_nodes()
-        capacity = sum(n.capacity for n in ready)
-        short = all(job.short_messages() for job in self.jobs.values())
+        capacity = 0
+        for node in ready:
+            capacity += node.capacity
+        short: bool | None = None  # every job's messages are short: worked out if needed
         now = time.monotonic()
         for node in ready:
             if node.busy_until > now:
                 continue
-            while len(node.inflight) < node.window(short):
+            # below both windows, whether the messages are short does not matter
+            below_both = min(node.window(True), node.window(False))
+            while True:
+                if len(node.inflight) >= below_both:
+                    if short is None:
+                        short = all(job.short_messages() for job in self.jobs.values())
+                    if len(node.inflight) >= node.window(short):
+                        break
                 task = self.next_task(node, capacity, alone=len(ready) == 1)
                 if task is None:
                     break
@@ -62,7 +71,7 @@ class Supplier:
             if job.cancelled:
                 continue
             task = job.pick_retry(node.name, alone)
-            if task is None and not job.exhausted and not job.backlogged():
+            if task is None and job.readable():
                 task = self.read_batch(job, capacity)
             if task is None:
                 continue
