@@ -63,19 +63,21 @@ class _Reader:
         self.pos = 0  # where the unparsed bytes start
         self.need = _COUNT.size  # bytes from ``pos`` the next step of parsing needs
 
-    def fill(self) -> bool:
-        """Read what the pipe has (one read); False at end of file."""
+    def fill(self) -> int:
+        """Read what the pipe has (one read): 0 at end of file, 1 when the read took all
+        the pipe had (it asked for more), 2 when more may wait."""
         if self.pos and self.pos == len(self.buf):
             self.buf.clear()
             self.pos = 0
-        data = os.read(self.fd, max(_READ_BYTES, self.need - (len(self.buf) - self.pos)))
+        wanted = max(_READ_BYTES, self.need - (len(self.buf) - self.pos))
+        data = os.read(self.fd, wanted)
         if not data:
-            return False
+            return 0
         if self.pos > len(self.buf) // 2:  # keep the buffer from growing with parsed bytes
             del self.buf[:self.pos]
             self.pos = 0
         self.buf += data
-        return True
+        return 2 if len(data) == wanted else 1
 
     def take(self) -> list[bytes] | None:
         """The first complete message in the buffer; else None."""
@@ -204,13 +206,10 @@ class DaemonPipe:
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         self.reader = _Reader(read_fd)
+        self.read_fd = read_fd
         self.write_fd = write_fd
         self.pending: list[Any] = []  # what the pipe could not take yet
         self.closed = False
-
-    @property
-    def read_fd(self) -> int:
-        return self.reader.fd
 
     def receive(self) -> list[list[bytes]]:
         """The messages that arrived complete (reads what the pipe has); at the end of
@@ -218,11 +217,14 @@ class DaemonPipe:
         messages = []
         try:
             while True:
-                if not self.reader.fill():
+                got = self.reader.fill()
+                if not got:
                     self.closed = True
                     break
                 while (frames := self.reader.take()) is not None:
                     messages.append(frames)
+                if got == 1:  # the pipe is empty: no second read only to hear so
+                    break
         except BlockingIOError:
             pass
         return messages

@@ -240,9 +240,15 @@ class Reactor:
                     self.poller.register(p, zmq.POLLIN)
             self.polled = pollables
         now = time.monotonic()
-        due = min((due for _, _, due in turns), default=now + 1.0)
-        if any(part.has_input() for part in self.parts):
-            due = now
+        due = math.inf
+        for part, _, part_due in turns:  # (a loop, not min/any: this runs every turn)
+            if part.has_input():
+                due = now
+                break
+            if part_due < due:
+                due = part_due
+        if due == math.inf:
+            due = now + 1.0
         # whole milliseconds, rounded up: rounded down, a deadline less than 1 ms away
         # would be polled for with 0 again and again, spinning a core until it passed
         ready = dict(self.poller.poll(max(0, math.ceil((due - now) * 1000))))

@@ -4,13 +4,14 @@ not fit waits for room), and either end sees the other go."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import threading
 
 import pytest
 
-from deathstar.pipelink import DaemonPipe, PipeClosed, WorkerPipe, encode, make_pipe
+from deathstar.pipelink import _READ_BYTES, DaemonPipe, PipeClosed, WorkerPipe, encode, make_pipe
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -39,6 +40,21 @@ def test_messages_cut_anywhere_come_out_whole_and_in_order() -> None:
         os.write(worker.write_fd, stream[at:at + 7])
     assert _receive_all(daemon, 50) == messages
     assert daemon.ident == b"pipe-4242" and not daemon.closed
+
+
+def test_one_receive_takes_everything_the_pipe_holds() -> None:
+    """A read that fills what it asked for is followed by another (a message of several
+    reads comes out in one ``receive``); a read that takes less has emptied the pipe."""
+    daemon, worker = _pair()
+    room = fcntl.fcntl(worker.write_fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+    if room // 2 <= _READ_BYTES:
+        pytest.skip(f"this kernel's pipes hold {room} bytes: one read's worth")
+    big = [b"env", os.urandom(room // 2)]  # several reads' worth, within the pipe's size
+    worker.send_multipart(big)
+    worker.send_multipart([b"after"])
+    select.select([daemon.read_fd], [], [], 10)
+    assert daemon.receive() == [big, [b"after"]]
+    assert daemon.receive() == [] and not daemon.closed  # nothing more, still open
 
 
 def test_a_message_larger_than_the_pipe_waits_for_room_without_blocking() -> None:

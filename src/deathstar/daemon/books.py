@@ -59,7 +59,7 @@ class ClientConn:
 
 
 def _size(msg: Message) -> int:
-    return sum(len(frame) for frame in msg.payload)
+    return sum(map(len, msg.payload))
 
 
 class BlobCache:

@@ -336,6 +336,8 @@ class Daemon:
 
     def read_pipes(self, ready: dict[Any, int]) -> None:
         """Read the own workers' pipes that are ready; write what waits for room."""
+        if not ready:  # a turn for a hosted client's message
+            return
         for pipe in list(self.supervisor.links.values()):
             if pipe.read_fd in ready:
                 self.read_pipe(pipe)
