@@ -20,6 +20,7 @@ import bench_tasks as T
 from deathstar.client import engine as engine_mod
 from deathstar.client import futures as futures_mod
 from deathstar.client import job as job_mod
+from deathstar.client import executor as executor_mod
 from deathstar.client.executor import Executor
 from deathstar.daemon import clients as clients_mod
 from deathstar.daemon import workers as workers_mod
@@ -28,7 +29,8 @@ STAMPS: dict[str, list[float]] = collections.defaultdict(list)
 
 #: (stage, class, method, stamped after the call rather than before), in call order.
 PATCHES: list[tuple[str, Any, str, bool]] = [
-    ("the I/O loop takes the job", engine_mod.Engine, "add_job", False),
+    # (stamped as it returns a call: the read that finds the queue empty raises)
+    ("the I/O loop takes the call", executor_mod.Executor, "_take", True),
     ("the engine has sent the message", engine_mod.Engine, "send_task", True),
     ("the daemon routes it", clients_mod.ClientSessions, "on_task", False),
     ("the daemon assigns it to a worker", workers_mod.WorkerSessions, "assign", False),
