@@ -218,6 +218,7 @@ class Message:
     env: dict[str, Any]
     payload: list[Any]
     raw: Any = None  # the envelope frame as received, to forward without re-encoding
+    size: int = -1  # the payload's bytes, once a daemon's queue has weighed it
 
     @property
     def type(self) -> str:

@@ -76,8 +76,14 @@ _CHUNKED = b"DSCHUNK1"
 def dumps(obj: Any, modules: set[str] | None = None) -> list[Any]:
     """Serialize ``obj`` into payload frames (pickle stream + out-of-band buffers), each
     at most ``CHUNK_BYTES`` (larger ones are cut: see the module docstring).
-    ``modules``: a set to which the names of the modules the pickle refers to are added."""
-    return chunk(_dumps(obj, modules))
+    ``modules``: a set to which the names of the modules the pickle refers to are added.
+    Builtin scalars and containers (most inputs) refer to no module: the C pickler takes
+    them alone (``_BuiltinsOnly``), without cloudpickle's pickler to set up; anything else
+    starts again with cloudpickle."""
+    try:
+        return chunk(_dumps(obj, pickler=_BuiltinsOnly))
+    except _NotBuiltin:
+        return chunk(_dumps(obj, modules))
 
 
 def dumps_sealed(values: list[Any], outputs: list[str] | None = None) -> list[Any]:
@@ -316,7 +322,10 @@ def _bare_type(kind: type) -> bool:
 
 def payload_size(frames: Iterable[Any]) -> int:
     """Total bytes of payload frames."""
-    return sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
+    total = 0
+    for f in frames:  # (a loop: this runs for every message)
+        total += len(f) if type(f) is bytes else memoryview(f).nbytes
+    return total
 
 
 def content_hash(frames: Iterable[Any]) -> str:

@@ -59,7 +59,10 @@ class ClientConn:
 
 
 def _size(msg: Message) -> int:
-    return sum(map(len, msg.payload))
+    """Its payload's bytes (worked out once: a queued message is weighed three times)."""
+    if msg.size < 0:
+        msg.size = sum(map(len, msg.payload))
+    return msg.size
 
 
 class BlobCache:
