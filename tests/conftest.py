@@ -74,6 +74,13 @@ class Daemon:
                 self.proc.wait()
 
 
+def default_sigint() -> None:
+    """A ``preexec_fn`` for a child the test interrupts with SIGINT: a shell without job
+    control starts background jobs (a CI run, say) with SIGINT ignored, and a child
+    inherits that; a terminal gives the default disposition, so the test does too."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def daemon_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "deathstar", "daemon", *args]
 

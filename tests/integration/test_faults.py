@@ -24,8 +24,8 @@ import deathstar
 from deathstar.client import Cluster
 from deathstar.errors import TaskTimeout, WorkerCrashed
 from tests import jobs
-from tests.conftest import (ROOT, Daemon, free_ports, start_daemon, wait_for,
-                            worker_pids)
+from tests.conftest import (ROOT, Daemon, default_sigint, free_ports, start_daemon,
+                            wait_for, worker_pids)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,17 +237,11 @@ def test_workers_are_recycled_by_memory(daemons: Callable[..., Daemon]) -> None:
 
 
 def _cli_map(daemon: Daemon, args: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
-    # A shell without job control starts background jobs with SIGINT ignored, and that
-    # is inherited: give the CLI the default disposition, as a terminal would.
     return subprocess.Popen([EXE, "map", "tests.jobs:sleep_square", "--args", str(args),
                              "--cluster", daemon.address, "--out", str(out), *extra],
                             cwd=ROOT, env={**os.environ, **FAST}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=_default_sigint)
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+                            preexec_fn=default_sigint)
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import start_daemon, wait_for
+from tests.conftest import default_sigint, start_daemon, wait_for
 from tests.netns.conftest import REASON
 from tests.netns.hosts import Host, virtual_hosts
 from tests.netns.slurm import Slurm, slurm_cluster, slurm_missing
@@ -104,7 +104,8 @@ def test_pending_job_is_reported_and_ctrl_c_cancels_it(site: Site) -> None:
     # four nodes are declared, three run a slurmd: a four-node job cannot start
     proc = subprocess.Popen([sys.executable, "-m", "deathstar", "slurm", "up", "--nodes", "4",
                              "--name", "big"], stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            preexec_fn=default_sigint)
     assert proc.stderr is not None
     seen: list[str] = []
     try:
