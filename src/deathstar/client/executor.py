@@ -39,7 +39,7 @@ from deathstar import serialize
 from deathstar.client.blobs import FunctionBlobs
 from deathstar.client.cluster import Cluster, MapOptions
 from deathstar.client.engine import NoNodesError
-from deathstar.client.futures import Call, CallFuture, Settle, settle
+from deathstar.client.futures import Call, CallFuture, Feed, Settle, settle
 from deathstar.client.exits import check_not_exiting, register, released_by
 from deathstar.client.job import FINISHED, Job
 from deathstar.client.outcomes import Outcome, as_outcomes, drain, ordered
@@ -53,50 +53,6 @@ log = logging.getLogger("deathstar.client.executor")
 LIVENESS_CHECK_S = 1.0
 
 _CANCELLED = "cancelled by shutdown(cancel_futures=True)"
-
-
-class _Feed:
-    """A job that runs consecutive calls of one function: its input iterator (read by the
-    I/O thread when a node has room; it ends for good at the first call of another
-    function or when the queue is empty) and its ``out`` (passes outcomes on to the
-    executor's thread)."""
-
-    def __init__(self, executor: Executor, fn_hash: str):
-        self.executor = executor
-        self.fn_hash = fn_hash
-        self.futures: dict[int, CallFuture] = {}  # taken and not yet resolved
-        self.closed = False  # it takes no more calls (its job ends once they are answered)
-        self.starved = False  # it found the queue empty: a call for it must wake the loop
-        self.cancelled = False
-        self.job: Job | None = None
-
-    def __iter__(self) -> _Feed:
-        return self
-
-    def __next__(self) -> tuple[int, tuple[Any, ...], dict[str, Any] | None]:
-        return self.executor._take(self)
-
-    def dry(self) -> bool:
-        return self.starved and not self.closed
-
-    def ended(self) -> bool:
-        return self.closed
-
-    def close_idle(self) -> bool:
-        return self.executor._close_idle(self)
-
-    def put(self, item: Any) -> None:
-        """What the feed's job delivers (I/O thread): outcomes are resolved here, one
-        thread hop sooner, unless a future has done-callbacks (those run in the
-        executor's thread), and so is the end of a job that answered every call (no
-        future to settle, no thread to wake); the rest goes to the executor's thread."""
-        if isinstance(item, list):
-            item = self.executor._resolve_here(self, item)
-            if item is None:
-                return
-        elif item is FINISHED and self.executor._end_quietly(self):
-            return
-        self.executor._inbox.put((self, item))
 
 
 class Executor(cf.Executor):
@@ -148,13 +104,13 @@ class Executor(cf.Executor):
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when no future is left
         self._pending: deque[Call] = deque()
-        self._feed: _Feed | None = None  # the feed taking calls from the queue's head
-        self._feeds: set[_Feed] = set()  # feeds whose job is with the I/O thread
+        self._feed: Feed | None = None  # the feed taking calls from the queue's head
+        self._feeds: set[Feed] = set()  # feeds whose job is with the I/O thread
         self._unfinished: set[cf.Future[Any]] = set()
         self._maps: set[Job] = set()
         self._indices = itertools.count()
         self._blobs = FunctionBlobs(self._init)
-        self._inbox: queue.SimpleQueue[tuple[_Feed | None, Any]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[Feed | None, Any]] = queue.SimpleQueue()
         self._shutdown = False
         self._released = False
         self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._inbox),
@@ -217,7 +173,7 @@ class Executor(cf.Executor):
     def _start_feed_locked(self) -> None:
         """Start a job for the calls at the head of the queue (lock held)."""
         head = self._pending[0]
-        feed = _Feed(self, head.fn_hash)
+        feed = Feed(self, head.fn_hash)
         feed.job = self._cluster.job_from_blob(head.fn_hash, head.blob, feed, self._options,
                                                out=feed)
         feed.job.resumable = feed
@@ -225,7 +181,7 @@ class Executor(cf.Executor):
         self._feeds.add(feed)
         self._cluster.engine.submit(feed.job)
 
-    def _take(self, feed: _Feed) -> tuple[int, tuple[Any, ...], dict[str, Any] | None]:
+    def _take(self, feed: Feed) -> tuple[int, tuple[Any, ...], dict[str, Any] | None]:
         """The next call for ``feed`` (called in the I/O thread when a node has room): it
         becomes running. Cancelled calls are skipped (their waiters notified)."""
         with self._lock:
@@ -242,7 +198,7 @@ class Executor(cf.Executor):
             self._end_feed_locked(feed)
         raise StopIteration
 
-    def _close_idle(self, feed: _Feed) -> bool:
+    def _close_idle(self, feed: Feed) -> bool:
         """End an idle feed (I/O thread) unless a call for it waits in the queue; True
         when it has ended."""
         with self._lock:
@@ -252,7 +208,7 @@ class Executor(cf.Executor):
             self._end_feed_locked(feed)
         return True
 
-    def _end_feed_locked(self, feed: _Feed) -> None:
+    def _end_feed_locked(self, feed: Feed) -> None:
         """``feed`` takes no more calls; a feed for the queue's head starts (lock held)."""
         feed.closed = True
         if self._feed is feed:
@@ -262,7 +218,7 @@ class Executor(cf.Executor):
 
     # ------------------------------------------------------------------ outcomes
 
-    def _handle(self, feed: _Feed, item: Any) -> None:
+    def _handle(self, feed: Feed, item: Any) -> None:
         """One item from a feed's job, in the executor's thread."""
         try:
             if item is FINISHED:
@@ -283,7 +239,7 @@ class Executor(cf.Executor):
         if self._unfinished and not self._cluster_usable():
             self._fail_everything(RuntimeError("the executor's Cluster was closed"))
 
-    def _resolve_here(self, feed: _Feed, outcomes: list[Any]) -> Settle | None:
+    def _resolve_here(self, feed: Feed, outcomes: list[Any]) -> Settle | None:
         """Resolve a feed's outcomes in the calling (I/O) thread, each future that has no
         done-callback; those that have one are returned, for the executor's thread."""
         with self._lock:
@@ -304,7 +260,7 @@ class Executor(cf.Executor):
             self._cluster.engine.reactor.hand_over()
         return Settle(later) if later else None
 
-    def _feed_ended(self, feed: _Feed, error: BaseException | None) -> None:
+    def _feed_ended(self, feed: Feed, error: BaseException | None) -> None:
         """A feed's job finished (``error`` None), was cancelled, or failed. Calls it took
         and never answered fail; when the cluster is unusable so do the queued ones, else
         a new feed takes them."""
@@ -334,7 +290,7 @@ class Executor(cf.Executor):
         with self._lock:
             self._settle_locked(leftovers + [c.future for c in stranded])
 
-    def _end_quietly(self, feed: _Feed) -> bool:
+    def _end_quietly(self, feed: Feed) -> bool:
         """End ``feed`` in the calling (I/O) thread when it finished with every call
         answered and the executor is not shutting down (nothing to settle, nothing to
         release); False to leave it to the executor's thread."""
@@ -503,7 +459,7 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return None
 
 
-def _serve(ref: weakref.ref[Executor], inbox: queue.SimpleQueue[tuple[_Feed | None, Any]]
+def _serve(ref: weakref.ref[Executor], inbox: queue.SimpleQueue[tuple[Feed | None, Any]]
            ) -> None:
     """The executor's thread: resolve futures from what the feeds' jobs deliver. It holds
     the executor only while it handles an item, so that a dropped executor is collected

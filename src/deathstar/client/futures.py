@@ -1,14 +1,18 @@
 """The executor's calls and their futures: ``Call``, one submitted call waiting in the
 executor's queue; ``CallFuture``, a Future that the client's I/O thread may resolve
 itself as long as no done-callback was added to it (a callback then runs in the
-executor's own thread, never in the I/O thread); ``settle``."""
+executor's own thread, never in the I/O thread); ``settle``; ``Feed``, the job that runs
+consecutive calls of one function."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+from deathstar.client.job import FINISHED, Job
 
 
 class CallFuture(cf.Future[Any]):
@@ -91,3 +95,64 @@ def settle(future: cf.Future[Any], ok: bool, value: Any) -> None:
             future.set_exception(value)
     except cf.InvalidStateError:
         pass
+
+
+class FeedOwner(Protocol):
+    """What a feed asks of its executor (``executor.Executor``)."""
+
+    _inbox: queue.SimpleQueue[tuple[Feed | None, Any]]
+
+    def _take(self, feed: Feed) -> tuple[int, tuple[Any, ...], dict[str, Any] | None]: ...
+
+    def _close_idle(self, feed: Feed) -> bool: ...
+
+    def _resolve_here(self, feed: Feed, outcomes: list[Any]) -> Settle | None: ...
+
+    def _end_quietly(self, feed: Feed) -> bool: ...
+
+    def _handle(self, feed: Feed, item: Any) -> None: ...
+
+
+class Feed:
+    """A job that runs consecutive calls of one function: its input iterator (read by the
+    I/O thread when a node has room; a ``job.Resumable``: it ends at the first call of
+    another function, or once idle ``config.FEED_IDLE_S``, and stays open while the queue
+    is empty meanwhile) and its ``out`` (resolves outcomes, or passes them on to the
+    executor's thread)."""
+
+    def __init__(self, executor: FeedOwner, fn_hash: str):
+        self.executor = executor
+        self.fn_hash = fn_hash
+        self.futures: dict[int, CallFuture] = {}  # taken and not yet resolved
+        self.closed = False  # it takes no more calls (its job ends once they are answered)
+        self.starved = False  # it found the queue empty: a call for it must wake the loop
+        self.cancelled = False
+        self.job: Job | None = None
+
+    def __iter__(self) -> Feed:
+        return self
+
+    def __next__(self) -> tuple[int, tuple[Any, ...], dict[str, Any] | None]:
+        return self.executor._take(self)
+
+    def dry(self) -> bool:
+        return self.starved and not self.closed
+
+    def ended(self) -> bool:
+        return self.closed
+
+    def close_idle(self) -> bool:
+        return self.executor._close_idle(self)
+
+    def put(self, item: Any) -> None:
+        """What the feed's job delivers (I/O thread): outcomes are resolved here, one
+        thread hop sooner, unless a future has done-callbacks (those run in the
+        executor's thread), and so is the end of a job that answered every call (no
+        future to settle, no thread to wake); the rest goes to the executor's thread."""
+        if isinstance(item, list):
+            item = self.executor._resolve_here(self, item)
+            if item is None:
+                return
+        elif item is FINISHED and self.executor._end_quietly(self):
+            return
+        self.executor._inbox.put((self, item))
