@@ -134,7 +134,10 @@ def test_inputs_known_to_be_tiny_run_in_one_loop_and_still_fail_one_by_one(
     one C-level loop: an input that raises stops it there, gets its own error, and the
     loop goes on with the next; their records share the message's time evenly."""
     items = list(range(1, 8001))
-    cluster.map(jobs.busy_fail_on, items, k=1000, on_error="return")
+    # the first map teaches the client the function's time per input: in messages of
+    # 1,000, so that one input preempted for milliseconds (a busy CI machine) cannot make
+    # the estimate its next map starts from look slow (one-input messages did, once)
+    cluster.map(jobs.busy_fail_on, items, k=1000, on_error="return", chunksize=1000)
     res = cluster.map(jobs.busy_fail_on, items, k=1000, on_error="return")
     bad = {i for i in range(8000) if (i + 1) % 1000 == 0}
     assert {i for i, v in enumerate(res) if isinstance(v, ValueError)} == bad
