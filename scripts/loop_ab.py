@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -85,7 +84,7 @@ def main(args: list[str]) -> None:
             print(f"{tree[-30:]:30s} {row[0]:8.0f} {row[1]:8.0f} {row[2]:10,.0f} {row[3]:8.1f}",
                   flush=True)
     for tree in trees:
-        medians: Any = [statistics.median(r[k] for r in results[tree]) for k in range(4)]
+        medians = [statistics.median(r[k] for r in results[tree]) for k in range(4)]
         print(f"median {tree[-23:]:23s} {medians[0]:8.0f} {medians[1]:8.0f} "
               f"{medians[2]:10,.0f} {medians[3]:8.1f}")
 

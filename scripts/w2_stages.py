@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import bench_tasks as T
 from deathstar.client import engine as engine_mod
+from deathstar.client import executor as executor_mod
 from deathstar.client import futures as futures_mod
 from deathstar.client import job as job_mod
-from deathstar.client import executor as executor_mod
 from deathstar.client.executor import Executor
 from deathstar.daemon import clients as clients_mod
 from deathstar.daemon import workers as workers_mod

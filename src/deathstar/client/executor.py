@@ -147,14 +147,11 @@ class Executor(cf.Executor):
             self._pending.append(Call(future, next(self._indices), fn_hash, blob, args,
                                        kwargs or None))
             self._unfinished.add(future)
-            feed = self._feed
-            wake = feed is not None and feed.starved
-            if wake:
-                assert feed is not None
-                feed.starved = False
+            feed, wake = self._feed, False
+            if feed is not None and feed.starved:  # the loop waits for a call: wake it
+                feed.starved, wake = False, True
                 if feed.fn_hash != fn_hash:  # it would end at this call: it ends now
-                    feed.closed = True
-                    self._feed = None
+                    self._end_feed_locked(feed)
             if self._feed is None:
                 self._start_feed_locked()
         if wake:
