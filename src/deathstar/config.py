@@ -207,6 +207,12 @@ PREFETCH_PER_NODE = _env_int("PREFETCH", 2)
 #: one, and this many more wait at the daemon (a deeper queue hides the client's latency).
 PREFETCH_SHORT = _env_int("PREFETCH_SHORT", 6)
 
+#: With short messages, a node's queue also covers its round trip: the messages its
+#: workers finish while a result travels back and the next message out (the node's lag,
+#: measured) wait there, up to this many per worker. A queue of that depth holds about
+#: one lag of work, so it costs a map's tail no more than the round trip it hides.
+PREFETCH_DEPTH_MAX = _env_int("PREFETCH_DEPTH", 16)
+
 #: A worker holds a second task message behind its current one when the client expects the
 #: current one to run at most this long: it never waits a round trip between short
 #: messages, and a long one cannot keep another message from an idle worker.

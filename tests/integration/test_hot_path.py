@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import deathstar
-from deathstar import shm
+from deathstar import config, shm
 from deathstar.client import Cluster
 from deathstar.client.embedded import LocalDaemon
 from deathstar.errors import WorkerCrashed
@@ -78,6 +78,25 @@ def test_short_messages_are_prefetched_long_ones_are_not(daemon: Daemon) -> None
     for record in res.report:
         per_worker[record.worker] = per_worker.get(record.worker, 0) + 1
     assert sorted(per_worker.values()) == [4, 4], per_worker
+
+
+def test_a_nodes_lag_is_timed_on_messages_that_waited_for_nothing(daemon: Daemon) -> None:
+    """The client times what a message spends in flight beyond its run, on messages sent
+    while a worker was free, and shows it per node (``lag_ms``); the first message of a
+    function is no sample (its worker fetches the blob on the way), and one-input
+    messages then queue enough at the node to cover the lag."""
+    with Cluster([daemon.address]) as c:
+        node = c.engine.nodes[0]
+        c.map(jobs.sleep_for, [0.2], chunksize=1)  # one message, sent with its blob
+        assert node.lag_s is None
+        res = c.map(jobs.sleep_for, [0.0] * 200, chunksize=1)
+        assert list(res) == [0.0] * 200
+        assert node.lag_s is not None and 0.0 < node.lag_s < 5.0, node.lag_s
+        lag_ms = wait_for(lambda: c.node_stats()[0]["lag_ms"], 10, "the node's lag shown")
+        assert lag_ms == pytest.approx(node.lag_s * 1000)
+        # a round trip over a socket and two processes outlasts many messages of 10 µs:
+        # they queue deeper than the fixed few
+        assert node.window(True, 1e-5) > 2 * node.capacity + config.PREFETCH_SHORT
 
 
 def test_a_message_waiting_behind_a_crash_is_not_charged(daemon: Daemon) -> None:

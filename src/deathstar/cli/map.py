@@ -76,11 +76,13 @@ class _Display:
 
 def _node_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False)
-    for col in ("node", "state", "workers", "in flight", "done", "failed", "tasks/s"):
+    for col in ("node", "state", "workers", "in flight", "done", "failed", "tasks/s",
+                "lag ms"):
         table.add_column(col, justify="left" if col in ("node", "state") else "right")
     for row in rows:
+        lag = "" if row["lag_ms"] is None else f"{row['lag_ms']:,.1f}"
         table.add_row(row["node"], row["state"], str(row["workers"]), str(row["in_flight"]),
-                      str(row["done"]), str(row["failed"]), f"{row['rate']:,.1f}")
+                      str(row["done"]), str(row["failed"]), f"{row['rate']:,.1f}", lag)
     return table
 
 

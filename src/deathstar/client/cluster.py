@@ -165,8 +165,10 @@ class Cluster:
         return query_status(self.addresses, timeout, keys=self._keys)
 
     def node_stats(self) -> list[dict[str, Any]]:
-        """Per node: state, workers, inputs in flight, done, failed, tasks/s (refreshed
-        four times a second; safe to call from any thread)."""
+        """Per node: state, workers, inputs in flight, done, failed, tasks/s, and its lag
+        (``lag_ms``: what a message spends in flight beyond its run, measured on messages
+        that waited in no queue; None until one was), refreshed four times a second; safe
+        to call from any thread."""
         return list(self.engine.snapshot)
 
     # ------------------------------------------------------------------ maps

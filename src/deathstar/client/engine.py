@@ -378,6 +378,8 @@ class Engine(Supplier):
         if job.cancelled:
             return
         oks, starts, ends = protocol.result_outcomes(msg)
+        if task.sent_free_at and len(ends):
+            node.learn_lag(time.monotonic() - task.sent_free_at - (ends[-1] - starts[0]))
         failed = job.complete(task, node.name, msg.env["worker"], oks, starts, ends,
                               msg.payload, shared, raw=bool(msg.env.get(protocol.F_RAW)))
         node.done += len(task.indices) - failed

@@ -58,6 +58,8 @@ class Task:
     node_losses: int = 0  # re-sends because a node was lost (a budget of its own)
     avoid: str = ""  # the node where it last failed: another is preferred
     nbytes: int = field(init=False)  # the payload's bytes, counted once
+    # when it was sent to a node that had a free worker (its lag is measured), else 0.0
+    sent_free_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.nbytes = serialize.payload_size(self.payload)
@@ -308,11 +310,6 @@ class Job:
     def message_estimate(self, n: int) -> float | None:
         """Seconds a message of ``n`` inputs is expected to run (None: not known yet)."""
         return None if self.per_item_s is None else self.per_item_s * n
-
-    def short_messages(self) -> bool:
-        """Its messages are expected to run at most ``config.PREFETCH_MAX_EST_S``."""
-        est = self.message_estimate(self.typical_batch())
-        return est is not None and est <= config.PREFETCH_MAX_EST_S
 
     # ------------------------------------------------------------------ retries
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,18 +56,38 @@ class Node:
     rate: float = 0.0  # inputs done per second, as last measured
     rate_since: float = field(default_factory=time.monotonic)
     rate_done: int = 0
+    # seconds a message spends in flight beyond its run: to the node, through its daemon's
+    # queue-free hand-off to a worker, and back (``learn_lag``); None until measured
+    lag_s: float | None = None
 
     @property
     def name(self) -> str:
         return self.address.name
 
-    def window(self, short: bool) -> int:
+    def window(self, short: bool, message_s: float | None = None) -> int:
         """Messages to keep in flight here: one per worker plus a few queued at the
-        daemon; with short messages (``short``) also one waiting behind each worker's
-        current one, and more queued, since each is over quickly."""
-        if short:
-            return 2 * self.capacity + config.PREFETCH_SHORT
-        return self.capacity + config.PREFETCH_PER_NODE
+        daemon; with short messages (``short``, each expected to run ``message_s``) also
+        one waiting behind each worker's current one, and enough queued to cover the
+        node's lag: what its workers finish meanwhile (at least ``PREFETCH_SHORT``, at
+        most ``PREFETCH_DEPTH_MAX`` per worker)."""
+        if not short:
+            return self.capacity + config.PREFETCH_PER_NODE
+        queued = config.PREFETCH_SHORT
+        if self.lag_s is not None and message_s is not None:
+            cover = math.ceil(self.capacity * self.lag_s / max(message_s, 1e-6))
+            queued = max(queued, min(cover, self.capacity * config.PREFETCH_DEPTH_MAX))
+        return 2 * self.capacity + queued
+
+    def learn_lag(self, sample_s: float) -> None:
+        """Fold in one message's time in flight beyond its run, for a message sent while
+        a worker here was free (it waited in no queue). A shorter one is taken as it is, a
+        longer one moves the figure a quarter of the way: a slow moment (a worker starting,
+        a busy machine) does not deepen the queue for long."""
+        sample_s = max(0.0, sample_s)
+        if self.lag_s is None or sample_s < self.lag_s:
+            self.lag_s = sample_s
+        else:
+            self.lag_s += 0.25 * (sample_s - self.lag_s)
 
     def items_in_flight(self) -> int:
         return sum(len(t.indices) for t in self.inflight.values())
@@ -81,4 +102,5 @@ class Node:
                 "in_flight": self.items_in_flight(), "done": self.done,
                 "failed": self.failed, "rate": self.rate, "error": self.error,
                 "downs": self.downs, "late_results": late_results,
-                "bytes_sent": self.bytes_sent}
+                "bytes_sent": self.bytes_sent,
+                "lag_ms": None if self.lag_s is None else self.lag_s * 1000}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
-from deathstar import protocol, shm
+from deathstar import config, protocol, shm
 from deathstar.client.job import Job, JobInputError, Task
 from deathstar.client.node import Node
 from deathstar.client.sharing import MemoryLink
@@ -42,7 +42,7 @@ class Supplier:
         capacity = 0
         for node in ready:
             capacity += node.capacity
-        short: bool | None = None  # every job's messages are short: worked out if needed
+        shape: tuple[bool, float | None] | None = None  # worked out if needed
         now = time.monotonic()
         for node in ready:
             if node.busy_until > now:
@@ -51,9 +51,9 @@ class Supplier:
             below_both = min(node.window(True), node.window(False))
             while True:
                 if len(node.inflight) >= below_both:
-                    if short is None:
-                        short = all(job.short_messages() for job in self.jobs.values())
-                    if len(node.inflight) >= node.window(short):
+                    if shape is None:
+                        shape = self.message_shape()
+                    if len(node.inflight) >= node.window(*shape):
                         break
                 task = self.next_task(node, capacity, alone=len(ready) == 1)
                 if task is None:
@@ -63,6 +63,17 @@ class Supplier:
                                             or task.nbytes >= shm.SHARED_MIN_BYTES):
                     self.filling = True
                     break
+
+    def message_shape(self) -> tuple[bool, float | None]:
+        """Whether every job's messages are short, and then the longest a message of
+        theirs is expected to run."""
+        longest = 0.0
+        for job in self.jobs.values():
+            est = job.message_estimate(job.typical_batch())
+            if est is None or est > config.PREFETCH_MAX_EST_S:
+                return False, None
+            longest = max(longest, est)
+        return True, longest
 
     def next_task(self, node: Node, capacity: int, alone: bool) -> Task | None:
         """The next task for ``node``: a retry first (unless it failed on this node and
@@ -93,6 +104,10 @@ class Supplier:
     def send_task(self, node: Node, task: Task) -> None:
         """Send ``task`` to ``node`` (its function's blob first if the node lacks it)."""
         job = task.job
+        # a worker there is free and has what it needs but the inputs (not the function's
+        # blob, fetched on the way): this message waits for nothing, and times the lag
+        task.sent_free_at = time.monotonic() if len(node.inflight) < node.capacity \
+            and job.fn_hash in node.blobs_sent else 0.0
         if job.fn_hash not in node.blobs_sent:
             self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
             node.blobs_sent[job.fn_hash] = self.next_send_id
