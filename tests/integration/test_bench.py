@@ -51,3 +51,24 @@ def test_w2_stages_times_every_stage_of_a_call() -> None:
     rows = dict(line.strip().rsplit(None, 1) for line in proc.stdout.splitlines()[1:])
     assert len(rows) == 11 and "whole call" in rows, proc.stdout
     assert float(rows["whole call"]) > 0 and all(float(v) == float(v) for v in rows.values())
+
+
+def test_cpu_per_call_accounts_for_every_system() -> None:
+    """scripts/cpu_per_call.py (the CPU a call costs the calling process and its workers,
+    deathstar beside the stdlib pools) still measures each system: a row each, every
+    figure a number (/proc counts in ticks: a short run may see none)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "cpu_per_call.py"), "--rounds", "1",
+         "--calls", "100", "--inputs", "400"],
+        capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL,
+        cwd=ROOT / "scripts")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {cells[0]: cells[1:] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| system")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert set(rows) == {"deathstar embedded", "Pool", "ProcessPoolExecutor"}, proc.stdout
+    for name, (w2_us, caller, workers, w1_rate, caller1, workers1) in rows.items():
+        assert float(w2_us) > 0 and float(w1_rate.replace(",", "")) > 0, (name, proc.stdout)
+        for figure in (caller, workers, caller1, workers1):
+            user, system = (float(part) for part in figure.split("+"))
+            assert user >= 0 and system >= 0
