@@ -37,6 +37,9 @@ def test_the_queue_that_covers_the_lag_is_bounded_per_worker() -> None:
     deepest = 2 * 3 + 3 * config.PREFETCH_DEPTH_MAX
     assert node(3, lag_s=1.0).window(True, 1e-6) == deepest
     assert node(3, lag_s=1.0).window(True, 0.0) == deepest  # a message of no time at all
+    # a node of many workers: no more queued than half of what its daemon takes from us
+    many = node(1000, lag_s=1.0)
+    assert many.window(True, 1e-6) == 2 * 1000 + config.CLIENT_QUEUE_MESSAGES // 2
 
 
 def test_the_lag_follows_a_shorter_sample_at_once_and_a_longer_one_slowly() -> None:

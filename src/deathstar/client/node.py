@@ -69,13 +69,15 @@ class Node:
         daemon; with short messages (``short``, each expected to run ``message_s``) also
         one waiting behind each worker's current one, and enough queued to cover the
         node's lag: what its workers finish meanwhile (at least ``PREFETCH_SHORT``, at
-        most ``PREFETCH_DEPTH_MAX`` per worker)."""
+        most ``PREFETCH_DEPTH_MAX`` per worker, and half of what a daemon queues for one
+        client: more would be answered "busy")."""
         if not short:
             return self.capacity + config.PREFETCH_PER_NODE
         queued = config.PREFETCH_SHORT
         if self.lag_s is not None and message_s is not None:
             cover = math.ceil(self.capacity * self.lag_s / max(message_s, 1e-6))
-            queued = max(queued, min(cover, self.capacity * config.PREFETCH_DEPTH_MAX))
+            queued = max(queued, min(cover, self.capacity * config.PREFETCH_DEPTH_MAX,
+                                     config.CLIENT_QUEUE_MESSAGES // 2))
         return 2 * self.capacity + queued
 
     def learn_lag(self, sample_s: float) -> None:
