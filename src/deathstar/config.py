@@ -233,6 +233,10 @@ MAX_PENDING_RESULTS = _env_int("MAX_PENDING_RESULTS", 20_000)
 #: not once per message (each wake costs the I/O thread a switch of the GIL). The outcomes
 #: of a map that has ended go at once.
 DELIVERY_HOLD_S = _env_float("DELIVERY_HOLD", 0.002)
+#: A message's outcomes at least this many go to the consumer at once (with any held
+#: before them): a message that large is worth its own wake-up, and the consumer then
+#: places them while the rest of the map runs instead of after it.
+DELIVERY_AT_ONCE = _env_int("DELIVERY_AT_ONCE", 256)
 #: Seconds an executor's job for one function stays open with no call to run and none
 #: running: a call submitted meanwhile rides in it (no job to start, none to end, per
 #: call); past it the job ends, and the client's loop goes quiet.

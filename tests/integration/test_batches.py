@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deathstar import Cluster, serialize
+from deathstar import Cluster, config, serialize
 from deathstar.client.executor import Executor
 from deathstar.client.job import FINISHED, Job
 from tests import jobs
@@ -221,6 +221,22 @@ def test_outcomes_wait_at_most_the_hold_and_all_go_before_the_end() -> None:
     at_once = Job(2, "h", [], iter(()), 1, None, 3)
     at_once.deliver([(0, True, "a", None)])
     assert at_once.take(timeout=0) == [(0, True, "a", None)]
+
+
+def test_a_large_delivery_goes_at_once_after_what_was_held() -> None:
+    """The outcomes of a message of ``DELIVERY_AT_ONCE`` inputs or more wake the consumer
+    at once (worth a wake of their own; it places them while the map runs on), after
+    any held before them; smaller ones wait for the hold again."""
+    job = Job(1, "h", [], iter(()), None, None, 3)
+    job.hold_s = 60.0
+    job.deliver([(0, True, "a", None)])
+    assert job.out.empty()
+    big = [(1 + i, True, i, None) for i in range(config.DELIVERY_AT_ONCE)]
+    job.deliver(big)
+    assert job.take(timeout=0) == [(0, True, "a", None)]  # in the order they came
+    assert job.take(timeout=0) == big
+    job.deliver(big[:-1])  # one short of the size: held
+    assert job.out.empty() and job.delivered == 2 * len(big)
 
 
 def test_a_result_reaches_the_consumer_while_the_map_still_runs(

@@ -115,11 +115,14 @@ class Job:
     active_at: float = field(default_factory=time.monotonic)  # an input read or answered
 
     def deliver(self, outcomes: list[Any] | Batch) -> None:
-        """Hand a list of outcomes (or a ``Batch``) to the consumer (I/O thread): at once,
-        or with the next ones within ``hold_s`` (``hand_held``)."""
+        """Hand a list of outcomes (or a ``Batch``) to the consumer (I/O thread): at once
+        (after those held, in order) when the job holds none back or when they are
+        ``config.DELIVERY_AT_ONCE`` or more, else with the next ones within ``hold_s``
+        (``hand_held``)."""
         self.delivered += len(outcomes)
         self.active_at = time.monotonic()
-        if not self.hold_s:
+        if not self.hold_s or len(outcomes) >= config.DELIVERY_AT_ONCE:
+            self.hand_held()
             self.out.put(outcomes)
             return
         if not self.held:
