@@ -104,11 +104,12 @@ class Supplier:
     def send_task(self, node: Node, task: Task) -> None:
         """Send ``task`` to ``node`` (its function's blob first if the node lacks it)."""
         job = task.job
+        has_blob = job.fn_hash in node.blobs_sent
         # a worker there is free and has what it needs but the inputs (not the function's
         # blob, fetched on the way): this message waits for nothing, and times the lag
-        task.sent_free_at = time.monotonic() if len(node.inflight) < node.capacity \
-            and job.fn_hash in node.blobs_sent else 0.0
-        if job.fn_hash not in node.blobs_sent:
+        task.sent_free_at = time.monotonic() if has_blob and \
+            len(node.inflight) < node.capacity else 0.0
+        if not has_blob:
             self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
             node.blobs_sent[job.fn_hash] = self.next_send_id
             node.bytes_sent += job.blob_bytes

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from deathstar.protocol import Message
+from deathstar.serialize import payload_size
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -61,7 +62,7 @@ class ClientConn:
 def _size(msg: Message) -> int:
     """Its payload's bytes (worked out once: a queued message is weighed three times)."""
     if msg.size < 0:
-        msg.size = sum(map(len, msg.payload))
+        msg.size = payload_size(msg.payload)
     return msg.size
 
 
@@ -89,7 +90,7 @@ class BlobCache:
     def put(self, h: str, payload: list[Any]) -> int:
         """Cache a blob (the most recently used now); returns its size in bytes."""
         self.discard(h)
-        size = sum(len(f) for f in payload) + self.ENTRY_OVERHEAD
+        size = payload_size(payload) + self.ENTRY_OVERHEAD
         self._blobs[h] = (payload, size)
         self.bytes += size
         while (self.bytes > self.limit_bytes or len(self._blobs) > self.limit_entries) \
