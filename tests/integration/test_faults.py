@@ -250,14 +250,16 @@ def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def test_ctrl_c_cancels_everywhere_and_keeps_finished_results(daemon: Daemon,
-                                                             tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_cancels_everywhere_and_keeps_finished_results(daemon: Daemon, tmp_path: Path,
+                                                             sig: int) -> None:
+    # SIGTERM (kill, timeout, a batch system's time limit) interrupts as Ctrl-C does
     args = tmp_path / "in.jsonl"
     args.write_text("".join(f"{i}\n" for i in range(400)))
     out = tmp_path / "out.jsonl"
     proc = _cli_map(daemon, args, out, "--kwargs", '{"seconds": 0.05}')
     wait_for(lambda: len(_lines(out)) >= 10, 30, "some results in --out")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     assert proc.wait(20) == 130
     assert proc.stderr is not None and b"interrupted" in proc.stderr.read()
     lines = _lines(out)

@@ -100,8 +100,10 @@ def test_up_map_list_down_on_three_nodes(site: Site) -> None:
     assert again.returncode == 0 and "no slurm cluster named hpc" in again.stderr
 
 
-def test_pending_job_is_reported_and_ctrl_c_cancels_it(site: Site) -> None:
-    # four nodes are declared, three run a slurmd: a four-node job cannot start
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_pending_job_is_reported_and_ctrl_c_cancels_it(site: Site, sig: int) -> None:
+    # four nodes are declared, three run a slurmd: a four-node job cannot start; SIGTERM
+    # (kill, timeout) cancels it as Ctrl-C does
     proc = subprocess.Popen([sys.executable, "-m", "deathstar", "slurm", "up", "--nodes", "4",
                              "--name", "big"], stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -118,7 +120,7 @@ def test_pending_job_is_reported_and_ctrl_c_cancels_it(site: Site) -> None:
             seen.append(line)
         assert any("job PENDING (" in ln and "0/4 node(s) up" in ln for ln in seen), seen
         assert len(site.slurm.queue()) == 1
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest = proc.stderr.read()
         assert proc.wait(30) == 130, rest
     finally:

@@ -10,6 +10,8 @@ To add a group (``deathstar ssh ...``): write ``cli/ssh.py`` exposing
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -60,7 +62,15 @@ app.add_typer(slurm_app, name="slurm")
 
 
 def main() -> None:
-    """Console-script entry point (``deathstar``)."""
+    """Console-script entry point (``deathstar``). SIGTERM (``kill``, ``timeout``, a batch
+    system's time limit) interrupts a command as Ctrl-C does: a map cancels its work on
+    every node and keeps what finished, ``slurm up`` cancels its job. The serving commands
+    (``daemon``, ``worker``) install their own handlers (drain, goodbye)."""
     if config.FILE_ERROR:  # before typer runs: SystemExit, not typer.Exit
         raise SystemExit(fail(config.FILE_ERROR, ExitCode.USAGE).exit_code)
+    signal.signal(signal.SIGTERM, _interrupt)
     app()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
