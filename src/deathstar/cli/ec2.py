@@ -1,12 +1,13 @@
 """``deathstar ec2``: clusters on EC2 (up, list, nodes, down). Parsing and rendering only;
 the work is in ``deathstar.deploy.ec2``, whose errors carry their exit codes (20-29 of
-``deathstar.exitcodes``)."""
+``deathstar.exitcodes``). It is imported by the commands that use it: every other
+command starts without it (and the client it imports)."""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any, Optional, TypedDict
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypedDict
 
 import typer
 from rich.console import Console
@@ -14,10 +15,12 @@ from rich.live import Live
 from rich.table import Table
 
 from deathstar.cli.common import announce_cluster, err, fail, parse_duration
-from deathstar.client.status import query_status
-from deathstar.deploy import ec2
+from deathstar.deploy.ec2_boot import DEFAULT_IMAGE_PARAMETER
 from deathstar.exitcodes import ExitCode
 from deathstar.nodes import ClusterSpecError
+
+if TYPE_CHECKING:
+    from deathstar.deploy import ec2
 
 ec2_app = typer.Typer(help="Clusters on EC2: up, list, nodes, down (needs the ec2 extra: boto3).",
                       no_args_is_help=True)
@@ -34,7 +37,7 @@ def up_command(
     = False,
     region: Region = None,
     image_parameter: Annotated[str, typer.Option(help="SSM public parameter of the image.")]
-    = ec2.DEFAULT_IMAGE_PARAMETER,
+    = DEFAULT_IMAGE_PARAMETER,
     allow_cidr: Annotated[Optional[str], typer.Option(
         help="Who may reach the nodes' ports [default: your public address/32].")] = None,
     ssh: Annotated[bool, typer.Option(help="Open SSH (port 22) to --allow-cidr.")] = False,
@@ -62,6 +65,8 @@ def up_command(
 ) -> None:
     """Launch a keyed deathstar cluster booting this very deathstar (its node bundle, via
     the account's deathstar S3 bucket); nodes serve only your client key."""
+    from deathstar.deploy import ec2
+
     if count < 1:
         raise fail("--count must be at least 1", ExitCode.USAGE)
     try:
@@ -124,6 +129,8 @@ def list_command(
 ) -> None:
     """Every deathstar instance (found by tag): cluster, id, type, state, spot, address,
     uptime, daemon status."""
+    from deathstar.deploy import ec2
+
     try:
         aws = ec2.Aws(region)
         instances = ec2.find_instances(aws, ec2.check_name(name) if name else None)
@@ -154,6 +161,9 @@ def _probe_daemons(aws: ec2.Aws, rows: list[ListRow], instances: list[ec2.Instan
                    ) -> None:
     """Fill the daemon column: a node's reported boot failure, else what its status port
     says (asked with the public key that node reported)."""
+    from deathstar.client.status import query_status
+    from deathstar.deploy import ec2
+
     reports: dict[str, ec2.NodeReport] = {}
     for cluster in sorted({i.cluster for i in instances}):
         try:
@@ -184,6 +194,8 @@ def nodes_command(
     region: Region = None,
 ) -> None:
     """Print the running nodes of a cluster, one a line (what --cluster ec2:NAME uses)."""
+    from deathstar.deploy import ec2
+
     try:
         nodes = ec2.cluster_nodes(f"{ec2.check_name(name)}@{region}" if region else name)
     except ClusterSpecError as exc:
@@ -201,6 +213,8 @@ def down_command(
 ) -> None:
     """Terminate every instance of the cluster (any state) and delete its security
     group. Idempotent."""
+    from deathstar.deploy import ec2
+
     try:
         result = ec2.down(name, region, wait_s=parse_duration(wait_timeout))
     except ec2.Ec2Error as exc:

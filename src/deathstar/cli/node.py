@@ -1,6 +1,7 @@
 """Running a node: ``deathstar daemon``, ``deathstar worker``, and ``deathstar keygen`` for
 the keys they serve with. Parsing and reporting only; the node is ``deathstar.daemon`` and
-``deathstar.worker``."""
+``deathstar.worker``, imported by the command that runs it (the other commands start
+without them)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,11 @@ import typer
 from deathstar import config
 from deathstar.cli.common import (KeysOption, err, fail, parse_duration, parse_size,
                                   setup_logging)
-from deathstar.daemon.guard import UnsafeBind, daemon_keys
-from deathstar.daemon.sockets import UnsafeFolder
-from deathstar.daemon.loop import run_daemon
 from deathstar.exitcodes import ExitCode
 from deathstar.keys import (CLIENT, KeyFileError, ServerKeys, default_dir, load_client_keys,
                             resolve_dir)
 from deathstar.keys import keygen as keygen_keys
 from deathstar.nodes import NodeAddress
-from deathstar.worker.start import main as worker_main
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -67,6 +64,10 @@ def daemon(
 
     With keys (deathstar keygen) it serves only the clients whose public keys are in the
     key folder's authorized/; without, it listens only on loopback unless --insecure."""
+    from deathstar.daemon.loop import run_daemon
+    from deathstar.daemon.guard import UnsafeBind
+    from deathstar.daemon.sockets import UnsafeFolder
+
     if log_level.lower() not in LOG_LEVELS:
         raise fail(f"--log-level {log_level}: use debug, info, warning or error",
                    ExitCode.USAGE)
@@ -116,6 +117,8 @@ def _limits(workers: int | None, max_tasks_per_worker: int | None, heartbeat: fl
 def _server_keys(keys: str | None, ipc: Path | None, insecure: bool) -> ServerKeys | None:
     """The node keys the daemon serves with (``guard.daemon_keys``: made at the first
     start when the user has none), logged when there are some."""
+    from deathstar.daemon.guard import daemon_keys
+
     try:
         server_keys, note = daemon_keys(keys, ipc=None if ipc is None else str(ipc),
                                         insecure=insecure)
@@ -159,6 +162,8 @@ def worker(
 
     With keys, it uses the client keypair (which the daemon must authorize) and the
     node's public key."""
+    from deathstar.worker.start import main as worker_main
+
     curve = None
     try:
         folder = resolve_dir(keys, CLIENT)

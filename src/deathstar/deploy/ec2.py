@@ -34,15 +34,16 @@ from deathstar.deploy.aws import (EXIT_AWS, EXIT_BUNDLE, EXIT_NO_ADDRESS, EXIT_N
 from deathstar.deploy import ec2_network
 from deathstar.deploy.bundle import Bundle, build_bundle
 from deathstar.deploy.ec2_network import Network, find_caller_cidr
-from deathstar.deploy.ec2_boot import (KEYS_ON_NODE, USER_DATA_LIMIT, VENV, BootPlan,
-                                       daemon_command, render_user_data)
+from deathstar.deploy.ec2_boot import (DEFAULT_IMAGE_PARAMETER, KEYS_ON_NODE,
+                                       USER_DATA_LIMIT, VENV, BootPlan, daemon_command,
+                                       render_user_data)
 from deathstar.deploy.provider import BadClusterName, check_name, cluster_dir
 from deathstar.deploy.wheels import BundleError
 from deathstar.deploy.s3 import BundleBucket, NodeReport
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
-__all__ = ["Aws", "BadClusterName", "BootPlan", "Ec2Error", "Instance", "NodeReport",
-           "UpOptions", "check_name", "cluster_dir", "cluster_nodes", "daemon_command",
+__all__ = ["Aws", "BadClusterName", "BootPlan", "DEFAULT_IMAGE_PARAMETER", "Ec2Error",
+           "Instance", "NodeReport", "UpOptions", "check_name", "cluster_dir", "cluster_nodes", "daemon_command",
            "down", "find_caller_cidr", "find_instances", "node_addresses", "node_platform",
            "node_reports", "render_user_data", "translate", "up", "watch", "EXIT_AWS",
            "EXIT_BUNDLE", "EXIT_NO_ADDRESS", "EXIT_NO_BOTO3", "EXIT_NO_CREDENTIALS",
@@ -54,7 +55,6 @@ TAG_CLUSTER = "deathstar:cluster"
 TAG_VERSION = "deathstar:version"
 TAG_PORT = "deathstar:port"
 TAG_NODE = "deathstar:node"  # LAUNCH-SLOT: which report object is this instance's
-DEFAULT_IMAGE_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 #: Amazon Linux 2023 has glibc 2.34: its nodes run manylinux_2_34 (and older) wheels.
 DEFAULT_GLIBC = "2_34"
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]

@@ -28,6 +28,8 @@ from deathstar import config
 from deathstar._version import __version__
 
 USER_DATA_LIMIT = 16 * 1024
+#: The SSM public parameter naming the image nodes boot (Amazon Linux 2023).
+DEFAULT_IMAGE_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 VENV = "/opt/deathstar/venv"
 STATE_DIR = "/var/lib/deathstar"
 WORK_DIR = f"{STATE_DIR}/work"
