@@ -13,7 +13,10 @@ worker count and the same functions (scripts/bench_tasks.py; W3's from the state
 module scripts/bench_stateful.py); every repetition gets fresh data; each figure is the
 median of the repetitions after one warm-up (a W1 repetition is itself the median of
 up to 15 maps of its data: one map of 20,000 tiny inputs lasts milliseconds); setup time
-(start to first result) is reported apart. W5 runs one lognormal drawn with 5 seeds and
+(start to first result) is reported apart. The workloads judged against Pool (W1-W4) run
+with Pool and the deathstar columns open together, taking turns repetition by
+repetition, so that the machine's slow minutes fall on all of them alike; the rest run
+system by system. W5 runs one lognormal drawn with 5 seeds and
 is judged on the worst; idle is the CPU of this process and all its children (daemon,
 workers) while a connected cluster sits idle after a first map; GridSearchCV (bench_grid.py) runs
 scikit-learn through joblib with no cluster given, beside loky. Dask, Ray and loky (or
@@ -40,6 +43,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -75,6 +79,17 @@ SYSTEM_WORKLOADS = {"SETUP", "W1", "W2", "W3", "W4", "W5", "W6", "IDLE"}
 DEATHSTAR_COLUMNS = {"embedded": "deathstar", "tcp": "deathstar-tcp"}
 #: Seconds an idle cluster is left after its first map before its CPU is watched.
 IDLE_SETTLE_S = 1.0
+#: The workloads judged against Pool, whose repetitions Pool and the deathstar columns run
+#: taking turns (``run_paired``): a slow minute of this noisy machine then falls on all of
+#: them alike instead of on whichever system's repetitions it came in.
+PAIRED = ["W1", "W2", "W3", "W4"]
+#: The peer the paired workloads are judged against (the others run system by system:
+#: deathstar registers the modules it ships with cloudpickle for the whole process, which
+#: would change what loky sends; Pool pickles with the standard pickler).
+PAIRED_PEER = "pool"
+
+#: One repetition of a workload on one system: rep number (0: the warm-up) -> figures.
+Rep = Callable[[int], dict[str, float]]
 
 
 # ---------------------------------------------------------------------- workloads
@@ -87,10 +102,12 @@ W1_REPEAT_S = 0.3
 W1_REPEAT_MAX = 15
 
 
-def w1(system: System, sizes: Sizes, record) -> None:
-    for label, chunksize in system.w1_variants.items():
-        def one(rep: int) -> dict[str, float]:
-            data = w1_data(sizes.w1_n, rep)
+def w1(system: System, sizes: Sizes) -> Rep:
+    """A rep: each W1 variant (batched, one per message), each the median of its maps."""
+    def one(rep: int) -> dict[str, float]:
+        data = w1_data(sizes.w1_n, rep)
+        figures = {}
+        for label, chunksize in system.w1_variants.items():
             walls: list[float] = []
             began = time.perf_counter()
             while not walls or (len(walls) < W1_REPEAT_MAX
@@ -99,11 +116,12 @@ def w1(system: System, sizes: Sizes, record) -> None:
                 out = system.map(T.inc, data, chunksize)
                 walls.append(time.perf_counter() - t0)
                 assert out[-1] == data[-1] + 1 and len(out) == len(data)
-            return {f"W1.{label}.tasks_s": len(data) / statistics.median(walls)}
-        run_reps(sizes, one, record)
+            figures[f"W1.{label}.tasks_s"] = len(data) / statistics.median(walls)
+        return figures
+    return one
 
 
-def w2(system: System, sizes: Sizes, record) -> None:
+def w2(system: System, sizes: Sizes) -> Rep:
     def one(rep: int) -> dict[str, float]:
         lat = []
         for x in w1_data(sizes.w2_n, rep):
@@ -114,10 +132,10 @@ def w2(system: System, sizes: Sizes, record) -> None:
         lat_us = np.array(lat) * 1e6
         return {"W2.median_us": float(np.median(lat_us)),
                 "W2.p99_us": float(np.percentile(lat_us, 99))}
-    run_reps(sizes, one, record)
+    return one
 
 
-def w3(system: System, sizes: Sizes, record) -> None:
+def w3(system: System, sizes: Sizes) -> Rep:
     """Efficiency = serial time / (wall x workers), the function taken from a user module
     that holds module state (bench_stateful: a threading.local cache and a Lock). The
     serial time is measured in this process on the same seeds right before each parallel
@@ -138,10 +156,10 @@ def w3(system: System, sizes: Sizes, record) -> None:
         assert len(out) == len(seeds) and 3.0 < out[0] < 3.3
         return {"W3.wall_s": wall, "W3.serial_s": serial,
                 "W3.efficiency": serial / (wall * system.workers)}
-    run_reps(sizes, one, record)
+    return one
 
 
-def w4(system: System, sizes: Sizes, record) -> None:
+def w4(system: System, sizes: Sizes) -> Rep:
     def one(rep: int) -> dict[str, float]:
         arrays = w4_arrays(sizes.w4_n, sizes.w4_elems, rep)
         t0 = time.perf_counter()
@@ -149,10 +167,10 @@ def w4(system: System, sizes: Sizes, record) -> None:
         wall = time.perf_counter() - t0
         assert abs(out[0] - arrays[0].sum()) < 1e-3
         return {"W4.MB_s": sum(a.nbytes for a in arrays) / MB / wall}
-    run_reps(sizes, one, record)
+    return one
 
 
-def w5(system: System, sizes: Sizes, record) -> None:
+def w5(system: System, sizes: Sizes) -> Rep:
     """Makespan / ideal for the same lognormal drawn with seeds 1..``w5_seeds``; a rep runs
     every seed (the warm-up the first only); ``derive_w5`` takes the worst seed."""
     def one(rep: int) -> dict[str, float]:
@@ -166,10 +184,10 @@ def w5(system: System, sizes: Sizes, record) -> None:
             assert len(out) == len(durations)
             figures[f"W5.seed{seed}"] = wall / ideal
         return figures
-    run_reps(sizes, one, record)
+    return one
 
 
-def w6(system: System, sizes: Sizes, record) -> None:
+def w6(system: System, sizes: Sizes) -> Rep:
     def one(rep: int) -> dict[str, float]:
         data = w6_data(sizes.w6_elems, rep)
         before = system.bytes_sent()
@@ -183,10 +201,10 @@ def w6(system: System, sizes: Sizes, record) -> None:
             figures["W6.sent_MB"] = (after - before) / MB
             figures["W6.common_MB"] = data.nbytes / MB
         return figures
-    run_reps(sizes, one, record)
+    return one
 
 
-def idle(system: System, sizes: Sizes, record) -> None:
+def idle(system: System, sizes: Sizes) -> Rep:
     """CPU of a connected, idle cluster, as % of one core: after a first map and
     IDLE_SETTLE_S, the CPU seconds this process and all its children (daemon and
     workers, local or TCP; a Pool's workers) spend over ``sizes.idle_s``. deathstar's
@@ -201,7 +219,7 @@ def idle(system: System, sizes: Sizes, record) -> None:
         time.sleep(sizes.idle_s)
         after, wall = bench_cpu.snapshot(), time.perf_counter() - t0
         return {"IDLE.cpu_pct": 100.0 * bench_cpu.seconds_between(before, after) / wall}
-    run_reps(sizes, one, record)
+    return one
 
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "IDLE": idle}
@@ -261,7 +279,7 @@ def run_system(name: str, workers: int, sizes: Sizes, only: list[str], res: Resu
             log(f"{name}: {w}")
             t0 = time.perf_counter()
             try:
-                WORKLOADS[w](system, sizes, lambda k, v: res.add(name, k, v))
+                run_reps(sizes, WORKLOADS[w](system, sizes), lambda k, v: res.add(name, k, v))
             except BenchTimeout as exc:
                 log(f"{name}: {w} timed out ({exc}); restarting {name}")
                 res.error(name, w, "timeout")
@@ -277,6 +295,55 @@ def run_system(name: str, workers: int, sizes: Sizes, only: list[str], res: Resu
                 log(f"{name}: {w} done in {time.perf_counter() - t0:.1f} s")
     finally:
         _safe_stop(system)
+
+
+def run_paired(names: list[str], workers: int, sizes: Sizes, only: list[str],
+               res: Results) -> None:
+    """The ``PAIRED`` workloads with every system in ``names`` open at once: each runs its
+    warm-up, then repetition k of every system in turn, the turn's first system moving one
+    place each repetition. A system that fails or times out is reported and leaves the
+    rotation; the others go on."""
+    systems: dict[str, System] = {}  # those that started
+    started: list[System] = []  # and those that began to (each is stopped)
+    try:
+        for name in names:
+            log(f"{name}: start (paired {', '.join(only)})")
+            system = SYSTEMS[name](workers, sizes)
+            started.append(system)
+            try:
+                with time_limit(sizes.step_limit_s):
+                    system.start()
+            except Exception as exc:
+                log(f"{name}: start failed: {type(exc).__name__}: {exc}")
+                for w in only:
+                    res.error(name, w, "start failed")
+                continue
+            systems[name] = system
+        for w in only:
+            reps = {name: WORKLOADS[w](system, sizes) for name, system in systems.items()}
+            t0 = time.perf_counter()
+            for rep in range(sizes.reps + 1):
+                if not reps:
+                    break
+                names_now, k = list(reps), rep % len(reps)
+                turn = names_now[k:] + names_now[:k]
+                log(f"paired {w} rep {rep}: {', '.join(turn)}")
+                for name in turn:
+                    try:
+                        with time_limit(sizes.step_limit_s):
+                            figures = reps[name](rep)
+                    except Exception as exc:  # BenchTimeout too: it leaves the rotation
+                        log(f"{name}: {w} failed: {type(exc).__name__}: {exc}")
+                        res.error(name, w, f"{type(exc).__name__}: {str(exc)[:80]}")
+                        del reps[name]
+                        continue
+                    if rep:  # rep 0 is the warm-up
+                        for key, value in figures.items():
+                            res.add(name, key, value)
+            log(f"paired {w} done in {time.perf_counter() - t0:.1f} s")
+    finally:
+        for system in started:
+            _safe_stop(system)
 
 
 def _safe_stop(system: System) -> None:
@@ -331,6 +398,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def closing_notes(res: Results, only: list[str], sizes: Sizes) -> None:
     """The notes on how the peers were measured, for the workloads that ran."""
+    paired = [w for w in PAIRED if w in only]
+    if paired:
+        res.notes.append(f"{', '.join(paired)}: Pool and the deathstar columns open at once, "
+                         "taking turns repetition by repetition (each turn starting one "
+                         "system later); the other peers ran system by system before them")
     if "W6" in only and res.get("deathstar", "W6.sent_MB") is None:
         res.notes.append("W6 bytes: no byte counter found on the deathstar client")
     if "W1" in only:
@@ -372,8 +444,17 @@ def run_all(args: argparse.Namespace, sizes: Sizes, peers: list[str], res: Resul
         # the peers first: deathstar registers the modules it ships (bench_tasks,
         # bench_stateful) with cloudpickle to travel by value, for the whole process,
         # which would change what loky sends after it
-        for name in [*peers, *args.columns]:
-            run_system(name, args.workers, sizes, only, res)
+        paired = [w for w in PAIRED if w in only]
+        rest = [w for w in only if w not in paired]
+        together = [*(p for p in peers if p == PAIRED_PEER), *args.columns]
+        for name in peers:
+            if name != PAIRED_PEER:
+                run_system(name, args.workers, sizes, only, res)
+        if paired:
+            run_paired(together, args.workers, sizes, paired, res)
+        if SYSTEM_WORKLOADS.intersection(rest):
+            for name in together:
+                run_system(name, args.workers, sizes, rest, res)
     if "W7" in only:
         run_w7(args.workers, sizes, peers, res)
         run_w7_workers(sizes, res)

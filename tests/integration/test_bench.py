@@ -72,3 +72,26 @@ def test_cpu_per_call_accounts_for_every_system() -> None:
         for figure in (caller, workers, caller1, workers1):
             user, system = (float(part) for part in figure.split("+"))
             assert user >= 0 and system >= 0
+
+
+def test_pool_and_deathstar_take_turns_on_the_workloads_judged_against_pool(
+        tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "W1,W2",
+         "--peers", "pool", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    systems = {"pool", "deathstar", "deathstar-tcp"}
+    for key in ("W1.batched.tasks_s", "W1.one.tasks_s", "W2.median_us"):
+        for system in systems:
+            assert len(report["samples"][system][key]) == 1, (system, key, report["errors"])
+    # every repetition (the warm-up, rep 0, and rep 1) runs all three, one after another,
+    # and the turn starts with another system each time
+    for w in ("W1", "W2"):
+        turns = [line.split(": ", 2)[-1].split(", ") for line in proc.stderr.splitlines()
+                 if f"paired {w} rep " in line]
+        assert len(turns) == 2 and all(set(t) == systems for t in turns), proc.stderr[-2000:]
+        assert turns[0][0] != turns[1][0]
+    assert any("taking turns" in note for note in report["notes"])
