@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,15 +18,21 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_quick_bench_judges_both_deathstar_columns(tmp_path: Path) -> None:
+def _quick_bench(tmp_path: Path, only: str) -> tuple[subprocess.CompletedProcess[str],
+                                                     dict[str, Any]]:
+    """``bench.py --quick --only ONLY --peers pool``: the run and its JSON."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "setup,W5",
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", only,
          "--peers", "pool", "--json", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_quick_bench_judges_both_deathstar_columns(tmp_path: Path) -> None:
+    proc, report = _quick_bench(tmp_path, "setup,W5")
     assert "Targets of issue 16" in proc.stdout
-    report = json.loads(out.read_text())
     assert report["meta"]["load_at_start"] and report["meta"]["load_at_end"]
     targets = {t["key"]: t for t in report["targets"]}
     assert set(targets) == {"setup_s", "W5.worst"}
@@ -76,13 +83,7 @@ def test_cpu_per_call_accounts_for_every_system() -> None:
 
 def test_pool_and_deathstar_take_turns_on_the_workloads_judged_against_pool(
         tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", "W1,W2",
-         "--peers", "pool", "--json", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    proc, report = _quick_bench(tmp_path, "W1,W2")
     systems = {"pool", "deathstar", "deathstar-tcp"}
     for key in ("W1.batched.tasks_s", "W1.one.tasks_s", "W2.median_us"):
         for system in systems:
