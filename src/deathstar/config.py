@@ -218,6 +218,14 @@ PREFETCH_DEPTH_MAX = _env_int("PREFETCH_DEPTH", 16)
 #: messages, and a long one cannot keep another message from an idle worker.
 PREFETCH_MAX_EST_S = _env_float("PREFETCH_MAX_EST", 0.06)
 
+#: Behind a short message a worker holds more than one while those waiting are expected
+#: to run less than this in all, up to PREFETCH_WORKER_MAX messages held: a worker running
+#: tiny messages then finds the next ones in its pipe, never sleeping until its daemon's
+#: loop comes round (a write that wakes a sleeping process costs that loop more than the
+#: message's own work), and what waits behind a message that overruns is little.
+PREFETCH_COVER_S = _env_float("PREFETCH_COVER", 0.002)
+PREFETCH_WORKER_MAX = _env_int("PREFETCH_WORKER", 8)
+
 #: Adaptive batching aims at batches that keep a worker busy about this long: long enough
 #: that per-message cost vanishes, short enough that load balancing stays fine.
 BATCH_TARGET_S = _env_float("BATCH_TARGET", 0.05)

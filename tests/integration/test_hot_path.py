@@ -285,3 +285,18 @@ def test_a_message_waiting_behind_an_overrun_moves_to_an_idle_worker(daemons: An
     assert late == [], f"inputs {late} waited behind the long one"
     assert d.status()["tasks_recalled"] >= 1
     assert [r.attempts for r in res.report] == [1] * len(seconds)
+
+
+def test_tiny_messages_waiting_behind_an_overrun_all_move_to_an_idle_worker(
+        daemons: Any) -> None:
+    """Tiny inputs let a worker hold several messages behind its current one; when that
+    one overruns, all of them are asked back at once and the idle worker runs them."""
+    d = daemons(2)
+    seconds = [0.0001] * 60 + [2.0] + [0.0001] * 200
+    res = deathstar.map(jobs.sleep_for, seconds, cluster=[d.address], chunksize=1)
+    long = res.report[60]
+    late = [r.index for r in res.report if r.index != 60 and r.end > long.end]
+    assert late == [], f"inputs {late} waited behind the long one"
+    # more than the one message a worker held behind another before
+    assert d.status()["tasks_recalled"] >= 2, d.status()
+    assert [r.attempts for r in res.report] == [1] * len(seconds)

@@ -4,14 +4,17 @@ rate-limited log."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from deathstar import config
 from deathstar.protocol import Message
 from deathstar.serialize import payload_size
+from deathstar.slot import slot_value
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -152,7 +155,8 @@ class Assignment:
 @dataclass
 class WorkerConn:
     """A worker that said ready, and the task messages it holds: the one it runs first,
-    then at most one prefetched behind it (the worker reads it as soon as it is done)."""
+    then those prefetched behind it (``can_prefetch``; the worker reads each as soon as
+    it is done with the one before)."""
 
     ident: bytes
     name: str
@@ -161,10 +165,37 @@ class WorkerConn:
     last_seen: float
     user: str = ""  # the authenticated key that opened the session ("" without keys)
     assigned: deque[Assignment] = field(default_factory=deque)
+    listed: bool = False  # in its pool's ``prefetchable`` list (once at most)
 
     def can_prefetch(self) -> bool:
-        """It holds one message, a short one: another may wait behind it."""
-        return len(self.assigned) == 1 and self.assigned[0].short
+        """Another message may wait behind those it holds: it runs a short one and holds
+        no other, or it holds fewer than ``config.PREFETCH_WORKER_MAX``, all short, and
+        those waiting are expected to run less than ``config.PREFETCH_COVER_S`` in all."""
+        held = self.assigned
+        if not held or not held[0].short:
+            return False
+        if len(held) == 1:
+            return True
+        if len(held) >= config.PREFETCH_WORKER_MAX:
+            return False
+        waiting = 0.0
+        for job in itertools.islice(held, 1, None):
+            if not job.short or job.est_s is None:
+                return False
+            waiting += job.est_s
+        return waiting < config.PREFETCH_COVER_S
+
+    def crash_order(self, running: int | None) -> list[Assignment]:
+        """The messages it held, the one it died running first: its first, unless its slot
+        file says it had started a later one (``running``, a slot value), whose result had
+        not left: then that one, those behind it, and those before it (finished, their
+        results gone with it)."""
+        held = list(self.assigned)
+        if running is not None and held and slot_value(held[0].id) != running:
+            for position, job in enumerate(held):
+                if slot_value(job.id) == running:
+                    return held[position:] + held[:position]
+        return held
 
     def take(self, send_id: int) -> Assignment | None:
         """Remove and return the first message it holds with this id (the worker answers

@@ -7,6 +7,7 @@ client that is gone."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -18,7 +19,6 @@ from deathstar import config, heartbeats, protocol
 from deathstar.daemon.books import Assignment, BlobCache, Counters, WorkerConn
 from deathstar.daemon.supervisor import Exited, Supervisor
 from deathstar.protocol import Message
-from deathstar.slot import slot_value
 
 log = logging.getLogger("deathstar.daemon")
 
@@ -52,7 +52,8 @@ class WorkerSessions:
         self.sock: zmq.Socket[bytes] | Any = None
         self.workers: dict[bytes, WorkerConn] = {}
         self.idle: deque[bytes] = deque()  # workers holding nothing
-        self.prefetchable: deque[bytes] = deque()  # workers running one short message
+        # workers that may take a message behind the short ones they hold (``listed``)
+        self.prefetchable: deque[bytes] = deque()
         self.next_timeout = float("inf")  # the earliest deadline of a running task
         self.next_recall = float("inf")  # when a waiting message should move, if one should
         self.handlers: dict[str, Callable[[Any, list[Any], Message], None]] = {
@@ -157,7 +158,13 @@ class WorkerSessions:
             self.idle.append(worker.ident)
             return
         self.task_started(worker.assigned[0])  # the one waiting behind started (take)
-        if worker.can_prefetch():
+        self.list_prefetchable(worker)
+
+    def list_prefetchable(self, worker: WorkerConn) -> None:
+        """Put ``worker`` on the ``prefetchable`` list if it may take another message
+        behind those it holds and is not on it already."""
+        if not worker.listed and worker.can_prefetch():
+            worker.listed = True
             self.prefetchable.append(worker.ident)
 
     def on_fetch(self, worker: WorkerConn, frames: list[Any], msg: Message) -> None:
@@ -189,27 +196,23 @@ class WorkerSessions:
     def forget(self, worker: WorkerConn, reason: str, code: str = protocol.LOST_CRASH,
                sig: int = 0, running: int | None = None) -> None:
         """Drop a worker; the tasks it held are reported lost to their clients: the one it
-        ran with ``code`` (a crash costs that message an attempt), the one waiting behind
-        it as ``unstarted`` (it never ran: sent again at no cost). ``running``: the id its
-        slot file says it last started; when that is the second, it had finished the
-        first, whose result died with it: that one goes again at no cost instead."""
+        ran with ``code`` (a crash costs that message an attempt), those waiting behind
+        it as ``unstarted`` (they never ran: sent again at no cost). ``running``: the id its
+        slot file says it last started; when that is a later one, it had finished those
+        before it, whose results died with it: they go again at no cost instead."""
         self.workers.pop(worker.ident, None)
         try:
             self.idle.remove(worker.ident)
         except ValueError:
             pass
-        held = worker.assigned
-        if running is not None and len(held) > 1 and slot_value(held[1].id) == running \
-                and slot_value(held[0].id) != running:
-            held.rotate(-1)  # the one it died running first, then the finished one
-        for position, job in enumerate(held):
+        for position, job in enumerate(worker.crash_order(running)):
             self.counters.tasks_lost += 1
             if position == 0:
                 self.lost(job.client, [job.id], reason, worker.name, code=code, sig=sig)
             else:
                 self.lost(job.client, [job.id], f"{reason} before it started, or before "
                           "its result left", worker.name, code=protocol.LOST_UNSTARTED)
-        held.clear()
+        worker.assigned.clear()
 
     def free_worker(self, own: bool = False) -> WorkerConn | None:
         """An idle worker, else one that may take a message behind its short one (stale
@@ -225,11 +228,15 @@ class WorkerSessions:
         while self.prefetchable:
             ident = self.prefetchable.popleft()
             worker = self.workers.get(ident)
-            if worker is None or not worker.can_prefetch():
-                continue  # stale
+            if worker is None:
+                continue  # gone
+            if not worker.can_prefetch():
+                worker.listed = False  # stale: listed again when it may take one
+                continue
             if own and not self.supervisor.owns(worker.pid):
                 passed.append(ident)
                 continue
+            worker.listed = False
             found = worker
             break
         self.prefetchable.extendleft(reversed(passed))
@@ -237,7 +244,7 @@ class WorkerSessions:
 
     def assign(self, worker: WorkerConn, client: bytes, msg: Message) -> None:
         """Give ``worker`` a client's task message: it runs it now if it holds nothing,
-        else (a short one running) right after."""
+        else (short ones held) right after them."""
         est = protocol.task_estimate(msg.env)
         job = Assignment(client, msg.env["id"], msg.env["n"], msg.env["timeout"],
                          short=est is not None and est <= config.PREFETCH_MAX_EST_S,
@@ -245,25 +252,26 @@ class WorkerSessions:
         worker.assigned.append(job)
         if len(worker.assigned) > 1:
             job.msg = msg  # it waits: keep it, should it have to move
-        if len(worker.assigned) == 1:
+            self.counters.tasks_prefetched += 1
+        else:
             job.start(time.monotonic())
             self.task_started(job)
-            if job.short:
-                self.prefetchable.append(worker.ident)
-        else:
-            self.counters.tasks_prefetched += 1
+        self.list_prefetchable(worker)
         self.sock.send_multipart([worker.ident, msg.raw, *msg.payload], copy=False)
 
     def rebalance(self, now: float) -> None:
         """With idle workers and nothing queued: ask back the messages waiting behind ones
-        that overran their estimate, one per idle worker (a prefetch must never cost the
-        makespan). Sets ``next_recall`` for the loop's deadline."""
+        that overran their estimate, all those of one worker per idle worker (a prefetch
+        must never cost the makespan; given back, they go to the idle workers). Sets
+        ``next_recall`` for the loop's deadline."""
         self.next_recall = float("inf")
         spare = len(self.idle)
         for worker in self.workers.values():
             if spare <= 0:
                 return
-            if len(worker.assigned) < 2 or worker.assigned[1].recalled:
+            waiting = [job for job in itertools.islice(worker.assigned, 1, None)
+                       if not job.recalled]
+            if not waiting:
                 continue
             due = worker.assigned[0].overdue()
             if due is None:
@@ -271,6 +279,8 @@ class WorkerSessions:
             if now < due:
                 self.next_recall = min(self.next_recall, due)
                 continue
-            worker.assigned[1].recalled = True
+            for job in waiting:
+                job.recalled = True
             spare -= 1
-            self.sock.send_multipart([worker.ident, *protocol.recall([worker.assigned[1].id])])
+            self.sock.send_multipart([worker.ident,
+                                      *protocol.recall([job.id for job in waiting])])

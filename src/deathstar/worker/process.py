@@ -158,18 +158,24 @@ class Worker:
             self.sock.close(linger=1000)
 
     def worn_out(self) -> bool:
-        """Reached ``max_tasks`` inputs or ``max_memory`` bytes resident, between tasks."""
-        if self.waiting:
-            return False
-        if self.max_tasks is not None and self.inputs_done >= self.max_tasks:
+        """Reached ``max_tasks`` inputs or ``max_memory`` bytes resident, between tasks
+        (the messages it holds then go back unstarted: the daemon reports them so when
+        this worker says goodbye)."""
+        if self.ran_enough():
             log.info("ran %d inputs (limit %d): leaving to be replaced", self.inputs_done,
                      self.max_tasks)
             return True
+        if self.waiting:
+            return False  # (its memory is judged once the parked tasks have run)
         if self.max_memory is not None and resident_bytes() >= self.max_memory:
             log.info("resident memory %d bytes (limit %d): leaving to be replaced",
                      resident_bytes(), self.max_memory)
             return True
         return False
+
+    def ran_enough(self) -> bool:
+        """It has run ``max_tasks`` inputs."""
+        return self.max_tasks is not None and self.inputs_done >= self.max_tasks
 
     def say_ready(self) -> None:
         self.send(protocol.ready(self.heartbeat_s, self.name, os.getpid()))
@@ -337,11 +343,12 @@ class Worker:
         self.fail_waiting(fn_hash, "the daemon no longer has this function")
 
     def run_waiting(self) -> None:
-        """Run parked tasks whose function has arrived, in the order they came."""
+        """Run parked tasks whose function has arrived, in the order they came, until it
+        has run ``max_tasks`` inputs (the rest stay parked: the worker leaves)."""
         still: deque[Message] = deque()
         while self.waiting:
             msg = self.waiting.popleft()
-            if msg.env["fn"] in self.functions:
+            if msg.env["fn"] in self.functions and not self.ran_enough():
                 self.run_task(msg)
             else:
                 still.append(msg)
