@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from deathstar import config
+from deathstar.client.job import Job
 from deathstar.client.node import Node
+from deathstar.client.supply import Supplier
 from deathstar.nodes import parse_node
 
 pytestmark = pytest.mark.timeout(10)
@@ -52,3 +54,23 @@ def test_the_lag_follows_a_shorter_sample_at_once_and_a_longer_one_slowly() -> N
     assert n.lag_s == pytest.approx(0.002)
     n.learn_lag(-0.001)  # the clocks of a run and of the client disagree by a hair
     assert n.lag_s == 0.0
+
+
+def test_large_messages_do_not_queue_to_cover_the_lag() -> None:
+    """A message of 1 MiB of inputs or more holds that memory while it waits, and its own
+    transfer is most of its time in flight (16 MB arrays through a TCP node's shared
+    memory measured 150-200 ms of "lag"): the fixed queue, whatever the lag."""
+    lagging = node(2, lag_s=0.2)
+    supplier = Supplier()
+    small = Job(1, "h1", [b""], iter(()), 1000, None, 3, per_item_s=1e-4,
+                bytes_per_item=100.0)
+    supplier.jobs = {1: small}
+    short, message_s = supplier.message_shape()
+    assert short and message_s is not None
+    assert lagging.window(short, message_s) > 2 * 2 + config.PREFETCH_SHORT
+    large = Job(2, "h2", [b""], iter(()), 32, None, 3, per_item_s=1e-3,
+                bytes_per_item=16e6)
+    supplier.jobs = {1: small, 2: large}
+    short, message_s = supplier.message_shape()
+    assert short and message_s is None
+    assert lagging.window(short, message_s) == 2 * 2 + config.PREFETCH_SHORT

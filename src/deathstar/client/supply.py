@@ -66,13 +66,20 @@ class Supplier:
 
     def message_shape(self) -> tuple[bool, float | None]:
         """Whether every job's messages are short, and then the longest a message of
-        theirs is expected to run."""
-        longest = 0.0
+        theirs is expected to run; None instead when a message of one of them carries
+        ``shm.SHARED_MIN_BYTES`` of inputs or more: such messages do not queue deeper to
+        cover a node's lag (``Node.window``): each holds its memory while it waits, and
+        its own transfer is most of what it spends in flight."""
+        longest: float | None = 0.0
         for job in self.jobs.values():
-            est = job.message_estimate(job.typical_batch())
+            size = job.typical_batch()
+            est = job.message_estimate(size)
             if est is None or est > config.PREFETCH_MAX_EST_S:
                 return False, None
-            longest = max(longest, est)
+            if (job.bytes_per_item or 0.0) * size >= shm.SHARED_MIN_BYTES:
+                longest = None
+            elif longest is not None:
+                longest = max(longest, est)
         return True, longest
 
     def next_task(self, node: Node, capacity: int, alone: bool) -> Task | None:
