@@ -272,31 +272,21 @@ def test_large_cli_map_keeps_client_memory_bounded(daemon: Daemon, tmp_path: Pat
     print(f"client peak RSS {peak / 2**20:.0f} MiB for {n} inputs")
 
 
-def test_a_message_waiting_behind_an_overrun_moves_to_an_idle_worker(daemons: Any) -> None:
-    """Short inputs teach the client a short estimate, so the daemon prefetches a message
+@pytest.mark.parametrize("short_s, before, after, recalled", [
+    (0.005, 20, 40, 1),  # one message waits behind the long input
+    (0.0001, 60, 200, 2),  # tiny ones: several wait behind it, all asked back at once
+], ids=["short", "tiny"])
+def test_messages_waiting_behind_an_overrun_move_to_an_idle_worker(
+        daemons: Any, short_s: float, before: int, after: int, recalled: int) -> None:
+    """Short inputs teach the client a short estimate, so the daemon prefetches messages
     behind the one long input; when the other worker runs out of work, the daemon asks
-    that message back (RECALL) and the idle worker runs it: no input waits for the long
-    one to end."""
+    them back (RECALL) and the idle worker runs them: no input waits for the long one to
+    end."""
     d = daemons(2)
-    seconds = [0.005] * 20 + [2.0] + [0.005] * 40
+    seconds = [short_s] * before + [2.0] + [short_s] * after
     res = deathstar.map(jobs.sleep_for, seconds, cluster=[d.address], chunksize=1)
-    long = res.report[20]
-    late = [r.index for r in res.report if r.index != 20 and r.end > long.end]
+    long = res.report[before]
+    late = [r.index for r in res.report if r.index != before and r.end > long.end]
     assert late == [], f"inputs {late} waited behind the long one"
-    assert d.status()["tasks_recalled"] >= 1
-    assert [r.attempts for r in res.report] == [1] * len(seconds)
-
-
-def test_tiny_messages_waiting_behind_an_overrun_all_move_to_an_idle_worker(
-        daemons: Any) -> None:
-    """Tiny inputs let a worker hold several messages behind its current one; when that
-    one overruns, all of them are asked back at once and the idle worker runs them."""
-    d = daemons(2)
-    seconds = [0.0001] * 60 + [2.0] + [0.0001] * 200
-    res = deathstar.map(jobs.sleep_for, seconds, cluster=[d.address], chunksize=1)
-    long = res.report[60]
-    late = [r.index for r in res.report if r.index != 60 and r.end > long.end]
-    assert late == [], f"inputs {late} waited behind the long one"
-    # more than the one message a worker held behind another before
-    assert d.status()["tasks_recalled"] >= 2, d.status()
+    assert d.status()["tasks_recalled"] >= recalled, d.status()
     assert [r.attempts for r in res.report] == [1] * len(seconds)
