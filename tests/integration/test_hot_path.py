@@ -83,10 +83,14 @@ def test_short_messages_are_prefetched_long_ones_are_not(daemon: Daemon) -> None
 def test_a_nodes_lag_is_timed_on_messages_that_waited_for_nothing(daemon: Daemon) -> None:
     """The client times what a message spends in flight beyond its run, on messages sent
     while a worker was free, and shows it per node (``lag_ms``); the first message of a
-    function is no sample (its worker fetches the blob on the way), and one-input
-    messages then queue enough at the node to cover the lag."""
+    function is no sample (its worker fetches the blob on the way), nor is a message of
+    large inputs (its transfer would read as lag), and one-input messages then queue
+    enough at the node to cover the lag."""
     with Cluster([daemon.address]) as c:
         node = c.engine.nodes[0]
+        arrays = [np.zeros(300_000) for _ in range(6)]  # 2.4 MB each
+        assert list(c.map(jobs.bump_and_sum, arrays, chunksize=1)) == [300_000.0] * 6
+        assert node.lag_s is None
         c.map(jobs.sleep_for, [0.2], chunksize=1)  # one message, sent with its blob
         assert node.lag_s is None
         res = c.map(jobs.sleep_for, [0.0] * 200, chunksize=1)

@@ -113,9 +113,10 @@ class Supplier:
         job = task.job
         has_blob = job.fn_hash in node.blobs_sent
         # a worker there is free and has what it needs but the inputs (not the function's
-        # blob, fetched on the way): this message waits for nothing, and times the lag
-        task.sent_free_at = time.monotonic() if has_blob and \
-            len(node.inflight) < node.capacity else 0.0
+        # blob, fetched on the way): this message waits for nothing, and times the lag,
+        # unless its inputs are large (their transfer would read as lag)
+        task.sent_free_at = time.monotonic() if has_blob and task.nbytes < \
+            shm.SHARED_MIN_BYTES and len(node.inflight) < node.capacity else 0.0
         if not has_blob:
             self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
             node.blobs_sent[job.fn_hash] = self.next_send_id
