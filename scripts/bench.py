@@ -32,6 +32,7 @@ Only loopback traffic; every step has a time limit and the whole run a hard dead
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home: loopba
 os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
 
 from bench_common import (FULL, QUICK, BenchTimeout, Sizes, hard_deadline, log,  # noqa: E402
-                          run_reps, time_limit)
+                          run_rep, run_reps, time_limit)
 from bench_floors import run_floors  # noqa: E402
 from bench_grid import run_grid  # noqa: E402
 from bench_report import ALL_PEERS, Results, render, rows_for  # noqa: E402
@@ -187,16 +188,12 @@ def run_paired(names: list[str], workers: int, sizes: Sizes, only: list[str],
                 log(f"paired {w} rep {rep}: {', '.join(turn)}")
                 for name in turn:
                     try:
-                        with time_limit(sizes.step_limit_s):
-                            figures = reps[name](rep)
+                        run_rep(sizes, reps[name], rep,
+                                functools.partial(res.add, name))
                     except Exception as exc:  # BenchTimeout too: it leaves the rotation
                         log(f"{name}: {w} failed: {type(exc).__name__}: {exc}")
                         res.error(name, w, f"{type(exc).__name__}: {str(exc)[:80]}")
                         del reps[name]
-                        continue
-                    if rep:  # rep 0 is the warm-up
-                        for key, value in figures.items():
-                            res.add(name, key, value)
             log(f"paired {w} done in {time.perf_counter() - t0:.1f} s")
     finally:
         for system in started:

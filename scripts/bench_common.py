@@ -127,12 +127,19 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------- the rep loop
 
 
+def run_rep(sizes: Sizes, one_rep: Callable[[int], dict[str, float]], rep: int,
+            record: Callable[[str, float], None]) -> None:
+    """Repetition ``rep`` within the step's time limit (BenchTimeout past it); its figures
+    recorded unless it is the warm-up (rep 0)."""
+    with time_limit(sizes.step_limit_s):
+        figures = one_rep(rep)
+    if rep:
+        for key, value in figures.items():
+            record(key, value)
+
+
 def run_reps(sizes: Sizes, one_rep: Callable[[int], dict[str, float]],
              record: Callable[[str, float], None]) -> None:
     """One warm-up (rep 0, discarded), then ``sizes.reps`` measured reps (1, 2, ...)."""
-    with time_limit(sizes.step_limit_s):
-        one_rep(0)
-    for rep in range(1, sizes.reps + 1):
-        with time_limit(sizes.step_limit_s):
-            for key, value in one_rep(rep).items():
-                record(key, value)
+    for rep in range(sizes.reps + 1):
+        run_rep(sizes, one_rep, rep, record)

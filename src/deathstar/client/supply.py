@@ -13,6 +13,15 @@ from deathstar.client.node import Node
 from deathstar.client.sharing import MemoryLink
 
 
+def large(nbytes: float) -> bool:
+    """Whether a message of ``nbytes`` of inputs is large: it goes through shared memory to
+    a node that shares this machine's (``shm.SHARED_MIN_BYTES``), a daemon in this loop
+    takes it before the next is pickled (``Supplier.fill``), and neither its time in
+    flight nor its node's lag is what a small message's is (``send_task``,
+    ``message_shape``)."""
+    return nbytes >= shm.SHARED_MIN_BYTES
+
+
 class Supplier:
     """Tops every ready node up to its window with task messages."""
 
@@ -60,23 +69,23 @@ class Supplier:
                     break
                 self.send_task(node, task)
                 if node.address.hosted and (len(node.inflight) <= node.capacity
-                                            or task.nbytes >= shm.SHARED_MIN_BYTES):
+                                            or large(task.nbytes)):
                     self.filling = True
                     break
 
     def message_shape(self) -> tuple[bool, float | None]:
         """Whether every job's messages are short, and then the longest a message of
-        theirs is expected to run; None instead when a message of one of them carries
-        ``shm.SHARED_MIN_BYTES`` of inputs or more: such messages do not queue deeper to
-        cover a node's lag (``Node.window``): each holds its memory while it waits, and
-        its own transfer is most of what it spends in flight."""
+        theirs is expected to run; None instead when a message of one of them is
+        ``large``: such messages do not queue deeper to cover a node's lag
+        (``Node.window``): each holds its memory while it waits, and its own transfer is
+        most of what it spends in flight."""
         longest: float | None = 0.0
         for job in self.jobs.values():
             size = job.typical_batch()
             est = job.message_estimate(size)
             if est is None or est > config.PREFETCH_MAX_EST_S:
                 return False, None
-            if (job.bytes_per_item or 0.0) * size >= shm.SHARED_MIN_BYTES:
+            if large((job.bytes_per_item or 0.0) * size):
                 longest = None
             elif longest is not None:
                 longest = max(longest, est)
@@ -115,8 +124,8 @@ class Supplier:
         # a worker there is free and has what it needs but the inputs (not the function's
         # blob, fetched on the way): this message waits for nothing, and times the lag,
         # unless its inputs are large (their transfer would read as lag)
-        task.sent_free_at = time.monotonic() if has_blob and task.nbytes < \
-            shm.SHARED_MIN_BYTES and len(node.inflight) < node.capacity else 0.0
+        task.sent_free_at = time.monotonic() if has_blob and not large(task.nbytes) \
+            and len(node.inflight) < node.capacity else 0.0
         if not has_blob:
             self.send(node, protocol.pack(protocol.BLOB, job.blob, h=job.fn_hash))
             node.blobs_sent[job.fn_hash] = self.next_send_id

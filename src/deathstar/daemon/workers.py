@@ -269,6 +269,8 @@ class WorkerSessions:
         for worker in self.workers.values():
             if spare <= 0:
                 return
+            if len(worker.assigned) < 2:
+                continue  # (most workers: no list made for them, turn after turn)
             waiting = [job for job in itertools.islice(worker.assigned, 1, None)
                        if not job.recalled]
             if not waiting:
