@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from typing import Any, Protocol
@@ -124,14 +125,22 @@ class Reactor:
 
     def serve(self, part: Part) -> None:
         """Run ``part`` alone in the calling thread until it ends; what it raises
-        propagates (after ``failed`` and ``end``)."""
+        propagates (after ``failed`` and ``end``). In the main thread a signal wakes the
+        loop (``signal.set_wakeup_fd``): what its handler did to the part (a daemon's
+        stop on SIGTERM) is seen at once, not when the part's next deadline comes, which
+        for an idle daemon is a heartbeat interval away."""
         with self.lock:
             self._open_pipe()
             self.thread = threading.current_thread()
             self.incoming.append(part)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False) if main \
+            else -1
         try:
             self._loop(reraise=True)
         finally:
+            if main:
+                signal.set_wakeup_fd(previous)
             _current.reactor = None
             with self.lock:
                 if self.thread is not None:  # it raised: no part is left to run

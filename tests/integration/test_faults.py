@@ -214,6 +214,22 @@ def test_sigterm_drains_and_the_map_finishes_elsewhere(daemons: Callable[..., Da
     assert sum(s.jobs_completed for s in deathstar.node_summary(res.report)) == 60
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGTERM", "SIGINT"])
+def test_an_idle_daemon_stops_at_once_on_a_signal(daemons: Callable[..., Daemon], sig: int
+                                                  ) -> None:
+    """A signal wakes the daemon's loop: an idle daemon with a minute-long heartbeat (its
+    loop's only clock while idle) stops at once, not at its next beat, and takes its
+    workers with it."""
+    d = daemons(2, "--heartbeat", "60")
+    workers = worker_pids(d)
+    assert len(workers) == 2
+    d.proc.send_signal(sig)
+    assert d.proc.wait(20) == 0
+    wait_for(lambda: all(_state(pid) in ("gone", "Z") for pid in workers), 20,
+             "its workers to exit")
+
+
 def test_workers_are_recycled_by_task_count(daemons: Callable[..., Daemon]) -> None:
     d = daemons(1, "--max-tasks-per-worker", "5")
     res = deathstar.map(jobs.whoami, range(20), cluster=[d.address], chunksize=1)

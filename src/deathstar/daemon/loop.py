@@ -287,7 +287,7 @@ class Daemon:
             log.warning("up for %.0f s (--max-lifetime): stopping", now - self.started)
             self.stop()
 
-    def stop(self, *_: Any) -> None:
+    def stop(self) -> None:
         """Drain: accept no new tasks, let running ones finish (up to DRAIN_TIMEOUT_S)."""
         if not self.stopping:
             log.info("stopping: draining %d running task message(s)",
@@ -302,6 +302,12 @@ class Daemon:
         self.stop_drain_s = min(self.stop_drain_s, drain_s)
         self.stop_asked = True
         self.reactor.wake()  # (nothing when the loop has ended: it is stopped)
+
+    def on_stop_signal(self, signum: int, frame: Any) -> None:
+        """SIGTERM/SIGINT (in ``serve``'s thread, which the signal wakes): stop as
+        ``request_stop`` does, at the loop's next turn. It takes no lock, since the code
+        it interrupted may hold one."""
+        self.stop_asked = True
 
     def finished(self) -> bool:
         if not self.stopping:
@@ -397,8 +403,8 @@ def run_daemon(*, on_ready: Callable[[dict[str, Any]], None] | None = None,
         log.warning("%s", warning)
     daemon = Daemon(**options)
     ports = daemon.bind()
-    signal.signal(signal.SIGTERM, daemon.stop)
-    signal.signal(signal.SIGINT, daemon.stop)
+    signal.signal(signal.SIGTERM, daemon.on_stop_signal)
+    signal.signal(signal.SIGINT, daemon.on_stop_signal)
     if on_ready is not None:
         on_ready(ports)
     daemon.serve()
