@@ -249,6 +249,10 @@ DELIVERY_AT_ONCE = _env_int("DELIVERY_AT_ONCE", 256)
 #: running: a call submitted meanwhile rides in it (no job to start, none to end, per
 #: call); past it the job ends, and the client's loop goes quiet.
 FEED_IDLE_S = _env_float("FEED_IDLE", 0.25)
+#: Seconds between the client's snapshots of its nodes' figures (``Cluster.node_stats``, the
+#: progress display) while a job runs: the client's loop wakes this often then, message
+#: or not.
+NODE_FIGURES_S = 0.25
 
 #: A message's pickled inputs are at most about this many bytes, unless one input alone is
 #: larger (it then goes alone): the client writes a message whole before its worker can

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import deathstar
+from deathstar import config
 from deathstar.client import Cluster
 from deathstar.client.executor import Executor
 from deathstar.errors import RemoteTraceback, TaskTimeout, WorkerCrashed
@@ -280,6 +281,26 @@ def test_one_call_at_a_time_rides_in_one_job_that_ends_when_idle(daemon: Daemon)
             assert next(c._job_ids) == 7
             wait_for(lambda: not engine.jobs, 30, "the idle job to end")
         assert daemon.status()["blobs_received"] == 2
+
+
+def test_a_call_for_a_waiting_job_is_taken_at_once(daemons: Callable[..., Daemon],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call submitted while its function's job waits for calls (the previous one
+    answered) wakes the client's loop: it does not wait for the loop's next turn of its
+    own. Here every periodic turn is a minute away (the client's and the node's
+    heartbeats, the job's idle end, the node figures' refresh), so a missing wake-up
+    shows as a call that takes a minute, not milliseconds."""
+    monkeypatch.setattr(config, "FEED_IDLE_S", 60.0)
+    monkeypatch.setattr(config, "NODE_FIGURES_S", 60.0)
+    daemon = daemons(2, "--heartbeat", "60")
+    with Cluster([daemon.address], heartbeat_s=60.0) as c:
+        with Executor(c) as ex:
+            assert ex.submit(jobs.square, 3).result(timeout=30) == 9
+            for x in (4, 5):
+                wait_for(lambda: ex._feed is not None and ex._feed.dry(), 30,
+                         "the job to wait for calls")
+                assert ex.submit(jobs.square, x).result(timeout=20) == x * x
+            assert next(c._job_ids) == 2  # all three rode in the one job
 
 
 def test_each_call_runs_the_function_as_it_was_when_submitted(daemon: Daemon) -> None:

@@ -471,7 +471,7 @@ class Engine(Supplier):
                 node.deadline = now + node.backoff_s
                 node.backoff_s = min(node.backoff_s * 2, RECONNECT_MAX_S)
         if now >= self.next_snapshot or not self.jobs:
-            self.next_snapshot = now + 0.25
+            self.next_snapshot = now + config.NODE_FIGURES_S
             self.take_snapshot(now)
         if not self.jobs:
             self.memory.trim(now)
