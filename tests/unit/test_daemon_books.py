@@ -19,8 +19,7 @@ def _worker() -> WorkerConn:
 
 
 def _message(send_id: int, est_s: float | None) -> Assignment:
-    short = est_s is not None and est_s <= config.PREFETCH_MAX_EST_S
-    return Assignment(b"client", send_id, 1, None, short=short, est_s=est_s)
+    return Assignment(b"client", send_id, 1, None, est_s=est_s)
 
 
 def _fill(worker: WorkerConn, est_s: float | None) -> int:

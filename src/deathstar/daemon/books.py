@@ -129,12 +129,16 @@ class Assignment:
     id: int
     n: int
     timeout_s: float | None
-    short: bool = False
     deadline: float | None = None  # monotonic, set when it starts running; None: no limit
     est_s: float | None = None  # the client's estimate of its run time
     started: float | None = None  # monotonic, when it became the message the worker runs
     msg: Message | None = None  # kept while it waits behind another: it may be recalled
     recalled: bool = False  # asked back from its worker (which may have started it)
+
+    @property
+    def short(self) -> bool:
+        """Its client expects it to run at most ``config.PREFETCH_MAX_EST_S``."""
+        return self.est_s is not None and self.est_s <= config.PREFETCH_MAX_EST_S
 
     def start(self, now: float) -> None:
         """It is now the message the worker runs: its timeout starts."""
@@ -180,9 +184,9 @@ class WorkerConn:
             return False
         waiting = 0.0
         for job in itertools.islice(held, 1, None):
-            if not job.short or job.est_s is None:
+            if not job.short:
                 return False
-            waiting += job.est_s
+            waiting += job.est_s or 0.0  # (a short one has an estimate)
         return waiting < config.PREFETCH_COVER_S
 
     def crash_order(self, running: int | None) -> list[Assignment]:

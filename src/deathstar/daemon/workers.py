@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import zmq
 
-from deathstar import config, heartbeats, protocol
+from deathstar import heartbeats, protocol
 from deathstar.daemon.books import Assignment, BlobCache, Counters, WorkerConn
 from deathstar.daemon.supervisor import Exited, Supervisor
 from deathstar.protocol import Message
@@ -245,10 +245,8 @@ class WorkerSessions:
     def assign(self, worker: WorkerConn, client: bytes, msg: Message) -> None:
         """Give ``worker`` a client's task message: it runs it now if it holds nothing,
         else (short ones held) right after them."""
-        est = protocol.task_estimate(msg.env)
         job = Assignment(client, msg.env["id"], msg.env["n"], msg.env["timeout"],
-                         short=est is not None and est <= config.PREFETCH_MAX_EST_S,
-                         est_s=est)
+                         est_s=protocol.task_estimate(msg.env))
         worker.assigned.append(job)
         if len(worker.assigned) > 1:
             job.msg = msg  # it waits: keep it, should it have to move

@@ -43,8 +43,8 @@ from deathstar.deploy.s3 import BundleBucket, NodeReport
 from deathstar.nodes import ClusterSpecError, NodeAddress
 
 __all__ = ["Aws", "BadClusterName", "BootPlan", "DEFAULT_IMAGE_PARAMETER", "Ec2Error",
-           "Instance", "NodeReport", "UpOptions", "check_name", "cluster_dir", "cluster_nodes", "daemon_command",
-           "down", "find_caller_cidr", "find_instances", "node_addresses", "node_platform",
+           "Instance", "NodeReport", "UpOptions", "check_name", "cluster_dir",
+           "cluster_nodes", "daemon_command", "down", "find_caller_cidr", "find_instances", "node_addresses", "node_platform",
            "node_reports", "render_user_data", "translate", "up", "watch", "EXIT_AWS",
            "EXIT_BUNDLE", "EXIT_NO_ADDRESS", "EXIT_NO_BOTO3", "EXIT_NO_CREDENTIALS",
            "EXIT_NO_DEFAULT_VPC", "EXIT_NODE_FAILED", "EXIT_QUOTA", "EXIT_REGION",
